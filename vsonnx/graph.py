@@ -1,0 +1,148 @@
+"""A read-only index of an ONNX graph: producers, consumers, constants, topological order.
+
+Only the top-level graph is indexed; subgraphs of If/Loop/Scan are opaque nodes.
+"""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+NORMALIZATION_OPS = frozenset(
+    {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization"}
+)
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Ops that only move values around: a Dropout -> (these) -> BN path is still a `direct` site.
+SHAPE_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
+MERGE_OPS = frozenset({"Add", "Sum", "Concat"})
+NONLINEAR_OPS = frozenset(
+    {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
+     "Selu", "Celu", "Gelu", "Mish", "Softplus", "Softsign", "ThresholdedRelu", "Softmax", "LogSoftmax",
+     "MaxPool", "GlobalMaxPool"}
+)
+
+
+class GraphIndex:
+    """Producers, consumers and statically known values of the tensors of ``model.graph``."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.graph_outputs = {o.name for o in self.graph.output}
+        self._const_cache: dict[str, np.ndarray | None] = {}
+
+    def node_name(self, node: onnx.NodeProto) -> str:
+        """The node's name, or a stable stand-in built from its first output when it has none."""
+        return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of tensor ``name`` if it is static: an initializer, a Constant node's output, or an
+        Identity/Cast of one. None when it depends on graph inputs (or the name is empty)."""
+        if not name:
+            return None
+        if name in self._const_cache:
+            return self._const_cache[name]
+        value: np.ndarray | None = None
+        if name in self.initializers:
+            value = numpy_helper.to_array(self.initializers[name])
+        elif name in self.producer:
+            node = self.producer[name]
+            if node.op_type == "Constant":
+                value = _constant_node_value(node)
+            elif node.op_type in ("Identity", "Cast") and node.input:
+                src = self.constant(node.input[0])
+                if src is not None and node.op_type == "Cast":
+                    to = next((a.i for a in node.attribute if a.name == "to"), None)
+                    src = src.astype(onnx.helper.tensor_dtype_to_np_dtype(to)) if to else src
+                value = src
+        self._const_cache[name] = value
+        return value
+
+    def is_constant(self, name: str) -> bool:
+        return self.constant(name) is not None
+
+    def dynamic_inputs(self, node: onnx.NodeProto) -> list[str]:
+        """Inputs of ``node`` that are not statically known (graph inputs or computed tensors)."""
+        return [i for i in node.input if i and not self.is_constant(i)]
+
+    def nodes_of(self, *op_types: str) -> list[onnx.NodeProto]:
+        return [n for n in self.graph.node if n.op_type in op_types]
+
+    @cached_property
+    def topological_order(self) -> list[onnx.NodeProto]:
+        """Nodes in an order where every producer precedes its consumers (Kahn's algorithm)."""
+        nodes = list(self.graph.node)
+        position = {id(n): i for i, n in enumerate(nodes)}
+        indegree = {id(n): 0 for n in nodes}
+        for n in nodes:
+            indegree[id(n)] = len({self.producer[i].output[0] for i in n.input if i in self.producer})
+        ready = deque(n for n in nodes if indegree[id(n)] == 0)
+        order: list[onnx.NodeProto] = []
+        while ready:
+            node = ready.popleft()
+            order.append(node)
+            done = set()
+            for out in node.output:
+                for consumer in self.consumers.get(out, []):
+                    if id(consumer) in done:
+                        continue
+                    # a consumer that reads several outputs of this node counts it once
+                    if any(i in node.output for i in consumer.input):
+                        done.add(id(consumer))
+                        indegree[id(consumer)] -= 1
+                        if indegree[id(consumer)] == 0:
+                            ready.append(consumer)
+        if len(order) != len(nodes):  # a cycle: keep file order for the rest
+            seen = {id(n) for n in order}
+            order += sorted((n for n in nodes if id(n) not in seen), key=lambda n: position[id(n)])
+        return order
+
+    def downstream_nodes(self, tensors: list[str]) -> list[onnx.NodeProto]:
+        """Every node that (transitively) consumes one of ``tensors``."""
+        seen: set[int] = set()
+        result: list[onnx.NodeProto] = []
+        stack = list(tensors)
+        while stack:
+            t = stack.pop()
+            for node in self.consumers.get(t, []):
+                if id(node) not in seen:
+                    seen.add(id(node))
+                    result.append(node)
+                    stack.extend(o for o in node.output if o)
+        return result
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """A node attribute's Python value, or ``default`` when absent."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default

@@ -1,0 +1,23 @@
+"""PyTorch reference architectures with the paper's dropout placements (needs torch).
+
+``build(arch, depth, num_classes, dropout, **arch_options)`` makes any of them by name.
+"""
+from __future__ import annotations
+
+from .common import NOISES, PLACEMENTS, DropoutConfig, Uout
+from .densenet import DenseNetBC, densenet
+from .preresnet import PreActResNet, preresnet, wide_resnet
+from .resnext import ResNeXt, resnext
+
+ARCHITECTURES = {"preresnet": preresnet, "wrn": wide_resnet, "resnext": resnext, "densenet": densenet}
+
+__all__ = ["ARCHITECTURES", "NOISES", "PLACEMENTS", "DenseNetBC", "DropoutConfig", "PreActResNet", "ResNeXt",
+           "Uout", "build"]
+
+
+def build(arch: str, depth: int, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(), **options):
+    """Build a reference network; ``options`` are architecture specific (widen, cardinality, base_width,
+    growth)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](depth=depth, num_classes=num_classes, dropout=dropout, **options)

@@ -1,0 +1,78 @@
+"""Dropout configuration shared by the reference networks (DESIGN 2: the paper's placements)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+PLACEMENTS = ("none", "a", "b", "final")
+NOISES = ("dropout", "uout")
+
+
+@dataclass(frozen=True)
+class DropoutConfig:
+    """Where and how the network injects noise.
+
+    Args:
+        placement: ``none``; ``a`` right before the last BN of every block (the paper's Dropout-(a));
+            ``b`` before the last conv of every block (Dropout-(b), Wide ResNet's own position);
+            ``final`` one dropout after all BN layers, before the classifier.
+        ratio: drop probability (dropout) or beta (uout).
+        noise: ``dropout`` (inverted Bernoulli) or ``uout`` (X = x + x*r, r ~ U(-beta, beta)).
+    """
+
+    placement: str = "none"
+    ratio: float = 0.5
+    noise: str = "dropout"
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+
+    def layer(self, where: str) -> nn.Module:
+        """The noise layer for position ``where`` (``a``, ``b`` or ``final``), Identity elsewhere."""
+        if self.placement != where or self.ratio == 0:
+            return nn.Identity()
+        return nn.Dropout(self.ratio) if self.noise == "dropout" else Uout(self.ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Uout(nn.Module):
+    """The paper's variance-stable noise: X = x + x*r, r ~ U(-beta, beta) in training; identity in eval."""
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.beta == 0:
+            return x
+        r = torch.empty_like(x).uniform_(-self.beta, self.beta)
+        return x + x * r
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+def init_weights(model: nn.Module) -> None:
+    """He-normal convolutions, BN gamma 1 / beta 0, zero classifier bias (common CIFAR setup)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)

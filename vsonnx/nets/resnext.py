@@ -1,0 +1,89 @@
+"""ResNeXt-29 for CIFAR (Xie et al. 2017): 3 stages x 3 post-activation bottlenecks with grouped 3x3 conv."""
+from __future__ import annotations
+
+from torch import nn
+
+from .common import DropoutConfig, conv1x1, conv3x3, init_weights
+
+
+class ResNeXtBlock(nn.Module):
+    """conv1x1-BN-ReLU-gconv3x3-BN-ReLU-[b]-conv1x1-[a]-BN, plus shortcut, then ReLU."""
+
+    def __init__(self, cin: int, cout: int, inner: int, cardinality: int, stride: int, dropout: DropoutConfig):
+        super().__init__()
+        self.conv1 = conv1x1(cin, inner)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(inner, inner, stride, groups=cardinality)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.drop_b = dropout.layer("b")
+        self.conv3 = conv1x1(inner, cout)
+        self.drop_a = dropout.layer("a")
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+        self.relu3 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu1(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu2(out)
+        out = self.drop_b(out)
+        out = self.conv3(out)
+        out = self.drop_a(out)
+        out = self.bn3(out)
+        out = out + self.shortcut(x)
+        return self.relu3(out)
+
+
+class ResNeXt(nn.Module):
+    """ResNeXt-depth (9n+2) CxWd for CIFAR.
+
+    Args:
+        depth: 29 in the paper (n = 3 blocks per stage).
+        cardinality: groups C of the 3x3 convolution (8 in ResNeXt-29 8x64d).
+        base_width: width per group W in the first stage (64); doubles each stage.
+        dropout: where and how noise is injected.
+    """
+
+    def __init__(self, depth: int = 29, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(),
+                 cardinality: int = 8, base_width: int = 64):
+        super().__init__()
+        if (depth - 2) % 9:
+            raise ValueError(f"ResNeXt depth must be 9n+2, got {depth}")
+        n = (depth - 2) // 9
+        self.conv = conv3x3(3, 64)
+        self.bn = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        layers, cin = [], 64
+        for stage in range(3):
+            inner = cardinality * base_width * 2**stage
+            cout = 256 * 2**stage
+            for i in range(n):
+                layers.append(ResNeXtBlock(cin, cout, inner, cardinality, 2 if stage > 0 and i == 0 else 1, dropout))
+                cin = cout
+        self.blocks = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.drop_final = dropout.layer("final")
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.bn(out)
+        out = self.relu(out)
+        out = self.blocks(out)
+        out = self.pool(out)
+        out = self.flatten(out)
+        out = self.drop_final(out)
+        return self.fc(out)
+
+
+def resnext(depth: int = 29, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(),
+            cardinality: int = 8, base_width: int = 64, **_) -> ResNeXt:
+    return ResNeXt(depth, num_classes, dropout, cardinality, base_width)

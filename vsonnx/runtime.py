@@ -1,0 +1,122 @@
+"""onnxruntime sessions: provider choice (quiet CUDA probe), threads, graph optimisation level.
+
+``device``: ``cpu``; ``cuda`` (error when the CUDA provider cannot run); ``auto`` = CUDA when a probe
+session really runs on it, else CPU. onnxruntime prints long errors when CUDA libraries are missing, so the
+probe silences the logger and runs once per process.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import onnx
+
+from .errors import VsonnxError
+from .model import model_bytes
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_works() -> bool:
+    """True when a one-node session really runs on the CUDA execution provider."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    previous = _quiet_logger(ort)
+    try:
+        with _silenced_stderr():
+            session = ort.InferenceSession(probe.SerializeToString(), options,
+                                           providers=["CUDAExecutionProvider"])
+            session.run(None, {"x": np.ones(1, np.float32)})
+        return session.get_providers()[0] == "CUDAExecutionProvider"
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(previous)
+
+
+def _quiet_logger(ort) -> int:
+    ort.set_default_logger_severity(4)
+    return 2  # onnxruntime's default (warning)
+
+
+class _silenced_stderr:
+    """Redirect file descriptor 2 (C++ libraries print there directly) for the duration of a block."""
+
+    def __enter__(self):
+        try:
+            self._saved = os.dup(2)
+            self._null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(self._null, 2)
+        except OSError:
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            os.close(self._null)
+        return False
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' or 'cuda' for a requested device, raising VsonnxError when CUDA is asked for but absent."""
+    if device not in DEVICES:
+        raise VsonnxError(f"unknown device '{device}'.", f"use one of {', '.join(DEVICES)}.")
+    if device == "cpu":
+        return "cpu"
+    if cuda_works():
+        return "cuda"
+    if device == "cuda":
+        raise VsonnxError(
+            "the CUDA execution provider of onnxruntime does not run on this machine.",
+            "install onnxruntime-gpu with matching CUDA/cuDNN libraries, or use --device cpu.",
+        )
+    return "cpu"
+
+
+def provider_name(device: str) -> str:
+    return {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
+
+
+def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool = True,
+                 threads: int | None = None):
+    """An InferenceSession for an in-memory model (IR lowered to what the runtime reads).
+
+    ``optimize=False`` disables graph optimisations (tests compare numerics that way: with them on,
+    onnxruntime fuses Conv+BN and would hide a wrong rewrite)."""
+    import onnxruntime as ort
+
+    resolved = resolve_device(device)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = [provider_name(resolved)] + (["CPUExecutionProvider"] if resolved == "cuda" else [])
+    try:
+        return ort.InferenceSession(model_bytes(model), options, providers=providers)
+    except Exception as exc:
+        raise VsonnxError(
+            f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:200]}",
+            "check the model with `python -m onnx.checker MODEL`; it may use ops this runtime lacks.",
+        ) from None
+
+
+def session_provider(session) -> str:
+    return session.get_providers()[0]

@@ -1,0 +1,324 @@
+"""Finding Dropout -> ... -> BatchNormalization sites (DESIGN 5.1).
+
+A *site* is a BatchNormalization (any input rank >= 2, channel axis 1) whose input is reachable from a
+Dropout output without crossing another normalisation. The path from each Dropout to the BN is classified:
+
+- ``direct``: only shape ops (Identity/Reshape/Flatten/Squeeze/Unsqueeze/Cast) or a constant bias on the way;
+- ``weight``: exactly one Conv/ConvTranspose/Gemm/MatMul with a constant weight on the way (fan-in d and the
+  paper's mean cos^2(theta) recorded);
+- ``merge``: an Add/Sum/Concat joins the dropout path with another computed tensor;
+- ``other``: anything else (activation, pooling, two weight layers, ...).
+When several dropouts or paths reach one BN the most general class wins (other > merge > weight > direct).
+
+Every BN is reported, sites or not, with whether it lies downstream of a site (its statistics change once
+a site is fixed). ``find_sites`` is pure: it reads the model and never changes it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+
+from . import theory
+from .graph import MERGE_OPS, NONLINEAR_OPS, NORMALIZATION_OPS, SHAPE_OPS, WEIGHT_OPS, GraphIndex, attribute
+from .model import default_opset, get_metadata
+
+PATH_ORDER = ("direct", "weight", "merge", "other")
+EXPORT_HINT = (
+    "export with vsonnx.export(model, example_input, 'model.onnx'), which keeps Dropout and unfolded BN; "
+    "or name the sites by hand."
+)
+
+
+@dataclass
+class DropoutInfo:
+    name: str
+    output: str
+    ratio: float | None  # drop probability r (retain p = 1 - r); None when not statically known
+    training_mode: bool | None  # None when not statically known
+    channelwise: bool = False  # Dropout1d/2d/3d (from vsonnx.export metadata)
+
+
+@dataclass
+class WeightInfo:
+    op: str
+    name: str
+    fan_in: int | None
+    cos2: float | None
+
+
+@dataclass
+class BatchNormInfo:
+    name: str
+    input: str
+    channels: int
+    epsilon: float
+    training_mode: bool
+    site: bool = False
+    downstream_of_site: bool = False
+    dropouts: list[DropoutInfo] = field(default_factory=list)
+    path: str | None = None
+    weight: WeightInfo | None = None
+    predicted_var_ratio: float | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dropouts"] = [{"name": x.name, "ratio": x.ratio, "channelwise": x.channelwise} for x in self.dropouts]
+        if self.weight is not None:
+            d["weight"] = {"op": self.weight.op, "name": self.weight.name, "fan_in": self.weight.fan_in,
+                           "cos2": self.weight.cos2}
+        return d
+
+
+@dataclass
+class ScanReport:
+    model: str
+    batchnorms: list[BatchNormInfo]
+    dropouts: list[DropoutInfo]
+    warnings: list[str]
+
+    @property
+    def sites(self) -> list[BatchNormInfo]:
+        return [b for b in self.batchnorms if b.site]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "batchnorms": [b.to_dict() for b in self.batchnorms],
+            "dropouts": [asdict(d) for d in self.dropouts],
+            "warnings": list(self.warnings),
+        }
+
+
+class _Path(NamedTuple):
+    """What lies between one Dropout and the current tensor (weights counted up to 2)."""
+
+    n_weight: int
+    weight_node: str | None
+    merge: bool
+    other: bool
+
+    def through(self, kind: str, node_name: str) -> "_Path":
+        if kind == "weight":
+            n = min(self.n_weight + 1, 2)
+            return self._replace(n_weight=n, weight_node=node_name if n == 1 else None)
+        if kind == "merge":
+            return self._replace(merge=True)
+        if kind == "other":
+            return self._replace(other=True)
+        return self
+
+    @property
+    def kind(self) -> str:
+        if self.other or self.n_weight > 1:
+            return "other"
+        if self.merge:
+            return "merge"
+        return "weight" if self.n_weight == 1 else "direct"
+
+
+def dropout_info(index: GraphIndex, node: onnx.NodeProto, channelwise: set[str]) -> DropoutInfo:
+    """Resolve ratio and training_mode of a Dropout in its opset<12 (attribute) or >=12 (input) form."""
+    opset = default_opset(index.model) or 13
+    name = index.node_name(node)
+    if opset < 12:
+        ratio = float(attribute(node, "ratio", 0.5))
+        training = False
+    else:
+        ratio, training = 0.5, False
+        if len(node.input) > 1 and node.input[1]:
+            value = index.constant(node.input[1])
+            ratio = None if value is None else float(np.asarray(value).reshape(-1)[0])
+        if len(node.input) > 2 and node.input[2]:
+            value = index.constant(node.input[2])
+            training = None if value is None else bool(np.asarray(value).reshape(-1)[0])
+    return DropoutInfo(name, node.output[0], ratio, training, name in channelwise)
+
+
+def _bn_info(index: GraphIndex, node: onnx.NodeProto) -> BatchNormInfo:
+    channels = 0
+    for i in node.input[1:5]:
+        value = index.constant(i)
+        if value is not None:
+            channels = int(np.asarray(value).size)
+            break
+    n_outputs = len([o for o in node.output if o])
+    training = bool(attribute(node, "training_mode", 0)) or n_outputs > 1
+    return BatchNormInfo(
+        name=index.node_name(node), input=node.input[0], channels=channels,
+        epsilon=float(attribute(node, "epsilon", 1e-5)), training_mode=training,
+    )
+
+
+def _step_kind(index: GraphIndex, node: onnx.NodeProto) -> str:
+    """How a node changes a dropout path: 'shape', 'weight', 'merge' or 'other'."""
+    dynamic = index.dynamic_inputs(node)
+    op = node.op_type
+    if op in SHAPE_OPS or (op in ("Add", "Sub") and len(dynamic) == 1):
+        return "shape"
+    if op in WEIGHT_OPS and len(dynamic) == 1 and len(node.input) > 1 and index.is_constant(node.input[1]):
+        return "weight"
+    if op in MERGE_OPS and len(dynamic) > 1:
+        return "merge"
+    return "other"
+
+
+def _weight_info(index: GraphIndex, name: str) -> WeightInfo:
+    node = next(n for n in index.graph.node if index.node_name(n) == name)
+    w = index.constant(node.input[1])
+    fan_in = cos2 = None
+    if w is not None and w.ndim >= 2:
+        fan_in, cos2 = theory.weight_cos2(
+            w, node.op_type, trans_b=bool(attribute(node, "transB", 0)), group=int(attribute(node, "group", 1))
+        )
+        cos2 = round(cos2, 6)
+    return WeightInfo(node.op_type, name, fan_in, cos2)
+
+
+def _predict_direct(index: GraphIndex, bn: onnx.NodeProto, dropouts: list[DropoutInfo]) -> float | None:
+    """Eq. 8 with c = the BN's running mean and v recovered from its running variance (DESIGN 5.4);
+    mean over channels of v / Var_train. None when a ratio or a statistic is not static."""
+    if any(d.ratio is None for d in dropouts) or len(bn.input) < 5:
+        return None
+    mean, var = index.constant(bn.input[3]), index.constant(bn.input[4])
+    if mean is None or var is None:
+        return None
+    p = float(np.prod([1.0 - d.ratio for d in dropouts]))
+    v = np.maximum(theory.test_var_from_train_direct(mean, var, p), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(var > 0, v / np.asarray(var, np.float64), 1.0)
+    return round(float(ratio.mean()), 6)
+
+
+def _channelwise_dropouts(model: onnx.ModelProto) -> set[str]:
+    raw = get_metadata(model).get("vsonnx.dropouts")
+    if not raw:
+        return set()
+    try:
+        return {d["node"] for d in json.loads(raw) if d.get("channelwise")}
+    except (ValueError, TypeError, KeyError):
+        return set()
+
+
+def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanReport:
+    """Index every BN, classify Dropout->BN paths, and collect the warnings a user needs."""
+    index = GraphIndex(model)
+    channelwise = _channelwise_dropouts(model)
+    dropouts = {index.node_name(n): dropout_info(index, n, channelwise) for n in index.nodes_of("Dropout")}
+    paths: dict[str, dict[str, set[_Path]]] = {}  # tensor -> dropout name -> paths reaching it
+    batchnorms: list[BatchNormInfo] = []
+    bn_nodes: dict[str, onnx.NodeProto] = {}
+    for node in index.topological_order:
+        incoming: dict[str, set[_Path]] = {}
+        for t in index.dynamic_inputs(node):
+            for d, ps in paths.get(t, {}).items():
+                incoming.setdefault(d, set()).update(ps)
+        if node.op_type == "BatchNormalization":
+            info = _bn_info(index, node)
+            reaching = paths.get(node.input[0], {})
+            _classify(index, info, node, reaching, dropouts)
+            batchnorms.append(info)
+            bn_nodes[info.name] = node
+            continue
+        if node.op_type in NORMALIZATION_OPS:
+            continue
+        if node.op_type == "Dropout":
+            outgoing = {d: set(ps) for d, ps in incoming.items()}
+            outgoing.setdefault(index.node_name(node), set()).add(_Path(0, None, False, False))
+            paths[node.output[0]] = outgoing
+            continue
+        kind = _step_kind(index, node)
+        name = index.node_name(node)
+        outgoing = {d: {p.through(kind, name) for p in ps} for d, ps in incoming.items()}
+        if outgoing:
+            for out in node.output:
+                if out:
+                    paths[out] = outgoing
+    site_outputs = [bn_nodes[b.name].output[0] for b in batchnorms if b.site]
+    downstream = {index.node_name(n) for n in index.downstream_nodes(site_outputs)}
+    for b in batchnorms:
+        b.downstream_of_site = b.name in downstream
+    warnings = _warnings(index, batchnorms, list(dropouts.values()))
+    return ScanReport(model_name, batchnorms, list(dropouts.values()), warnings)
+
+
+def _classify(index, info: BatchNormInfo, node, reaching: dict[str, set[_Path]], dropouts) -> None:
+    if not reaching:
+        return
+    info.site = True
+    info.dropouts = [dropouts[d] for d in reaching]
+    all_paths = [p for ps in reaching.values() for p in ps]
+    info.path = max((p.kind for p in all_paths), key=PATH_ORDER.index)
+    weight_nodes = {p.weight_node for p in all_paths if p.n_weight == 1}
+    if info.path in ("weight", "merge") and len(weight_nodes) == 1:
+        info.weight = _weight_info(index, weight_nodes.pop())
+    if info.path == "direct":
+        info.predicted_var_ratio = _predict_direct(index, node, info.dropouts)
+
+
+def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list[DropoutInfo]) -> list[str]:
+    warnings: list[str] = []
+    if batchnorms and not dropouts:
+        warnings.append(
+            "the graph has BatchNormalization but no Dropout: if the network was trained with dropout, the "
+            "export removed it (torch.onnx.export in eval mode does); " + EXPORT_HINT
+        )
+    for b in batchnorms:
+        if b.training_mode:
+            warnings.append(
+                f"BatchNormalization '{b.name}' is in training mode (training_mode=1 or extra outputs): it "
+                "normalises with batch statistics at inference; re-export the model in eval mode."
+            )
+    for d in dropouts:
+        if d.ratio is None:
+            warnings.append(f"Dropout '{d.name}': its ratio is computed at run time, not a constant; "
+                            "predictions for its sites need data.")
+        if d.training_mode is None or d.training_mode:
+            state = "is not a constant" if d.training_mode is None else "is true"
+            warnings.append(f"Dropout '{d.name}': training_mode {state}, so it may drop values at inference.")
+        folded = _unnormalised_weight_after(index, d.output)
+        if folded:
+            warnings.append(
+                f"Dropout '{d.name}' feeds {folded} with no BatchNormalization before the next nonlinearity: "
+                "if the network had a BN there, the export folded it into the weights (torch.onnx.export in "
+                "eval mode does); " + EXPORT_HINT
+            )
+    return warnings
+
+
+def _unnormalised_weight_after(index: GraphIndex, tensor: str) -> str | None:
+    """'<op> '<name>'' when ``tensor`` reaches a weight layer whose output meets a nonlinearity before any
+    normalisation (graph outputs, i.e. classifiers, are fine)."""
+    for weight in _first_reached(index, tensor, WEIGHT_OPS):
+        hit = _first_reached(index, weight.output[0], NORMALIZATION_OPS | NONLINEAR_OPS)
+        if any(n.op_type in NONLINEAR_OPS for n in hit):
+            return f"{weight.op_type} '{index.node_name(weight)}'"
+    return None
+
+
+def _first_reached(index: GraphIndex, tensor: str, targets: frozenset[str]) -> list:
+    """Nodes of ``targets`` first met going forward from ``tensor`` through shape/merge/bias ops."""
+    found, seen, stack = [], set(), [tensor]
+    while stack:
+        t = stack.pop()
+        for node in index.consumers.get(t, []):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in targets:
+                found.append(node)
+            elif node.op_type in SHAPE_OPS | MERGE_OPS | {"Dropout", "Sub"}:
+                stack.extend(o for o in node.output if o)
+    return found
+
+
+def scan(model, model_name: str | None = None) -> ScanReport:
+    """Public entry: ``model`` is a path or an onnx.ModelProto."""
+    from .model import load_model
+
+    if isinstance(model, onnx.ModelProto):
+        return find_sites(model, model_name or "<memory>")
+    return find_sites(load_model(model), model_name or str(model))

@@ -1,0 +1,181 @@
+"""PyTorch -> ONNX export that keeps the evidence vsonnx needs (torch is imported lazily).
+
+Why a plain ``torch.onnx.export`` is not enough: exporting a model in eval mode (both the dynamo exporter
+and the TorchScript one) removes every Dropout (it is the identity at inference) and folds each
+Conv+BatchNormalization pair into the Conv. The Dropout->BN sites, their ratios and the BN statistics that
+vsonnx re-estimates are then gone from the graph. ``export`` therefore:
+
+1. replaces every ``nn.Dropout``/``Dropout1d/2d/3d`` (in a copy of the module) by an identity whose ONNX
+   symbolic is ``Dropout(x, ratio, training_mode=false)``, so the node survives with its ratio and is still
+   the identity for every runtime;
+2. exports with the TorchScript exporter in ``TrainingMode.PRESERVE`` on the eval-mode copy, which keeps
+   every BatchNormalization unfolded and in inference mode (one output, running statistics as inputs);
+3. gives every BN its own mean/var initializers (the exporter de-duplicates equal tensors through Identity
+   nodes), makes the batch dimension dynamic, stores metadata (preprocessing, class names, dropout
+   configuration, producer versions) and checks that onnxruntime reproduces ``model.eval()`` outputs.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import VsonnxError
+from .model import save_model, set_metadata
+
+DEFAULT_OPSET = 17
+
+
+def _dropout_function():
+    import torch
+
+    class OnnxDropout(torch.autograd.Function):
+        """Identity in eval mode; exported as ONNX Dropout(ratio, training_mode=false)."""
+
+        @staticmethod
+        def forward(ctx, x, ratio: float):  # noqa: ARG004 - ratio is used by symbolic
+            return x.clone()
+
+        @staticmethod
+        def symbolic(g, x, ratio: float):
+            r = g.op("Constant", value_t=torch.tensor(ratio, dtype=torch.float32))
+            t = g.op("Constant", value_t=torch.tensor(False))
+            return g.op("Dropout", x, r, t, outputs=1)
+
+    return OnnxDropout
+
+
+def _exportable_copy(module):
+    """Eval-mode deep copy with each Dropout replaced; returns (copy, dropout descriptions in call order)."""
+    import torch.nn as nn
+
+    function = _dropout_function()
+    calls: list[str] = []
+    described: dict[str, dict] = {}
+
+    class KeptDropout(nn.Module):
+        def __init__(self, name: str, p: float):
+            super().__init__()
+            self.name, self.p = name, p
+
+        def forward(self, x):
+            calls.append(self.name)
+            return function.apply(x, self.p)
+
+    model = copy.deepcopy(module).eval()
+    kinds = {nn.Dropout: "dropout", nn.Dropout1d: "dropout1d", nn.Dropout2d: "dropout2d", nn.Dropout3d: "dropout3d"}
+    for name, child in list(model.named_modules()):
+        kind = kinds.get(type(child))
+        if kind is None:
+            continue
+        described[name] = {"module": name, "ratio": float(child.p), "kind": kind, "channelwise": kind != "dropout"}
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, KeptDropout(name, float(child.p)))
+    return model, described, calls
+
+
+def _untie_batchnorm_inputs(model: onnx.ModelProto) -> None:
+    """Replace BN inputs produced by Identity(initializer) with initializers of their own."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    dead = set()
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        for i, name in enumerate(node.input[1:5], start=1):
+            src = producers.get(name)
+            if src is not None and src.op_type == "Identity" and src.input[0] in inits:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(inits[src.input[0]])
+                tensor.name = name
+                model.graph.initializer.append(tensor)
+                inits[name] = tensor
+                dead.add(id(src))
+    keep = [n for n in model.graph.node if id(n) not in dead]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def export(
+    module,
+    example_input,
+    path: str | Path,
+    *,
+    preprocess: dict | None = None,
+    class_names: list[str] | None = None,
+    metadata: dict | None = None,
+    input_names: tuple[str, ...] = ("input",),
+    output_names: tuple[str, ...] = ("output",),
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+) -> onnx.ModelProto:
+    """Export ``module`` to ``path`` keeping Dropout nodes and unfolded inference-mode BN.
+
+    ``preprocess``: {"mean": [...], "std": [...], "size": [H, W], "layout": "nchw", "scale": 1/255}.
+    Metadata is stored under ``vsonnx.*`` keys; ``metadata`` adds free-form entries (JSON-encoded if not
+    str). With ``verify`` the ONNX outputs on ``example_input`` must match PyTorch to 1e-4 (max abs).
+    """
+    try:
+        import torch
+    except ImportError:
+        raise VsonnxError("vsonnx.export needs PyTorch.", "pip install 'vsonnx[train]' (or torch).") from None
+
+    model, described, calls = _exportable_copy(module)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    with torch.no_grad():
+        expected = model(*inputs)  # the eval-mode copy: the user's module keeps its mode
+    calls.clear()
+    dynamic = {n: {0: "batch"} for n in (*input_names, *output_names)}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, inputs, buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+            opset_version=opset, input_names=list(input_names), output_names=list(output_names),
+            dynamic_axes=dynamic, do_constant_folding=True,
+        )
+    onnx_model = onnx.load_from_string(buffer.getvalue())
+    _untie_batchnorm_inputs(onnx_model)
+
+    dropout_nodes = [n for n in onnx_model.graph.node if n.op_type == "Dropout"]
+    records = []
+    if len(dropout_nodes) == len(calls):
+        for node, name in zip(dropout_nodes, calls):
+            records.append({"node": node.name, **described[name]})
+    else:  # a module called a data-dependent number of times; keep the module list only
+        records = list(described.values())
+    entries = {
+        "vsonnx.dropouts": json.dumps(records),
+        "vsonnx.producer": json.dumps({"torch": torch.__version__, "onnx": onnx.__version__,
+                                       "exporter": "vsonnx.export (TorchScript, TrainingMode.PRESERVE)"}),
+    }
+    if preprocess:
+        entries["vsonnx.preprocess"] = json.dumps(preprocess)
+    if class_names:
+        entries["vsonnx.class_names"] = json.dumps(list(class_names))
+    for key, value in (metadata or {}).items():
+        entries[key if key.startswith("vsonnx.") else f"vsonnx.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    set_metadata(onnx_model, entries)
+    onnx.checker.check_model(onnx_model)
+    if verify:
+        _verify(onnx_model, inputs, expected, input_names)
+    save_model(onnx_model, path)
+    return onnx_model
+
+
+def _verify(onnx_model, inputs, expected, input_names) -> None:
+    from .runtime import make_session
+
+    session = make_session(onnx_model, device="cpu", optimize=False)
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(input_names, inputs)}
+    got = session.run(None, feeds)[0]
+    exp = (expected[0] if isinstance(expected, (tuple, list)) else expected).detach().cpu().numpy()
+    diff = float(np.max(np.abs(got - exp))) if got.size else 0.0
+    if diff > 1e-4:
+        raise RuntimeError(f"exported ONNX model differs from PyTorch by {diff:.3g} (max abs); this is a bug")
