@@ -1,0 +1,152 @@
+"""CIFAR-10/100 loading for training and the demo: image folder trees, the official python release,
+or a checksum-verified download into a cache. Arrays are uint8 NHWC plus int64 labels.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .errors import VsonnxError
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+RELEASES = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                "cifar-10-batches-py"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 "cifar-100-python"),
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("VSONNX_CACHE", Path.home() / ".cache" / "vsonnx"))
+
+
+def image_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names) of an ImageFolder tree root/<class>/<image>, classes sorted."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(label)
+    return files, labels, classes
+
+
+def decode_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:
+        raise VsonnxError(f"cannot read image '{path}' ({type(exc).__name__}).",
+                          "remove or replace the corrupt file.") from None
+
+
+def load_image_split(root: Path, limit: int | None = None, workers: int = 4) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    files, labels, classes = image_folder_files(root)
+    if limit is not None:  # an evenly spread subset keeps every class
+        keep = np.linspace(0, len(files) - 1, num=min(limit, len(files))).round().astype(int)
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    with ThreadPoolExecutor(workers) as pool:
+        images = list(pool.map(decode_rgb, files, chunksize=256))
+    return np.stack(images), np.asarray(labels, np.int64), classes
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def load_python_release(folder: Path, dataset: str) -> dict:
+    """The official python release: cifar-10-batches-py (data_batch_1..5, test_batch) or cifar-100-python."""
+    def to_nhwc(raw) -> np.ndarray:
+        return np.asarray(raw, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+    if dataset == "cifar10":
+        parts = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
+        test = _unpickle(folder / "test_batch")
+        meta = _unpickle(folder / "batches.meta")
+        classes = [c.decode() for c in meta[b"label_names"]]
+        train_x = np.concatenate([to_nhwc(p[b"data"]) for p in parts])
+        train_y = np.concatenate([np.asarray(p[b"labels"], np.int64) for p in parts])
+        return {"train": (train_x, train_y), "test": (to_nhwc(test[b"data"]), np.asarray(test[b"labels"], np.int64)),
+                "classes": classes}
+    train, test, meta = _unpickle(folder / "train"), _unpickle(folder / "test"), _unpickle(folder / "meta")
+    return {"train": (to_nhwc(train[b"data"]), np.asarray(train[b"fine_labels"], np.int64)),
+            "test": (to_nhwc(test[b"data"]), np.asarray(test[b"fine_labels"], np.int64)),
+            "classes": [c.decode() for c in meta[b"fine_label_names"]]}
+
+
+def find_cifar(dataset: str, data: Path | None) -> tuple[str, Path]:
+    """Locate CIFAR data: ('folder', root with train/ and test/) or ('python', release folder).
+
+    Looks in ``data`` when given, else in the cache; downloads the official release into the cache when
+    missing (verifying its MD5 before anything is unpickled)."""
+    if dataset not in RELEASES:
+        raise VsonnxError(f"unknown dataset '{dataset}'.", "use cifar10 or cifar100.")
+    url, md5, folder_name = RELEASES[dataset]
+    candidates = [data] if data is not None else [default_cache()]
+    for base in candidates:
+        if base is None or not base.exists():
+            continue
+        if (base / "train").is_dir() and (base / "test").is_dir():
+            return "folder", base
+        if (base / folder_name).is_dir():
+            return "python", base / folder_name
+        if base.name == folder_name:
+            return "python", base
+    if data is not None:
+        raise VsonnxError(f"no {dataset} data in '{data}' (expected train/ and test/ image folders or "
+                          f"{folder_name}/).", "pass --data pointing at the dataset folder.")
+    return "python", download_release(dataset, default_cache())
+
+
+def download_release(dataset: str, cache: Path) -> Path:
+    url, md5, folder_name = RELEASES[dataset]
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / url.rsplit("/", 1)[1]
+    if not archive.exists():
+        try:
+            tmp = archive.with_suffix(".part")
+            urllib.request.urlretrieve(url, tmp)
+            tmp.replace(archive)
+        except OSError as exc:
+            raise VsonnxError(f"{dataset} is not in the cache and could not be downloaded ({exc}).",
+                              "pass --data with a folder holding train/ and test/ image folders or the "
+                              "python release.") from None
+    digest = hashlib.md5(archive.read_bytes()).hexdigest()
+    if digest != md5:
+        archive.unlink()
+        raise VsonnxError(f"downloaded {archive.name} has MD5 {digest}, expected {md5}.", "try again.")
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    return cache / folder_name
+
+
+def load_cifar(dataset: str, data: Path | None, limit_train: int | None = None, limit_test: int | None = None,
+               workers: int = 4) -> dict:
+    """{'train': (x, y), 'test': (x, y), 'classes': [...]}, x uint8 NHWC."""
+    kind, root = find_cifar(dataset, data)
+    if kind == "folder":
+        train = load_image_split(root / "train", limit_train, workers)
+        test = load_image_split(root / "test", limit_test, workers)
+        return {"train": train[:2], "test": test[:2], "classes": train[2]}
+    result = load_python_release(root, dataset)
+    for split, limit in (("train", limit_train), ("test", limit_test)):
+        x, y = result[split]
+        if limit is not None:
+            keep = np.linspace(0, len(x) - 1, num=min(limit, len(x))).round().astype(int)
+            result[split] = (x[keep], y[keep])
+    return result
