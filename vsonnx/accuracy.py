@@ -1,0 +1,136 @@
+"""Accuracy with onnxruntime: `vsonnx eval` and `vsonnx compare` (DESIGN 5.5).
+
+The first graph output is taken as the class scores [N, classes]; top-1 and top-5 (when there are at
+least 5 classes) are in percent. ``images_per_s`` counts only the time spent inside onnxruntime. Models run
+through the same working copy as calibration (symbolic batch dimension, dropout off).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .calibrate import working_copy
+from .data import Source, check_finite, open_source
+from .errors import VsonnxError
+from .model import load_model
+from .runtime import make_session
+
+
+@dataclass
+class EvalReport:
+    model: str
+    samples: int
+    top1: float
+    top5: float | None
+    provider: str
+    images_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Scorer:
+    def __init__(self, model: onnx.ModelProto, device: str, threads: int | None):
+        self.session = make_session(working_copy(model), device=device, threads=threads)
+        self.output = self.session.get_outputs()[0].name
+        self.seconds = 0.0
+        self.correct1 = self.correct5 = self.samples = 0
+        self.top5_ok = True
+
+    def run(self, feeds: dict, labels: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        logits = self.session.run([self.output], feeds)[0]
+        self.seconds += time.perf_counter() - t0
+        logits = logits.reshape(len(labels), -1)
+        self.samples += len(labels)
+        self.correct1 += int((logits.argmax(1) == labels).sum())
+        if logits.shape[1] >= 5:
+            top5 = np.argpartition(-logits, 4, axis=1)[:, :5]
+            self.correct5 += int((top5 == labels[:, None]).any(1).sum())
+        else:
+            self.top5_ok = False
+        return logits
+
+    def report(self, name: str) -> EvalReport:
+        if self.samples == 0:
+            raise VsonnxError("the evaluation data yielded no samples.", "check --data and --limit.")
+        return EvalReport(name, self.samples, 100.0 * self.correct1 / self.samples,
+                          100.0 * self.correct5 / self.samples if self.top5_ok else None,
+                          self.session.get_providers()[0], self.samples / max(self.seconds, 1e-9))
+
+
+def _labelled(source: Source) -> Source:
+    if not source.has_labels:
+        raise VsonnxError(f"data source '{source.describe()}' has no labels; accuracy needs them.",
+                          "use a folder of class folders, an .npz with 'y', or a reader yielding 'label'.")
+    return source
+
+
+def _open(model: onnx.ModelProto, data, limit, shuffle, seed, preprocess) -> Source:
+    return _labelled(open_source(data, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess))
+
+
+def evaluate(model, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
+             limit: int | None = None, shuffle: bool = False, seed: int = 0, preprocess: dict | None = None) -> EvalReport:
+    """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``."""
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    name = "<memory>" if isinstance(model, onnx.ModelProto) else str(model)
+    source = _open(proto, data, limit, shuffle, seed, preprocess)
+    scorer = _Scorer(proto, device, threads)
+    for batch in source.batches(batch_size):
+        check_finite(batch, source)
+        scorer.run(batch.feeds, batch.labels)
+    return scorer.report(name)
+
+
+def evaluate_candidates(model: onnx.ModelProto, candidates: list[onnx.ModelProto], data, *, batch_size: int = 256,
+                        device: str = "auto", threads: int | None = None, limit: int | None = None,
+                        preprocess: dict | None = None) -> list[float]:
+    """Top-1 of each candidate on the same batches (data decoded once)."""
+    source = _open(model, data, limit, False, 0, preprocess)
+    scorers = [_Scorer(c, device, threads) for c in candidates]
+    for batch in source.batches(batch_size):
+        check_finite(batch, source)
+        for s in scorers:
+            s.run(batch.feeds, batch.labels)
+    return [s.report("").top1 for s in scorers]
+
+
+@dataclass
+class CompareReport:
+    a: EvalReport
+    b: EvalReport
+    delta_top1: float
+    agreement: float
+    max_abs_diff: float
+
+    def to_dict(self) -> dict:
+        return {"a": self.a.to_dict(), "b": self.b.to_dict(), "delta_top1": self.delta_top1,
+                "agreement": self.agreement, "max_abs_diff": self.max_abs_diff}
+
+
+def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
+            limit: int | None = None, shuffle: bool = False, seed: int = 0,
+            preprocess: dict | None = None) -> CompareReport:
+    """Evaluate two models on the same batches: accuracies, delta_top1 = b - a, prediction agreement (%),
+    max |logit difference|. Preprocessing metadata is taken from model A."""
+    a = load_model(model_a)
+    b = load_model(model_b)
+    source = _open(a, data, limit, shuffle, seed, preprocess)
+    sa, sb = _Scorer(a, device, threads), _Scorer(b, device, threads)
+    agree = 0
+    max_diff = 0.0
+    for batch in source.batches(batch_size):
+        check_finite(batch, source)
+        la, lb = sa.run(batch.feeds, batch.labels), sb.run(batch.feeds, batch.labels)
+        if la.shape != lb.shape:
+            raise VsonnxError(f"the models' outputs differ in shape ({la.shape} vs {lb.shape}).",
+                              "compare two versions of the same network.")
+        agree += int((la.argmax(1) == lb.argmax(1)).sum())
+        max_diff = max(max_diff, float(np.max(np.abs(la - lb))) if la.size else 0.0)
+    ra, rb = sa.report(str(model_a)), sb.report(str(model_b))
+    return CompareReport(ra, rb, rb.top1 - ra.top1, 100.0 * agree / ra.samples, max_diff)

@@ -1,0 +1,436 @@
+"""Calibration and evaluation data: one interface over image folders, arrays and Python readers.
+
+A source is opened with ``open_source(spec, inputs, ...)`` and yields ``Batch(feeds, labels)`` of at most
+``batch_size`` samples, streaming: images are decoded in a thread pool one batch ahead, ``.npy`` files are
+memory-mapped, nothing holds the whole data set in memory.
+
+Kinds of ``spec``:
+- a folder of class folders ``DIR/<class>/<image>`` (labels = sorted class index, as ImageFolder), or a flat
+  folder of images (no labels);
+- a ``.npy`` file (preprocessed inputs, first axis = samples), a ``.npz`` with ``x`` (or the model's input
+  names) and optional ``y``, or a folder of such files (sorted by name);
+- ``FILE.py:FUNC`` or ``module:FUNC``: a function returning an iterable of feed dicts
+  ``{input_name: ndarray}`` (labels, if any, under ``label``/``labels``/``y``) or an object with ``get_next()``
+  (onnxruntime's CalibrationDataReader).
+Shuffling (seeded) happens before ``limit``; Python readers are used in their own order.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .datasets import IMAGE_SUFFIXES, decode_rgb
+from .errors import VsonnxError
+from .model import get_metadata
+
+LABEL_KEYS = ("label", "labels", "y")
+ARRAY_SUFFIXES = {".npy", ".npz"}
+
+
+@dataclass
+class InputSpec:
+    """A model input: name, shape (None for symbolic dims) and numpy dtype."""
+
+    name: str
+    shape: tuple[int | None, ...] | None
+    dtype: np.dtype
+
+    @classmethod
+    def all_of(cls, model: onnx.ModelProto) -> list["InputSpec"]:
+        inits = {t.name for t in model.graph.initializer}
+        specs = []
+        for value in model.graph.input:
+            if value.name in inits:
+                continue
+            tensor = value.type.tensor_type
+            shape = None
+            if tensor.HasField("shape"):
+                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+            specs.append(cls(value.name, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
+        return specs
+
+
+@dataclass
+class Preprocess:
+    """Image preprocessing: resize to ``size`` (H, W), multiply by ``scale``, subtract ``mean``, divide by
+    ``std`` (per channel), lay out as ``nchw`` or ``nhwc``."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scale: float = 1 / 255
+    layout: str = "nchw"
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def resolve(cls, model: onnx.ModelProto, inputs: list[InputSpec], *, mean=None, std=None, size=None,
+                scale=None, layout=None) -> "Preprocess":
+        """Flags win over the model's ``vsonnx.preprocess`` metadata; the size falls back on the model's
+        static input shape."""
+        meta = {}
+        raw = get_metadata(model).get("vsonnx.preprocess")
+        if raw:
+            try:
+                meta = json.loads(raw)
+            except ValueError:
+                meta = {}
+        pre = cls(
+            size=tuple(size) if size else (tuple(meta["size"]) if meta.get("size") else None),
+            mean=tuple(mean) if mean else (tuple(meta["mean"]) if meta.get("mean") else None),
+            std=tuple(std) if std else (tuple(meta["std"]) if meta.get("std") else None),
+            scale=scale if scale is not None else float(meta.get("scale", 1 / 255)),
+            layout=layout or meta.get("layout", "nchw"),
+        )
+        if pre.layout not in ("nchw", "nhwc"):
+            raise VsonnxError(f"unknown layout '{pre.layout}'.", "use --layout nchw or --layout nhwc.")
+        shape = inputs[0].shape if inputs else None
+        if pre.size is None and shape is not None and len(shape) == 4:
+            hw = shape[2:4] if pre.layout == "nchw" else shape[1:3]
+            if all(isinstance(d, int) and d > 0 for d in hw):
+                pre.size = (int(hw[0]), int(hw[1]))
+        if pre.mean is None or pre.std is None:
+            pre.notes.append("no --mean/--std and no vsonnx.preprocess metadata: pixels are only scaled by "
+                             f"{pre.scale:g}")
+        return pre
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC images -> float32 model layout."""
+        x = images.astype(np.float32) * np.float32(self.scale)
+        if self.mean is not None:
+            x -= np.asarray(self.mean, np.float32)
+        if self.std is not None:
+            x /= np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.layout == "nchw" else x
+
+
+@dataclass
+class Batch:
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+
+class Source:
+    """Base class: ``batches(batch_size)`` yields Batch objects; ``describe()`` names the source."""
+
+    has_labels: bool = False
+    spec: str = ""
+    size: int | None = None  # samples it will yield, when known in advance
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.spec
+
+
+def _order(n: int, shuffle: bool, seed: int, limit: int | None) -> np.ndarray:
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    return order[:limit] if limit is not None else order
+
+
+class ImageFolderSource(Source):
+    def __init__(self, root: Path, inputs: list[InputSpec], pre: Preprocess, *, shuffle: bool, seed: int,
+                 limit: int | None, workers: int = 4):
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        files, labels = [], []
+        if classes:
+            for label, name in enumerate(classes):
+                for f in sorted((root / name).iterdir()):
+                    if f.suffix.lower() in IMAGE_SUFFIXES:
+                        files.append(f)
+                        labels.append(label)
+            self.has_labels = True
+        else:
+            files = [f for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise VsonnxError(f"no images in '{root}'.", "pass a folder of class folders of images, a flat folder "
+                                                       "of images, or a .npy/.npz file.")
+        if len(inputs) != 1:
+            raise VsonnxError(f"the model has {len(inputs)} inputs; image folders feed models with one input.",
+                              "pass .npz files keyed by input name, or a Python reader FILE.py:FUNC.")
+        if pre.size is None:
+            raise VsonnxError("the model's input size is not static and no size was given.",
+                              "pass --size H,W (and --mean/--std/--layout if the model expects them).")
+        order = _order(len(files), shuffle, seed, limit)
+        self.files = [files[i] for i in order]
+        self.labels = np.asarray(labels, np.int64)[order] if self.has_labels else None
+        self.size = len(self.files)
+        self.input, self.pre, self.workers = inputs[0], pre, workers
+        self.spec = str(root)
+        self.classes = classes
+        _check_channels(self.input, 3, pre.layout, f"images in '{root}' (RGB)")
+
+    def _load(self, files: list[Path]) -> np.ndarray:
+        from PIL import Image
+
+        h, w = self.pre.size
+        out = np.empty((len(files), h, w, 3), np.uint8)
+        for i, f in enumerate(files):
+            img = decode_rgb(f)
+            if img.shape[:2] != (h, w):
+                img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+            out[i] = img
+        return out
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        chunks = [self.files[i:i + batch_size] for i in range(0, len(self.files), batch_size)]
+        with ThreadPoolExecutor(self.workers) as pool:
+            def submit(chunk):  # split a batch across workers
+                step = max(1, -(-len(chunk) // self.workers))
+                return [pool.submit(self._load, chunk[j:j + step]) for j in range(0, len(chunk), step)]
+            pending = submit(chunks[0]) if chunks else None
+            for k, chunk in enumerate(chunks):
+                images = np.concatenate([f.result() for f in pending])
+                pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else None  # prefetch the next batch
+                x = self.pre.apply(images).astype(self.input.dtype, copy=False)
+                labels = None if self.labels is None else self.labels[k * batch_size:k * batch_size + len(chunk)]
+                yield Batch({self.input.name: x}, labels)
+
+
+class ArraySource(Source):
+    """Preprocessed arrays: .npy (memory-mapped), .npz, or a folder of them, concatenated in name order."""
+
+    def __init__(self, files: list[Path], inputs: list[InputSpec], *, shuffle: bool, seed: int,
+                 limit: int | None, spec: str):
+        self.spec = spec
+        self.inputs = inputs
+        parts: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
+        for f in files:
+            parts.append(self._read(f, inputs))
+        has = [p[1] is not None for p in parts]
+        self.has_labels = all(has)
+        sizes = [len(next(iter(p[0].values()))) for p in parts]
+        self.parts, self.offsets = parts, np.cumsum([0] + sizes)
+        total = int(self.offsets[-1])
+        if total == 0:
+            raise VsonnxError(f"'{spec}' holds no samples.", "check the arrays' first axis (samples).")
+        self.order = _order(total, shuffle, seed, limit)
+        self.size = len(self.order)
+
+    @staticmethod
+    def _read(path: Path, inputs: list[InputSpec]):
+        try:
+            if path.suffix == ".npy":
+                arrays, labels = {inputs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}, None
+                if len(inputs) != 1:
+                    raise VsonnxError(f"'{path}' is one array but the model has {len(inputs)} inputs.",
+                                      "use an .npz keyed by input name.")
+            else:
+                with np.load(path, allow_pickle=False) as z:
+                    keys = set(z.files)
+                    names = [i.name for i in inputs]
+                    if all(n in keys for n in names):
+                        arrays = {n: z[n] for n in names}
+                    elif "x" in keys and len(inputs) == 1:
+                        arrays = {names[0]: z["x"]}
+                    else:
+                        raise VsonnxError(f"'{path}' has arrays {sorted(keys)}; expected 'x' or the model's "
+                                          f"input names {names}.", "save the inputs under 'x' (and labels under 'y').")
+                    label_key = next((k for k in LABEL_KEYS if k in keys), None)
+                    labels = np.asarray(z[label_key]).astype(np.int64) if label_key else None
+        except VsonnxError:
+            raise
+        except Exception as exc:
+            raise VsonnxError(f"cannot read '{path}' ({type(exc).__name__}: {exc}).",
+                              "pass a .npy/.npz written by numpy.save/numpy.savez.") from None
+        for spec in inputs:
+            _check_array(arrays[spec.name], spec, str(path))
+        n = len(next(iter(arrays.values())))
+        if labels is not None and len(labels) != n:
+            raise VsonnxError(f"'{path}' has {n} samples but {len(labels)} labels.", "store one label per sample.")
+        return arrays, labels
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        for start in range(0, len(self.order), batch_size):
+            idx = self.order[start:start + batch_size]
+            part = np.searchsorted(self.offsets, idx, side="right") - 1
+            feeds = {s.name: np.empty((len(idx),) + self.parts[0][0][s.name].shape[1:], s.dtype) for s in self.inputs}
+            labels = np.empty(len(idx), np.int64) if self.has_labels else None
+            for p in np.unique(part):
+                sel = np.nonzero(part == p)[0]
+                local = idx[sel] - self.offsets[p]
+                arrays, lab = self.parts[p]
+                sort = np.argsort(local)  # sorted reads are kinder to memory maps
+                for s in self.inputs:
+                    feeds[s.name][sel[sort]] = np.asarray(arrays[s.name][local[sort]], dtype=s.dtype)
+                if labels is not None:
+                    labels[sel] = lab[local]
+            yield Batch(feeds, labels)
+
+
+class ReaderSource(Source):
+    """Feed dicts from user code, re-batched to the requested batch size."""
+
+    def __init__(self, spec: str, inputs: list[InputSpec], *, limit: int | None):
+        self.spec, self.inputs, self.limit = spec, inputs, limit
+        self.size = None
+        self.factory = _load_callable(spec)
+        first = self._dicts()
+        try:
+            self._peek = next(first)
+        except StopIteration:
+            raise VsonnxError(f"reader '{spec}' yielded no data.", "return at least one feed dict.") from None
+        self._rest = first
+        self.has_labels = any(k in self._peek for k in LABEL_KEYS)
+
+    def _dicts(self) -> Iterator[dict]:
+        try:
+            obj = self.factory()
+        except Exception as exc:
+            raise VsonnxError(f"reader '{self.spec}' raised {type(exc).__name__}: {exc}",
+                              "fix the reader function.") from None
+        if hasattr(obj, "get_next"):
+            while (item := obj.get_next()) is not None:
+                yield item
+        else:
+            yield from obj
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        stream = self._chain()
+        names = [s.name for s in self.inputs]
+        buffer: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        labels: list[np.ndarray] = []
+        held = taken = 0
+        for item in stream:
+            missing = [n for n in names if n not in item]
+            if missing:
+                raise VsonnxError(f"reader '{self.spec}' gave a dict without {missing}.",
+                                  f"yield dicts keyed by the model's input names {names}.")
+            n = len(item[names[0]])
+            if self.limit is not None:
+                n = min(n, self.limit - taken)
+            for s in self.inputs:
+                arr = np.asarray(item[s.name])[:n].astype(s.dtype, copy=False)
+                _check_array(arr, s, f"reader '{self.spec}'")
+                buffer[s.name].append(arr)
+            if self.has_labels:
+                key = next(k for k in LABEL_KEYS if k in item)
+                labels.append(np.asarray(item[key]).astype(np.int64)[:n])
+            held += n
+            taken += n
+            while held >= batch_size:
+                yield self._pop(buffer, labels, batch_size)
+                held -= batch_size
+            if self.limit is not None and taken >= self.limit:
+                break
+        if held:
+            yield self._pop(buffer, labels, held)
+
+    def _chain(self) -> Iterator[dict]:
+        if self._peek is not None:  # the first pass reuses the item read to detect labels
+            peek, rest, self._peek = self._peek, self._rest, None
+            yield peek
+            yield from rest
+        else:
+            yield from self._dicts()
+
+    def _pop(self, buffer, labels, n) -> Batch:
+        feeds = {}
+        for name, chunks in buffer.items():
+            joined = np.concatenate(chunks)
+            feeds[name], buffer[name] = joined[:n], [joined[n:]]
+        lab = None
+        if self.has_labels:
+            joined = np.concatenate(labels)
+            lab, labels[:] = joined[:n], [joined[n:]]
+        return Batch(feeds, lab)
+
+
+def _load_callable(spec: str):
+    target, _, func = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.exists():
+                raise VsonnxError(f"reader file '{path}' does not exist.", "pass FILE.py:FUNC with an existing file.")
+            module_spec = importlib.util.spec_from_file_location(f"vsonnx_reader_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except VsonnxError:
+        raise
+    except Exception as exc:
+        raise VsonnxError(f"cannot import '{target}' ({type(exc).__name__}: {exc}).",
+                          "check FILE.py:FUNC or module:FUNC.") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise VsonnxError(f"'{target}' has no function '{func}'.", "pass FILE.py:FUNC naming a function.")
+    return fn
+
+
+def _check_channels(spec: InputSpec, channels: int, layout: str, what: str) -> None:
+    if spec.shape is None or len(spec.shape) != 4:
+        return
+    expected = spec.shape[1] if layout == "nchw" else spec.shape[3]
+    if expected is not None and expected != channels:
+        raise VsonnxError(
+            f"{what} have {channels} channels, model input '{spec.name}' expects {expected} "
+            f"(shape {' x '.join(str(d or 'N') for d in spec.shape)}).",
+            "pass data preprocessed to the model's layout, or set --layout.",
+        )
+
+
+def _check_array(array: np.ndarray, spec: InputSpec, where: str) -> None:
+    if spec.shape is None:
+        return
+    if array.ndim != len(spec.shape):
+        raise VsonnxError(
+            f"{where}: array of shape {tuple(array.shape)} does not fit model input '{spec.name}' "
+            f"(shape {' x '.join(str(d or 'N') for d in spec.shape)}).",
+            "the first axis must be samples and the rest match the model input.",
+        )
+    for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
+        if want is not None and got != want:
+            raise VsonnxError(
+                f"{where}: axis {axis} has size {got}, model input '{spec.name}' expects {want} "
+                f"(shape {' x '.join(str(d or 'N') for d in spec.shape)}).",
+                "pass data preprocessed to the model's input shape and layout.",
+            )
+
+
+def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = True, seed: int = 0,
+                limit: int | None = None, preprocess: dict | None = None, workers: int = 4) -> Source:
+    """Open any supported data source for ``model`` (see module docstring)."""
+    inputs = InputSpec.all_of(model)
+    text = str(spec)
+    if limit is not None and limit <= 0:
+        raise VsonnxError(f"--limit must be positive, got {limit}.", "pass --limit N with N >= 1.")
+    path = Path(text)
+    if ":" in text and not path.exists():
+        return ReaderSource(text, inputs, limit=limit)
+    if not path.exists():
+        raise VsonnxError(f"data source '{text}' does not exist.",
+                          "pass an image folder, a .npy/.npz file or folder, or FILE.py:FUNC.")
+    if path.is_file():
+        if path.suffix not in ARRAY_SUFFIXES:
+            raise VsonnxError(f"'{path}' is not a .npy or .npz file.", "pass an image folder, .npy/.npz, or FILE.py:FUNC.")
+        return ArraySource([path], inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text)
+    entries = sorted(path.iterdir())
+    arrays = [f for f in entries if f.is_file() and f.suffix in ARRAY_SUFFIXES]
+    if arrays:
+        return ArraySource(arrays, inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text)
+    if not entries:
+        raise VsonnxError(f"data folder '{path}' is empty.", "pass a folder with images or .npy/.npz files.")
+    pre = Preprocess.resolve(model, inputs, **(preprocess or {}))
+    return ImageFolderSource(path, inputs, pre, shuffle=shuffle, seed=seed, limit=limit, workers=workers)
+
+
+def check_finite(batch: Batch, source: Source) -> None:
+    for name, x in batch.feeds.items():
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise VsonnxError(f"data from '{source.describe()}' has NaN or Inf values in input '{name}'.",
+                              "clean the data (or its preprocessing) first.")

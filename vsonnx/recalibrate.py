@@ -1,0 +1,258 @@
+"""`vsonnx fix`: re-estimate the statistics of the variance-shift BNs and rewrite only those constants.
+
+The pass follows find / check / apply:
+- find: ``targets(report, scope)`` = the sites and every BN downstream of one (``scope="sites"``), or every
+  BN (``scope="all"``), from the same site finder ``vsonnx scan`` uses;
+- check: ``refusal(index, node)`` returns None or why a BN cannot be rewritten:
+  1. its running mean/var are not initializers  2. it is in training mode  3. no statistics were measured;
+- apply: ``RecalibrateBatchNorm.apply`` writes new mean/var into the BN's initializers (an initializer shared
+  with another node is copied first, never edited in place) and returns whether anything changed, so a
+  second application of the same statistics changes nothing.
+
+With validation data (``val``) every candidate (original, batch, population and half-way corrections
+between the old and new statistics) is evaluated and the best one is written; nothing is written when no
+candidate beats the original, unless ``force``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import __version__
+from .calibrate import BnStatistics, CalibrationResult, calibrate
+from .data import open_source
+from .errors import VsonnxError
+from .graph import GraphIndex
+from .model import check_output_path, load_model, save_model, same_file
+from .runtime import make_session
+from .sites import BatchNormInfo, find_sites
+
+SCOPES = ("sites", "all")
+PARTIAL = 0.5  # weight of the new statistics in the half-way candidates
+
+
+def targets(batchnorms: list[BatchNormInfo], scope: str) -> list[BatchNormInfo]:
+    if scope not in SCOPES:
+        raise VsonnxError(f"unknown scope '{scope}'.", "use sites or all.")
+    return [b for b in batchnorms if scope == "all" or b.site or b.downstream_of_site]
+
+
+def refusal(index: GraphIndex, node: onnx.NodeProto, info: BatchNormInfo) -> str | None:
+    """Why this BN cannot be rewritten (None when it can)."""
+    if len(node.input) < 5 or not all(n in index.initializers for n in node.input[3:5]):
+        return "1: running mean/var are not initializers"
+    if info.training_mode:
+        return "2: BatchNormalization is in training mode"
+    return None
+
+
+class RecalibrateBatchNorm:
+    """Replace a BN's running statistics with re-estimated ones (new_mean, new_var from calibrate)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+
+    def apply(self, name: str, stats: BnStatistics | None) -> bool:
+        if stats is None:
+            raise VsonnxError(f"no statistics were measured for '{name}' (refusal 3).",
+                              "calibrate it (it must be in the chosen scope).")
+        index = GraphIndex(self.model)
+        node = next(n for n in self.model.graph.node if index.node_name(n) == name)
+        changed = False
+        for slot, value in ((3, stats.mean), (4, stats.var)):
+            tensor = index.initializers[node.input[slot]]
+            old = numpy_helper.to_array(tensor)
+            new = np.asarray(value, dtype=old.dtype).reshape(old.shape)
+            if np.array_equal(old, new):
+                continue
+            users = sum(list(n.input).count(tensor.name) for n in self.model.graph.node)
+            if users > 1:  # shared: give this BN its own copy
+                tensor = self._copy(tensor, f"{tensor.name}__vsonnx_{slot}_{len(self.model.graph.initializer)}")
+                node.input[slot] = tensor.name
+            tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
+            changed = True
+        return changed
+
+    def _copy(self, tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+        new = self.model.graph.initializer.add()
+        new.CopyFrom(tensor)
+        new.name = name
+        return new
+
+
+def with_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    rewrite = RecalibrateBatchNorm(out)
+    for name, st in stats.items():
+        rewrite.apply(name, st)
+    return out
+
+
+def old_statistics(model: onnx.ModelProto, names: list[str]) -> dict[str, BnStatistics]:
+    index = GraphIndex(model)
+    nodes = {index.node_name(n): n for n in model.graph.node if n.op_type == "BatchNormalization"}
+    return {n: BnStatistics(n, np.asarray(index.constant(nodes[n].input[3]), np.float64).reshape(-1),
+                            np.asarray(index.constant(nodes[n].input[4]), np.float64).reshape(-1), 0)
+            for n in names}
+
+
+def blend(old: dict[str, BnStatistics], new: dict[str, BnStatistics], weight: float) -> dict[str, BnStatistics]:
+    """Statistics a fraction ``weight`` of the way from old to new (a partial correction)."""
+    return {n: BnStatistics(n, old[n].mean + weight * (s.mean - old[n].mean),
+                            old[n].var + weight * (s.var - old[n].var), s.count) for n, s in new.items()}
+
+
+def digest(stats: dict[str, BnStatistics]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(stats):
+        h.update(name.encode())
+        h.update(np.asarray(stats[name].mean, np.float32).tobytes())
+        h.update(np.asarray(stats[name].var, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Candidate:
+    name: str
+    stats: dict[str, BnStatistics]
+    top1: float | None = None
+
+
+@dataclass
+class FixReport:
+    model: str
+    method: str
+    samples: int
+    output: str | None
+    written: bool
+    message: str
+    batchnorms: list[dict] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    candidates: list[dict] = field(default_factory=list)
+    chosen: str | None = None
+    provider: str | None = None
+    seconds: float | None = None
+    passes: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def default_output(model_path: Path) -> Path:
+    return model_path.with_name(model_path.stem + ".fixed.onnx")
+
+
+def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "sites", batch_size: int = 128,
+        device: str = "auto", threads: int | None = None, limit: int | None = None, shuffle: bool = True,
+        seed: int = 0, preprocess: dict | None = None, val=None, val_limit: int | None = None,
+        force: bool = False, in_place: bool = False, progress: bool = False,
+        reduction: str = "shifted") -> FixReport:
+    """Re-estimate the statistics of the variance-shift BNs of ``model_path`` on ``calib`` and write the
+    fixed model (default ``MODEL.fixed.onnx``). See the module docstring for candidates under ``val``."""
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    out_path = check_output_path(output or default_output(model_path), model_path, in_place)
+    report = find_sites(model, str(model_path))
+    base = FixReport(str(model_path), method, 0, None, False, "", warnings=list(report.warnings))
+    if not report.batchnorms:
+        base.message = "the model has no BatchNormalization: nothing to fix."
+        return base
+    chosen = targets(report.batchnorms, scope)
+    if not chosen:
+        base.message = ("no Dropout->BatchNormalization site: nothing to fix "
+                        "(use --all to re-estimate every BN anyway).")
+        return base
+    index = GraphIndex(model)
+    nodes = {index.node_name(n): n for n in model.graph.node if n.op_type == "BatchNormalization"}
+    for b in chosen:
+        reason = refusal(index, nodes[b.name], b)
+        if reason:
+            base.refused[b.name] = reason
+    names = [b.name for b in chosen if b.name not in base.refused]
+    if not names:
+        base.message = "every BN in scope was refused; see 'refused'."
+        return base
+    if calib is None:
+        raise VsonnxError("fix needs calibration data.", "pass --calib with an image folder, .npy/.npz or FILE.py:FUNC.")
+    if val is not None and same_source(calib, val):
+        base.warnings.append("the validation data is the calibration data: the choice among candidates is biased.")
+
+    def source():
+        return open_source(calib, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess)
+
+    methods = [method] if val is None else ["batch", "population"]
+    results: dict[str, CalibrationResult] = {}
+    for m in methods:
+        results[m] = calibrate(model, source(), names, method=m, batch_size=batch_size, device=device,
+                               threads=threads, reduction=reduction, progress=progress)
+    main_result = results[method]
+    old = old_statistics(model, names)
+    candidates = [Candidate(m, r.statistics) for m, r in results.items()]
+    if val is not None:
+        from .accuracy import evaluate_candidates
+
+        candidates += [Candidate(f"{m} x{PARTIAL:g}", blend(old, r.statistics, PARTIAL)) for m, r in results.items()]
+        candidates.insert(0, Candidate("original", {}))
+        scores = evaluate_candidates(model, [with_statistics(model, c.stats) for c in candidates], val,
+                                     batch_size=batch_size, device=device, threads=threads, limit=val_limit,
+                                     preprocess=preprocess)
+        for c, top1 in zip(candidates, scores):
+            c.top1 = top1
+        base.candidates = [{"name": c.name, "val_top1": c.top1} for c in candidates]
+        best = max(candidates, key=lambda c: (c.top1, c.name != "original"))
+        if best.name == "original" and not force:
+            base.message = "no candidate beats the original on the validation data: nothing written."
+            _fill_rows(base, report, old, main_result.statistics)
+            base.samples, base.provider, base.seconds = main_result.samples, main_result.provider, main_result.seconds
+            return base
+        winner = best if best.name != "original" else next(c for c in candidates if c.name == method)
+    else:
+        winner = candidates[0]
+    fixed = with_statistics(model, winner.stats)
+    validate(fixed)
+    provenance = {
+        "method": winner.name, "samples": str(main_result.samples), "calibration_source": str(calib),
+        "scope": scope, "batch_size": str(batch_size), "shuffle": str(shuffle), "seed": str(seed),
+        "old_statistics_sha256": digest(old), "version": __version__,
+        "recalibrated": json.dumps(names),
+    }
+    save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance=provenance)
+    base.method, base.samples, base.output, base.written = method, main_result.samples, str(out_path), True
+    base.chosen, base.provider, base.seconds, base.passes = winner.name, main_result.provider, main_result.seconds, main_result.passes
+    base.warnings += main_result.notes
+    base.message = f"re-estimated {len(names)} BatchNormalization layer(s) on {main_result.samples} samples."
+    _fill_rows(base, report, old, winner.stats)
+    return base
+
+
+def _fill_rows(base: FixReport, report, old, new) -> None:
+    kinds = {b.name: (b.path or "downstream") if b.site else "downstream" for b in report.batchnorms}
+    base.batchnorms = [
+        {"name": n, "site": kinds.get(n), "old_mean": old[n].mean.tolist(), "old_var": old[n].var.tolist(),
+         "new_mean": np.asarray(s.mean).tolist(), "new_var": np.asarray(s.var).tolist()}
+        for n, s in new.items()
+    ]
+
+
+def same_source(a, b) -> bool:
+    try:
+        return same_file(a, b)
+    except OSError:
+        return str(a) == str(b)
+
+
+def validate(model: onnx.ModelProto) -> None:
+    """The onnx checker and an onnxruntime session must both accept the model before it is written."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise RuntimeError(f"vsonnx produced an invalid model (bug): {exc}") from None
+    make_session(model, device="cpu", optimize=False)

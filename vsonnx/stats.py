@@ -1,0 +1,86 @@
+"""Streaming per-channel statistics in float64 (after fvcore's precise_bn, with exact merging).
+
+- ``ChannelMoments``: population moments (count, mean, M2) of every element of a channel; batches and
+  shards combine exactly with Chan's parallel update, so the result does not depend on batch size, order
+  or how the data was split across processes.
+- ``BatchAverage``: PyTorch's ``momentum=None`` running statistics: the plain average over batches of the
+  batch means and of the *unbiased* batch variances (equal weight per batch, whatever its size).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class ChannelMoments:
+    """count, mean[C], M2[C] = sum of squared deviations; var = M2/count (population), M2/(count-1) unbiased."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.mean = np.zeros(channels, np.float64)
+        self.m2 = np.zeros(channels, np.float64)
+
+    def update(self, count: int, mean, var) -> None:
+        """Add a batch given its element count per channel, its mean and its biased (population) variance."""
+        self._combine(int(count), np.asarray(mean, np.float64), np.asarray(var, np.float64) * count)
+
+    def update_array(self, x: np.ndarray, axis: int = 1) -> None:
+        """Add a raw batch (reference path for tests; the calibrator streams moments from the graph)."""
+        x = np.moveaxis(np.asarray(x, np.float64), axis, 0).reshape(x.shape[axis], -1)
+        self.update(x.shape[1], x.mean(axis=1), x.var(axis=1))
+
+    def merge(self, other: "ChannelMoments") -> "ChannelMoments":
+        self._combine(other.count, other.mean, other.m2)
+        return self
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        if n_b == 0:
+            return
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / n)
+        self.count = n
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance M2/count (what an inference-mode BN should divide by)."""
+        return self.m2 / max(self.count, 1)
+
+    @property
+    def var_unbiased(self) -> np.ndarray:
+        return self.m2 / max(self.count - 1, 1)
+
+
+class BatchAverage:
+    """Equal-weight average of per-batch means and unbiased per-batch variances (PyTorch momentum=None)."""
+
+    def __init__(self, channels: int):
+        self.batches = 0
+        self.sum_mean = np.zeros(channels, np.float64)
+        self.sum_var = np.zeros(channels, np.float64)
+
+    def update(self, count: int, mean, var) -> None:
+        """Add a batch: ``count`` elements per channel, its mean and its biased variance."""
+        if count < 2:
+            raise ValueError("a batch needs at least 2 elements per channel for an unbiased variance")
+        self.batches += 1
+        self.sum_mean += np.asarray(mean, np.float64)
+        self.sum_var += np.asarray(var, np.float64) * (count / (count - 1))
+
+    def merge(self, other: "BatchAverage") -> "BatchAverage":
+        self.batches += other.batches
+        self.sum_mean += other.sum_mean
+        self.sum_var += other.sum_var
+        return self
+
+    @property
+    def count(self) -> int:
+        return self.batches
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum_mean / max(self.batches, 1)
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.sum_var / max(self.batches, 1)
