@@ -75,7 +75,7 @@ def _open(model: onnx.ModelProto, data, limit, shuffle, seed, preprocess) -> Sou
 
 
 def evaluate(model, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
-             limit: int | None = None, shuffle: bool = False, seed: int = 0, preprocess: dict | None = None) -> EvalReport:
+             limit: int | None = None, shuffle: bool = True, seed: int = 0, preprocess: dict | None = None) -> EvalReport:
     """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = "<memory>" if isinstance(model, onnx.ModelProto) else str(model)
@@ -91,7 +91,7 @@ def evaluate_candidates(model: onnx.ModelProto, candidates: list[onnx.ModelProto
                         device: str = "auto", threads: int | None = None, limit: int | None = None,
                         preprocess: dict | None = None) -> list[float]:
     """Top-1 of each candidate on the same batches (data decoded once)."""
-    source = _open(model, data, limit, False, 0, preprocess)
+    source = _open(model, data, limit, True, 0, preprocess)
     scorers = [_Scorer(c, device, threads) for c in candidates]
     for batch in source.batches(batch_size):
         check_finite(batch, source)
@@ -114,7 +114,7 @@ class CompareReport:
 
 
 def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
-            limit: int | None = None, shuffle: bool = False, seed: int = 0,
+            limit: int | None = None, shuffle: bool = True, seed: int = 0,
             preprocess: dict | None = None) -> CompareReport:
     """Evaluate two models on the same batches: accuracies, delta_top1 = b - a, prediction agreement (%),
     max |logit difference|. Preprocessing metadata is taken from model A."""

@@ -119,17 +119,18 @@ class _Builder:
         self.opset = default_opset(model) or 13
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.int64_outputs: set[str] = set()
 
     def const(self, name: str, value: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def reduce(self, op: str, x: str, out: str, axes: list[int], prefix: str) -> str:
+    def reduce(self, op: str, x: str, out: str, axes: list[int], prefix: str, keepdims: int = 1) -> str:
         if self.opset >= 18:
-            axes_name = self.const(f"{prefix}_axes_{op}", np.array(axes, np.int64))
-            self.nodes.append(helper.make_node(op, [x, axes_name], [out], keepdims=1))
+            axes_name = self.const(f"{out}_axes", np.array(axes, np.int64))
+            self.nodes.append(helper.make_node(op, [x, axes_name], [out], keepdims=keepdims))
         else:
-            self.nodes.append(helper.make_node(op, [x], [out], axes=axes, keepdims=1))
+            self.nodes.append(helper.make_node(op, [x], [out], axes=axes, keepdims=keepdims))
         return out
 
     def node(self, op: str, inputs: list[str], out: str, **attrs) -> str:
@@ -159,12 +160,28 @@ class _Builder:
         mean = self.node("Add", [m, s], f"{prefix}_mean")
         return mean, var, n
 
+    def sample_moments(self, x: str, rank: int, channels: int, shift: np.ndarray, prefix: str):
+        """Names of (per-sample mean [N,C], per-sample sum of squares [N,C] of x - shift, Shape(x)).
+        Rank-2 inputs ([N, C]) have one element per sample and channel: x - shift itself is returned."""
+        bshape = [1, channels] + [1] * (rank - 2)
+        s = self.const(f"{prefix}_shift", np.asarray(shift, np.float32).reshape(bshape))
+        y = self.node("Sub", [x, s], f"{prefix}_y")
+        shape = self.node("Shape", [x], f"{prefix}_shape")
+        self.int64_outputs.add(shape)
+        if rank == 2:
+            return y, None, shape
+        spatial = list(range(2, rank))
+        m = self.reduce("ReduceMean", y, f"{prefix}_m", spatial, prefix, keepdims=0)
+        ss = self.reduce("ReduceSumSquare", y, f"{prefix}_ss", spatial, prefix, keepdims=0)
+        return m, ss, shape
+
     def finish(self, outputs: list[str]) -> None:
         graph = self.model.graph
         graph.initializer.extend(self.inits)
         graph.node.extend(self.nodes)
         for name in outputs:
-            graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+            dtype = TensorProto.INT64 if name in self.int64_outputs else TensorProto.FLOAT
+            graph.output.append(helper.make_tensor_value_info(name, dtype, None))
 
 
 def _bn_nodes(model: onnx.ModelProto, names: list[str]) -> dict[str, onnx.NodeProto]:
@@ -212,22 +229,25 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str], reduction: str 
 
 
 def instrument_population(model: onnx.ModelProto, measure: list[str], new_stats: dict[str, BnStatistics]):
-    """Working copy where BNs in ``new_stats`` use them, BNs in ``measure`` output input moments, and
-    everything not needed for those outputs is pruned."""
+    """Working copy where BNs in ``new_stats`` use them, BNs in ``measure`` output per-sample moments of
+    their input minus a shift (the stored mean), and everything not needed for those outputs is pruned.
+    Returns (model, {bn: (mean, sum of squares or None, shape) output names}, {bn: shift})."""
     work = working_copy(model)
     _write_statistics(work, new_stats)
     ranks = tensor_ranks(work)
     index = GraphIndex(work)
     nodes = _bn_nodes(work, measure)
     builder = _Builder(work)
-    outputs = {}
+    outputs, shifts = {}, {}
     for k, name in enumerate(measure):
         rank, channels, shift = _stat_inputs(index, nodes[name], ranks)
-        outputs[name] = builder.moments(nodes[name].input[0], rank, channels, shift, f"vsonnx_p{k}", "shifted")
-    builder.finish([t for trio in outputs.values() for t in trio])
-    _prune_to(work, [t for trio in outputs.values() for t in trio])
+        outputs[name] = builder.sample_moments(nodes[name].input[0], rank, channels, shift, f"vsonnx_p{k}")
+        shifts[name] = shift.astype(np.float64)
+    fetch = [t for trio in outputs.values() for t in trio if t]
+    builder.finish(fetch)
+    _prune_to(work, fetch)
     _topological_sort(work)
-    return work, outputs
+    return work, outputs, shifts
 
 
 def _write_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> None:
@@ -384,22 +404,28 @@ def _calibrate_population(model, source, targets, batch_size, device, threads, p
     provider = ""
     for level in sorted(set(levels.values())):
         measure = [t for t in targets if levels[t] == level]
-        work, outputs = instrument_population(model, measure, new_stats)
+        work, outputs, shift_of = instrument_population(model, measure, new_stats)
         session = make_session(work, device=device, threads=threads)
         provider = session.get_providers()[0]
-        fetch = [t for trio in outputs.values() for t in trio]
+        fetch = [t for trio in outputs.values() for t in trio if t]
         moments = {name: None for name in measure}
 
-        def consume(n_samples, values, moments=moments):
-            for k, name in enumerate(moments):
-                mean, var, n = values[3 * k].reshape(-1), values[3 * k + 1].reshape(-1), float(values[3 * k + 2])
+        def consume(n_samples, values, moments=moments, outputs=outputs):
+            got = dict(zip(fetch, values))
+            for name, (m, ss, shape) in outputs.items():
+                sample_mean = got[m].reshape(n_samples, -1).astype(np.float64)
+                elements = int(np.prod(got[shape][2:]))
+                if ss is None:
+                    sample_m2 = np.zeros_like(sample_mean)
+                else:
+                    sample_m2 = np.maximum(got[ss].reshape(n_samples, -1) - elements * sample_mean ** 2, 0.0)
                 if moments[name] is None:
-                    moments[name] = ChannelMoments(mean.size)
-                moments[name].update(int(round(n)), mean, np.maximum(var, 0.0))
+                    moments[name] = ChannelMoments(sample_mean.shape[1])
+                moments[name].update_samples(elements, sample_mean, sample_m2)
 
         samples, batches = _run_pass(session, source, batch_size, fetch,
                                      f"calibrating (population, level {level + 1})", progress, consume)
         passes += 1
-        for name, m in moments.items():
-            new_stats[name] = BnStatistics(name, m.mean, m.var, m.count)
+        for name, m in moments.items():  # moments are of x - shift: add the shift back
+            new_stats[name] = BnStatistics(name, m.mean + shift_of[name], m.var, m.count)
     return CalibrationResult("population", samples, batches, new_stats, passes, 0.0, provider)

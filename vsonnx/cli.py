@@ -58,3 +58,167 @@ def scan(model: Path, as_json: bool):
         emit_json(report.to_dict())
     else:
         click.echo(render_scan(report))
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise VsonnxError(f"{name} '{text}' is not a comma-separated list of numbers.",
+                          f"write e.g. {name} 0.4914,0.4822,0.4465.") from None
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) <= 0:
+        raise VsonnxError(f"--size '{text}' is not H,W.", "write e.g. --size 32,32 (or --size 224).")
+    return values[0], values[1]
+
+
+def data_options(func):
+    """Options shared by every command that reads data (calibration or evaluation)."""
+    options = [
+        click.option("--batch-size", type=int, default=128, help="Samples per onnxruntime run."),
+        click.option("--limit", type=int, default=None, help="Use the first N samples (after shuffling)."),
+        click.option("--shuffle/--no-shuffle", default=True,
+                     help="Shuffle samples with --seed before --limit (single-class batches bias batch statistics)."),
+        click.option("--seed", type=int, default=0, help="Seed of the shuffle."),
+        click.option("--mean", default=None, help="Per-channel mean for images, e.g. 0.4914,0.4822,0.4465."),
+        click.option("--std", default=None, help="Per-channel std for images."),
+        click.option("--size", default=None, help="Image size H,W (default: model metadata or static shape)."),
+        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Image tensor layout."),
+        click.option("--scale", type=float, default=None, help="Pixel scale before mean/std [default: 1/255]."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     help="onnxruntime execution provider (auto = CUDA when it really works)."),
+        click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _preprocess(data, mean, std, size, layout, scale) -> dict:
+    given = {"mean": _floats(mean, "--mean"), "std": _floats(std, "--std"), "size": _size(size),
+             "layout": layout, "scale": scale}
+    flags = [f"--{k}" for k, v in given.items() if v is not None]
+    path = Path(str(data))
+    if flags and (path.suffix in (".npy", ".npz") or ":" in str(data) and not path.exists()):
+        click.echo(f"warning: {', '.join(flags)} ignored: '{data}' holds preprocessed arrays or a reader.", err=True)
+    return given
+
+
+def _provider_line(provider: str | None) -> None:
+    if provider:
+        click.echo(f"onnxruntime provider: {provider}", err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=MODEL_PATH)
+@click.option("--calib", required=True, help="Calibration data: image folder, .npy/.npz (or folder), FILE.py:FUNC.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output model [default: MODEL.fixed.onnx].")
+@click.option("--in-place", is_flag=True, help="Allow -o to be the input model.")
+@click.option("--method", type=click.Choice(["batch", "population"]), default="batch",
+              help="batch: the paper's Adjust (PyTorch-equivalent); population: exact inference statistics.")
+@click.option("--all", "scope_all", is_flag=True, help="Re-estimate every BN, not only sites and downstream.")
+@click.option("--val", default=None, help="Labelled validation data: evaluate candidates, write the best.")
+@click.option("--val-limit", type=int, default=None, help="Use the first N validation samples.")
+@click.option("--force", is_flag=True, help="With --val: write even when no candidate beats the original.")
+@click.option("--reduction", type=click.Choice(["shifted", "centered"]), default="shifted",
+              help="One-pass moments shifted by the stored mean, or two-pass centered moments.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@data_options
+@user_errors
+def fix(model, calib, output, in_place, method, scope_all, val, val_limit, force, reduction, as_json,
+        batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device, threads):
+    """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
+    from .recalibrate import fix as fix_model
+    from .report import render_fix
+
+    report = fix_model(
+        model, calib, output=output, method=method, scope="all" if scope_all else "sites", batch_size=batch_size,
+        device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
+        preprocess=_preprocess(calib, mean, std, size, layout, scale), val=val, val_limit=val_limit, force=force,
+        in_place=in_place, progress=not as_json, reduction=reduction,
+    )
+    _provider_line(report.provider)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(render_fix(report))
+    if val is not None and not report.written and report.candidates:
+        sys.exit(1)
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.argument("model", type=MODEL_PATH)
+@click.option("--data", required=True, help="Labelled data: class-folder tree, .npz with y, or FILE.py:FUNC.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@data_options
+@user_errors
+def eval_command(model, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device,
+                 threads):
+    """Top-1/top-5 accuracy of MODEL with onnxruntime."""
+    from .accuracy import evaluate
+    from .report import render_eval
+
+    report = evaluate(model, data, batch_size=batch_size, device=device, threads=threads, limit=limit,
+                      shuffle=shuffle, seed=seed, preprocess=_preprocess(data, mean, std, size, layout, scale))
+    _provider_line(report.provider)
+    emit_json(report.to_dict()) if as_json else click.echo(render_eval([report]))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model_a", type=MODEL_PATH)
+@click.argument("model_b", type=MODEL_PATH)
+@click.option("--data", required=True, help="Labelled data: class-folder tree, .npz with y, or FILE.py:FUNC.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@data_options
+@user_errors
+def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale,
+            device, threads):
+    """Accuracy of MODEL_A and MODEL_B on the same data, their agreement and largest output difference."""
+    from .accuracy import compare as compare_models
+    from .report import render_compare
+
+    report = compare_models(model_a, model_b, data, batch_size=batch_size, device=device, threads=threads,
+                            limit=limit, shuffle=shuffle, seed=seed,
+                            preprocess=_preprocess(data, mean, std, size, layout, scale))
+    _provider_line(report.a.provider)
+    emit_json(report.to_dict()) if as_json else click.echo(render_compare(report))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="CIFAR-10 folder (train/ and test/ image folders, or the python release) [default: cache, "
+                   "downloading the official release when a network is there].")
+@click.option("--model", "model_path", type=MODEL_PATH, default=None,
+              help="ONNX model to fix [default: models/preresnet20-a05.onnx].")
+@click.option("--calib-limit", type=int, default=5000, help="Shuffled training images used for calibration.")
+@click.option("--test-limit", type=int, default=None, help="Test images evaluated [default: all].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the fixed models in this folder.")
+@click.option("--batch-size", type=int, default=128)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@user_errors
+def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device, threads, as_json):
+    """Scan, fix (batch and population) and evaluate a reference model on CIFAR-10."""
+    from .demo import run_demo
+    from .report import render_demo
+
+    report = run_demo(data, model_path, calib_limit=calib_limit, test_limit=test_limit, batch_size=batch_size,
+                      device=device, threads=threads, out_dir=out_dir, progress=not as_json)
+    _provider_line(report.results[0].provider)
+    emit_json(report.to_dict()) if as_json else click.echo(render_demo(report))

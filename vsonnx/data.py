@@ -203,12 +203,10 @@ class ArraySource(Source):
     """Preprocessed arrays: .npy (memory-mapped), .npz, or a folder of them, concatenated in name order."""
 
     def __init__(self, files: list[Path], inputs: list[InputSpec], *, shuffle: bool, seed: int,
-                 limit: int | None, spec: str):
+                 limit: int | None, spec: str, parts: list | None = None):
         self.spec = spec
         self.inputs = inputs
-        parts: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
-        for f in files:
-            parts.append(self._read(f, inputs))
+        parts = parts if parts is not None else [self._read(f, inputs) for f in files]
         has = [p[1] is not None for p in parts]
         self.has_labels = all(has)
         sizes = [len(next(iter(p[0].values()))) for p in parts]
@@ -218,6 +216,15 @@ class ArraySource(Source):
             raise VsonnxError(f"'{spec}' holds no samples.", "check the arrays' first axis (samples).")
         self.order = _order(total, shuffle, seed, limit)
         self.size = len(self.order)
+
+    @classmethod
+    def from_arrays(cls, model: onnx.ModelProto, x: np.ndarray, y: np.ndarray | None, *, shuffle: bool = True,
+                    seed: int = 0, limit: int | None = None, name: str = "<arrays>") -> "ArraySource":
+        """In-memory preprocessed inputs for a one-input model (labels optional)."""
+        inputs = InputSpec.all_of(model)
+        _check_array(x, inputs[0], name)
+        return cls([], inputs, shuffle=shuffle, seed=seed, limit=limit, spec=name,
+                   parts=[({inputs[0].name: x}, y)])
 
     @staticmethod
     def _read(path: Path, inputs: list[InputSpec]):
@@ -405,6 +412,8 @@ def _check_array(array: np.ndarray, spec: InputSpec, where: str) -> None:
 def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = True, seed: int = 0,
                 limit: int | None = None, preprocess: dict | None = None, workers: int = 4) -> Source:
     """Open any supported data source for ``model`` (see module docstring)."""
+    if isinstance(spec, Source):
+        return spec
     inputs = InputSpec.all_of(model)
     text = str(spec)
     if limit is not None and limit <= 0:

@@ -41,3 +41,56 @@ def render_scan(report) -> str:
                f"{n_sites} variance-shift site(s), {n_down} more BN downstream of a site.")
     out += [f"warning: {w}" for w in report.warnings]
     return "\n".join(out)
+
+
+def _mean_ratio(new, old) -> float | None:
+    import numpy as np
+
+    old = np.asarray(old, dtype=float)
+    new = np.asarray(new, dtype=float)
+    ok = old > 0
+    return float((new[ok] / old[ok]).mean()) if ok.any() else None
+
+
+def render_fix(report) -> str:
+    out = []
+    if report.batchnorms:
+        rows = [[b["name"], b["site"], fmt(_mean_ratio(b["new_var"], b["old_var"]))] for b in report.batchnorms]
+        out.append(table(["batchnorm", "site", "new/old variance (mean over channels)"], rows, "llr"))
+    for name, reason in report.refused.items():
+        out.append(f"refused {name}: {reason}")
+    if report.candidates:
+        out.append(table(["candidate", "val top-1 %"], [[c["name"], fmt(c["val_top1"], 2)] for c in report.candidates],
+                         "lr"))
+        if report.chosen:
+            out.append(f"chosen: {report.chosen}")
+    summary = report.message
+    if report.written:
+        summary += f" Wrote {report.output} ({report.method}, {fmt(report.seconds, 2)} s)."
+    out.append(summary)
+    out += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(out)
+
+
+def render_eval(reports) -> str:
+    rows = [[r.model, r.samples, fmt(r.top1, 2), fmt(r.top5, 2), f"{r.images_per_s:.0f}", r.provider] for r in reports]
+    return table(["model", "samples", "top-1 %", "top-5 %", "images/s", "provider"], rows, "lrrrrl")
+
+
+def render_compare(report) -> str:
+    lines = [render_eval([report.a, report.b])]
+    verdict = "better" if report.delta_top1 > 0 else ("worse" if report.delta_top1 < 0 else "unchanged")
+    lines.append(f"delta top-1 (B - A): {report.delta_top1:+.2f} points ({verdict}); predictions agree on "
+                 f"{report.agreement:.2f}%; max |output difference| {report.max_abs_diff:.4g}")
+    return "\n".join(lines)
+
+
+def render_demo(report) -> str:
+    base = report.results[0].top1
+    rows = [[r.model, r.samples, fmt(r.top1, 2), fmt(r.top5, 2), f"{r.top1 - base:+.2f}"] for r in report.results]
+    return "\n".join([
+        f"model: {report.model}: {report.batchnorms} BatchNormalization, {report.sites} Dropout->BN site(s)",
+        f"calibrated on {report.calib_samples} shuffled training images "
+        f"(batch {report.fix_seconds.get('batch')} s, population {report.fix_seconds.get('population')} s)",
+        table(["model", "test images", "top-1 %", "top-5 %", "delta top-1"], rows, "lrrrr"),
+    ])

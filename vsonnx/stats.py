@@ -23,6 +23,18 @@ class ChannelMoments:
         """Add a batch given its element count per channel, its mean and its biased (population) variance."""
         self._combine(int(count), np.asarray(mean, np.float64), np.asarray(var, np.float64) * count)
 
+    def update_samples(self, elements: int, sample_mean, sample_m2) -> None:
+        """Add a batch given per-sample moments [N, C]: each sample contributes ``elements`` values per
+        channel with mean ``sample_mean`` and sum of squared deviations ``sample_m2``. Combining per-sample
+        moments in float64 makes the result independent of how samples were batched."""
+        sample_mean = np.asarray(sample_mean, np.float64)
+        n = sample_mean.shape[0]
+        if n == 0:
+            return
+        mean = sample_mean.mean(axis=0)
+        m2 = np.asarray(sample_m2, np.float64).sum(axis=0) + elements * ((sample_mean - mean) ** 2).sum(axis=0)
+        self._combine(n * elements, mean, m2)
+
     def update_array(self, x: np.ndarray, axis: int = 1) -> None:
         """Add a raw batch (reference path for tests; the calibrator streams moments from the graph)."""
         x = np.moveaxis(np.asarray(x, np.float64), axis, 0).reshape(x.shape[axis], -1)

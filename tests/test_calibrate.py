@@ -1,0 +1,131 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import vsonnx
+from vsonnx.calibrate import bn_levels, calibrate
+from vsonnx.data import ArraySource
+from vsonnx.model import load_model
+from vsonnx.recalibrate import targets
+from vsonnx.sites import find_sites
+
+from nets_small import module_name, trained_like
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    net = trained_like()
+    path = tmp_path_factory.mktemp("m") / "net.onnx"
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), path)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((96, 3, 8, 8)) * 2 + 0.5).astype(np.float32)
+    return net, load_model(path), x
+
+
+def scoped(model, scope="sites"):
+    return [b.name for b in targets(find_sites(model).batchnorms, scope)]
+
+
+def torch_batch_reference(net, x, batch_size, names):
+    """PyTorch: the named BNs in train mode with momentum=None, dropout in eval, same batches in order."""
+    ref = copy.deepcopy(net).eval()
+    modules = {module_name(n): ref.get_submodule(module_name(n)) for n in names}
+    for m in modules.values():
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            ref(torch.from_numpy(x[i:i + batch_size]))
+    return {n: (m.running_mean.double().numpy(), m.running_var.double().numpy()) for n, m in
+            ((n, modules[module_name(n)]) for n in names)}
+
+
+def torch_population_reference(net, x, names_in_order):
+    """PyTorch: re-estimate BNs one by one in topological order, each over the whole data set with every
+    earlier BN already updated (exact inference semantics), in float64."""
+    ref = copy.deepcopy(net).double().eval()
+    xt = torch.from_numpy(x).double()
+    out = {}
+    for name in names_in_order:
+        bn = ref.get_submodule(module_name(name))
+        seen = []
+        handle = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
+        with torch.no_grad():
+            ref(xt)
+        handle.remove()
+        a = torch.cat(seen).transpose(0, 1).reshape(bn.num_features, -1)
+        mean, var = a.mean(1), a.var(1, unbiased=False)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        out[name] = (mean.numpy(), var.numpy())
+    return out
+
+
+def test_targets_cover_every_site_kind(exported):
+    _, model, _ = exported
+    report = {b.name: b for b in find_sites(model).batchnorms}
+    kinds = {module_name(n): b.path for n, b in report.items()}
+    assert kinds == {"bn_direct": "direct", "bn_weight": "weight", "bn_concat": "merge", "bn1d": "direct"}
+    assert next(d for b in report.values() for d in b.dropouts if "drop_c" in d.name).channelwise
+
+
+@pytest.mark.parametrize("reduction", ["shifted", "centered"])
+@pytest.mark.parametrize("batch_size", [16, 40])
+def test_batch_method_equals_pytorch(exported, batch_size, reduction):
+    net, model, x = exported
+    names = scoped(model)
+    source = ArraySource.from_arrays(model, x, None, shuffle=False)
+    result = calibrate(model, source, names, method="batch", batch_size=batch_size, device="cpu",
+                       reduction=reduction)
+    ref = torch_batch_reference(net, x, batch_size, names)
+    for name in names:
+        got = result.statistics[name]
+        # float32 activations, reductions over <= 40*64 elements: a few ulps of relative error
+        np.testing.assert_allclose(got.mean, ref[name][0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.var, ref[name][1], rtol=1e-4, atol=1e-5)
+    assert result.batches == -(-len(x) // batch_size)
+
+
+def test_population_method_equals_one_by_one_pytorch(exported):
+    net, model, x = exported
+    names = scoped(model, "all")
+    levels = bn_levels(model, names)
+    assert sorted(levels.values()) == list(range(len(names)))  # a chain: one BN per level
+    order = sorted(names, key=levels.get)
+    result = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population",
+                       batch_size=32, device="cpu")
+    ref = torch_population_reference(net, x, order)
+    for name in names:
+        np.testing.assert_allclose(result.statistics[name].mean, ref[name][0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(result.statistics[name].var, ref[name][1], rtol=1e-4, atol=1e-6)
+
+
+def test_population_does_not_depend_on_batch_size_or_order(exported):
+    _, model, x = exported
+    names = scoped(model)
+    runs = [calibrate(model, ArraySource.from_arrays(model, x, None, shuffle=shuffle, seed=seed), names,
+                      method="population", batch_size=bs, device="cpu")
+            for bs, shuffle, seed in [(96, False, 0), (7, True, 3), (32, True, 11)]]
+    for other in runs[1:]:
+        for name in names:
+            np.testing.assert_allclose(other.statistics[name].mean, runs[0].statistics[name].mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(other.statistics[name].var, runs[0].statistics[name].var, rtol=1e-5)
+
+
+def test_batch_method_refuses_batch_size_one(exported):
+    _, model, x = exported
+    with pytest.raises(vsonnx.VsonnxError, match="batch size"):
+        calibrate(model, ArraySource.from_arrays(model, x, None), scoped(model), method="batch", batch_size=1)
+
+
+def test_dropout_is_off_during_calibration(exported):
+    """Two runs on the same batches give identical statistics: no random masks anywhere."""
+    _, model, x = exported
+    names = scoped(model)
+    a = calibrate(model, ArraySource.from_arrays(model, x, None, shuffle=False), names, batch_size=32, device="cpu")
+    b = calibrate(model, ArraySource.from_arrays(model, x, None, shuffle=False), names, batch_size=32, device="cpu")
+    for n in names:
+        np.testing.assert_array_equal(a.statistics[n].var, b.statistics[n].var)

@@ -1,0 +1,83 @@
+"""`vsonnx demo`: the whole story on a reference CIFAR-10 model.
+
+scan the model, fix it with both methods on shuffled training images, and evaluate the original and both
+fixed models on the test images (decoded once, all three models on the same batches).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .accuracy import EvalReport, _Scorer
+from .data import ArraySource, Preprocess, InputSpec, check_finite, open_source
+from .datasets import find_cifar, load_python_release
+from .errors import VsonnxError
+from .model import load_model
+from .recalibrate import fix
+from .sites import find_sites
+
+DEFAULT_MODEL = "preresnet20-a05.onnx"
+
+
+def models_dir() -> Path:
+    """The repository's models/ folder (present in a source checkout or an editable install)."""
+    return Path(__file__).resolve().parents[1] / "models"
+
+
+@dataclass
+class DemoReport:
+    model: str
+    sites: int
+    batchnorms: int
+    calib_samples: int
+    results: list[EvalReport]
+    fix_seconds: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "sites": self.sites, "batchnorms": self.batchnorms,
+                "calib_samples": self.calib_samples, "fix_seconds": self.fix_seconds,
+                "results": [r.to_dict() for r in self.results]}
+
+
+def _sources(model, data: Path | None, calib_limit: int, test_limit: int | None, seed: int):
+    kind, root = find_cifar("cifar10", data)
+    if kind == "folder":
+        calib = open_source(root / "train", model, shuffle=True, seed=seed, limit=calib_limit)
+        test = open_source(root / "test", model, shuffle=True, seed=seed, limit=test_limit)
+        return calib, test
+    release = load_python_release(root, "cifar10")
+    pre = Preprocess.resolve(model, InputSpec.all_of(model))
+    (tx, ty), (vx, vy) = release["train"], release["test"]
+    calib = ArraySource.from_arrays(model, pre.apply(tx), ty, seed=seed, limit=calib_limit, name=str(root / "train"))
+    test = ArraySource.from_arrays(model, pre.apply(vx), vy, seed=seed, limit=test_limit, name=str(root / "test"))
+    return calib, test
+
+
+def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_limit: int = 5000,
+             test_limit: int | None = None, batch_size: int = 128, device: str = "auto",
+             threads: int | None = None, seed: int = 0, out_dir: Path | None = None, progress: bool = False) -> DemoReport:
+    model_path = Path(model_path) if model_path else models_dir() / DEFAULT_MODEL
+    if not model_path.exists():
+        raise VsonnxError(f"reference model '{model_path}' not found.",
+                          "run from a source checkout (models/ holds the reference models) or pass --model.")
+    model = load_model(model_path)
+    scan = find_sites(model, str(model_path))
+    calib, test = _sources(model, data, calib_limit, test_limit, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir) if out_dir else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        fixed, seconds = {}, {}
+        for method in ("batch", "population"):
+            out = folder / f"{model_path.stem}.{method}.onnx"
+            report = fix(model_path, calib, output=out, method=method, batch_size=batch_size, device=device,
+                         threads=threads, progress=progress)
+            fixed[method], seconds[method] = out, round(report.seconds or 0.0, 2)
+        names = {"original": model_path, **{f"fixed ({m})": p for m, p in fixed.items()}}
+        scorers = {name: _Scorer(load_model(path), device, threads) for name, path in names.items()}
+        for batch in test.batches(256):
+            check_finite(batch, test)
+            for s in scorers.values():
+                s.run(batch.feeds, batch.labels)
+        results = [s.report(name) for name, s in scorers.items()]
+    return DemoReport(str(model_path), len(scan.sites), len(scan.batchnorms), calib.size or 0, results, seconds)
