@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from vsonnx.data import open_source
+from vsonnx.errors import VsonnxError
+
+from conftest import cnn_with_sites
+
+MODEL = cnn_with_sites()
+
+
+def arrays(n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 3, 8, 8)).astype(np.float32), rng.integers(0, 5, n)
+
+
+def collect(source, bs=8):
+    xs, ys = [], []
+    for b in source.batches(bs):
+        xs.append(b.feeds["x"])
+        ys.append(b.labels)
+    return np.concatenate(xs), (None if ys[0] is None else np.concatenate(ys))
+
+
+def test_npy_npz_and_folder(tmp_path):
+    x, y = arrays()
+    np.save(tmp_path / "a.npy", x)
+    np.savez(tmp_path / "b.npz", x=x, y=y)
+    got, labels = collect(open_source(tmp_path / "a.npy", MODEL, shuffle=False))
+    np.testing.assert_array_equal(got, x) and labels is None
+    got, labels = collect(open_source(tmp_path / "b.npz", MODEL, shuffle=True, seed=3))
+    order = np.random.default_rng(3).permutation(30)
+    np.testing.assert_array_equal(got, x[order])
+    np.testing.assert_array_equal(labels, y[order])
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    np.savez(folder / "0.npz", x=x[:10], y=y[:10])
+    np.savez(folder / "1.npz", x=x[10:], y=y[10:])
+    got, labels = collect(open_source(folder, MODEL, shuffle=False, limit=25))
+    np.testing.assert_array_equal(got, x[:25])
+    np.testing.assert_array_equal(labels, y[:25])
+
+
+def write_images(root, classes=("a", "b"), per_class=5, size=8):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        d = root / c if c else root
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_image_folder_tree_labels_and_preprocessing(tmp_path):
+    write_images(tmp_path)
+    source = open_source(tmp_path, MODEL, shuffle=False, preprocess={"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
+    x, y = collect(source, 4)
+    assert x.shape == (10, 3, 8, 8) and list(y) == [0] * 5 + [1] * 5
+    raw = np.asarray(Image.open(tmp_path / "a" / "0.png").convert("RGB"), np.float32) / 255
+    np.testing.assert_allclose(x[0], ((raw - 0.5) / 0.25).transpose(2, 0, 1), atol=1e-6)  # x*(1/255) vs x/255
+
+
+def test_flat_image_folder_has_no_labels_and_resizes(tmp_path):
+    write_images(tmp_path, classes=("",), size=16)
+    x, y = collect(open_source(tmp_path, MODEL))
+    assert x.shape == (5, 3, 8, 8) and y is None
+
+
+def test_python_reader_function_and_get_next(tmp_path):
+    x, y = arrays(20)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    (tmp_path / "reader.py").write_text(
+        "import numpy as np, pathlib\n"
+        "here = pathlib.Path(__file__).parent\n"
+        "def feeds():\n"
+        "    x, y = np.load(here / 'x.npy'), np.load(here / 'y.npy')\n"
+        "    return [{'x': x[i:i + 3], 'label': y[i:i + 3]} for i in range(0, 20, 3)]\n"
+        "class R:\n"
+        "    def __init__(self): self.items = iter(feeds())\n"
+        "    def get_next(self): return next(self.items, None)\n"
+        "def reader(): return R()\n")
+    got, labels = collect(open_source(f"{tmp_path}/reader.py:feeds", MODEL), 8)
+    np.testing.assert_array_equal(got, x)
+    np.testing.assert_array_equal(labels, y)
+    got, _ = collect(open_source(f"{tmp_path}/reader.py:reader", MODEL, limit=7), 4)
+    np.testing.assert_array_equal(got, x[:7])
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "is empty"),
+    (lambda p: np.save(p / "c.npy", np.zeros((4, 1, 8, 8), np.float32)) or p / "c.npy", "axis 1 has size 1"),
+    (lambda p: np.save(p / "r.npy", np.zeros((4, 3, 8), np.float32)) or p / "r.npy", "does not fit"),
+    (lambda p: np.savez(p / "k.npz", z=np.zeros(3)) or p / "k.npz", "expected 'x'"),
+    (lambda p: (p / "t.txt").write_text("hi") and p / "t.txt", "not a .npy"),
+    (lambda p: f"{p}/nope.py:f", "does not exist"),
+])
+def test_source_errors(tmp_path, make, needle):
+    with pytest.raises(VsonnxError, match=needle):
+        open_source(make(tmp_path), MODEL)
+
+
+def test_corrupt_image_is_a_user_error(tmp_path):
+    write_images(tmp_path)
+    (tmp_path / "a" / "9.png").write_bytes(b"garbage")
+    with pytest.raises(VsonnxError, match="cannot read image"):
+        collect(open_source(tmp_path, MODEL))
+
+
+def test_size_needed_when_model_shape_is_dynamic(tmp_path):
+    write_images(tmp_path)
+    model = cnn_with_sites()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    with pytest.raises(VsonnxError, match="--size"):
+        open_source(tmp_path, model)
+    assert open_source(tmp_path, model, preprocess={"size": (8, 8)}).size == 10
