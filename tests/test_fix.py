@@ -1,0 +1,192 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import vsonnx
+from vsonnx.calibrate import BnStatistics
+from vsonnx.cli import main
+from vsonnx.model import get_metadata, load_model
+from vsonnx.recalibrate import RecalibrateBatchNorm, refusal
+from vsonnx.graph import GraphIndex
+from vsonnx.sites import find_sites
+
+from conftest import GraphBuilder, cnn_with_sites, save
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model_path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 3, 8, 8)) + 0.3).astype(np.float32)
+    y = rng.integers(0, 5, 64)
+    np.savez(tmp_path / "calib.npz", x=x[:32], y=y[:32])
+    np.savez(tmp_path / "val.npz", x=x[32:], y=y[32:])
+    np.save(tmp_path / "nolabels.npy", x)
+    return tmp_path, model_path
+
+
+def initializer(model, name):
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def test_fix_rewrites_only_bn_statistics_and_records_provenance(setup):
+    tmp, model_path = setup
+    before = open(model_path, "rb").read()
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--batch-size", 8, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["method"] == "batch" and report["samples"] == 32
+    assert {b["name"] for b in report["batchnorms"]} == {"bn_direct", "bn_weight"}
+    for b in report["batchnorms"]:
+        assert set(b) >= {"name", "site", "old_mean", "old_var", "new_mean", "new_var"}
+    assert open(model_path, "rb").read() == before  # input untouched
+    old, new = load_model(model_path), load_model(report["output"])
+    changed = {t.name for t, u in zip(old.graph.initializer, new.graph.initializer)
+               if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(u))}
+    assert changed == {"bn_direct_mean", "bn_direct_var", "bn_weight_mean", "bn_weight_var"}
+    assert [n.op_type for n in old.graph.node] == [n.op_type for n in new.graph.node]
+    meta = get_metadata(new)
+    assert meta["vsonnx.method"] == "batch" and meta["vsonnx.samples"] == "32"
+    assert "vsonnx.old_statistics_sha256" in meta and meta["vsonnx.version"] == vsonnx.__version__
+
+
+def test_fixed_model_reproduces_population_statistics_in_ort(setup):
+    """After a population fix, the BN inputs of the fixed model have exactly the stored statistics."""
+    tmp, model_path = setup
+    report = vsonnx.fix(model_path, tmp / "calib.npz", output=tmp / "p.onnx", method="population", batch_size=5)
+    fixed = load_model(report.output)
+    from vsonnx.calibrate import calibrate
+    from vsonnx.data import open_source
+    again = calibrate(fixed, open_source(tmp / "calib.npz", fixed), ["bn_direct", "bn_weight"],
+                      method="population", batch_size=32, device="cpu")
+    for name in ("bn_direct", "bn_weight"):
+        np.testing.assert_allclose(initializer(fixed, f"{name}_var"), again.statistics[name].var, rtol=1e-5)
+        np.testing.assert_allclose(initializer(fixed, f"{name}_mean"), again.statistics[name].mean, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_initializer_is_copied_and_apply_is_idempotent():
+    g = GraphBuilder()
+    h = g.dropout("x", 0.5, "d")
+    h = g.bn(h, 3, "bn1")
+    out = g.node("BatchNormalization", [h, "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], "bn2")
+    model = g.build(out)
+    stats = BnStatistics("bn1", np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0]), 10)
+    original = initializer(model, "bn1_mean").copy()
+    rewrite = RecalibrateBatchNorm(model)
+    assert rewrite.apply("bn1", stats) is True
+    index = GraphIndex(model)
+    bn1, bn2 = (next(n for n in model.graph.node if n.name == k) for k in ("bn1", "bn2"))
+    assert bn2.input[3] == "bn1_mean" and bn1.input[3] != "bn1_mean"  # bn1 got its own copy
+    np.testing.assert_array_equal(index.constant("bn1_mean"), original)  # the shared one is untouched
+    np.testing.assert_array_equal(index.constant(bn1.input[3]), stats.mean.astype(np.float32))
+    np.testing.assert_array_equal(index.constant(bn1.input[4]), stats.var.astype(np.float32))
+    assert rewrite.apply("bn1", stats) is False
+
+
+@pytest.mark.parametrize("case,reason", [("not_initializer", "1:"), ("training", "2:")])
+def test_refusals(case, reason):
+    g = GraphBuilder()
+    h = g.dropout("x", 0.5, "d")
+    if case == "not_initializer":
+        scale = g.init("s", np.ones(3, np.float32))
+        bias = g.init("b", np.zeros(3, np.float32))
+        mean = g.node("Constant", [], "mc", value=numpy_helper.from_array(np.zeros(3, np.float32)))
+        var = g.init("v", np.ones(3, np.float32))
+        out = g.node("BatchNormalization", [h, scale, bias, mean, var], "bn")
+    else:
+        out = g.bn(h, 3, "bn", training_mode=1)
+    model = g.build(out)
+    info = find_sites(model).batchnorms[0]
+    node = next(n for n in model.graph.node if n.name == "bn")
+    assert refusal(GraphIndex(model), node, info).startswith(reason)
+
+
+def test_val_writes_best_or_nothing(setup):
+    tmp, model_path = setup
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val", tmp / "val.npz", "--batch-size", 8, "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    names = [c["name"] for c in report["candidates"]]
+    assert names[0] == "original" and {"batch", "population", "batch x0.5", "population x0.5"} <= set(names)
+    best = max(c["val_top1"] for c in report["candidates"])
+    original = report["candidates"][0]["val_top1"]
+    if report["written"]:
+        assert r.exit_code == 0 and best >= original
+    else:
+        assert r.exit_code == 1 and best == original
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val", tmp / "calib.npz", "--batch-size", 8)
+    assert "validation data is the calibration data" in r.output
+
+
+def test_eval_and_compare(setup):
+    tmp, model_path = setup
+    r = run("eval", model_path, "--data", tmp / "val.npz", "--json")
+    d = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and d["samples"] == 32 and set(d) == {"model", "samples", "top1", "top5", "provider",
+                                                                   "images_per_s"}
+    r = run("compare", model_path, model_path, "--data", tmp / "val.npz", "--json")
+    d = json.loads(r.output[r.output.index("{"):])
+    assert d["delta_top1"] == 0 and d["agreement"] == 100 and d["max_abs_diff"] == 0
+
+
+def test_eval_matches_numpy_argmax(setup):
+    tmp, model_path = setup
+    import onnxruntime as ort
+    z = np.load(tmp / "val.npz")
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    expected = 100 * np.mean(session.run(None, {"x": z["x"]})[0].argmax(1) == z["y"])
+    assert vsonnx.evaluate(model_path, tmp / "val.npz", batch_size=5).top1 == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "{m}", "--data", "{t}/nolabels.npy"], "no labels"),
+    (["fix", "{m}", "--calib", "{t}/calib.npz", "-o", "{t}/missing/out.onnx"], "does not exist"),
+    (["fix", "{m}", "--calib", "{t}/calib.npz", "-o", "{m}"], "never overwrites"),
+    (["fix", "{m}", "--calib", "{t}/nothing"], "does not exist"),
+    (["fix", "{m}", "--calib", "{t}/nan.npy"], "NaN"),
+    (["fix", "{m}", "--calib", "{t}/calib.npz", "--batch-size", "1"], "batch size"),
+    (["fix", "{m}", "--calib", "{t}/calib.npz", "--mean", "a,b"], "comma-separated"),
+])
+def test_cli_user_errors_exit_3_and_leave_no_output(setup, args, needle):
+    tmp, model_path = setup
+    np.save(tmp / "nan.npy", np.full((4, 3, 8, 8), np.nan, np.float32))
+    before = open(model_path, "rb").read()
+    r = run(*[a.format(m=model_path, t=tmp) for a in args])
+    assert r.exit_code == 3 and needle in r.output and "Hint:" in r.output
+    assert open(model_path, "rb").read() == before
+    assert not (tmp / "m.fixed.onnx").exists()
+
+
+def test_in_place_is_allowed_when_asked(setup):
+    tmp, model_path = setup
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "-o", model_path, "--in-place", "--batch-size", 8)
+    assert r.exit_code == 0 and get_metadata(load_model(model_path))["vsonnx.method"] == "batch"
+
+
+def test_nothing_to_fix_exits_0(tmp_path):
+    g = GraphBuilder()
+    path = save(g.build(g.node("Relu", ["x"])), tmp_path / "nobn.onnx")
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 8, 8), np.float32))
+    r = run("fix", path, "--calib", tmp_path / "x.npy")
+    assert r.exit_code == 0 and "no BatchNormalization" in r.output
+    g = GraphBuilder()
+    path = save(g.build(g.bn(g.conv("x", 3, 4), 4)), tmp_path / "nodrop.onnx")
+    r = run("fix", path, "--calib", tmp_path / "x.npy")
+    assert r.exit_code == 0 and "nothing to fix" in r.output and not (tmp_path / "nodrop.fixed.onnx").exists()
+    r = run("fix", path, "--calib", tmp_path / "x.npy", "--all", "--batch-size", 2)
+    assert r.exit_code == 0 and (tmp_path / "nodrop.fixed.onnx").exists()
+
+
+def test_ignored_preprocessing_flags_warn(setup):
+    tmp, model_path = setup
+    r = run("eval", model_path, "--data", tmp / "val.npz", "--mean", "0.5,0.5,0.5")
+    assert r.exit_code == 0 and "ignored" in r.output
