@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="on CUDA")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=None)
@@ -164,7 +164,10 @@ def main(argv=None) -> dict:
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device_kind == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif rank == 0:
+            print("warning: --sync-bn ignored: SyncBatchNorm runs on CUDA only", file=sys.stderr)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_kind == "cuda" else None)

@@ -1,0 +1,70 @@
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import vsonnx
+from vsonnx.graph import GraphIndex
+from vsonnx.model import get_metadata
+from vsonnx.nets import DropoutConfig, PreActResNet
+from vsonnx.sites import find_sites
+
+from nets_small import trained_like
+
+
+def ort_run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("placement,kind", [("a", "direct"), ("b", "merge")])
+def test_round_trip_keeps_dropout_and_bn(tmp_path, placement, kind):
+    torch.manual_seed(0)
+    net = PreActResNet(8, 10, DropoutConfig(placement, 0.4)).train()
+    path = tmp_path / "net.onnx"
+    vsonnx.export(net, torch.randn(2, 3, 16, 16), path, preprocess={"mean": [0.5] * 3, "std": [0.2] * 3},
+                  class_names=[str(i) for i in range(10)])
+    assert net.training  # the caller's module keeps its mode
+    model = onnx.load(str(path))
+    index = GraphIndex(model)
+    drops = [n for n in model.graph.node if n.op_type == "Dropout"]
+    assert len(drops) == 3
+    for d in drops:
+        assert index.constant(d.input[1]) == pytest.approx(0.4)
+        assert bool(index.constant(d.input[2])) is False
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == n_bn
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)  # another batch size
+    with torch.no_grad():
+        expected = net.eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(ort_run(path, x) - expected).max() <= 1e-4
+    report = find_sites(model)
+    sites = [b for b in report.batchnorms if b.site]
+    assert len(sites) == 3 and {b.path for b in sites} == {kind}
+    meta = get_metadata(model)
+    assert json.loads(meta["vsonnx.preprocess"])["mean"] == [0.5] * 3
+    assert len(json.loads(meta["vsonnx.class_names"])) == 10
+
+
+def test_channelwise_dropout_is_marked(tmp_path):
+    net = trained_like()
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), tmp_path / "n.onnx")
+    records = json.loads(get_metadata(onnx.load(str(tmp_path / "n.onnx")))["vsonnx.dropouts"])
+    kinds = {r["module"]: (r["kind"], r["channelwise"]) for r in records}
+    assert kinds["drop_c"] == ("dropout2d", True) and kinds["drop_a"] == ("dropout", False)
+
+
+def test_stock_torch_export_erases_the_evidence(tmp_path):
+    """Why vsonnx.export exists: torch.onnx.export in eval mode drops Dropout; scan says so."""
+    net = trained_like()
+    path = tmp_path / "stock.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(path), dynamo=False)
+    report = find_sites(onnx.load(str(path)))
+    assert not any(n.op_type == "Dropout" for n in onnx.load(str(path)).graph.node)
+    assert any("vsonnx.export" in w for w in report.warnings)
