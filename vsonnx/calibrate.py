@@ -1,19 +1,22 @@
 """Re-estimating BatchNormalization statistics with forward passes only (DESIGN 5.2, 5.3).
 
 Statistics come from extra graph outputs added to a *working copy* of the model (never from fetching
-whole activations). For a BN input x of shape [N, C, ...] and a per-channel shift s (the BN's stored
-running mean, which is close to the batch mean, so the one-pass formula below does not cancel badly):
+whole activations). For a BN input x of shape [N, C, ...] the copy computes per-sample moments of x shifted
+by the BN's stored running mean s (close to the real mean, so E[y^2] - E[y]^2 does not cancel badly):
 
-    y = x - s;  m = ReduceMean(y);  q = ReduceSumSquare(y) / n;  n = Size(x) / C
-    batch mean = s + m,  biased batch variance = q - m^2            (all reductions over every axis but 1)
+    y = x - s;   g1 = GlobalAveragePool(y);   g2 = GlobalAveragePool(y * y)        ([N, C, 1, ...])
 
-``reduction="centered"`` uses the two-pass form instead: m = ReduceMean(x), q = ReduceSumSquare(x - m) / n.
+(rank-2 inputs [N, C]: g1 = y, g2 = y * y). Global average pooling keeps onnxruntime's blocked (NCHWc)
+convolution layout intact, where ReduceMean over the batch axis would force layout conversions. The
+[N, C] results are combined in float64 on the host: per-sample moments make the statistics independent of
+batching, and they are tiny compared with the activations.
 
 Methods:
 - ``batch`` (the paper's "Adjust", PyTorch-equivalent): dropout off; every recalibrated BN normalises with
-  its *batch* mean and biased variance during the pass (BatchNormalization fed the computed statistics);
-  new mean = average of batch means, new var = average of unbiased batch variances, equal weight per batch.
-  Equals PyTorch (BN modules in train mode, Dropout in eval, momentum=None) on the same batches.
+  its *batch* mean s + mean_n(g1) and biased variance mean_n(g2) - mean_n(g1)^2 during the pass (the BN node
+  is fed these computed statistics); new mean = average of batch means, new var = average of unbiased batch
+  variances, equal weight per batch. Equals PyTorch (BN modules in train mode, Dropout in eval,
+  momentum=None) on the same batches.
 - ``population`` (exact inference semantics): each BN gets the mean and population variance of its input
   over the whole calibration set while every recalibrated BN upstream already uses its new statistics.
   BNs are grouped by *level* (longest chain of recalibrated BNs upstream); one pass per level, each pass
@@ -41,7 +44,6 @@ from .runtime import make_session
 from .stats import BatchAverage, ChannelMoments
 
 METHODS = ("batch", "population")
-REDUCTIONS = ("shifted", "centered")
 
 
 @dataclass
@@ -96,18 +98,18 @@ def working_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return work
 
 
-def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every tensor shape inference can tell."""
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Shape (None for unknown dims) of every tensor shape inference can tell."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:
         inferred = model
-    ranks = {}
+    shapes = {}
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = value.type.tensor_type
         if t.HasField("shape"):
-            ranks[value.name] = len(t.shape.dim)
-    return ranks
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return shapes
 
 
 class _Builder:
@@ -137,43 +139,23 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
-    def moments(self, x: str, rank: int, channels: int, shift: np.ndarray, prefix: str, reduction: str):
-        """Names of (batch mean, biased batch variance, elements per channel) tensors, shapes [1,C,1..]."""
-        axes = [a for a in range(rank) if a != 1]
-        bshape = [1, channels] + [1] * (rank - 2)
-        size = self.node("Size", [x], f"{prefix}_size")
-        sizef = self.node("Cast", [size], f"{prefix}_sizef", to=TensorProto.FLOAT)
-        n = self.node("Div", [sizef, self.const(f"{prefix}_C", np.array(channels, np.float32))], f"{prefix}_n")
-        if reduction == "centered":
-            mean = self.reduce("ReduceMean", x, f"{prefix}_mean", axes, prefix)
-            d = self.node("Sub", [x, mean], f"{prefix}_d")
-            ss = self.reduce("ReduceSumSquare", d, f"{prefix}_ss", axes, prefix)
-            var = self.node("Div", [ss, n], f"{prefix}_var")
-            return mean, var, n
-        s = self.const(f"{prefix}_shift", np.asarray(shift, np.float32).reshape(bshape))
-        y = self.node("Sub", [x, s], f"{prefix}_y")
-        m = self.reduce("ReduceMean", y, f"{prefix}_m", axes, prefix)
-        ss = self.reduce("ReduceSumSquare", y, f"{prefix}_ss", axes, prefix)
-        q = self.node("Div", [ss, n], f"{prefix}_q")
-        m2 = self.node("Mul", [m, m], f"{prefix}_m2")
-        var = self.node("Sub", [q, m2], f"{prefix}_var")
-        mean = self.node("Add", [m, s], f"{prefix}_mean")
-        return mean, var, n
-
-    def sample_moments(self, x: str, rank: int, channels: int, shift: np.ndarray, prefix: str):
-        """Names of (per-sample mean [N,C], per-sample sum of squares [N,C] of x - shift, Shape(x)).
-        Rank-2 inputs ([N, C]) have one element per sample and channel: x - shift itself is returned."""
+    def sample_moments(self, x: str, rank: int, channels: int, shift: np.ndarray, elements: int | None,
+                       prefix: str):
+        """(g1, g2, size): per-sample means of y = x - shift and of y^2 ([N, C, 1...] tensor names) and the
+        elements per sample and channel: an int when static, else the name of a Shape(x) output (a
+        Shape node on x would force onnxruntime to convert x out of its blocked layout)."""
         bshape = [1, channels] + [1] * (rank - 2)
         s = self.const(f"{prefix}_shift", np.asarray(shift, np.float32).reshape(bshape))
         y = self.node("Sub", [x, s], f"{prefix}_y")
-        shape = self.node("Shape", [x], f"{prefix}_shape")
-        self.int64_outputs.add(shape)
+        yy = self.node("Mul", [y, y], f"{prefix}_yy")
+        shape = elements if rank == 2 or elements is not None else self.node("Shape", [x], f"{prefix}_shape")
         if rank == 2:
-            return y, None, shape
-        spatial = list(range(2, rank))
-        m = self.reduce("ReduceMean", y, f"{prefix}_m", spatial, prefix, keepdims=0)
-        ss = self.reduce("ReduceSumSquare", y, f"{prefix}_ss", spatial, prefix, keepdims=0)
-        return m, ss, shape
+            return y, yy, 1
+        if isinstance(shape, str):
+            self.int64_outputs.add(shape)
+        g1 = self.node("GlobalAveragePool", [y], f"{prefix}_g1")
+        g2 = self.node("GlobalAveragePool", [yy], f"{prefix}_g2")
+        return g1, g2, shape
 
     def finish(self, outputs: list[str]) -> None:
         graph = self.model.graph
@@ -193,8 +175,10 @@ def _bn_nodes(model: onnx.ModelProto, names: list[str]) -> dict[str, onnx.NodePr
     return {n: found[n] for n in names}
 
 
-def _stat_inputs(index: GraphIndex, node: onnx.NodeProto, ranks: dict[str, int]):
-    rank = ranks.get(node.input[0])
+def _stat_inputs(index: GraphIndex, node: onnx.NodeProto, shapes: dict[str, tuple]):
+    """(rank, channels, shift, elements per sample and channel or None when not static) of a BN input."""
+    shape = shapes.get(node.input[0])
+    rank = None if shape is None else len(shape)
     if rank is None or rank < 2:
         raise VsonnxError(f"the rank of the input of BatchNormalization '{index.node_name(node)}' is unknown "
                           f"or below 2 ({rank}).", "run onnx shape inference / re-export with static ranks.")
@@ -202,48 +186,54 @@ def _stat_inputs(index: GraphIndex, node: onnx.NodeProto, ranks: dict[str, int])
     scale = index.constant(node.input[1])
     channels = int(np.asarray(scale if scale is not None else mean).size)
     shift = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(-1)
-    return rank, channels, shift
+    spatial = shape[2:]
+    elements = int(np.prod(spatial)) if all(isinstance(d, int) and d > 0 for d in spatial) else None
+    return rank, channels, shift, elements
 
 
-def instrument_batch(model: onnx.ModelProto, targets: list[str], reduction: str = "shifted"):
-    """Working copy where each target BN normalises with its batch statistics and outputs them."""
+def instrument_batch(model: onnx.ModelProto, targets: list[str]):
+    """Working copy where each target BN normalises with its batch statistics; returns
+    (model, {bn: (g1, g2, elements or Shape output)}, {bn: shift})."""
     work = working_copy(model)
-    ranks = tensor_ranks(work)
+    shapes = tensor_shapes(work)
     index = GraphIndex(work)
     nodes = _bn_nodes(work, targets)
     builder = _Builder(work)
-    outputs: dict[str, tuple[str, str, str]] = {}
+    outputs, shifts = {}, {}
     for k, name in enumerate(targets):
         node = nodes[name]
-        rank, channels, shift = _stat_inputs(index, node, ranks)
+        rank, channels, shift, elements = _stat_inputs(index, node, shapes)
         prefix = f"vsonnx_s{k}"
-        mean, var, n = builder.moments(node.input[0], rank, channels, shift, prefix, reduction)
-        flat = builder.const(f"{prefix}_flat", np.array([-1], np.int64))
-        mean1 = builder.node("Reshape", [mean, flat], f"{prefix}_mean1")
-        var1 = builder.node("Reshape", [var, flat], f"{prefix}_var1")
-        node.input[3], node.input[4] = mean1, var1  # BN now normalises with batch statistics
-        outputs[name] = (mean1, var1, n)
-    builder.finish([t for trio in outputs.values() for t in trio])
+        g1, g2, size = builder.sample_moments(node.input[0], rank, channels, shift, elements, prefix)
+        axes = [a for a in range(rank) if a != 1]
+        m = builder.reduce("ReduceMean", g1, f"{prefix}_m", axes, prefix, keepdims=0)
+        q = builder.reduce("ReduceMean", g2, f"{prefix}_q", axes, prefix, keepdims=0)
+        m2 = builder.node("Mul", [m, m], f"{prefix}_m2")
+        var = builder.node("Sub", [q, m2], f"{prefix}_var")
+        mean = builder.node("Add", [m, builder.const(f"{prefix}_shift1", shift.astype(np.float32))], f"{prefix}_mean")
+        node.input[3], node.input[4] = mean, var  # the BN now normalises with batch statistics
+        outputs[name], shifts[name] = (g1, g2, size), shift.astype(np.float64)
+    builder.finish(_fetch(outputs))
     _topological_sort(work)
-    return work, outputs
+    return work, outputs, shifts
 
 
 def instrument_population(model: onnx.ModelProto, measure: list[str], new_stats: dict[str, BnStatistics]):
     """Working copy where BNs in ``new_stats`` use them, BNs in ``measure`` output per-sample moments of
     their input minus a shift (the stored mean), and everything not needed for those outputs is pruned.
-    Returns (model, {bn: (mean, sum of squares or None, shape) output names}, {bn: shift})."""
+    Returns (model, {bn: (g1, g2, elements or Shape output)}, {bn: shift})."""
     work = working_copy(model)
     _write_statistics(work, new_stats)
-    ranks = tensor_ranks(work)
+    shapes = tensor_shapes(work)
     index = GraphIndex(work)
     nodes = _bn_nodes(work, measure)
     builder = _Builder(work)
     outputs, shifts = {}, {}
     for k, name in enumerate(measure):
-        rank, channels, shift = _stat_inputs(index, nodes[name], ranks)
-        outputs[name] = builder.sample_moments(nodes[name].input[0], rank, channels, shift, f"vsonnx_p{k}")
+        rank, channels, shift, elements = _stat_inputs(index, nodes[name], shapes)
+        outputs[name] = builder.sample_moments(nodes[name].input[0], rank, channels, shift, elements, f"vsonnx_p{k}")
         shifts[name] = shift.astype(np.float64)
-    fetch = [t for trio in outputs.values() for t in trio if t]
+    fetch = _fetch(outputs)
     builder.finish(fetch)
     _prune_to(work, fetch)
     _topological_sort(work)
@@ -354,12 +344,10 @@ def _run_pass(session, source: Source, batch_size: int, fetch: list[str], label:
 
 def calibrate(model: onnx.ModelProto, source: Source, targets: list[str], *, method: str = "batch",
               batch_size: int = 128, device: str = "auto", threads: int | None = None,
-              reduction: str = "shifted", progress: bool = False) -> CalibrationResult:
+              progress: bool = False) -> CalibrationResult:
     """Re-estimate the statistics of ``targets`` (BN node names) on ``source``."""
     if method not in METHODS:
         raise VsonnxError(f"unknown method '{method}'.", f"use one of {', '.join(METHODS)}.")
-    if reduction not in REDUCTIONS:
-        raise VsonnxError(f"unknown reduction '{reduction}'.", f"use one of {', '.join(REDUCTIONS)}.")
     if batch_size < 1:
         raise VsonnxError(f"batch size must be positive, got {batch_size}.", "pass --batch-size 2 or more.")
     start = time.perf_counter()
@@ -367,29 +355,47 @@ def calibrate(model: onnx.ModelProto, source: Source, targets: list[str], *, met
         if batch_size < 2:
             raise VsonnxError("the batch method needs a batch size of at least 2 (batch statistics of one "
                               "sample are degenerate).", "pass --batch-size 32 or more, or --method population.")
-        result = _calibrate_batch(model, source, targets, batch_size, device, threads, reduction, progress)
+        result = _calibrate_batch(model, source, targets, batch_size, device, threads, progress)
     else:
         result = _calibrate_population(model, source, targets, batch_size, device, threads, progress)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _calibrate_batch(model, source, targets, batch_size, device, threads, reduction, progress):
-    work, outputs = instrument_batch(model, targets, reduction)
+def _fetch(outputs: dict) -> list[str]:
+    """Output names to fetch: g1, g2 and, where the spatial size is not static, Shape(x)."""
+    return [t for trio in outputs.values() for t in trio if isinstance(t, str)]
+
+
+def _per_sample(got: dict, trio: tuple, n_samples: int):
+    """(elements per sample and channel, per-sample means [N, C], per-sample sums of squared deviations
+    [N, C]) in float64 from the fetched g1/g2 outputs (moments of x - shift)."""
+    g1, g2, size = got[trio[0]], got[trio[1]], trio[2]
+    elements = size if isinstance(size, int) else int(np.prod(got[size][2:]))
+    mean = g1.reshape(n_samples, -1).astype(np.float64)
+    m2 = np.maximum(g2.reshape(n_samples, -1).astype(np.float64) - mean * mean, 0.0) * elements
+    return elements, mean, m2
+
+
+def _calibrate_batch(model, source, targets, batch_size, device, threads, progress):
+    work, outputs, shifts = instrument_batch(model, targets)
     session = make_session(work, device=device, threads=threads)
-    fetch = [t for trio in outputs.values() for t in trio]
+    fetch = _fetch(outputs)
     estimators = {}
     notes = []
 
     def consume(n_samples, values):
-        for k, name in enumerate(outputs):
-            mean, var, n = values[3 * k], values[3 * k + 1], float(values[3 * k + 2])
-            if n < 2:
+        got = dict(zip(fetch, values))
+        for name, trio in outputs.items():
+            elements, sample_mean, sample_m2 = _per_sample(got, trio, n_samples)
+            if n_samples * elements < 2:
                 notes.append(f"skipped a final batch of {n_samples} sample(s) for '{name}': fewer than 2 "
                              "elements per channel")
                 continue
-            estimators.setdefault(name, BatchAverage(mean.size)).update(int(round(n)), mean.reshape(-1),
-                                                                          np.maximum(var.reshape(-1), 0.0))
+            batch = ChannelMoments(sample_mean.shape[1])
+            batch.update_samples(elements, sample_mean, sample_m2)
+            estimators.setdefault(name, BatchAverage(batch.mean.size)).update(batch.count, batch.mean + shifts[name],
+                                                                                batch.var)
 
     samples, batches = _run_pass(session, source, batch_size, fetch, "calibrating (batch)", progress, consume)
     stats = {name: BnStatistics(name, e.mean, e.var, e.count) for name, e in estimators.items()}
@@ -407,18 +413,13 @@ def _calibrate_population(model, source, targets, batch_size, device, threads, p
         work, outputs, shift_of = instrument_population(model, measure, new_stats)
         session = make_session(work, device=device, threads=threads)
         provider = session.get_providers()[0]
-        fetch = [t for trio in outputs.values() for t in trio if t]
+        fetch = _fetch(outputs)
         moments = {name: None for name in measure}
 
         def consume(n_samples, values, moments=moments, outputs=outputs):
             got = dict(zip(fetch, values))
-            for name, (m, ss, shape) in outputs.items():
-                sample_mean = got[m].reshape(n_samples, -1).astype(np.float64)
-                elements = int(np.prod(got[shape][2:]))
-                if ss is None:
-                    sample_m2 = np.zeros_like(sample_mean)
-                else:
-                    sample_m2 = np.maximum(got[ss].reshape(n_samples, -1) - elements * sample_mean ** 2, 0.0)
+            for name, trio in outputs.items():
+                elements, sample_mean, sample_m2 = _per_sample(got, trio, n_samples)
                 if moments[name] is None:
                     moments[name] = ChannelMoments(sample_mean.shape[1])
                 moments[name].update_samples(elements, sample_mean, sample_m2)

@@ -134,12 +134,10 @@ def _provider_line(provider: str | None) -> None:
 @click.option("--val", default=None, help="Labelled validation data: evaluate candidates, write the best.")
 @click.option("--val-limit", type=int, default=None, help="Use the first N validation samples.")
 @click.option("--force", is_flag=True, help="With --val: write even when no candidate beats the original.")
-@click.option("--reduction", type=click.Choice(["shifted", "centered"]), default="shifted",
-              help="One-pass moments shifted by the stored mean, or two-pass centered moments.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @data_options
 @user_errors
-def fix(model, calib, output, in_place, method, scope_all, val, val_limit, force, reduction, as_json,
+def fix(model, calib, output, in_place, method, scope_all, val, val_limit, force, as_json,
         batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device, threads):
     """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
     from .recalibrate import fix as fix_model
@@ -149,7 +147,7 @@ def fix(model, calib, output, in_place, method, scope_all, val, val_limit, force
         model, calib, output=output, method=method, scope="all" if scope_all else "sites", batch_size=batch_size,
         device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
         preprocess=_preprocess(calib, mean, std, size, layout, scale), val=val, val_limit=val_limit, force=force,
-        in_place=in_place, progress=not as_json, reduction=reduction,
+        in_place=in_place, progress=not as_json,
     )
     _provider_line(report.provider)
     if as_json:

@@ -153,8 +153,7 @@ def default_output(model_path: Path) -> Path:
 def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "sites", batch_size: int = 128,
         device: str = "auto", threads: int | None = None, limit: int | None = None, shuffle: bool = True,
         seed: int = 0, preprocess: dict | None = None, val=None, val_limit: int | None = None,
-        force: bool = False, in_place: bool = False, progress: bool = False,
-        reduction: str = "shifted") -> FixReport:
+        force: bool = False, in_place: bool = False, progress: bool = False) -> FixReport:
     """Re-estimate the statistics of the variance-shift BNs of ``model_path`` on ``calib`` and write the
     fixed model (default ``MODEL.fixed.onnx``). See the module docstring for candidates under ``val``."""
     model_path = Path(model_path)
@@ -192,7 +191,7 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
     results: dict[str, CalibrationResult] = {}
     for m in methods:
         results[m] = calibrate(model, source(), names, method=m, batch_size=batch_size, device=device,
-                               threads=threads, reduction=reduction, progress=progress)
+                               threads=threads, progress=progress)
     main_result = results[method]
     old = old_statistics(model, names)
     candidates = [Candidate(m, r.statistics) for m, r in results.items()]

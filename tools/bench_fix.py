@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Time `vsonnx fix` against plain onnxruntime inference over the same samples, in the same run.
+
+    python tools/bench_fix.py --data ../shared/data/cifar10/train [--model models/preresnet20-a05.onnx]
+
+Images are decoded once into memory first, so every timing below is onnxruntime work plus vsonnx's own
+overhead (graph rewriting, session creation, statistics), not JPEG decoding. Prints, for each method, the
+best of --repeat runs divided by the best plain-inference time (the target for the batch method is 1.10x).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vsonnx.calibrate import calibrate, working_copy  # noqa: E402
+from vsonnx.data import ArraySource, open_source  # noqa: E402
+from vsonnx.model import load_model  # noqa: E402
+from vsonnx.recalibrate import targets  # noqa: E402
+from vsonnx.runtime import make_session  # noqa: E402
+from vsonnx.sites import find_sites  # noqa: E402
+
+
+def best_of(repeat: int, fn) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "preresnet20-a05.onnx")
+    p.add_argument("--data", required=True)
+    p.add_argument("--samples", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    model = load_model(args.model)
+    decoded = open_source(args.data, model, limit=args.samples, seed=0)
+    xs = np.concatenate([b.feeds[next(iter(b.feeds))] for b in decoded.batches(512)])
+    source = ArraySource.from_arrays(model, xs, None, shuffle=False)
+    names = [b.name for b in targets(find_sites(model).batchnorms, "sites")]
+
+    session = make_session(working_copy(model), device=args.device, threads=args.threads)
+    out = session.get_outputs()[0].name
+
+    def infer():
+        for b in source.batches(args.batch_size):
+            session.run([out], b.feeds)
+
+    infer()  # warm-up
+    base = best_of(args.repeat, infer)
+    print(f"model {args.model.name}: {len(names)} BN re-estimated, {len(xs)} samples, batch {args.batch_size}, "
+          f"provider {session.get_providers()[0]}")
+    print(f"plain onnxruntime inference         {base:7.3f} s   1.00x")
+    for method in ("batch", "population"):
+        seconds = best_of(args.repeat, lambda: calibrate(model, source, names, method=method, batch_size=args.batch_size,
+                                                          device=args.device, threads=args.threads))
+        print(f"{'fix --method ' + method:35s} {seconds:7.3f} s   {seconds / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
