@@ -139,11 +139,11 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
-    def sample_moments(self, x: str, rank: int, channels: int, shift: np.ndarray, elements: int | None,
-                       prefix: str):
+    def sample_moments(self, tap: "Tap", prefix: str):
         """(g1, g2, size): per-sample means of y = x - shift and of y^2 ([N, C, 1...] tensor names) and the
         elements per sample and channel: an int when static, else the name of a Shape(x) output (a
         Shape node on x would force onnxruntime to convert x out of its blocked layout)."""
+        x, rank, channels, shift, elements = tap.tensor, tap.rank, tap.channels, tap.shift, tap.elements
         bshape = [1, channels] + [1] * (rank - 2)
         s = self.const(f"{prefix}_shift", np.asarray(shift, np.float32).reshape(bshape))
         y = self.node("Sub", [x, s], f"{prefix}_y")
@@ -175,20 +175,41 @@ def _bn_nodes(model: onnx.ModelProto, names: list[str]) -> dict[str, onnx.NodePr
     return {n: found[n] for n in names}
 
 
-def _stat_inputs(index: GraphIndex, node: onnx.NodeProto, shapes: dict[str, tuple]):
-    """(rank, channels, shift, elements per sample and channel or None when not static) of a BN input."""
+@dataclass
+class Tap:
+    """A tensor whose per-channel moments a pass measures, as moments of (x - shift)."""
+
+    tensor: str
+    rank: int
+    channels: int
+    shift: np.ndarray
+    elements: int | None  # per sample and channel, when static
+
+
+def bn_tap(index: GraphIndex, node: onnx.NodeProto, shapes: dict[str, tuple]) -> Tap:
+    """The input of a BN, shifted by its stored running mean."""
     shape = shapes.get(node.input[0])
-    rank = None if shape is None else len(shape)
-    if rank is None or rank < 2:
+    if shape is None or len(shape) < 2:
         raise VsonnxError(f"the rank of the input of BatchNormalization '{index.node_name(node)}' is unknown "
-                          f"or below 2 ({rank}).", "run onnx shape inference / re-export with static ranks.")
+                          f"or below 2.", "run onnx shape inference / re-export with static ranks.")
     mean = index.constant(node.input[3])
     scale = index.constant(node.input[1])
     channels = int(np.asarray(scale if scale is not None else mean).size)
     shift = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(-1)
+    return Tap(node.input[0], len(shape), channels, shift, _static_elements(shape))
+
+
+def tensor_tap(tensor: str, shapes: dict[str, tuple]) -> Tap | None:
+    """Any tensor [N, C, ...] with a static channel count (no shift); None when its shape is unknown."""
+    shape = shapes.get(tensor)
+    if shape is None or len(shape) < 2 or not shape[1]:
+        return None
+    return Tap(tensor, len(shape), int(shape[1]), np.zeros(shape[1], np.float32), _static_elements(shape))
+
+
+def _static_elements(shape: tuple) -> int | None:
     spatial = shape[2:]
-    elements = int(np.prod(spatial)) if all(isinstance(d, int) and d > 0 for d in spatial) else None
-    return rank, channels, shift, elements
+    return int(np.prod(spatial)) if all(isinstance(d, int) and d > 0 for d in spatial) else None
 
 
 def instrument_batch(model: onnx.ModelProto, targets: list[str]):
@@ -202,10 +223,11 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str]):
     outputs, shifts = {}, {}
     for k, name in enumerate(targets):
         node = nodes[name]
-        rank, channels, shift, elements = _stat_inputs(index, node, shapes)
+        tap = bn_tap(index, node, shapes)
         prefix = f"vsonnx_s{k}"
-        g1, g2, size = builder.sample_moments(node.input[0], rank, channels, shift, elements, prefix)
-        axes = [a for a in range(rank) if a != 1]
+        g1, g2, size = builder.sample_moments(tap, prefix)
+        axes = [a for a in range(tap.rank) if a != 1]
+        shift = tap.shift
         m = builder.reduce("ReduceMean", g1, f"{prefix}_m", axes, prefix, keepdims=0)
         q = builder.reduce("ReduceMean", g2, f"{prefix}_q", axes, prefix, keepdims=0)
         m2 = builder.node("Mul", [m, m], f"{prefix}_m2")
@@ -218,26 +240,42 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str]):
     return work, outputs, shifts
 
 
-def instrument_population(model: onnx.ModelProto, measure: list[str], new_stats: dict[str, BnStatistics]):
-    """Working copy where BNs in ``new_stats`` use them, BNs in ``measure`` output per-sample moments of
-    their input minus a shift (the stored mean), and everything not needed for those outputs is pruned.
-    Returns (model, {bn: (g1, g2, elements or Shape output)}, {bn: shift})."""
+def instrument_moments(model: onnx.ModelProto, taps: dict[str, Tap], new_stats: dict[str, BnStatistics]):
+    """Working copy where BNs in ``new_stats`` use them, every tap outputs per-sample moments of its
+    tensor minus the tap's shift, and everything not needed for those outputs is pruned.
+    Returns (model, {tap: (g1, g2, elements or Shape output)})."""
     work = working_copy(model)
     _write_statistics(work, new_stats)
-    shapes = tensor_shapes(work)
-    index = GraphIndex(work)
-    nodes = _bn_nodes(work, measure)
     builder = _Builder(work)
-    outputs, shifts = {}, {}
-    for k, name in enumerate(measure):
-        rank, channels, shift, elements = _stat_inputs(index, nodes[name], shapes)
-        outputs[name] = builder.sample_moments(nodes[name].input[0], rank, channels, shift, elements, f"vsonnx_p{k}")
-        shifts[name] = shift.astype(np.float64)
+    outputs = {key: builder.sample_moments(tap, f"vsonnx_p{k}") for k, (key, tap) in enumerate(taps.items())}
     fetch = _fetch(outputs)
     builder.finish(fetch)
     _prune_to(work, fetch)
     _topological_sort(work)
-    return work, outputs, shifts
+    return work, outputs
+
+
+def measure_moments(model: onnx.ModelProto, source: Source, taps: dict[str, Tap],
+                    new_stats: dict[str, BnStatistics] | None = None, *, batch_size: int = 128,
+                    device: str = "auto", threads: int | None = None, progress: bool = False,
+                    label: str = "measuring"):
+    """One pass: exact per-channel moments (ChannelMoments of x itself, shift added back) of every tap,
+    with dropout off and the BNs of ``new_stats`` using them. Returns (moments, samples, batches, provider)."""
+    work, outputs = instrument_moments(model, taps, new_stats or {})
+    session = make_session(work, device=device, threads=threads)
+    fetch = _fetch(outputs)
+    moments: dict[str, ChannelMoments] = {key: ChannelMoments(tap.channels) for key, tap in taps.items()}
+
+    def consume(n_samples, values):
+        got = dict(zip(fetch, values))
+        for key, trio in outputs.items():
+            elements, sample_mean, sample_m2 = _per_sample(got, trio, n_samples)
+            moments[key].update_samples(elements, sample_mean, sample_m2)
+
+    samples, batches = _run_pass(session, source, batch_size, fetch, label, progress, consume)
+    for key, m in moments.items():  # moments were of x - shift
+        m.mean = m.mean + taps[key].shift.astype(np.float64)
+    return moments, samples, batches, session.get_providers()[0]
 
 
 def _write_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> None:
@@ -405,28 +443,18 @@ def _calibrate_batch(model, source, targets, batch_size, device, threads, progre
 
 def _calibrate_population(model, source, targets, batch_size, device, threads, progress):
     levels = bn_levels(model, targets)
+    index = GraphIndex(model)
+    shapes = tensor_shapes(working_copy(model))
+    nodes = _bn_nodes(model, targets)
     new_stats: dict[str, BnStatistics] = {}
     samples = batches = passes = 0
     provider = ""
     for level in sorted(set(levels.values())):
-        measure = [t for t in targets if levels[t] == level]
-        work, outputs, shift_of = instrument_population(model, measure, new_stats)
-        session = make_session(work, device=device, threads=threads)
-        provider = session.get_providers()[0]
-        fetch = _fetch(outputs)
-        moments = {name: None for name in measure}
-
-        def consume(n_samples, values, moments=moments, outputs=outputs):
-            got = dict(zip(fetch, values))
-            for name, trio in outputs.items():
-                elements, sample_mean, sample_m2 = _per_sample(got, trio, n_samples)
-                if moments[name] is None:
-                    moments[name] = ChannelMoments(sample_mean.shape[1])
-                moments[name].update_samples(elements, sample_mean, sample_m2)
-
-        samples, batches = _run_pass(session, source, batch_size, fetch,
-                                     f"calibrating (population, level {level + 1})", progress, consume)
+        taps = {t: bn_tap(index, nodes[t], shapes) for t in targets if levels[t] == level}
+        moments, samples, batches, provider = measure_moments(
+            model, source, taps, new_stats, batch_size=batch_size, device=device, threads=threads,
+            progress=progress, label=f"calibrating (population, level {level + 1})")
         passes += 1
-        for name, m in moments.items():  # moments are of x - shift: add the shift back
-            new_stats[name] = BnStatistics(name, m.mean + shift_of[name], m.var, m.count)
+        for name, m in moments.items():
+            new_stats[name] = BnStatistics(name, m.mean, m.var, m.count)
     return CalibrationResult("population", samples, batches, new_stats, passes, 0.0, provider)

@@ -63,9 +63,12 @@ class BatchNormInfo:
     path: str | None = None
     weight: WeightInfo | None = None
     predicted_var_ratio: float | None = None
+    # (dropout name, weight node or None) of every path, when all are additive (see _Path.additive)
+    noise_paths: list[tuple[str, str | None]] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("noise_paths")
         d["dropouts"] = [{"name": x.name, "ratio": x.ratio, "channelwise": x.channelwise} for x in self.dropouts]
         if self.weight is not None:
             d["weight"] = {"op": self.weight.op, "name": self.weight.name, "fan_in": self.weight.fan_in,
@@ -100,6 +103,7 @@ class _Path(NamedTuple):
     weight_node: str | None
     merge: bool
     other: bool
+    concat: bool = False
 
     def through(self, kind: str, node_name: str) -> "_Path":
         if kind == "weight":
@@ -107,9 +111,16 @@ class _Path(NamedTuple):
             return self._replace(n_weight=n, weight_node=node_name if n == 1 else None)
         if kind == "merge":
             return self._replace(merge=True)
+        if kind == "concat":
+            return self._replace(merge=True, concat=True)
         if kind == "other":
             return self._replace(other=True)
         return self
+
+    @property
+    def additive(self) -> bool:
+        """Noise arrives unchanged but for at most one weight layer and sums (Add/Sum): predictable."""
+        return not (self.other or self.concat or self.n_weight > 1)
 
     @property
     def kind(self) -> str:
@@ -162,7 +173,7 @@ def _step_kind(index: GraphIndex, node: onnx.NodeProto) -> str:
     if op in WEIGHT_OPS and len(dynamic) == 1 and len(node.input) > 1 and index.is_constant(node.input[1]):
         return "weight"
     if op in MERGE_OPS and len(dynamic) > 1:
-        return "merge"
+        return "concat" if op == "Concat" else "merge"
     return "other"
 
 
@@ -257,6 +268,8 @@ def _classify(index, info: BatchNormInfo, node, reaching: dict[str, set[_Path]],
         info.weight = _weight_info(index, weight_nodes.pop())
     if info.path == "direct":
         info.predicted_var_ratio = _predict_direct(index, node, info.dropouts)
+    if all(p.additive for p in all_paths):
+        info.noise_paths = sorted({(d, p.weight_node) for d, ps in reaching.items() for p in ps}, key=str)
 
 
 def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list[DropoutInfo]) -> list[str]:
