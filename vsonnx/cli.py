@@ -44,22 +44,6 @@ def main():
     """Find and repair the Dropout->BatchNorm variance shift in ONNX models."""
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("model", type=MODEL_PATH)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@user_errors
-def scan(model: Path, as_json: bool):
-    """List the BatchNormalization layers of MODEL and its Dropout->BN variance-shift sites."""
-    from .report import render_scan
-    from .sites import scan as scan_model
-
-    report = scan_model(model)
-    if as_json:
-        emit_json(report.to_dict())
-    else:
-        click.echo(render_scan(report))
-
-
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -220,3 +204,42 @@ def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device,
                       device=device, threads=threads, out_dir=out_dir, progress=not as_json)
     _provider_line(report.results[0].provider)
     emit_json(report.to_dict()) if as_json else click.echo(render_demo(report))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("models", nargs=-1, required=True, type=MODEL_PATH)
+@click.option("--calib", default=None, help="Measure the shift on this data (model as deployed, dropout off).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --calib: write the paper's Fig. 1 (shift per BN layer) as a PNG; models overlaid.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (a list for several models).")
+@data_options
+@user_errors
+def scan(models, calib, plot, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device, threads):
+    """List the BatchNormalization layers of MODELS and their Dropout->BN variance-shift sites; with --calib,
+    measure each BN's shift and compare it with the paper's prediction. --limit defaults to 5000 here."""
+    from .report import render_scan
+    from .sites import scan as scan_model
+
+    if plot and not calib:
+        raise VsonnxError("--plot needs measurements.", "add --calib DATA.")
+    reports = []
+    for model in models:
+        if calib is None:
+            reports.append(scan_model(model))
+            continue
+        from .shift import measure_shift
+
+        reports.append(measure_shift(model, calib, limit=limit or 5000, shuffle=shuffle, seed=seed,
+                                     preprocess=_preprocess(calib, mean, std, size, layout, scale),
+                                     batch_size=batch_size, device=device, threads=threads, progress=not as_json))
+    if plot:
+        from .shift import plot_shift
+
+        plot_shift(reports, plot)
+    if as_json:
+        emit_json(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports])
+    else:
+        click.echo("\n\n".join(render_scan(r) for r in reports))
+        if plot:
+            click.echo(f"wrote {plot}")
+

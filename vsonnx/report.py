@@ -25,20 +25,38 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def render_scan(report) -> str:
+    measured = report.calibration is not None
     rows = []
     for i, b in enumerate(report.batchnorms):
         drops = ", ".join(f"{d.name}({fmt(d.ratio, 2)}{', ch' if d.channelwise else ''})" for d in b.dropouts)
         weight = f"{b.weight.op} d={b.weight.fan_in} cos2={fmt(b.weight.cos2)}" if b.weight else ""
         status = "SITE" if b.site else ("downstream" if b.downstream_of_site else "")
-        rows.append([i, b.name, b.channels, status, b.path or "", drops, weight, fmt(b.predicted_var_ratio)])
+        row = [i, b.name, b.channels, status, b.path or "", drops, weight]
+        if measured:
+            row += [fmt(b.real_var_ratio), fmt(b.shift_metric), fmt(b.mean_shift)]
+        rows.append(row + [fmt(b.predicted_var_ratio)] + ([fmt(b.prediction_error)] if measured else []))
     out = [f"model: {report.model}"]
+    if measured:
+        c = report.calibration
+        out.append(f"measured on {c['samples']} samples of {c['source']} ({c['provider']}); real = variance of the "
+                   "BN input as deployed, moving = stored running variance")
     if rows:
-        out.append(table(["#", "batchnorm", "C", "status", "path", "dropouts (ratio)", "weight layer",
-                          "pred. Var_test/Var_train"], rows, "rllllllr"))
+        headers = ["#", "batchnorm", "C", "status", "path", "dropouts (ratio)", "weight layer"]
+        if measured:
+            headers += ["real/moving", "shift", "mean shift"]
+        headers += ["pred. Var_test/Var_train"] + (["rel. error"] if measured else [])
+        out.append(table(headers, rows, "rllllll" + "r" * (len(headers) - 7)))
     n_sites = len(report.sites)
     n_down = sum(1 for b in report.batchnorms if b.downstream_of_site and not b.site)
     out.append(f"{len(report.batchnorms)} BatchNormalization, {len(report.dropouts)} Dropout, "
                f"{n_sites} variance-shift site(s), {n_down} more BN downstream of a site.")
+    if measured:
+        from .shift import median_prediction_error
+
+        median = median_prediction_error(report)
+        if median is not None:
+            n = sum(b.prediction_error is not None for b in report.sites)
+            out.append(f"prediction vs measurement over {n} site(s): median relative error {median:.3f}")
     out += [f"warning: {w}" for w in report.warnings]
     return "\n".join(out)
 

@@ -65,6 +65,11 @@ class BatchNormInfo:
     predicted_var_ratio: float | None = None
     # (dropout name, weight node or None) of every path, when all are additive (see _Path.additive)
     noise_paths: list[tuple[str, str | None]] | None = field(default=None, repr=False)
+    # filled by vsonnx.shift.measure_shift (scan --calib)
+    real_var_ratio: float | None = None
+    shift_metric: float | None = None
+    mean_shift: float | None = None
+    prediction_error: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,18 +87,26 @@ class ScanReport:
     batchnorms: list[BatchNormInfo]
     dropouts: list[DropoutInfo]
     warnings: list[str]
+    calibration: dict | None = None  # set when measured on data (scan --calib)
 
     @property
     def sites(self) -> list[BatchNormInfo]:
         return [b for b in self.batchnorms if b.site]
 
     def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "batchnorms": [b.to_dict() for b in self.batchnorms],
-            "dropouts": [asdict(d) for d in self.dropouts],
-            "warnings": list(self.warnings),
-        }
+        measured = self.calibration is not None
+        rows = []
+        for b in self.batchnorms:
+            row = b.to_dict()
+            if not measured:
+                for key in ("real_var_ratio", "shift_metric", "mean_shift", "prediction_error"):
+                    row.pop(key)
+            rows.append(row)
+        out = {"model": self.model, "batchnorms": rows, "dropouts": [asdict(d) for d in self.dropouts],
+               "warnings": list(self.warnings)}
+        if measured:
+            out["calibration"] = self.calibration
+        return out
 
 
 class _Path(NamedTuple):
