@@ -141,6 +141,7 @@ class FixReport:
     seconds: float | None = None
     passes: int | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -153,7 +154,7 @@ def default_output(model_path: Path) -> Path:
 def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "sites", batch_size: int = 128,
         device: str = "auto", threads: int | None = None, limit: int | None = None, shuffle: bool = True,
         seed: int = 0, preprocess: dict | None = None, val=None, val_limit: int | None = None,
-        force: bool = False, in_place: bool = False, progress: bool = False) -> FixReport:
+        force: bool = False, in_place: bool = False, progress: bool = False, data_free: bool = False) -> FixReport:
     """Re-estimate the statistics of the variance-shift BNs of ``model_path`` on ``calib`` and write the
     fixed model (default ``MODEL.fixed.onnx``). See the module docstring for candidates under ``val``."""
     model_path = Path(model_path)
@@ -179,8 +180,11 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
     if not names:
         base.message = "every BN in scope was refused; see 'refused'."
         return base
+    if data_free:
+        return _fix_data_free(model, model_path, out_path, report, base, in_place)
     if calib is None:
-        raise VsonnxError("fix needs calibration data.", "pass --calib with an image folder, .npy/.npz or FILE.py:FUNC.")
+        raise VsonnxError("fix needs calibration data.",
+                          "pass --calib with an image folder, .npy/.npz or FILE.py:FUNC, or use --data-free.")
     if val is not None and same_source(calib, val):
         base.warnings.append("the validation data is the calibration data: the choice among candidates is biased.")
 
@@ -229,6 +233,29 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
     base.warnings += main_result.notes
     base.message = f"re-estimated {len(names)} BatchNormalization layer(s) on {main_result.samples} samples."
     _fill_rows(base, report, old, winner.stats)
+    return base
+
+
+def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_place: bool) -> FixReport:
+    from .datafree import data_free_statistics
+
+    result = data_free_statistics(model, report)
+    base.method = "data-free"
+    base.notes = result.notes
+    if not result.statistics:
+        base.message = "no site could be corrected without data (see notes); nothing written."
+        return base
+    old = old_statistics(model, list(result.statistics))
+    fixed = with_statistics(model, result.statistics)
+    validate(fixed)
+    save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance={
+        "method": "data-free", "samples": "0", "old_statistics_sha256": digest(old), "version": __version__,
+        "recalibrated": json.dumps(list(result.statistics))})
+    base.output, base.written, base.chosen = str(out_path), True, "data-free"
+    skipped = len(result.notes) - len(result.statistics)
+    base.message = (f"corrected {len(result.statistics)} site(s) without data"
+                    + (f", left {skipped} unchanged" if skipped else "") + "; downstream BNs unchanged.")
+    _fill_rows(base, report, old, result.statistics)
     return base
 
 

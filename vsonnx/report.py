@@ -77,6 +77,8 @@ def render_fix(report) -> str:
         out.append(table(["batchnorm", "site", "new/old variance (mean over channels)"], rows, "llr"))
     for name, reason in report.refused.items():
         out.append(f"refused {name}: {reason}")
+    for name, note in report.notes.items():
+        out.append(f"{name}: {note}")
     if report.candidates:
         out.append(table(["candidate", "val top-1 %"], [[c["name"], fmt(c["val_top1"], 2)] for c in report.candidates],
                          "lr"))

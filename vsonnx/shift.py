@@ -13,8 +13,8 @@ the dropout noise is zero-mean given x, so at training time the BN input had var
 Var_train = Var_test + sum over paths of noise, with, per output channel o and retain probability p,
   direct path:       noise_o = (1/p - 1) * E[x_o^2]                      (this is Eq. 8: c^2 + v = E[x^2])
   through weights W: noise_o = (1/p - 1) * sum_(i, taps) W[o, i, tap]^2 * E[x_i^2]
-(exact for element-wise masks, whatever the correlation of x; zero padding at borders makes it a slight
-over-estimate). The predicted Var_test/Var_train is real_var / (real_var + noise), compared with the
+(exact for element-wise masks, whatever the correlation of x; vsonnx.noise accounts for zero padding). The
+predicted Var_test/Var_train is real_var / (real_var + noise), compared with the
 measured real_var / moving_var. Not predicted (null): channel-wise dropout behind a weight layer (masks
 shared across taps), Concat or other ops on the way, unknown ratios, ConvTranspose.
 """
@@ -27,57 +27,10 @@ import onnx
 
 from .calibrate import bn_tap, measure_moments, tensor_shapes, tensor_tap, working_copy
 from .data import open_source
-from .graph import GraphIndex, attribute
+from .graph import GraphIndex
 from .model import load_model
-from .sites import BatchNormInfo, ScanReport, find_sites
-
-
-def _noise(index: GraphIndex, bn: BatchNormInfo, dropouts: dict, second_moment: dict) -> np.ndarray | None:
-    """Per-channel training-time noise variance at the BN input, or None when not predictable."""
-    if bn.noise_paths is None:
-        return None
-    total = np.zeros(bn.channels, np.float64)
-    nodes = {index.node_name(n): n for n in index.graph.node}
-    for drop_name, weight_name in bn.noise_paths:
-        drop = dropouts[drop_name]
-        ex2 = second_moment.get(drop_name)
-        if drop.ratio is None or ex2 is None or drop.ratio >= 1:
-            return None
-        scale = 1.0 / (1.0 - drop.ratio) - 1.0
-        if weight_name is None:
-            if ex2.size != bn.channels:
-                return None
-            total += scale * ex2
-            continue
-        if drop.channelwise:
-            return None
-        w2 = _squared_weight_rows(index, nodes[weight_name])
-        if w2 is None or w2.shape[0] != bn.channels:
-            return None
-        groups = w2.shape[1] and ex2.size // w2.shape[1]
-        if groups * w2.shape[1] != ex2.size:
-            return None
-        per_group = bn.channels // groups
-        for g in range(groups):
-            rows = slice(g * per_group, (g + 1) * per_group)
-            total[rows] += scale * w2[rows] @ ex2[g * w2.shape[1]:(g + 1) * w2.shape[1]]
-    return total
-
-
-def _squared_weight_rows(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
-    """[outputs, inputs per group] sums of squared weights over kernel taps."""
-    w = index.constant(node.input[1])
-    if w is None:
-        return None
-    w = np.asarray(w, np.float64)
-    if node.op_type == "Conv":
-        return (w * w).reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
-    if node.op_type == "Gemm":
-        rows = w if attribute(node, "transB", 0) else w.T
-        return rows * rows
-    if node.op_type == "MatMul" and w.ndim == 2:
-        return (w * w).T
-    return None
+from .noise import noise_variance
+from .sites import ScanReport, find_sites
 
 
 def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = True, seed: int = 0,
@@ -115,7 +68,7 @@ def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = Tru
         b.shift_metric = _mean(np.maximum(ratio, 1 / np.maximum(ratio, 1e-12)))
         b.mean_shift = _mean(np.abs(real.mean[ok] - moving_mean[ok]) / np.sqrt(moving_var[ok]))
         if b.site:
-            noise = _noise(index, b, dropouts, second)
+            noise, _ = noise_variance(index, b, dropouts, shapes, lambda d: second.get(d.name))
             b.predicted_var_ratio = None if noise is None else _mean(real.var / np.maximum(real.var + noise, 1e-30))
             b.prediction_error = (None if b.predicted_var_ratio is None or not b.real_var_ratio else
                                   round(abs(b.predicted_var_ratio - b.real_var_ratio) / b.real_var_ratio, 6))

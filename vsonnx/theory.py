@@ -93,3 +93,40 @@ def relu_gaussian_moments(mu, sigma):
 
 def _erf(x):
     return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def clipped_gaussian_second_moment(mu, sigma, low: float = -math.inf, high: float = math.inf):
+    """E[clip(z, low, high)^2] for z ~ N(mu, sigma^2), elementwise: identity (-inf, inf), ReLU (0, inf),
+    ReLU6 (0, 6). Inside the window it is the truncated second moment
+    (mu^2 + s^2)(Phi(b) - Phi(a)) + 2 mu s (phi(a) - phi(b)) + s^2 (a phi(a) - b phi(b)), a, b the standardised
+    limits; outside, the clipped value squared times its probability."""
+    mu = np.asarray(mu, np.float64)
+    s = np.maximum(np.abs(np.asarray(sigma, np.float64)), 1e-12)
+    a, b = (low - mu) / s, (high - mu) / s
+
+    def pdf(t):
+        return np.where(np.isfinite(t), np.exp(-0.5 * np.where(np.isfinite(t), t, 0) ** 2) / math.sqrt(2 * math.pi), 0.0)
+
+    def cdf(t):
+        return 0.5 * (1 + _erf(np.clip(t, -40, 40) / math.sqrt(2)))
+
+    ta = np.where(np.isfinite(a), a, 0.0) * pdf(a)
+    tb = np.where(np.isfinite(b), b, 0.0) * pdf(b)
+    inside = (mu * mu + s * s) * (cdf(b) - cdf(a)) + 2 * mu * s * (pdf(a) - pdf(b)) + s * s * (ta - tb)
+    below = (low * low if np.isfinite(low) else 0.0) * cdf(a)
+    above = (high * high if np.isfinite(high) else 0.0) * (1 - cdf(b))
+    return inside + below + above
+
+
+def tap_fractions(kernel: tuple[int, ...], in_spatial: tuple[int, ...], out_spatial: tuple[int, ...],
+                  strides: tuple[int, ...], pads_begin: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
+    """For each kernel tap, the fraction of output positions where it reads inside the input (zero padding
+    makes border outputs sum fewer noisy terms). Shape = kernel."""
+    per_axis = []
+    for k, n_in, n_out, st, pad, dil in zip(kernel, in_spatial, out_spatial, strides, pads_begin, dilations):
+        pos = np.arange(n_out)[:, None] * st - pad + np.arange(k)[None, :] * dil
+        per_axis.append(((pos >= 0) & (pos < n_in)).mean(axis=0))
+    out = per_axis[0]
+    for f in per_axis[1:]:
+        out = np.multiply.outer(out, f)
+    return np.asarray(out)
