@@ -71,13 +71,13 @@ class CalibrationResult:
 # --------------------------------------------------------------------------------------------------
 # working copies
 # --------------------------------------------------------------------------------------------------
-def working_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with dropout off (training_mode inputs forced false), a symbolic batch dimension on every
-    graph input and output, and no stale intermediate shape annotations."""
+def working_copy(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> onnx.ModelProto:
+    """A copy with dropout off (training_mode inputs forced false, unless ``keep_dropout_modes``), a
+    symbolic batch dimension on every graph input and output, and no stale intermediate shapes."""
     work = copy.deepcopy(model)
     graph = work.graph
     false_name = "vsonnx_false"
-    for node in graph.node:
+    for node in graph.node if not keep_dropout_modes else []:
         if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
             node.input[2] = false_name
             if not any(t.name == false_name for t in graph.initializer):
@@ -240,11 +240,12 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str]):
     return work, outputs, shifts
 
 
-def instrument_moments(model: onnx.ModelProto, taps: dict[str, Tap], new_stats: dict[str, BnStatistics]):
+def instrument_moments(model: onnx.ModelProto, taps: dict[str, Tap], new_stats: dict[str, BnStatistics],
+                       keep_dropout_modes: bool = False):
     """Working copy where BNs in ``new_stats`` use them, every tap outputs per-sample moments of its
     tensor minus the tap's shift, and everything not needed for those outputs is pruned.
     Returns (model, {tap: (g1, g2, elements or Shape output)})."""
-    work = working_copy(model)
+    work = working_copy(model, keep_dropout_modes)
     _write_statistics(work, new_stats)
     builder = _Builder(work)
     outputs = {key: builder.sample_moments(tap, f"vsonnx_p{k}") for k, (key, tap) in enumerate(taps.items())}
@@ -258,11 +259,13 @@ def instrument_moments(model: onnx.ModelProto, taps: dict[str, Tap], new_stats: 
 def measure_moments(model: onnx.ModelProto, source: Source, taps: dict[str, Tap],
                     new_stats: dict[str, BnStatistics] | None = None, *, batch_size: int = 128,
                     device: str = "auto", threads: int | None = None, progress: bool = False,
-                    label: str = "measuring"):
+                    label: str = "measuring", keep_dropout_modes: bool = False):
     """One pass: exact per-channel moments (ChannelMoments of x itself, shift added back) of every tap,
-    with dropout off and the BNs of ``new_stats`` using them. Returns (moments, samples, batches, provider)."""
-    work, outputs = instrument_moments(model, taps, new_stats or {})
-    session = make_session(work, device=device, threads=threads)
+    with dropout off (or as the model says, with ``keep_dropout_modes``) and the BNs of ``new_stats``
+    using them. Returns (moments, samples, batches, provider)."""
+    work, outputs = instrument_moments(model, taps, new_stats or {}, keep_dropout_modes)
+    # onnxruntime's graph optimisations eliminate Dropout even with training_mode=true: keep them off then
+    session = make_session(work, device=device, threads=threads, optimize=not keep_dropout_modes)
     fetch = _fetch(outputs)
     moments: dict[str, ChannelMoments] = {key: ChannelMoments(tap.channels) for key, tap in taps.items()}
 
@@ -328,7 +331,8 @@ def _topological_sort(model: onnx.ModelProto) -> None:
 
 
 def bn_levels(model: onnx.ModelProto, targets: list[str]) -> dict[str, int]:
-    """Level of each target BN: the longest chain of target BNs strictly upstream of it."""
+    """Level of each target node (a BN, or any node whose output is corrected): the longest chain of
+    targets strictly upstream of it."""
     index = GraphIndex(model)
     wanted = set(targets)
     depth: dict[str, int] = {}
@@ -336,7 +340,7 @@ def bn_levels(model: onnx.ModelProto, targets: list[str]) -> dict[str, int]:
     for node in index.topological_order:
         d = max((depth.get(i, 0) for i in node.input if i), default=0)
         name = index.node_name(node)
-        if node.op_type == "BatchNormalization" and name in wanted:
+        if name in wanted:
             levels[name] = d
             d += 1
         for out in node.output:

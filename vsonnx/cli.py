@@ -110,6 +110,11 @@ def _provider_line(provider: str | None) -> None:
 @click.argument("model", type=MODEL_PATH)
 @click.option("--calib", default=None, help="Calibration data: image folder, .npy/.npz (or folder), FILE.py:FUNC.")
 @click.option("--data-free", is_flag=True, help="Correct the sites from the graph's constants alone (no data).")
+@click.option("--dropout", "dropout_specs", multiple=True, metavar="TENSOR_OR_NODE=RATIO",
+              help="Where dropout acted in training, for exports that removed it (repeatable; a node stands for "
+                   "its input: for a folded Conv name the Conv).")
+@click.option("--sites", "sites_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help='JSON file {"dropout": {"TENSOR_OR_NODE": RATIO}}, the same as several --dropout.')
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output model [default: MODEL.fixed.onnx].")
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model.")
@@ -122,7 +127,7 @@ def _provider_line(provider: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @data_options
 @user_errors
-def fix(model, calib, data_free, output, in_place, method, scope_all, val, val_limit, force, as_json,
+def fix(model, calib, data_free, dropout_specs, sites_file, output, in_place, method, scope_all, val, val_limit, force, as_json,
         batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device, threads):
     """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
     from .recalibrate import fix as fix_model
@@ -131,11 +136,16 @@ def fix(model, calib, data_free, output, in_place, method, scope_all, val, val_l
     if data_free and (calib or val or scope_all):
         click.echo("warning: --calib/--val/--all are ignored with --data-free.", err=True)
         calib = val = None
+    from .stripped import parse_dropout_specs
+
+    named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
+    if named and (val or method != "batch"):
+        click.echo("warning: with --dropout/--sites the population method is used and --val is ignored.", err=True)
     report = fix_model(
         model, calib, output=output, method=method, scope="all" if scope_all else "sites", batch_size=batch_size,
         device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
         preprocess=_preprocess(calib, mean, std, size, layout, scale), val=val, val_limit=val_limit, force=force,
-        in_place=in_place, progress=not as_json, data_free=data_free,
+        in_place=in_place, progress=not as_json, data_free=data_free, dropout_sites=named,
     )
     _provider_line(report.provider)
     if as_json:

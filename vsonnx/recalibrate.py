@@ -154,12 +154,19 @@ def default_output(model_path: Path) -> Path:
 def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "sites", batch_size: int = 128,
         device: str = "auto", threads: int | None = None, limit: int | None = None, shuffle: bool = True,
         seed: int = 0, preprocess: dict | None = None, val=None, val_limit: int | None = None,
-        force: bool = False, in_place: bool = False, progress: bool = False, data_free: bool = False) -> FixReport:
+        force: bool = False, in_place: bool = False, progress: bool = False, data_free: bool = False,
+        dropout_sites: dict[str, float] | None = None) -> FixReport:
     """Re-estimate the statistics of the variance-shift BNs of ``model_path`` on ``calib`` and write the
     fixed model (default ``MODEL.fixed.onnx``). See the module docstring for candidates under ``val``."""
     model_path = Path(model_path)
     model = load_model(model_path)
     out_path = check_output_path(output or default_output(model_path), model_path, in_place)
+    if dropout_sites:
+        if calib is None:
+            raise VsonnxError("--dropout/--sites need calibration data.", "add --calib DATA.")
+        source = open_source(calib, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess)
+        return _fix_stripped(model, model_path, out_path, source, dropout_sites, scope, batch_size, device, threads,
+                             progress, in_place, str(calib))
     report = find_sites(model, str(model_path))
     base = FixReport(str(model_path), method, 0, None, False, "", warnings=list(report.warnings))
     if not report.batchnorms:
@@ -256,6 +263,34 @@ def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_plac
     base.message = (f"corrected {len(result.statistics)} site(s) without data"
                     + (f", left {skipped} unchanged" if skipped else "") + "; downstream BNs unchanged.")
     _fill_rows(base, report, old, result.statistics)
+    return base
+
+
+def _fix_stripped(model, model_path, out_path, source, named, scope, batch_size, device, threads, progress,
+                  in_place, calib_name) -> FixReport:
+    from .stripped import correct_stripped, resolve_sites
+
+    sites = resolve_sites(model, named)
+    corrected, stats, affine, report, samples = correct_stripped(
+        model, source, sites, scope=scope, batch_size=batch_size, device=device, threads=threads, progress=progress)
+    base = FixReport(str(model_path), "population", samples, None, False, "")
+    base.warnings = [w for w in report.warnings if "no Dropout" not in w and "folded" not in w]
+    if corrected is None:
+        base.message = "the named sites reach no BatchNormalization and no folded weight layer: nothing to fix."
+        return base
+    old = old_statistics(model, list(stats))
+    fixed = with_statistics(corrected, stats)
+    validate(fixed)
+    save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance={
+        "method": "population (named dropout sites)", "samples": str(samples), "calibration_source": calib_name,
+        "dropout_sites": json.dumps(sites), "old_statistics_sha256": digest(old), "version": __version__,
+        "recalibrated": json.dumps(list(stats)), "folded_layers_corrected": json.dumps(list(affine))})
+    base.output, base.written, base.chosen = str(out_path), True, "population"
+    base.notes = {name: f"folded BN corrected in the weights: scale mean {np.mean(a):.3f}"
+                  for name, (a, _) in affine.items()}
+    base.message = (f"re-estimated {len(stats)} BatchNormalization layer(s) and corrected {len(affine)} folded "
+                    f"weight layer(s) on {samples} samples, with dropout at {len(sites)} named site(s).")
+    _fill_rows(base, report, old, stats)
     return base
 
 

@@ -319,10 +319,18 @@ def _unnormalised_weight_after(index: GraphIndex, tensor: str) -> str | None:
     """'<op> '<name>'' when ``tensor`` reaches a weight layer whose output meets a nonlinearity before any
     normalisation (graph outputs, i.e. classifiers, are fine)."""
     for weight in _first_reached(index, tensor, WEIGHT_OPS):
-        hit = _first_reached(index, weight.output[0], NORMALIZATION_OPS | NONLINEAR_OPS)
-        if any(n.op_type in NONLINEAR_OPS for n in hit):
+        if looks_folded(index, weight):
             return f"{weight.op_type} '{index.node_name(weight)}'"
     return None
+
+
+def looks_folded(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A weight layer whose output meets a nonlinearity before any normalisation: where a BN followed it in
+    training, the export folded it into these weights."""
+    if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return False
+    hit = _first_reached(index, node.output[0], NORMALIZATION_OPS | NONLINEAR_OPS)
+    return any(n.op_type in NONLINEAR_OPS for n in hit)
 
 
 def _first_reached(index: GraphIndex, tensor: str, targets: frozenset[str]) -> list:

@@ -1,0 +1,125 @@
+"""Exports that erased the evidence: Dropout removed (named by the user), BN folded into a Conv."""
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import vsonnx
+from vsonnx.cli import main
+from vsonnx.errors import VsonnxError
+from vsonnx.model import load_model
+from vsonnx.stripped import parse_dropout_specs, resolve_sites
+
+from conftest import GraphBuilder, save
+
+
+class PlacementB(nn.Module):
+    """conv - BN - ReLU - Dropout - conv - BN - ReLU - pool - fc: the second BN is a weight site, and a stock
+    export folds both BNs into the convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu1 = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(self.drop(x))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stripped")
+    torch.manual_seed(0)
+    net = PlacementB()
+    x = torch.randn(256, 3, 8, 8) + 0.5
+    net.train()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # running stats = average over the draws below: training-time moments
+    with torch.no_grad():
+        for _ in range(30):
+            net(x)
+    net.eval()
+    vsonnx.export(net, x[:2], tmp / "kept.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x[:2],), str(tmp / "stock.onnx"), dynamo=False, input_names=["input"],
+                          dynamic_axes={"input": {0: "n"}})
+    np.save(tmp / "x.npy", x.numpy())
+    return tmp
+
+
+def logits(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_stock_export_is_folded_and_scan_says_so(exports):
+    model = load_model(exports / "stock.onnx")
+    assert not any(n.op_type in ("Dropout", "BatchNormalization") for n in model.graph.node)
+    r = CliRunner().invoke(main, ["scan", str(exports / "stock.onnx")])
+    assert r.exit_code == 0
+
+
+def test_folded_fix_matches_unfolded_fix(exports):
+    kept = vsonnx.fix(exports / "kept.onnx", exports / "x.npy", output=exports / "kept.fixed.onnx",
+                      method="population")
+    conv2 = next(n.name for n in load_model(exports / "stock.onnx").graph.node if n.op_type == "Conv" and "conv2" in n.name)
+    folded = vsonnx.fix(exports / "stock.onnx", exports / "x.npy", output=exports / "stock.fixed.onnx",
+                        dropout_sites={conv2: 0.5})
+    assert folded.written and len(folded.notes) == 1  # conv2 carried the folded BN and was corrected
+    x = np.load(exports / "x.npy")
+    a, b = logits(exports / "kept.fixed.onnx", x), logits(exports / "stock.fixed.onnx", x)
+    before = logits(exports / "stock.onnx", x)
+    # both fixes make the BN output match its training-time moments; they differ only by the Monte-Carlo
+    # error of the simulated training statistics (30 torch draws vs one ORT draw per sample)
+    assert np.abs(a - b).max() < 0.25 * np.abs(a - before).max()
+    assert folded.samples == 256
+
+
+def test_removed_dropout_with_bn_kept_equals_real_dropout(tmp_path):
+    def graph(with_dropout: bool):
+        g = GraphBuilder(seed=3)
+        h = g.conv("x", 3, 4, name="conv")
+        if with_dropout:
+            h = g.dropout(h, 0.5, "d")
+        h = g.node("Add", [h, g.conv("x", 3, 4, name="side")], "add")
+        return g.build(g.bn(h, 4, "bn"))
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    real = vsonnx.fix(save(graph(True), tmp_path / "real.onnx"), tmp_path / "x.npy", method="population")
+    named = vsonnx.fix(save(graph(False), tmp_path / "named.onnx"), tmp_path / "x.npy", dropout_sites={"conv_out": 0.5})
+    assert [b["name"] for b in named.batchnorms] == ["bn"]
+    np.testing.assert_allclose(named.batchnorms[0]["new_var"], real.batchnorms[0]["new_var"], rtol=1e-6)
+
+
+def test_names_that_do_not_exist_are_user_errors(exports):
+    model = load_model(exports / "stock.onnx")
+    with pytest.raises(VsonnxError, match="neither a tensor nor a node"):
+        resolve_sites(model, {"/nope/conv9/Conv": 0.5})
+    with pytest.raises(VsonnxError, match="NAME=RATIO"):
+        parse_dropout_specs(["conv2"])
+    with pytest.raises(VsonnxError, match="outside"):
+        parse_dropout_specs(["conv2=1.5"])
+    r = CliRunner().invoke(main, ["fix", str(exports / "stock.onnx"), "--calib", str(exports / "x.npy"),
+                                  "--dropout", "missing_tensor=0.5"])
+    assert r.exit_code == 3 and "Hint:" in r.output and "Traceback" not in r.output
+
+
+def test_sites_file(tmp_path):
+    (tmp_path / "s.json").write_text('{"dropout": {"a": 0.5, "b": 0.1}}')
+    assert parse_dropout_specs(["c=0.2"], tmp_path / "s.json") == {"a": 0.5, "b": 0.1, "c": 0.2}
