@@ -110,6 +110,58 @@ def measure(name: str, data: Path, threads: int | None) -> dict:
     return card
 
 
+def folded_experiment(card: dict, data: Path, threads: int | None) -> dict | None:
+    """Stock torch.onnx.export of the same weights (Dropout removed, Conv+BN folded), fixed by naming the
+    dropout sites (`fix --dropout`), against the population fix of the vsonnx export. Placement b only: in
+    placement a the dropout acted between a conv and the BN folded into it, which cannot be simulated."""
+    if card["dropout"]["placement"] != "b":
+        return None
+    import warnings
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from vsonnx.graph import GraphIndex
+    from vsonnx.nets import DropoutConfig, build
+
+    kept = load_model(ROOT / card["onnx"])
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in kept.graph.initializer}
+    train_config = json.loads((MODELS / "train" / card["name"] / "config.json").read_text())
+    options = {k: train_config[k] for k in ("widen", "cardinality", "base_width", "growth")}
+    net = build(card["arch"], card["depth"], 10, DropoutConfig(**card["dropout"]), **options).eval()
+    state = net.state_dict()
+    state.update({k: weights[k] for k in state if k in weights})
+    net.load_state_dict(state)
+    index = GraphIndex(kept)
+    sites = {index.node_name(c): n_ratio for d in kept.graph.node if d.op_type == "Dropout"
+             for c in index.consumers[d.output[0]]
+             for n_ratio in [float(index.constant(d.input[1]))]}
+    pre = json.loads(dict((p.key, p.value) for p in kept.metadata_props)["vsonnx.preprocess"])
+    with tempfile.TemporaryDirectory() as tmp:
+        stock = Path(tmp) / "stock.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(stock), dynamo=False, input_names=["input"],
+                              dynamic_axes={"input": {0: "batch"}})
+        folded_bn = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(stock)).graph.node)
+        calib = open_source(data / "train", load_model(stock), shuffle=True, seed=0, limit=CALIB_SAMPLES,
+                            preprocess={"mean": pre["mean"], "std": pre["std"]})
+        fixed = Path(tmp) / "stock.fixed.onnx"
+        result = fix(stock, calib, output=fixed, dropout_sites=sites, threads=threads)
+        test = open_source(data / "test", load_model(stock), shuffle=False,
+                           preprocess={"mean": pre["mean"], "std": pre["std"]})
+        scorers = {k: _Scorer(load_model(p), "cpu", threads) for k, p in (("stock", stock), ("fixed", fixed))}
+        for batch in test.batches(256):
+            for s in scorers.values():
+                s.run(batch.feeds, batch.labels)
+        acc = {k: round(s.report(k).top1, 2) for k, s in scorers.items()}
+    return {"stock_bn_left": folded_bn, "sites_named": len(sites), "folded_layers_corrected": len(result.notes),
+            "stock_ort_test_acc": acc["stock"], "stock_fixed_ort_test_acc": acc["fixed"],
+            "vsonnx_export_population_fix": card.get("ort_test_acc_fixed_population"),
+            "difference_points": round(acc["fixed"] - card.get("ort_test_acc_fixed_population", float("nan")), 2)}
+
+
 def card_markdown(c: dict) -> str:
     d = c["dropout"]
     lines = [
@@ -131,6 +183,13 @@ def card_markdown(c: dict) -> str:
                      f"{c['median_site_shift_before']} as trained, {c['median_site_shift_after']} after the "
                      f"population fix; theory vs measurement: median relative error {c['median_prediction_error']} "
                      f"([plot]({c['shift_plot']}))")
+    if c.get("folded"):
+        f = c["folded"]
+        lines.append(f"- stock `torch.onnx.export` of the same weights (Dropout removed, {f['stock_bn_left']} BN left, "
+                     f"the rest folded): {f['stock_ort_test_acc']:.2f}%; after `vsonnx fix --dropout` naming "
+                     f"{f['sites_named']} sites ({f['folded_layers_corrected']} folded layers corrected): "
+                     f"{f['stock_fixed_ort_test_acc']:.2f}% ({f['difference_points']:+.2f} points vs the population "
+                     "fix of the vsonnx export)")
     lines += ["", "Reproduce:", "", *[f"    {cmd}" for cmd in c["fix_commands"]],
               f"    {c['eval_command']}", ""]
     return "\n".join(lines)
@@ -170,6 +229,9 @@ def results(cards: list[dict]) -> str:
             f"{err.get('population', '-')} | {err.get('data-free', '-')} | {closed} | {paper.get('net', '-')} | "
             f"{before} -> {after} | {paper_gap} |")
     plots = [f"![{c['name']}]({c['shift_plot']})" for c in cards if "shift_plot" in c]
+    folded = [f"| {c['name']} | {c['folded']['stock_ort_test_acc']:.2f} | {c['folded']['stock_fixed_ort_test_acc']:.2f} | "
+              f"{c['folded']['vsonnx_export_population_fix']:.2f} | {c['folded']['difference_points']:+.2f} |"
+              for c in cards if c.get("folded")]
     errors = [f"- {c['name']}: median relative error of the predicted Var_test/Var_train at the sites "
               f"{c['median_prediction_error']}; median site shift {c['median_site_shift_before']} -> "
               f"{c['median_site_shift_after']} after the population fix" for c in cards if "shift_plot" in c]
@@ -184,6 +246,14 @@ def results(cards: list[dict]) -> str:
         "PreResNet-110 / WRN-28-10 trained for 160-300 epochs, so compare directions and fractions, not errors.",
         "",
         *rows,
+        "",
+        "Stock `torch.onnx.export` (Dropout removed, Conv+BN folded) fixed with `vsonnx fix --dropout` naming the",
+        "dropout sites, against the population fix of the `vsonnx.export` model (test accuracy %; target: within",
+        "0.3 points):",
+        "",
+        "| model | stock export | stock, fixed | vsonnx export, fixed | difference |",
+        "|---|---|---|---|---|",
+        *folded,
         "",
         "Shift per BN layer, as trained and after the fix (the paper's Fig. 1 metric, measured on 2,000",
         "training images with dropout off):",
@@ -226,11 +296,16 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="CIFAR-10 folder with train/ and test/")
     p.add_argument("--names", nargs="*", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--steps", default="cards,folded", help="cards (measure, fix, plot) and/or folded (stock export)")
     args = p.parse_args()
+    steps = set(args.steps.split(","))
     names = args.names or sorted(d.name for d in (MODELS / "train").iterdir()
                                  if (MODELS / f"{d.name}.onnx").exists())
     for name in names:
-        card = measure(name, args.data, args.threads)
+        path = MODELS / f"{name}.json"
+        card = measure(name, args.data, args.threads) if "cards" in steps else json.loads(path.read_text())
+        if "folded" in steps:
+            card["folded"] = folded_experiment(card, args.data, args.threads)
         (MODELS / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
         (MODELS / f"{name}.md").write_text(card_markdown(card))
         print(json.dumps({k: card[k] for k in card if "acc" in k}), name, flush=True)

@@ -16,6 +16,9 @@ from .errors import VsonnxError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 MODEL_PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by load_model (exit 3)
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+LABELLED_DATA = click.option("--data", required=True,
+                             help="Labelled data: class-folder tree, .npz with y, or FILE.py:FUNC.")
 
 
 def user_errors(func):
@@ -124,7 +127,7 @@ def _provider_line(provider: str | None) -> None:
 @click.option("--val", default=None, help="Labelled validation data: evaluate candidates, write the best.")
 @click.option("--val-limit", type=int, default=None, help="Use the first N validation samples.")
 @click.option("--force", is_flag=True, help="With --val: write even when no candidate beats the original.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@JSON_OPTION
 @data_options
 @user_errors
 def fix(model, calib, data_free, dropout_specs, sites_file, output, in_place, method, scope_all, val, val_limit, force, as_json,
@@ -158,8 +161,8 @@ def fix(model, calib, data_free, dropout_specs, sites_file, output, in_place, me
 
 @main.command("eval", context_settings=CONTEXT)
 @click.argument("model", type=MODEL_PATH)
-@click.option("--data", required=True, help="Labelled data: class-folder tree, .npz with y, or FILE.py:FUNC.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@LABELLED_DATA
+@JSON_OPTION
 @data_options
 @user_errors
 def eval_command(model, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device,
@@ -177,8 +180,8 @@ def eval_command(model, data, as_json, batch_size, limit, shuffle, seed, mean, s
 @main.command(context_settings=CONTEXT)
 @click.argument("model_a", type=MODEL_PATH)
 @click.argument("model_b", type=MODEL_PATH)
-@click.option("--data", required=True, help="Labelled data: class-folder tree, .npz with y, or FILE.py:FUNC.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@LABELLED_DATA
+@JSON_OPTION
 @data_options
 @user_errors
 def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale,
@@ -207,7 +210,7 @@ def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, m
 @click.option("--batch-size", type=int, default=128)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--threads", type=int, default=None)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@JSON_OPTION
 @user_errors
 def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device, threads, as_json):
     """Scan, fix (batch and population) and evaluate a reference model on CIFAR-10."""
