@@ -190,3 +190,13 @@ def test_ignored_preprocessing_flags_warn(setup):
     tmp, model_path = setup
     r = run("eval", model_path, "--data", tmp / "val.npz", "--mean", "0.5,0.5,0.5")
     assert r.exit_code == 0 and "ignored" in r.output
+
+
+def test_fixed_batch_dimension_is_rewritten_in_working_copies(setup):
+    tmp, _ = setup
+    model = cnn_with_sites()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4  # a static batch of 4
+    path = save(model, tmp / "static.onnx")
+    report = vsonnx.fix(path, tmp / "calib.npz", batch_size=10, method="population")
+    assert report.written and report.samples == 32
+    assert vsonnx.evaluate(report.output, tmp / "val.npz", batch_size=7).samples == 32
