@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vsonnx.accuracy import _Scorer  # noqa: E402
+from vsonnx.accuracy import Scorer  # noqa: E402
 from vsonnx.data import check_finite, open_source  # noqa: E402
 from vsonnx.model import load_model  # noqa: E402
 from vsonnx.recalibrate import fix  # noqa: E402
@@ -93,7 +93,7 @@ def measure(name: str, data: Path, threads: int | None) -> dict:
             error = median_prediction_error(before)
             card["median_prediction_error"] = None if error is None else round(error, 4)
         test = open_source(data / "test", model, shuffle=False)
-        scorers = {k: _Scorer(load_model(p), "cpu", threads) for k, p in paths.items()}
+        scorers = {k: Scorer(load_model(p), "cpu", threads) for k, p in paths.items()}
         for batch in test.batches(256):
             check_finite(batch, test)
             for s in scorers.values():
@@ -151,7 +151,7 @@ def folded_experiment(card: dict, data: Path, threads: int | None) -> dict | Non
         result = fix(stock, calib, output=fixed, dropout_sites=sites, threads=threads)
         test = open_source(data / "test", load_model(stock), shuffle=False,
                            preprocess={"mean": pre["mean"], "std": pre["std"]})
-        scorers = {k: _Scorer(load_model(p), "cpu", threads) for k, p in (("stock", stock), ("fixed", fixed))}
+        scorers = {k: Scorer(load_model(p), "cpu", threads) for k, p in (("stock", stock), ("fixed", fixed))}
         for batch in test.batches(256):
             for s in scorers.values():
                 s.run(batch.feeds, batch.labels)

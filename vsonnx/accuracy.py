@@ -33,7 +33,9 @@ class EvalReport:
         return asdict(self)
 
 
-class _Scorer:
+class Scorer:
+    """Runs one model batch by batch and counts top-1/top-5 hits (feed every model the same batches)."""
+
     def __init__(self, model: onnx.ModelProto, device: str, threads: int | None):
         self.session = make_session(working_copy(model), device=device, threads=threads)
         self.output = self.session.get_outputs()[0].name
@@ -80,7 +82,7 @@ def evaluate(model, data, *, batch_size: int = 256, device: str = "auto", thread
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = "<memory>" if isinstance(model, onnx.ModelProto) else str(model)
     source = _open(proto, data, limit, shuffle, seed, preprocess)
-    scorer = _Scorer(proto, device, threads)
+    scorer = Scorer(proto, device, threads)
     for batch in source.batches(batch_size):
         check_finite(batch, source)
         scorer.run(batch.feeds, batch.labels)
@@ -92,7 +94,7 @@ def evaluate_candidates(model: onnx.ModelProto, candidates: list[onnx.ModelProto
                         preprocess: dict | None = None) -> list[float]:
     """Top-1 of each candidate on the same batches (data decoded once)."""
     source = _open(model, data, limit, True, 0, preprocess)
-    scorers = [_Scorer(c, device, threads) for c in candidates]
+    scorers = [Scorer(c, device, threads) for c in candidates]
     for batch in source.batches(batch_size):
         check_finite(batch, source)
         for s in scorers:
@@ -121,7 +123,7 @@ def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "aut
     a = load_model(model_a)
     b = load_model(model_b)
     source = _open(a, data, limit, shuffle, seed, preprocess)
-    sa, sb = _Scorer(a, device, threads), _Scorer(b, device, threads)
+    sa, sb = Scorer(a, device, threads), Scorer(b, device, threads)
     agree = 0
     max_diff = 0.0
     for batch in source.batches(batch_size):

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accuracy import EvalReport, _Scorer
+from .accuracy import EvalReport, Scorer
 from .data import ArraySource, Preprocess, InputSpec, check_finite, open_source
 from .datasets import find_cifar, load_python_release
 from .errors import VsonnxError
@@ -74,7 +74,7 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
                          threads=threads, progress=progress)
             fixed[method], seconds[method] = out, round(report.seconds or 0.0, 2)
         names = {"original": model_path, **{f"fixed ({m})": p for m, p in fixed.items()}}
-        scorers = {name: _Scorer(load_model(path), device, threads) for name, path in names.items()}
+        scorers = {name: Scorer(load_model(path), device, threads) for name, path in names.items()}
         for batch in test.batches(256):
             check_finite(batch, test)
             for s in scorers.values():
