@@ -137,3 +137,17 @@ def test_clipped_gaussian_moments_monte_carlo():
 def test_tap_fractions_count_in_bounds_reads():
     frac = theory.tap_fractions((3,), (4,), (4,), (1,), (1,), (1,))
     np.testing.assert_allclose(frac, [0.75, 1.0, 0.75])
+
+
+def test_data_free_with_val_writes_only_when_better(tmp_path):
+    g = GraphBuilder()
+    h = g.bn(g.dropout("x", 0.5, "d"), 3, "bn", mean=[0.0, 1.0, 0.0], var=[2.0, 3.0, 1.0])
+    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [g.node("Relu", [h])])]), 3, 5)
+    path = save(g.build(out), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "val.npz", x=rng.standard_normal((40, 3, 8, 8)).astype(np.float32), y=rng.integers(0, 5, 40))
+    r = CliRunner().invoke(main, ["fix", path, "--data-free", "--val", str(tmp_path / "val.npz"), "--json"])
+    d = json.loads(r.output[r.output.index("{"):])
+    assert [c["name"] for c in d["candidates"]] == ["original", "data-free"]
+    better = d["candidates"][1]["val_top1"] > d["candidates"][0]["val_top1"]
+    assert d["written"] == better and r.exit_code == (0 if better else 1)

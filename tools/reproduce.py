@@ -174,7 +174,7 @@ def card_markdown(c: dict) -> str:
     ]
     for m in ("batch", "population", "data-free"):
         if f"ort_test_acc_fixed_{m}" in c:
-            how = "--data-free" if m == "data-free" else f"--method {m}` ({c['calibration']}"
+            how = "--data-free` (no data" if m == "data-free" else f"--method {m}` ({c['calibration']}"
             lines.append(f"- after `vsonnx fix {how}, {c[f'fix_{m}_s']} s): "
                          f"{c[f'ort_test_acc_fixed_{m}']:.2f}% "
                          f"({c[f'ort_test_acc_fixed_{m}'] - c['ort_test_acc']:+.2f} points)")

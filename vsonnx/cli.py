@@ -136,9 +136,9 @@ def fix(model, calib, data_free, dropout_specs, sites_file, output, in_place, me
     from .recalibrate import fix as fix_model
     from .report import render_fix
 
-    if data_free and (calib or val or scope_all):
-        click.echo("warning: --calib/--val/--all are ignored with --data-free.", err=True)
-        calib = val = None
+    if data_free and (calib or scope_all):
+        click.echo("warning: --calib/--all are ignored with --data-free.", err=True)
+        calib = None
     from .stripped import parse_dropout_specs
 
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None

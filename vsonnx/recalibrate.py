@@ -188,7 +188,14 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
         base.message = "every BN in scope was refused; see 'refused'."
         return base
     if data_free:
-        return _fix_data_free(model, model_path, out_path, report, base, in_place)
+        checker = None
+        if val is not None:
+            def checker(candidates):
+                from .accuracy import evaluate_candidates
+
+                return evaluate_candidates(model, candidates, val, batch_size=batch_size, device=device,
+                                           threads=threads, limit=val_limit, preprocess=preprocess)
+        return _fix_data_free(model, model_path, out_path, report, base, in_place, checker, force)
     if calib is None:
         raise VsonnxError("fix needs calibration data.",
                           "pass --calib with an image folder, .npy/.npz or FILE.py:FUNC, or use --data-free.")
@@ -243,7 +250,10 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
     return base
 
 
-def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_place: bool) -> FixReport:
+def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_place: bool, checker, force: bool
+                   ) -> FixReport:
+    """``checker`` (with --val) scores [original, corrected] on validation data; nothing is written when the
+    correction is worse, unless ``force``."""
     from .datafree import data_free_statistics
 
     result = data_free_statistics(model, report)
@@ -252,8 +262,18 @@ def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_plac
     if not result.statistics:
         base.message = "no site could be corrected without data (see notes); nothing written."
         return base
+    if any(b.downstream_of_site for b in report.batchnorms):
+        base.warnings.append("BNs downstream of the corrected sites keep their statistics, which the correction "
+                             "may invalidate: check with vsonnx compare (or pass --val), or fix with --calib.")
     old = old_statistics(model, list(result.statistics))
     fixed = with_statistics(model, result.statistics)
+    if checker is not None:
+        scores = checker([model, fixed])
+        base.candidates = [{"name": "original", "val_top1": scores[0]}, {"name": "data-free", "val_top1": scores[1]}]
+        _fill_rows(base, report, old, result.statistics)
+        if scores[1] <= scores[0] and not force:
+            base.message = "the data-free correction does not beat the original on the validation data: nothing written."
+            return base
     validate(fixed)
     save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance={
         "method": "data-free", "samples": "0", "old_statistics_sha256": digest(old), "version": __version__,
