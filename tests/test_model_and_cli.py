@@ -9,7 +9,7 @@ from vsonnx.cli import main
 from vsonnx.errors import VsonnxError
 from vsonnx.model import get_metadata, load_model, max_ir_version, save_model
 
-from conftest import GraphBuilder, cnn_with_sites, save
+from conftest import cnn_with_sites, save
 
 
 def run(*args):

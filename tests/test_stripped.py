@@ -2,7 +2,6 @@
 import warnings
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -76,7 +75,7 @@ def test_stock_export_is_folded_and_scan_says_so(exports):
 
 
 def test_folded_fix_matches_unfolded_fix(exports):
-    kept = vsonnx.fix(exports / "kept.onnx", exports / "x.npy", output=exports / "kept.fixed.onnx",
+    vsonnx.fix(exports / "kept.onnx", exports / "x.npy", output=exports / "kept.fixed.onnx",
                       method="population")
     conv2 = next(n.name for n in load_model(exports / "stock.onnx").graph.node if n.op_type == "Conv" and "conv2" in n.name)
     folded = vsonnx.fix(exports / "stock.onnx", exports / "x.npy", output=exports / "stock.fixed.onnx",

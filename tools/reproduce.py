@@ -106,7 +106,7 @@ def measure(name: str, data: Path, threads: int | None) -> dict:
     card["fix_commands"] = [f"vsonnx fix models/{name}.onnx --calib ../shared/data/cifar10/train --limit {CALIB_SAMPLES} "
                             f"--method {m} -o {name}.{m}.onnx" for m in ("batch", "population")]
     card["fix_commands"].append(f"vsonnx fix models/{name}.onnx --data-free -o {name}.data-free.onnx")
-    card["eval_command"] = f"vsonnx eval MODEL --data ../shared/data/cifar10/test"
+    card["eval_command"] = "vsonnx eval MODEL --data ../shared/data/cifar10/test"
     return card
 
 

@@ -188,14 +188,13 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
         base.message = "every BN in scope was refused; see 'refused'."
         return base
     if data_free:
-        checker = None
-        if val is not None:
-            def checker(candidates):
-                from .accuracy import evaluate_candidates
+        def checker(candidates):
+            from .accuracy import evaluate_candidates
 
-                return evaluate_candidates(model, candidates, val, batch_size=batch_size, device=device,
-                                           threads=threads, limit=val_limit, preprocess=preprocess)
-        return _fix_data_free(model, model_path, out_path, report, base, in_place, checker, force)
+            return evaluate_candidates(model, candidates, val, batch_size=batch_size, device=device,
+                                       threads=threads, limit=val_limit, preprocess=preprocess)
+        return _fix_data_free(model, model_path, out_path, report, base, in_place,
+                              checker if val is not None else None, force)
     if calib is None:
         raise VsonnxError("fix needs calibration data.",
                           "pass --calib with an image folder, .npy/.npz or FILE.py:FUNC, or use --data-free.")
