@@ -190,3 +190,16 @@ def test_report_json_schema():
         assert key in bn
     assert bn["dropouts"] == [{"name": "d", "ratio": 0.5, "channelwise": False}]
     assert set(bn["weight"]) >= {"op", "fan_in", "cos2"}
+
+
+def test_scan_says_which_sites_data_free_can_correct():
+    from vsonnx.sites import scan
+
+    g = GraphBuilder()
+    a = g.bn(g.dropout("x", 0.5, "d1"), 3, "direct")
+    h = g.node("Concat", [g.dropout(a, 0.5, "d2"), "x"], axis=1)
+    out = g.bn(h, 6, "concat")
+    report = {b.name: b for b in scan(g.build(out)).batchnorms}
+    assert report["direct"].data_free.startswith("direct")
+    assert report["concat"].data_free.startswith("not corrected")
+    assert "data_free" in report["direct"].to_dict()

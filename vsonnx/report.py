@@ -57,6 +57,10 @@ def render_scan(report) -> str:
         if median is not None:
             n = sum(b.prediction_error is not None for b in report.sites)
             out.append(f"prediction vs measurement over {n} site(s): median relative error {median:.3f}")
+    data_free = [f"  {b.name}: {b.data_free}" for b in report.sites if b.data_free]
+    if data_free:
+        out.append("without data (fix --data-free):")
+        out += data_free
     out += [f"warning: {w}" for w in report.warnings]
     return "\n".join(out)
 

@@ -30,7 +30,7 @@ from .data import open_source
 from .graph import GraphIndex
 from .model import load_model
 from .noise import noise_variance
-from .sites import ScanReport, find_sites
+from .sites import ScanReport, scan
 
 
 def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = True, seed: int = 0,
@@ -39,7 +39,7 @@ def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = Tru
     """``find_sites`` plus measured and predicted shift per BN (fields set on each BatchNormInfo)."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model))
-    report = find_sites(proto, name)
+    report = scan(proto, name)
     if not report.batchnorms:
         return report
     index = GraphIndex(proto)

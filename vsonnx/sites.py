@@ -65,6 +65,7 @@ class BatchNormInfo:
     predicted_var_ratio: float | None = None
     # (dropout name, weight node or None) of every path, when all are additive (see _Path.additive)
     noise_paths: list[tuple[str, str | None]] | None = field(default=None, repr=False)
+    data_free: str | None = None  # sites: what fix --data-free would do, or why it cannot (set by scan)
     # filled by vsonnx.shift.measure_shift (scan --calib)
     real_var_ratio: float | None = None
     shift_metric: float | None = None
@@ -350,9 +351,14 @@ def _first_reached(index: GraphIndex, tensor: str, targets: frozenset[str]) -> l
 
 
 def scan(model, model_name: str | None = None) -> ScanReport:
-    """Public entry: ``model`` is a path or an onnx.ModelProto."""
+    """Public entry: ``model`` is a path or an onnx.ModelProto. Each site also says whether `fix --data-free`
+    can correct it (``data_free``: what it would do, or why not)."""
+    from .datafree import data_free_statistics
     from .model import load_model
 
-    if isinstance(model, onnx.ModelProto):
-        return find_sites(model, model_name or "<memory>")
-    return find_sites(load_model(model), model_name or str(model))
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
+    notes = data_free_statistics(proto, report).notes if report.sites else {}
+    for b in report.sites:
+        b.data_free = notes.get(b.name)
+    return report
