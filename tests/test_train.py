@@ -92,3 +92,9 @@ def test_two_process_gloo_ddp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     card = json.loads((out / "card.json").read_text())
     assert card["world_size"] == 2 and (out / "model.onnx").exists()
+
+
+def test_train_script_user_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--data", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and "--data" in proc.stderr and "Traceback" not in proc.stderr

@@ -284,4 +284,10 @@ def card_markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except vsonnx.VsonnxError as exc:  # user errors: one line and a hint, no traceback
+        print(f"Error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"Hint: {exc.hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
