@@ -116,3 +116,30 @@ def test_size_needed_when_model_shape_is_dynamic(tmp_path):
     with pytest.raises(VsonnxError, match="--size"):
         open_source(tmp_path, model)
     assert open_source(tmp_path, model, preprocess={"size": (8, 8)}).size == 10
+
+
+def test_replay_source_decodes_once_within_its_budget(tmp_path):
+    from vsonnx.data import Batch, ReplaySource, Source
+
+    class Counting(Source):  # a source that counts how often it is read
+        has_labels, spec, size = False, "counting", 20
+
+        def __init__(self):
+            self.reads = 0
+
+        def batches(self, batch_size):
+            self.reads += 1
+            x, _ = arrays(20)
+            for i in range(0, 20, batch_size):
+                yield Batch({"x": x[i:i + batch_size]}, None)
+
+    inner = Counting()
+    replay = ReplaySource(inner)
+    first, second = collect(replay, 8), collect(replay, 8)
+    np.testing.assert_array_equal(first[0], second[0])
+    assert inner.reads == 1
+    collect(replay, 5)  # another batch size: read again
+    assert inner.reads == 2
+    small = ReplaySource(Counting(), budget=100)  # over budget: every pass reads the source
+    collect(small, 8), collect(small, 8)
+    assert small.source.reads == 2

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .data import Source, check_finite
+from .data import ReplaySource, Source, check_finite
 from .errors import VsonnxError
 from .graph import GraphIndex, attribute
 from .model import default_opset
@@ -398,8 +398,8 @@ def calibrate(model: onnx.ModelProto, source: Source, targets: list[str], *, met
             raise VsonnxError("the batch method needs a batch size of at least 2 (batch statistics of one "
                               "sample are degenerate).", "pass --batch-size 32 or more, or --method population.")
         result = _calibrate_batch(model, source, targets, batch_size, device, threads, progress)
-    else:
-        result = _calibrate_population(model, source, targets, batch_size, device, threads, progress)
+    else:  # several passes over the same data: decode it once
+        result = _calibrate_population(model, ReplaySource(source), targets, batch_size, device, threads, progress)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -355,6 +355,37 @@ class ReaderSource(Source):
         return Batch(feeds, lab)
 
 
+class ReplaySource(Source):
+    """Keeps the preprocessed batches of a first pass in memory (up to ``budget`` bytes) and replays them on
+    later passes, so multi-pass methods decode images once. These are model inputs, not activations; past
+    the budget every pass reads the wrapped source again."""
+
+    def __init__(self, source: Source, budget: int = 1 << 30):
+        self.source, self.budget = source, budget
+        self.has_labels, self.spec, self.size = source.has_labels, source.spec, source.size
+        self._cache: tuple[int, list[Batch]] | None = None
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        if self._cache is not None and self._cache[0] == batch_size:
+            yield from self._cache[1]
+            return
+        kept: list[Batch] | None = []
+        used = 0
+        for batch in self.source.batches(batch_size):
+            if kept is not None:
+                used += sum(a.nbytes for a in batch.feeds.values())
+                if used <= self.budget:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self._cache = (batch_size, kept)
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+
 def _load_callable(spec: str):
     target, _, func = spec.rpartition(":")
     try:

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from . import __version__
 from .calibrate import BnStatistics, CalibrationResult, calibrate
-from .data import open_source
+from .data import ReplaySource, open_source
 from .errors import VsonnxError
 from .graph import GraphIndex
 from .model import check_output_path, load_model, save_model, same_file
@@ -201,13 +201,11 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
     if val is not None and same_source(calib, val):
         base.warnings.append("the validation data is the calibration data: the choice among candidates is biased.")
 
-    def source():
-        return open_source(calib, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess)
-
+    source = ReplaySource(open_source(calib, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess))
     methods = [method] if val is None else ["batch", "population"]
     results: dict[str, CalibrationResult] = {}
     for m in methods:
-        results[m] = calibrate(model, source(), names, method=m, batch_size=batch_size, device=device,
+        results[m] = calibrate(model, source, names, method=m, batch_size=batch_size, device=device,
                                threads=threads, progress=progress)
     main_result = results[method]
     old = old_statistics(model, names)

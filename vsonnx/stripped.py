@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 
 from .calibrate import (BnStatistics, bn_levels, bn_tap, measure_moments, tensor_shapes, tensor_tap,
                         working_copy)
-from .data import Source
+from .data import ReplaySource, Source
 from .errors import VsonnxError
 from .graph import GraphIndex, attribute
 from .sites import find_sites, looks_folded
@@ -154,6 +154,7 @@ def correct_stripped(model: onnx.ModelProto, source: Source, sites: dict[str, fl
                      progress: bool = False):
     """Returns (corrected model without the inserted dropouts, BN statistics, affine corrections, report
     of the analysis copy, samples)."""
+    source = ReplaySource(source)
     analysis = insert_dropouts(model, sites, training=False)
     report = find_sites(analysis)
     bns = [b.name for b in report.batchnorms if scope == "all" or b.site or b.downstream_of_site]
