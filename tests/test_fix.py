@@ -199,3 +199,16 @@ def test_fixed_batch_dimension_is_rewritten_in_working_copies(setup):
     report = vsonnx.fix(path, tmp / "calib.npz", batch_size=10, method="population")
     assert report.written and report.samples == 32
     assert vsonnx.evaluate(report.output, tmp / "val.npz", batch_size=7).samples == 32
+
+
+def test_device_choice(setup):
+    tmp, model_path = setup
+    from vsonnx.runtime import cuda_works
+
+    r = run("eval", model_path, "--data", tmp / "val.npz", "--device", "cuda")
+    if cuda_works():
+        assert r.exit_code == 0 and "CUDAExecutionProvider" in r.output
+    else:  # asked for CUDA where it cannot run: a one-line user error, no long onnxruntime log
+        assert r.exit_code == 3 and "CUDA execution provider" in r.output and len(r.output.splitlines()) == 2
+    r = run("eval", model_path, "--data", tmp / "val.npz", "--device", "auto")
+    assert r.exit_code == 0 and r.output.count("onnxruntime provider:") == 1
