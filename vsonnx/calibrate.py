@@ -127,7 +127,7 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def reduce(self, op: str, x: str, out: str, axes: list[int], prefix: str, keepdims: int = 1) -> str:
+    def reduce(self, op: str, x: str, out: str, axes: list[int], keepdims: int = 1) -> str:
         if self.opset >= 18:
             axes_name = self.const(f"{out}_axes", np.array(axes, np.int64))
             self.nodes.append(helper.make_node(op, [x, axes_name], [out], keepdims=keepdims))
@@ -228,8 +228,8 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str]):
         g1, g2, size = builder.sample_moments(tap, prefix)
         axes = [a for a in range(tap.rank) if a != 1]
         shift = tap.shift
-        m = builder.reduce("ReduceMean", g1, f"{prefix}_m", axes, prefix, keepdims=0)
-        q = builder.reduce("ReduceMean", g2, f"{prefix}_q", axes, prefix, keepdims=0)
+        m = builder.reduce("ReduceMean", g1, f"{prefix}_m", axes, keepdims=0)
+        q = builder.reduce("ReduceMean", g2, f"{prefix}_q", axes, keepdims=0)
         m2 = builder.node("Mul", [m, m], f"{prefix}_m2")
         var = builder.node("Sub", [q, m2], f"{prefix}_var")
         mean = builder.node("Add", [m, builder.const(f"{prefix}_shift1", shift.astype(np.float32))], f"{prefix}_mean")
