@@ -12,6 +12,10 @@ The pass follows find / check / apply:
 With validation data (``val``) every candidate (original, batch, population and half-way corrections
 between the old and new statistics) is evaluated and the best one is written; nothing is written when no
 candidate beats the original, unless ``force``.
+
+Two other sources of new statistics share the same apply step: ``data_free`` (vsonnx.datafree: the paper's
+formulas on the constants, sites only) and ``dropout_sites`` (vsonnx.stripped: exports that removed Dropout,
+possibly folding BN into Conv/Gemm weights, which then get an affine correction instead).
 """
 from __future__ import annotations
 
@@ -174,8 +178,8 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
         return base
     chosen = targets(report.batchnorms, scope)
     if not chosen:
-        base.message = ("no Dropout->BatchNormalization site: nothing to fix "
-                        "(use --all to re-estimate every BN anyway).")
+        base.message = ("no Dropout->BatchNormalization site: nothing to fix (if the export removed Dropout, "
+                        "name where it acted with --dropout TENSOR=RATIO; --all re-estimates every BN anyway).")
         return base
     index = GraphIndex(model)
     nodes = {index.node_name(n): n for n in model.graph.node if n.op_type == "BatchNormalization"}
