@@ -143,3 +143,9 @@ def test_replay_source_decodes_once_within_its_budget(tmp_path):
     small = ReplaySource(Counting(), budget=100)  # over budget: every pass reads the source
     collect(small, 8), collect(small, 8)
     assert small.source.reads == 2
+
+
+def test_missing_normalisation_is_warned(tmp_path):
+    write_images(tmp_path)
+    with pytest.warns(UserWarning, match="no --mean/--std"):
+        open_source(tmp_path, MODEL)

@@ -41,10 +41,17 @@ def emit_json(payload: dict) -> None:
     click.echo(json.dumps(payload, indent=2, allow_nan=False))
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="vsonnx")
 def main():
     """Find and repair the Dropout->BatchNorm variance shift in ONNX models."""
+    import warnings
+
+    warnings.showwarning = _one_line_warning  # library warnings reach the user as one line each
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:

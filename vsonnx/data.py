@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -466,6 +467,8 @@ def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = Tru
     if not entries:
         raise VsonnxError(f"data folder '{path}' is empty.", "pass a folder with images or .npy/.npz files.")
     pre = Preprocess.resolve(model, inputs, **(preprocess or {}))
+    for note in pre.notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     return ImageFolderSource(path, inputs, pre, shuffle=shuffle, seed=seed, limit=limit, workers=workers)
 
 
