@@ -212,3 +212,15 @@ def test_device_choice(setup):
         assert r.exit_code == 3 and "CUDA execution provider" in r.output and len(r.output.splitlines()) == 2
     r = run("eval", model_path, "--data", tmp / "val.npz", "--device", "auto")
     assert r.exit_code == 0 and r.output.count("onnxruntime provider:") == 1
+
+
+def test_hard_coded_batch_in_a_reshape_is_a_user_error(tmp_path):
+    g = GraphBuilder()
+    h = g.bn(g.dropout("x", 0.5, "d"), 3, "bn")
+    h = g.node("Reshape", [h, g.init("shape", np.array([2, -1], np.int64))], "reshape")  # batch 2 baked in
+    path = save(g.build(g.gemm(h, 192, 5)), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((8, 3, 8, 8)).astype(np.float32), y=rng.integers(0, 5, 8))
+    r = run("eval", path, "--data", tmp_path / "d.npz", "--batch-size", 4)
+    assert r.exit_code == 3 and "--batch-size" in r.output
+    assert run("eval", path, "--data", tmp_path / "d.npz", "--batch-size", 2).exit_code == 0

@@ -16,7 +16,7 @@ from .calibrate import working_copy
 from .data import Source, check_finite, open_source
 from .errors import VsonnxError
 from .model import load_model
-from .runtime import make_session
+from .runtime import make_session, run
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Scorer:
 
     def run(self, feeds: dict, labels: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        logits = self.session.run([self.output], feeds)[0]
+        logits = run(self.session, [self.output], feeds)[0]
         self.seconds += time.perf_counter() - t0
         logits = logits.reshape(len(labels), -1)
         self.samples += len(labels)

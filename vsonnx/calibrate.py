@@ -40,7 +40,7 @@ from .data import ReplaySource, Source, check_finite
 from .errors import VsonnxError
 from .graph import GraphIndex, attribute
 from .model import default_opset
-from .runtime import make_session
+from .runtime import make_session, run
 from .stats import BatchAverage, ChannelMoments
 
 METHODS = ("batch", "population")
@@ -373,7 +373,7 @@ def _run_pass(session, source: Source, batch_size: int, fetch: list[str], label:
     samples = batches = 0
     for batch in source.batches(batch_size):
         check_finite(batch, source)
-        values = session.run(fetch, batch.feeds)
+        values = run(session, fetch, batch.feeds)
         consume(len(batch), values)
         samples += len(batch)
         batches += 1

@@ -118,5 +118,14 @@ def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool
         ) from None
 
 
-def session_provider(session) -> str:
-    return session.get_providers()[0]
+def run(session, fetch: list[str] | None, feeds: dict):
+    """session.run with onnxruntime's failures on this data turned into a user error."""
+    try:
+        return session.run(fetch, feeds)
+    except Exception as exc:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
+        raise VsonnxError(
+            f"onnxruntime failed on a batch ({shapes}): {str(exc).splitlines()[0][:200]}",
+            "if the model hard-codes its batch size (e.g. a Reshape to [1, -1]), pass that --batch-size; "
+            "otherwise check the data's shape and preprocessing.",
+        ) from None
