@@ -127,3 +127,26 @@ def test_dropout_is_off_during_calibration(exported):
     b = calibrate(model, ArraySource.from_arrays(model, x, None, shuffle=False), names, batch_size=32, device="cpu")
     for n in names:
         np.testing.assert_array_equal(a.statistics[n].var, b.statistics[n].var)
+
+
+@pytest.mark.parametrize("arch,options", [("densenet", dict(depth=10, growth=4)), ("preresnet", dict(depth=8))])
+def test_staged_population_equals_per_level_passes(tmp_path, arch, options):
+    """The staged computation (each node once, stage boundaries spilled to disk) gives the per-level answer."""
+    from vsonnx.calibrate import _calibrate_population
+    from vsonnx.nets import DropoutConfig, build
+    from vsonnx.staged import calibrate_population_staged
+
+    torch.manual_seed(0)
+    net = build(arch, num_classes=3, dropout=DropoutConfig("a", 0.5), **options).train()
+    with torch.no_grad():
+        net(torch.randn(64, 3, 16, 16))
+    vsonnx.export(net, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((50, 3, 16, 16)).astype(np.float32)
+    names = scoped(model, "all")
+    a = _calibrate_population(model, ArraySource.from_arrays(model, x, None), names, 16, "cpu", None, False)
+    b = calibrate_population_staged(model, ArraySource.from_arrays(model, x, None), names, batch_size=16,
+                                    device="cpu", threads=None, progress=False)
+    for n in names:
+        np.testing.assert_allclose(b.statistics[n].mean, a.statistics[n].mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.statistics[n].var, a.statistics[n].var, rtol=1e-5)

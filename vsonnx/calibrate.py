@@ -19,9 +19,10 @@ Methods:
   momentum=None) on the same batches.
 - ``population`` (exact inference semantics): each BN gets the mean and population variance of its input
   over the whole calibration set while every recalibrated BN upstream already uses its new statistics.
-  BNs are grouped by *level* (longest chain of recalibrated BNs upstream); one pass per level, each pass
-  running only the part of the graph its statistics need (a pruned copy), so early levels cost a fraction
-  of a full pass. Moments merge exactly (Chan), so the result does not depend on batch size or order.
+  BNs are grouped by *level* (longest chain of recalibrated BNs upstream) and measured level by level. By
+  default (vsonnx.staged) each pass runs only its stage of the graph and reads earlier stages' tensors
+  back from a disk spill, so every node is computed once; graphs with subgraphs fall back to one pruned
+  pass per level. Moments merge exactly (Chan), so the result does not depend on batch size or order.
 
 Refuses: batch size 1 for ``batch`` (unbiased variance undefined); BNs whose input rank is unknown.
 """
@@ -399,7 +400,7 @@ def calibrate(model: onnx.ModelProto, source: Source, targets: list[str], *, met
                               "sample are degenerate).", "pass --batch-size 32 or more, or --method population.")
         result = _calibrate_batch(model, source, targets, batch_size, device, threads, progress)
     else:  # several passes over the same data: decode it once
-        result = _calibrate_population(model, ReplaySource(source), targets, batch_size, device, threads, progress)
+        result = _population(model, ReplaySource(source), targets, batch_size, device, threads, progress)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -443,6 +444,20 @@ def _calibrate_batch(model, source, targets, batch_size, device, threads, progre
     stats = {name: BnStatistics(name, e.mean, e.var, e.count) for name, e in estimators.items()}
     return CalibrationResult("batch", samples, batches, stats, 1, 0.0, session.get_providers()[0],
                              sorted(set(notes)))
+
+
+def _population(model, source, targets, batch_size, device, threads, progress):
+    """Staged (each node computed once, stage boundaries spilled to disk) where the graph allows it, else
+    one pruned pass per level."""
+    from .staged import _SpillTooLarge, calibrate_population_staged, has_subgraphs
+
+    if not has_subgraphs(model):
+        try:
+            return calibrate_population_staged(model, source, targets, batch_size=batch_size, device=device,
+                                               threads=threads, progress=progress)
+        except _SpillTooLarge:
+            pass
+    return _calibrate_population(model, source, targets, batch_size, device, threads, progress)
 
 
 def _calibrate_population(model, source, targets, batch_size, device, threads, progress):
