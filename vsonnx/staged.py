@@ -9,7 +9,8 @@ Every node is computed once per sample, the statistics are the same per-sample m
 method (so the answer is the same), and no activation tensor is held in memory beyond one batch.
 
 Used for graphs without subgraph-carrying nodes (If/Loop/Scan read outer tensors implicitly); the caller
-falls back to the naive per-level passes otherwise, and when the spill would exceed ``max_spill_bytes``.
+falls back to the naive per-level passes otherwise, and when the spill would exceed ``max_spill_bytes`` or
+cannot be written.
 """
 from __future__ import annotations
 
@@ -131,8 +132,11 @@ def calibrate_population_staged(model: onnx.ModelProto, source: Source, targets:
                 for t, trio in outputs.items():
                     elements, mean, m2 = _per_sample(got, trio, len(batch))
                     moments[t].update_samples(elements, mean, m2)
-                for t in spill_out:
-                    np.save(spill / f"{_file(t)}.{b}.npy", got[t])
+                try:
+                    for t in spill_out:
+                        np.save(spill / f"{_file(t)}.{b}.npy", got[t])
+                except OSError:  # disk full or not writable: the per-level passes need no spill
+                    raise _SpillTooLarge from None
                 if spill_out and (b + 1) * sum(got[t].nbytes for t in spill_out) > max_spill_bytes:
                     raise _SpillTooLarge
                 samples += len(batch)
