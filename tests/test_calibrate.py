@@ -150,3 +150,22 @@ def test_staged_population_equals_per_level_passes(tmp_path, arch, options):
     for n in names:
         np.testing.assert_allclose(b.statistics[n].mean, a.statistics[n].mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b.statistics[n].var, a.statistics[n].var, rtol=1e-5)
+
+
+def test_staged_falls_back_when_the_spill_is_too_large(exported, monkeypatch):
+    from vsonnx import staged
+
+    _, model, x = exported
+    names = scoped(model)
+    with pytest.raises(staged._SpillTooLarge):
+        staged.calibrate_population_staged(model, ArraySource.from_arrays(model, x, None), names, batch_size=32,
+                                           device="cpu", threads=None, progress=False, max_spill_bytes=1)
+    reference = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population", device="cpu")
+
+    def too_large(*args, **kwargs):
+        raise staged._SpillTooLarge
+
+    monkeypatch.setattr(staged, "calibrate_population_staged", too_large)
+    fallback = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population", device="cpu")
+    for n in names:
+        np.testing.assert_allclose(fallback.statistics[n].var, reference.statistics[n].var, rtol=1e-5)
