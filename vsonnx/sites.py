@@ -29,7 +29,8 @@ from .model import default_opset, get_metadata
 PATH_ORDER = ("direct", "weight", "merge", "other")
 EXPORT_HINT = (
     "export with vsonnx.export(model, example_input, 'model.onnx'), which keeps Dropout and unfolded BN; "
-    "or name the sites by hand."
+    "or name where dropout acted with `vsonnx fix --calib DATA --dropout TENSOR_OR_NODE=RATIO` (BNs kept in the "
+    "graph are recalibrated, BNs folded into a Conv/Gemm are corrected in its weights)."
 )
 
 
