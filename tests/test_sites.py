@@ -203,3 +203,10 @@ def test_scan_says_which_sites_data_free_can_correct():
     assert report["direct"].data_free.startswith("direct")
     assert report["concat"].data_free.startswith("not corrected")
     assert "data_free" in report["direct"].to_dict()
+
+
+def test_ratio_zero_dropout_is_not_a_site():
+    g = GraphBuilder()
+    out = g.bn(g.dropout("x", 0.0, "d"), 3, "bn")
+    bn = by_name(find_sites(g.build(out)))["bn"]
+    assert not bn.site and bn.dropouts == []

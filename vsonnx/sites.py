@@ -253,8 +253,10 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
             continue
         if node.op_type == "Dropout":
             outgoing = {d: set(ps) for d, ps in incoming.items()}
-            outgoing.setdefault(index.node_name(node), set()).add(_Path(0, None, False, False))
-            paths[node.output[0]] = outgoing
+            if dropouts[index.node_name(node)].ratio != 0:  # a ratio-0 Dropout is the identity even in training
+                outgoing.setdefault(index.node_name(node), set()).add(_Path(0, None, False, False))
+            if outgoing:
+                paths[node.output[0]] = outgoing
             continue
         kind = _step_kind(index, node)
         name = index.node_name(node)
