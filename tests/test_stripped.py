@@ -122,3 +122,10 @@ def test_names_that_do_not_exist_are_user_errors(exports):
 def test_sites_file(tmp_path):
     (tmp_path / "s.json").write_text('{"dropout": {"a": 0.5, "b": 0.1}}')
     assert parse_dropout_specs(["c=0.2"], tmp_path / "s.json") == {"a": 0.5, "b": 0.1, "c": 0.2}
+
+
+def test_scan_with_named_sites(exports):
+    conv2 = next(n.name for n in load_model(exports / "stock.onnx").graph.node if n.op_type == "Conv" and "conv2" in n.name)
+    r = CliRunner().invoke(main, ["scan", str(exports / "stock.onnx"), "--dropout", f"{conv2}=0.5"])
+    assert r.exit_code == 0 and "Traceback" not in r.output
+    assert "named site" in r.output and "would correct 1 folded weight layer" in r.output

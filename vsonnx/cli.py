@@ -235,10 +235,15 @@ def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device,
 @click.option("--calib", default=None, help="Measure the shift on this data (model as deployed, dropout off).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --calib: write the paper's Fig. 1 (shift per BN layer) as a PNG; models overlaid.")
+@click.option("--dropout", "dropout_specs", multiple=True, metavar="TENSOR_OR_NODE=RATIO",
+              help="Analyse as if dropout acted here (exports that removed it); repeatable, as in fix.")
+@click.option("--sites", "sites_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help='JSON file {"dropout": {"TENSOR_OR_NODE": RATIO}}.')
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (a list for several models).")
 @data_options
 @user_errors
-def scan(models, calib, plot, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device, threads):
+def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, limit, shuffle, seed, mean, std, size,
+         layout, scale, device, threads):
     """List the BatchNormalization layers of MODELS and their Dropout->BN variance-shift sites; with --calib,
     measure each BN's shift and compare it with the paper's prediction. --limit defaults to 5000 here."""
     from .report import render_scan
@@ -246,16 +251,22 @@ def scan(models, calib, plot, as_json, batch_size, limit, shuffle, seed, mean, s
 
     if plot and not calib:
         raise VsonnxError("--plot needs measurements.", "add --calib DATA.")
+    from .stripped import parse_dropout_specs, with_named_sites
+
+    named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
     reports = []
     for model in models:
+        target, notes = (model, []) if not named else with_named_sites(model, named)
         if calib is None:
-            reports.append(scan_model(model))
+            reports.append(scan_model(target, str(model)))
+            reports[-1].warnings[:0] = notes
             continue
         from .shift import measure_shift
 
-        reports.append(measure_shift(model, calib, limit=limit or 5000, shuffle=shuffle, seed=seed,
+        reports.append(measure_shift(target, calib, limit=limit or 5000, shuffle=shuffle, seed=seed, model_name=str(model),
                                      preprocess=_preprocess(calib, mean, std, size, layout, scale),
                                      batch_size=batch_size, device=device, threads=threads, progress=not as_json))
+        reports[-1].warnings[:0] = notes
     if plot:
         from .shift import plot_shift
 

@@ -106,11 +106,26 @@ def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training
     return out
 
 
+def with_named_sites(model_path, named: dict[str, float]) -> tuple[onnx.ModelProto, list[str]]:
+    """(analysis copy with Dropout nodes at the named sites, notes on what `fix --dropout` would change)."""
+    from .model import load_model
+
+    model = load_model(model_path)
+    sites = resolve_sites(model, named)
+    analysis = insert_dropouts(model, sites, training=False)
+    folded = folded_layers(analysis, sites)
+    notes = [f"analysed with Dropout inserted at {len(sites)} named site(s): {', '.join(sites)}"]
+    if folded:
+        notes.append(f"fix --dropout would correct {len(folded)} folded weight layer(s) in their weights: "
+                     f"{', '.join(folded)}")
+    return analysis, notes
+
+
 def folded_layers(model_with_dropouts: onnx.ModelProto, sites: dict[str, float]) -> list[str]:
     """Weight layers downstream of the sites that look folded (see module docstring)."""
     index = GraphIndex(model_with_dropouts)
-    downstream = index.downstream_nodes(list(sites))
-    return [index.node_name(n) for n in downstream if looks_folded(index, n)]
+    downstream = {id(n) for n in index.downstream_nodes(list(sites))}
+    return [index.node_name(n) for n in index.topological_order if id(n) in downstream and looks_folded(index, n)]
 
 
 def apply_affine(model: onnx.ModelProto, corrections: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
