@@ -224,3 +224,21 @@ def test_hard_coded_batch_in_a_reshape_is_a_user_error(tmp_path):
     r = run("eval", path, "--data", tmp_path / "d.npz", "--batch-size", 4)
     assert r.exit_code == 3 and "--batch-size" in r.output
     assert run("eval", path, "--data", tmp_path / "d.npz", "--batch-size", 2).exit_code == 0
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_fix_works_across_opsets(tmp_path, opset):
+    """Dropout in attribute (opset < 12) and input form, ReduceMean axes as attribute (< 18) or input (>= 18)."""
+    results = {}
+    for version in (opset, 17):
+        g = GraphBuilder(seed=2, opset=version)
+        h = g.conv("x", 3, 4)
+        h = g.dropout(h, 0.5, "d", form="attribute" if version < 12 else "initializer")
+        out = g.bn(g.node("Relu", [g.bn(h, 4, "bn_a")]), 4, "bn_b")
+        path = save(g.build(out), tmp_path / f"m{version}.onnx")
+        np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((24, 3, 8, 8)).astype(np.float32))
+        results[version] = {m: vsonnx.fix(path, tmp_path / "x.npy", method=m, batch_size=8,
+                                          output=tmp_path / f"m{version}.{m}.onnx") for m in ("batch", "population")}
+    for m in ("batch", "population"):
+        for a, b in zip(results[opset][m].batchnorms, results[17][m].batchnorms):
+            np.testing.assert_allclose(a["new_var"], b["new_var"], rtol=1e-5)
