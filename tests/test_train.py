@@ -98,3 +98,26 @@ def test_train_script_user_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--data", str(tmp_path / "none"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and "--data" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_download_is_verified_before_use(tmp_path, monkeypatch):
+    """A corrupted or foreign archive is rejected by its MD5 and removed, never unpickled."""
+    import urllib.request
+
+    from vsonnx import VsonnxError, datasets
+
+    def fake_download(url, target):
+        Path(target).write_bytes(b"not the CIFAR archive")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", fake_download)
+    with pytest.raises(VsonnxError, match="MD5"):
+        datasets.download_release("cifar10", tmp_path)
+    assert not (tmp_path / "cifar-10-python.tar.gz").exists()
+
+    def offline(url, target):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(VsonnxError, match="could not be downloaded") as info:
+        datasets.download_release("cifar10", tmp_path)
+    assert "--data" in info.value.hint
