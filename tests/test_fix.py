@@ -242,3 +242,25 @@ def test_fix_works_across_opsets(tmp_path, opset):
     for m in ("batch", "population"):
         for a, b in zip(results[opset][m].batchnorms, results[17][m].batchnorms):
             np.testing.assert_allclose(a["new_var"], b["new_var"], rtol=1e-5)
+
+
+def test_float16_model(tmp_path):
+    """Moments of float16 tensors are taken in float32; the BN keeps its float16 statistics."""
+    from onnx import TensorProto, helper
+
+    c = 3
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "r"), numpy_helper.from_array(np.array(False), "t")]
+    inits += [numpy_helper.from_array(v.astype(np.float16), n)
+              for n, v in [("s", np.ones(c)), ("b", np.zeros(c)), ("m", np.zeros(c)), ("v", np.full(c, 2.0))]]
+    nodes = [helper.make_node("Dropout", ["x", "r", "t"], ["d"], name="drop"),
+             helper.make_node("BatchNormalization", ["d", "s", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "f16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", c, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", c, 4, 4])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "h.onnx")
+    x = np.random.default_rng(0).standard_normal((16, c, 4, 4)).astype(np.float16)
+    np.save(tmp_path / "x.npy", x)
+    report = vsonnx.fix(path, tmp_path / "x.npy", method="population", batch_size=8)
+    expected = x.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, -1).var(1)
+    np.testing.assert_allclose(report.batchnorms[0]["new_var"], expected, rtol=1e-6)
+    assert initializer(load_model(report.output), "v").dtype == np.float16
+    assert vsonnx.fix(path, tmp_path / "x.npy", method="batch", batch_size=8, output=tmp_path / "b.onnx").written

@@ -99,15 +99,25 @@ def working_copy(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> on
     return work
 
 
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Shape (None for unknown dims) of every tensor shape inference can tell."""
+class TensorShapes(dict):
+    """tensor name -> shape (None for unknown dims); ``dtypes``: tensor name -> ONNX element type."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: dict[str, int] = {}
+
+
+def tensor_shapes(model: onnx.ModelProto) -> TensorShapes:
+    """Shape (None for unknown dims) and element type of every tensor shape inference can tell."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:
         inferred = model
-    shapes = {}
+    shapes = TensorShapes()
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = value.type.tensor_type
+        if t.elem_type:
+            shapes.dtypes[value.name] = t.elem_type
         if t.HasField("shape"):
             shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
     return shapes
@@ -146,8 +156,11 @@ class _Builder:
         Shape node on x would force onnxruntime to convert x out of its blocked layout)."""
         x, rank, channels, shift, elements = tap.tensor, tap.rank, tap.channels, tap.shift, tap.elements
         bshape = [1, channels] + [1] * (rank - 2)
-        s = self.const(f"{prefix}_shift", np.asarray(shift, np.float32).reshape(bshape))
+        np_dtype = helper.tensor_dtype_to_np_dtype(tap.dtype)
+        s = self.const(f"{prefix}_shift", np.asarray(shift, np_dtype).reshape(bshape))
         y = self.node("Sub", [x, s], f"{prefix}_y")
+        if tap.dtype != TensorProto.FLOAT:  # float16/bfloat16/double inputs: moments in float32
+            y = self.node("Cast", [y], f"{prefix}_y32", to=TensorProto.FLOAT)
         yy = self.node("Mul", [y, y], f"{prefix}_yy")
         shape = elements if rank == 2 or elements is not None else self.node("Shape", [x], f"{prefix}_shape")
         if rank == 2:
@@ -185,6 +198,7 @@ class Tap:
     channels: int
     shift: np.ndarray
     elements: int | None  # per sample and channel, when static
+    dtype: int = TensorProto.FLOAT  # ONNX element type of the tensor; moments are taken in float32
 
 
 def bn_tap(index: GraphIndex, node: onnx.NodeProto, shapes: dict[str, tuple]) -> Tap:
@@ -197,7 +211,8 @@ def bn_tap(index: GraphIndex, node: onnx.NodeProto, shapes: dict[str, tuple]) ->
     scale = index.constant(node.input[1])
     channels = int(np.asarray(scale if scale is not None else mean).size)
     shift = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(-1)
-    return Tap(node.input[0], len(shape), channels, shift, _static_elements(shape))
+    return Tap(node.input[0], len(shape), channels, shift, _static_elements(shape),
+               shapes.dtypes.get(node.input[0], TensorProto.FLOAT))
 
 
 def tensor_tap(tensor: str, shapes: dict[str, tuple]) -> Tap | None:
@@ -205,7 +220,8 @@ def tensor_tap(tensor: str, shapes: dict[str, tuple]) -> Tap | None:
     shape = shapes.get(tensor)
     if shape is None or len(shape) < 2 or not shape[1]:
         return None
-    return Tap(tensor, len(shape), int(shape[1]), np.zeros(shape[1], np.float32), _static_elements(shape))
+    return Tap(tensor, len(shape), int(shape[1]), np.zeros(shape[1], np.float32), _static_elements(shape),
+               shapes.dtypes.get(tensor, TensorProto.FLOAT))
 
 
 def _static_elements(shape: tuple) -> int | None:
@@ -234,6 +250,10 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str]):
         m2 = builder.node("Mul", [m, m], f"{prefix}_m2")
         var = builder.node("Sub", [q, m2], f"{prefix}_var")
         mean = builder.node("Add", [m, builder.const(f"{prefix}_shift1", shift.astype(np.float32))], f"{prefix}_mean")
+        stat_type = shapes.dtypes.get(node.input[3], TensorProto.FLOAT)
+        if stat_type != TensorProto.FLOAT:  # the BN's mean/var type
+            mean = builder.node("Cast", [mean], f"{prefix}_mean_t", to=stat_type)
+            var = builder.node("Cast", [var], f"{prefix}_var_t", to=stat_type)
         node.input[3], node.input[4] = mean, var  # the BN now normalises with batch statistics
         outputs[name], shifts[name] = (g1, g2, size), shift.astype(np.float64)
     builder.finish(_fetch(outputs))
@@ -287,9 +307,11 @@ def _write_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) ->
     if not stats:
         return
     nodes = _bn_nodes(model, list(stats))
+    inits = {t.name: t for t in model.graph.initializer}
     for k, (name, st) in enumerate(stats.items()):
         node = nodes[name]
-        dtype = np.float32
+        old = inits.get(node.input[3])
+        dtype = helper.tensor_dtype_to_np_dtype(old.data_type) if old is not None else np.float32
         for slot, value in ((3, st.mean), (4, st.var)):
             tensor_name = f"vsonnx_new_{k}_{slot}"
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), tensor_name))

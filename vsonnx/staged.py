@@ -61,15 +61,6 @@ def _stages(work: onnx.ModelProto, index: GraphIndex, targets: set[str]):
     return passes, levels, stage
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        inferred = model
-    values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
-    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
-
-
 def calibrate_population_staged(model: onnx.ModelProto, source: Source, targets: list[str], *, batch_size: int,
                                 device: str, threads: int | None, progress: bool,
                                 max_spill_bytes: int = 16 << 30) -> CalibrationResult:
@@ -78,7 +69,7 @@ def calibrate_population_staged(model: onnx.ModelProto, source: Source, targets:
     wanted = set(targets)
     passes, levels, stage = _stages(work, index, wanted)
     shapes = tensor_shapes(work)
-    types = _elem_types(work)
+    types = shapes.dtypes
     nodes = {index.node_name(n): n for n in work.graph.node}
     graph_inputs = {i.name for i in work.graph.input}
     taps_by_level: dict[int, dict] = {}
