@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .calibrate import (BnStatistics, CalibrationResult, _Builder, _fetch, _per_sample, _Progress,
-                        _topological_sort, _write_statistics, bn_tap, tensor_shapes, working_copy)
+                        _prune_to, _topological_sort, _write_statistics, bn_tap, tensor_shapes, working_copy)
 from .data import Source, check_finite
 from .errors import VsonnxError
 from .graph import GraphIndex
@@ -104,7 +104,7 @@ def calibrate_population_staged(model: onnx.ModelProto, source: Source, targets:
             builder.finish(fetch)
             for t in spill_out:
                 stage_model.graph.output.append(helper.make_tensor_value_info(t, types.get(t, TensorProto.FLOAT), None))
-            _prune_keep_inputs(stage_model, fetch + spill_out)
+            _prune_to(stage_model, fetch + spill_out)
             _topological_sort(stage_model)
             if not stage_model.graph.node and not fetch:
                 continue
@@ -183,29 +183,3 @@ def _stage_model(work, keep, new_stats, graph_inputs, stage, k, types) -> onnx.M
 def _write_statistics_subset(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> None:
     present = {GraphIndex(model).node_name(n) for n in model.graph.node if n.op_type == "BatchNormalization"}
     _write_statistics(model, {k: v for k, v in stats.items() if k in present})
-
-
-def _prune_keep_inputs(model: onnx.ModelProto, outputs: list[str]) -> None:
-    """Keep the nodes needed for ``outputs``, and only the graph inputs and initializers they read."""
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    needed, stack, keep = set(), list(outputs), set()
-    while stack:
-        t = stack.pop()
-        if t in needed:
-            continue
-        needed.add(t)
-        node = producer.get(t)
-        if node is not None and id(node) not in keep:
-            keep.add(id(node))
-            stack.extend(i for i in node.input if i)
-    kept = [n for n in graph.node if id(n) in keep]
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {i for n in kept for i in n.input} | set(outputs)
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    inputs = [i for i in graph.input if i.name in used]
-    del graph.input[:]
-    graph.input.extend(inputs)
