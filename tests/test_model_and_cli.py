@@ -108,3 +108,13 @@ def test_external_data_model_loads(tmp_path):
 def test_save_refuses_missing_output_folder(tmp_path):
     with pytest.raises(VsonnxError, match="does not exist"):
         save_model(cnn_with_sites(), tmp_path / "nope" / "o.onnx")
+
+
+def test_python_dash_m_and_fast_help():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "vsonnx", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "scan" in proc.stdout
+    assert "onnxruntime" not in proc.stderr and "torch" not in proc.stderr  # heavy imports stay lazy
