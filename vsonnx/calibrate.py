@@ -288,18 +288,24 @@ def measure_moments(model: onnx.ModelProto, source: Source, taps: dict[str, Tap]
     # onnxruntime's graph optimisations eliminate Dropout even with training_mode=true: keep them off then
     session = make_session(work, device=device, threads=threads, optimize=not keep_dropout_modes)
     fetch = _fetch(outputs)
-    moments: dict[str, ChannelMoments] = {key: ChannelMoments(tap.channels) for key, tap in taps.items()}
+    moments = {key: ChannelMoments(tap.channels) for key, tap in taps.items()}
+    samples, batches = _run_pass(session, source, batch_size, fetch, label, progress,
+                                 lambda b, n, got: accumulate_moments(moments, outputs, got, n))
+    return unshift(moments, taps), samples, batches, session.get_providers()[0]
 
-    def consume(n_samples, values):
-        got = dict(zip(fetch, values))
-        for key, trio in outputs.items():
-            elements, sample_mean, sample_m2 = _per_sample(got, trio, n_samples)
-            moments[key].update_samples(elements, sample_mean, sample_m2)
 
-    samples, batches = _run_pass(session, source, batch_size, fetch, label, progress, consume)
-    for key, m in moments.items():  # moments were of x - shift
+def accumulate_moments(moments: dict[str, ChannelMoments], outputs: dict, got: dict, n_samples: int) -> None:
+    """Add one batch's per-sample moments (fetched ``got`` for the tap ``outputs``) to ``moments``."""
+    for key, trio in outputs.items():
+        elements, sample_mean, sample_m2 = _per_sample(got, trio, n_samples)
+        moments[key].update_samples(elements, sample_mean, sample_m2)
+
+
+def unshift(moments: dict[str, ChannelMoments], taps: dict[str, Tap]) -> dict[str, ChannelMoments]:
+    """The taps measured x - shift: add each shift back to the mean (the variance is unchanged)."""
+    for key, m in moments.items():
         m.mean = m.mean + taps[key].shift.astype(np.float64)
-    return moments, samples, batches, session.get_providers()[0]
+    return moments
 
 
 def _write_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> None:
@@ -391,13 +397,16 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _run_pass(session, source: Source, batch_size: int, fetch: list[str], label: str, progress: bool, consume):
+def _run_pass(session, source: Source, batch_size: int, fetch: list[str], label: str, progress: bool, consume,
+              feeds=None):
+    """Run ``session`` on every batch and hand ``consume(batch_index, n_samples, {name: value})`` the fetched
+    outputs; ``feeds(batch_index, batch)`` builds the inputs (default: the batch's own feeds)."""
     bar = _Progress(label, source.size, progress)
     samples = batches = 0
-    for batch in source.batches(batch_size):
+    for b, batch in enumerate(source.batches(batch_size)):
         check_finite(batch, source)
-        values = run(session, fetch, batch.feeds)
-        consume(len(batch), values)
+        values = run(session, fetch, batch.feeds if feeds is None else feeds(b, batch))
+        consume(b, len(batch), dict(zip(fetch, values)))
         samples += len(batch)
         batches += 1
         bar.step(len(batch))
@@ -449,8 +458,7 @@ def _calibrate_batch(model, source, targets, batch_size, device, threads, progre
     estimators = {}
     notes = []
 
-    def consume(n_samples, values):
-        got = dict(zip(fetch, values))
+    def consume(b, n_samples, got):
         for name, trio in outputs.items():
             elements, sample_mean, sample_m2 = _per_sample(got, trio, n_samples)
             if n_samples * elements < 2:

@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .calibrate import (BnStatistics, CalibrationResult, _Builder, _fetch, _per_sample, _Progress,
-                        _prune_to, _topological_sort, _write_statistics, bn_tap, tensor_shapes, working_copy)
-from .data import Source, check_finite
-from .errors import VsonnxError
+from .calibrate import (BnStatistics, CalibrationResult, _Builder, _fetch, _prune_to, _run_pass,
+                        _topological_sort, _write_statistics, accumulate_moments, bn_tap, tensor_shapes, unshift,
+                        working_copy)
+from .data import Source
 from .graph import GraphIndex
-from .runtime import make_session, run
+from .runtime import make_session
 from .stats import ChannelMoments
 
 
@@ -112,17 +112,13 @@ def calibrate_population_staged(model: onnx.ModelProto, source: Source, targets:
             provider = session.get_providers()[0]
             needed = [i.name for i in stage_model.graph.input]
             moments = {t: ChannelMoments(tap.channels) for t, tap in taps.items()}
-            bar = _Progress(f"calibrating (population, stage {k + 1}/{last + 1})", source.size, progress)
-            samples = batches = 0
-            for b, batch in enumerate(source.batches(batch_size)):
-                check_finite(batch, source)
-                feeds = {n: (batch.feeds[n] if n in graph_inputs else np.load(spill / f"{_file(n)}.{b}.npy"))
-                         for n in needed}
-                values = run(session, fetch + spill_out, feeds)
-                got = dict(zip(fetch + spill_out, values))
-                for t, trio in outputs.items():
-                    elements, mean, m2 = _per_sample(got, trio, len(batch))
-                    moments[t].update_samples(elements, mean, m2)
+
+            def feeds(b, batch):  # graph inputs from the batch, earlier stages from the spill
+                return {n: batch.feeds[n] if n in graph_inputs else np.load(spill / f"{_file(n)}.{b}.npy")
+                        for n in needed}
+
+            def consume(b, n_samples, got):
+                accumulate_moments(moments, outputs, got, n_samples)
                 try:
                     for t in spill_out:
                         np.save(spill / f"{_file(t)}.{b}.npy", got[t])
@@ -130,14 +126,11 @@ def calibrate_population_staged(model: onnx.ModelProto, source: Source, targets:
                     raise _SpillTooLarge from None
                 if spill_out and (b + 1) * sum(got[t].nbytes for t in spill_out) > max_spill_bytes:
                     raise _SpillTooLarge
-                samples += len(batch)
-                batches += 1
-                bar.step(len(batch))
-            bar.close()
-            if samples == 0:
-                raise VsonnxError(f"data source '{source.describe()}' yielded no samples.", "check the source and --limit.")
-            for t, m in moments.items():
-                m.mean = m.mean + taps[t].shift.astype(np.float64)
+
+            samples, batches = _run_pass(session, source, batch_size, fetch + spill_out,
+                                         f"calibrating (population, stage {k + 1}/{last + 1})", progress, consume,
+                                         feeds)
+            for t, m in unshift(moments, taps).items():
                 new_stats[t] = BnStatistics(t, m.mean, m.var, m.count)
             for f in spill.iterdir():  # drop what no later pass reads
                 if last_use.get(_unfile(f.name.rsplit(".", 2)[0]), -1) <= k:
