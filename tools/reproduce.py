@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vsonnx.accuracy import Scorer  # noqa: E402
-from vsonnx.data import check_finite, open_source  # noqa: E402
+from vsonnx.accuracy import score_together  # noqa: E402
+from vsonnx.data import open_source  # noqa: E402
 from vsonnx.model import load_model  # noqa: E402
 from vsonnx.recalibrate import fix  # noqa: E402
 from vsonnx.shift import measure_shift, median_prediction_error, plot_shift  # noqa: E402
@@ -93,13 +93,8 @@ def measure(name: str, data: Path, threads: int | None) -> dict:
             error = median_prediction_error(before)
             card["median_prediction_error"] = None if error is None else round(error, 4)
         test = open_source(data / "test", model, shuffle=False)
-        scorers = {k: Scorer(load_model(p), "cpu", threads) for k, p in paths.items()}
-        for batch in test.batches(256):
-            check_finite(batch, test)
-            for s in scorers.values():
-                s.run(batch.feeds, batch.labels)
-        for key, scorer in scorers.items():
-            r = scorer.report(key)
+        reports = score_together({k: load_model(p) for k, p in paths.items()}, test, device="cpu", threads=threads)
+        for key, r in reports.items():
             label = "ort_test_acc" if key == "ort" else f"ort_test_acc_fixed_{key}"
             card[label] = round(r.top1, 2)
             card["test_samples"] = r.samples
@@ -151,11 +146,9 @@ def folded_experiment(card: dict, data: Path, threads: int | None) -> dict | Non
         result = fix(stock, calib, output=fixed, dropout_sites=sites, threads=threads)
         test = open_source(data / "test", load_model(stock), shuffle=False,
                            preprocess={"mean": pre["mean"], "std": pre["std"]})
-        scorers = {k: Scorer(load_model(p), "cpu", threads) for k, p in (("stock", stock), ("fixed", fixed))}
-        for batch in test.batches(256):
-            for s in scorers.values():
-                s.run(batch.feeds, batch.labels)
-        acc = {k: round(s.report(k).top1, 2) for k, s in scorers.items()}
+        reports = score_together({"stock": load_model(stock), "fixed": load_model(fixed)}, test, device="cpu",
+                                 threads=threads)
+        acc = {k: round(r.top1, 2) for k, r in reports.items()}
     return {"stock_bn_left": folded_bn, "sites_named": len(sites), "folded_layers_corrected": len(result.notes),
             "stock_ort_test_acc": acc["stock"], "stock_fixed_ort_test_acc": acc["fixed"],
             "vsonnx_export_population_fix": card.get("ort_test_acc_fixed_population"),

@@ -81,11 +81,18 @@ def evaluate(model, data, *, batch_size: int = 256, device: str = "auto", thread
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = "<memory>" if isinstance(model, onnx.ModelProto) else str(model)
     source = _open(proto, data, limit, shuffle, seed, preprocess)
-    scorer = Scorer(proto, device, threads)
-    for batch in source.batches(batch_size):
+    return score_together({name: proto}, source, batch_size=batch_size, device=device, threads=threads)[name]
+
+
+def score_together(models: dict[str, onnx.ModelProto], source: Source, *, batch_size: int = 256,
+                   device: str = "auto", threads: int | None = None) -> dict[str, EvalReport]:
+    """Evaluate several models on the same labelled batches (the data is decoded once)."""
+    scorers = {name: Scorer(model, device, threads) for name, model in models.items()}
+    for batch in _labelled(source).batches(batch_size):
         check_finite(batch, source)
-        scorer.run(batch.feeds, batch.labels)
-    return scorer.report(name)
+        for scorer in scorers.values():
+            scorer.run(batch.feeds, batch.labels)
+    return {name: scorer.report(name) for name, scorer in scorers.items()}
 
 
 def evaluate_candidates(model: onnx.ModelProto, candidates: list[onnx.ModelProto], data, *, batch_size: int = 256,
@@ -93,12 +100,9 @@ def evaluate_candidates(model: onnx.ModelProto, candidates: list[onnx.ModelProto
                         preprocess: dict | None = None) -> list[float]:
     """Top-1 of each candidate on the same batches (data decoded once)."""
     source = _open(model, data, limit, True, 0, preprocess)
-    scorers = [Scorer(c, device, threads) for c in candidates]
-    for batch in source.batches(batch_size):
-        check_finite(batch, source)
-        for s in scorers:
-            s.run(batch.feeds, batch.labels)
-    return [s.report("").top1 for s in scorers]
+    reports = score_together({str(k): c for k, c in enumerate(candidates)}, source, batch_size=batch_size,
+                             device=device, threads=threads)
+    return [r.top1 for r in reports.values()]
 
 
 @dataclass

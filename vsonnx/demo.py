@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accuracy import EvalReport, Scorer
-from .data import ArraySource, Preprocess, InputSpec, check_finite, open_source
+from .accuracy import EvalReport, score_together
+from .data import ArraySource, InputSpec, Preprocess, open_source
 from .datasets import find_cifar, load_python_release
 from .errors import VsonnxError
 from .model import load_model
@@ -74,10 +74,6 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
                          threads=threads, progress=progress)
             fixed[method], seconds[method] = out, round(report.seconds or 0.0, 2)
         names = {"original": model_path, **{f"fixed ({m})": p for m, p in fixed.items()}}
-        scorers = {name: Scorer(load_model(path), device, threads) for name, path in names.items()}
-        for batch in test.batches(256):
-            check_finite(batch, test)
-            for s in scorers.values():
-                s.run(batch.feeds, batch.labels)
-        results = [s.report(name) for name, s in scorers.items()]
+        results = list(score_together({name: load_model(path) for name, path in names.items()}, test,
+                                      device=device, threads=threads).values())
     return DemoReport(str(model_path), len(scan.sites), len(scan.batchnorms), calib.size or 0, results, seconds)
