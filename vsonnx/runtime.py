@@ -34,7 +34,7 @@ def cuda_works() -> bool:
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    previous = _quiet_logger(ort)
+    ort.set_default_logger_severity(4)  # silence the probe; restored to onnxruntime's default (warning) below
     try:
         with _silenced_stderr():
             session = ort.InferenceSession(probe.SerializeToString(), options,
@@ -44,12 +44,7 @@ def cuda_works() -> bool:
     except Exception:
         return False
     finally:
-        ort.set_default_logger_severity(previous)
-
-
-def _quiet_logger(ort) -> int:
-    ort.set_default_logger_severity(4)
-    return 2  # onnxruntime's default (warning)
+        ort.set_default_logger_severity(2)
 
 
 class _silenced_stderr:
