@@ -119,7 +119,7 @@ def test_cli_data_free(tmp_path):
     g = GraphBuilder()
     out = g.bn(g.dropout("x", 0.5, "d"), 3, "bn", mean=[0.0, 1.0, 0.0], var=[2.0, 3.0, 1.0])
     path = save(g.build(out), tmp_path / "m.onnx")
-    r = CliRunner().invoke(main, ["fix", path, "--data-free", "--json"])
+    r = CliRunner().invoke(main, ["fix", path, "--data-free", "--synthetic", "0", "--json"])
     assert r.exit_code == 0 and "Traceback" not in r.output
     d = json.loads(r.output[r.output.index("{"):])
     assert d["method"] == "data-free" and d["written"]
@@ -146,7 +146,7 @@ def test_data_free_with_val_writes_only_when_better(tmp_path):
     path = save(g.build(out), tmp_path / "m.onnx")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "val.npz", x=rng.standard_normal((40, 3, 8, 8)).astype(np.float32), y=rng.integers(0, 5, 40))
-    r = CliRunner().invoke(main, ["fix", path, "--data-free", "--val", str(tmp_path / "val.npz"), "--json"])
+    r = CliRunner().invoke(main, ["fix", path, "--data-free", "--synthetic", "0", "--val", str(tmp_path / "val.npz"), "--json"])
     d = json.loads(r.output[r.output.index("{"):])
     assert [c["name"] for c in d["candidates"]] == ["original", "data-free"]
     better = d["candidates"][1]["val_top1"] > d["candidates"][0]["val_top1"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import VsonnxError
+from .synthesize import DEFAULT_SAMPLES, DEFAULT_STEPS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 MODEL_PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by load_model (exit 3)
@@ -119,7 +120,12 @@ def _provider_line(provider: str | None) -> None:
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=MODEL_PATH)
 @click.option("--calib", default=None, help="Calibration data: image folder, .npy/.npz (or folder), FILE.py:FUNC.")
-@click.option("--data-free", is_flag=True, help="Correct the sites from the graph's constants alone (no data).")
+@click.option("--data-free", is_flag=True,
+              help="No data: synthesise inputs from the BN statistics (needs torch) and correct every BN in scope.")
+@click.option("--synthetic", type=click.IntRange(min=0), default=DEFAULT_SAMPLES, show_default=True,
+              help="With --data-free: synthetic inputs; 0 = closed-form formulas for the sites only (no torch).")
+@click.option("--synthetic-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True,
+              help="With --data-free: optimisation steps of the synthesis.")
 @click.option("--dropout", "dropout_specs", multiple=True, metavar="TENSOR_OR_NODE=RATIO",
               help="Where dropout acted in training, for exports that removed it (repeatable; a node stands for "
                    "its input: for a folded Conv name the Conv).")
@@ -137,15 +143,18 @@ def _provider_line(provider: str | None) -> None:
 @JSON_OPTION
 @data_options
 @user_errors
-def fix(model, calib, data_free, dropout_specs, sites_file, output, in_place, method, scope_all, val, val_limit, force, as_json,
-        batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device, threads):
+def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, sites_file, output, in_place, method,
+        scope_all, val, val_limit, force, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale,
+        device, threads):
     """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
     from .recalibrate import fix as fix_model
     from .report import render_fix
 
-    if data_free and (calib or scope_all):
-        click.echo("warning: --calib/--all are ignored with --data-free.", err=True)
+    if data_free and calib:
+        click.echo("warning: --calib is ignored with --data-free.", err=True)
         calib = None
+    if data_free and scope_all and synthetic == 0:
+        click.echo("warning: --all is ignored with --synthetic 0 (the formulas cover the sites only).", err=True)
     from .stripped import parse_dropout_specs
 
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
@@ -155,7 +164,8 @@ def fix(model, calib, data_free, dropout_specs, sites_file, output, in_place, me
         model, calib, output=output, method=method, scope="all" if scope_all else "sites", batch_size=batch_size,
         device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
         preprocess=_preprocess(calib, mean, std, size, layout, scale), val=val, val_limit=val_limit, force=force,
-        in_place=in_place, progress=not as_json, data_free=data_free, dropout_sites=named,
+        in_place=in_place, progress=not as_json, data_free=data_free, synthetic=synthetic,
+        synthetic_steps=synthetic_steps, dropout_sites=named,
     )
     _provider_line(report.provider)
     if as_json:

@@ -61,7 +61,7 @@ class GraphIndex:
         elif name in self.producer:
             node = self.producer[name]
             if node.op_type == "Constant":
-                value = _constant_node_value(node)
+                value = constant_node_value(node)
             elif node.op_type in ("Identity", "Cast") and node.input:
                 src = self.constant(node.input[0])
                 if src is not None and node.op_type == "Cast":
@@ -125,7 +125,7 @@ class GraphIndex:
         return result
 
 
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for attr in node.attribute:
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)

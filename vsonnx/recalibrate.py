@@ -13,7 +13,8 @@ With validation data (``val``) every candidate (original, batch, population and 
 between the old and new statistics) is evaluated and the best one is written; nothing is written when no
 candidate beats the original, unless ``force``.
 
-Two other sources of new statistics share the same apply step: ``data_free`` (vsonnx.datafree: the paper's
+Two other sources of new statistics share the same apply step: ``data_free`` (vsonnx.synthesize: inputs
+synthesised from the BN statistics, every BN in scope; with ``synthetic=0`` vsonnx.datafree: the paper's
 formulas on the constants, sites only) and ``dropout_sites`` (vsonnx.stripped: exports that removed Dropout,
 possibly folding BN into Conv/Gemm weights, which then get an affine correction instead).
 """
@@ -36,6 +37,7 @@ from .graph import GraphIndex
 from .model import check_output_path, load_model, save_model, same_file
 from .runtime import make_session
 from .sites import BatchNormInfo, find_sites
+from .synthesize import DEFAULT_SAMPLES, DEFAULT_STEPS
 
 SCOPES = ("sites", "all")
 PARTIAL = 0.5  # weight of the new statistics in the half-way candidates
@@ -159,6 +161,7 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
         device: str = "auto", threads: int | None = None, limit: int | None = None, shuffle: bool = True,
         seed: int = 0, preprocess: dict | None = None, val=None, val_limit: int | None = None,
         force: bool = False, in_place: bool = False, progress: bool = False, data_free: bool = False,
+        synthetic: int = DEFAULT_SAMPLES, synthetic_steps: int = DEFAULT_STEPS,
         dropout_sites: dict[str, float] | None = None) -> FixReport:
     """Re-estimate the statistics of the variance-shift BNs of ``model_path`` on ``calib`` and write the
     fixed model (default ``MODEL.fixed.onnx``). See the module docstring for candidates under ``val``."""
@@ -197,8 +200,12 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
 
             return evaluate_candidates(model, candidates, val, batch_size=batch_size, device=device,
                                        threads=threads, limit=val_limit, preprocess=preprocess)
+        synthesis = None
+        if synthetic > 0:
+            synthesis = {"samples": synthetic, "steps": synthetic_steps, "seed": seed, "device": device,
+                         "names": names, "progress": progress}
         return _fix_data_free(model, model_path, out_path, report, base, in_place,
-                              checker if val is not None else None, force)
+                              checker if val is not None else None, force, synthesis)
     if calib is None:
         raise VsonnxError("fix needs calibration data.",
                           "pass --calib with an image folder, .npy/.npz or FILE.py:FUNC, or use --data-free.")
@@ -251,39 +258,70 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
     return base
 
 
-def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_place: bool, checker, force: bool
-                   ) -> FixReport:
-    """``checker`` (with --val) scores [original, corrected] on validation data; nothing is written when the
+def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_place: bool, checker, force: bool,
+                   synthesis: dict | None) -> FixReport:
+    """``synthesis`` (options of vsonnx.synthesize) corrects every BN in scope from synthetic inputs; None:
+    the closed-form site formulas of vsonnx.datafree, whose per-site result is reported either way.
+    ``checker`` (with --val) scores [original, corrected] on validation data; nothing is written when the
     correction is worse, unless ``force``."""
     from .datafree import data_free_statistics
 
-    result = data_free_statistics(model, report)
+    closed_form = data_free_statistics(model, report)
     base.method = "data-free"
-    base.notes = result.notes
-    if not result.statistics:
+    base.notes = dict(closed_form.notes)
+    provenance = {"method": "data-free", "samples": "0"}
+    if synthesis is not None:
+        from .synthesize import synthetic_statistics
+
+        channelwise = frozenset(d.name for d in report.dropouts if d.channelwise)
+        result = synthetic_statistics(model, synthesis["names"], samples=synthesis["samples"],
+                                      steps=synthesis["steps"], seed=synthesis["seed"], device=synthesis["device"],
+                                      channelwise=channelwise, progress=synthesis["progress"])
+        statistics = result.statistics
+        old = old_statistics(model, list(statistics))
+
+        def var_ratio(stats: BnStatistics) -> str:
+            return f"median var x{float(np.median(stats.var / np.maximum(old[stats.name].var, 1e-30))):.3f}"
+
+        for name in base.notes:  # the sites: both estimates side by side
+            formula = closed_form.statistics.get(name)
+            base.notes[name] = f"synthetic: {var_ratio(statistics[name])}" + (
+                f"; closed form: {var_ratio(formula)}" if formula is not None else f"; closed form: {base.notes[name]}")
+        base.method, base.samples, base.seconds, base.provider = "data-free (synthetic)", 0, result.seconds, \
+            f"torch {result.device}"
+        provenance.update({"method": "data-free (synthetic inputs)", "synthetic_samples": str(result.samples),
+                           "synthetic_steps": str(result.steps), "synthesis_loss": f"{result.loss_first:.4g} -> "
+                           f"{result.loss_last:.4g}", "seed": str(synthesis["seed"])})
+        what = f"corrected {len(statistics)} BatchNormalization layer(s) from {result.samples} synthetic inputs " \
+               f"({result.steps} steps, statistics-matching loss {result.loss_first:.3g} -> {result.loss_last:.3g})."
+    else:
+        statistics = closed_form.statistics
+        if any(b.downstream_of_site for b in report.batchnorms):
+            base.warnings.append("BNs downstream of the corrected sites keep their statistics, which the "
+                                 "correction may invalidate: check with vsonnx compare (or pass --val), drop "
+                                 "--synthetic 0, or fix with --calib.")
+        skipped = len(closed_form.notes) - len(statistics)
+        what = (f"corrected {len(statistics)} site(s) without data"
+                + (f", left {skipped} unchanged" if skipped else "") + "; downstream BNs unchanged.")
+    if not statistics:
         base.message = "no site could be corrected without data (see notes); nothing written."
         return base
-    if any(b.downstream_of_site for b in report.batchnorms):
-        base.warnings.append("BNs downstream of the corrected sites keep their statistics, which the correction "
-                             "may invalidate: check with vsonnx compare (or pass --val), or fix with --calib.")
-    old = old_statistics(model, list(result.statistics))
-    fixed = with_statistics(model, result.statistics)
+    old = old_statistics(model, list(statistics))
+    fixed = with_statistics(model, statistics)
     if checker is not None:
         scores = checker([model, fixed])
         base.candidates = [{"name": "original", "val_top1": scores[0]}, {"name": "data-free", "val_top1": scores[1]}]
-        _fill_rows(base, report, old, result.statistics)
+        _fill_rows(base, report, old, statistics)
         if scores[1] <= scores[0] and not force:
             base.message = "the data-free correction does not beat the original on the validation data: nothing written."
             return base
     validate(fixed)
-    save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance={
-        "method": "data-free", "samples": "0", "old_statistics_sha256": digest(old), "version": __version__,
-        "recalibrated": json.dumps(list(result.statistics))})
+    provenance.update({"old_statistics_sha256": digest(old), "version": __version__,
+                       "recalibrated": json.dumps(list(statistics))})
+    save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance=provenance)
     base.output, base.written, base.chosen = str(out_path), True, "data-free"
-    skipped = len(result.notes) - len(result.statistics)
-    base.message = (f"corrected {len(result.statistics)} site(s) without data"
-                    + (f", left {skipped} unchanged" if skipped else "") + "; downstream BNs unchanged.")
-    _fill_rows(base, report, old, result.statistics)
+    base.message = what
+    _fill_rows(base, report, old, statistics)
     return base
 
 

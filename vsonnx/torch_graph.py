@@ -1,0 +1,266 @@
+"""Run an ONNX graph with torch operators, so that gradients reach its inputs (needs torch).
+
+Used by the data-free synthesis (vsonnx.synthesize), which optimises inputs through the model. Covers the
+operators of exported CNN classifiers; any other operator, a subgraph, or a Conv with auto_pad is refused
+with a VsonnxError naming it. Float tensors are computed in float32 whatever the model's precision.
+
+Two switches change what the graph computes, as in PyTorch's ``train()``:
+- ``batch_norm="batch"`` normalises every BatchNormalization with the statistics of the batch it sees
+  (mean and biased variance over all axes but 1) and reports them to ``observe(bn_name, mean, var)``;
+  ``"stored"`` uses the model's running statistics.
+- ``dropout=True`` applies every Dropout with its ratio (inverted dropout: kept values scaled by 1/p);
+  nodes named in ``channelwise`` drop whole channels.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from .errors import VsonnxError
+from .graph import GraphIndex, attribute, constant_node_value
+
+_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float32,
+           onnx.TensorProto.DOUBLE: torch.float32, onnx.TensorProto.INT64: torch.int64,
+           onnx.TensorProto.INT32: torch.int64, onnx.TensorProto.BOOL: torch.bool}
+_UNARY = {"Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Identity": lambda x: x,
+          "HardSwish": F.hardswish, "Neg": torch.neg, "Sqrt": torch.sqrt, "Exp": torch.exp, "Abs": torch.abs}
+_BINARY = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div, "Pow": torch.pow}
+
+
+def _tensor(value: np.ndarray) -> torch.Tensor:
+    value = np.asarray(value)
+    if value.dtype.kind == "f":
+        return torch.from_numpy(value.astype(np.float32))
+    if value.dtype.kind in "iu":
+        return torch.from_numpy(value.astype(np.int64))
+    return torch.from_numpy(value.copy())
+
+
+def _ints(value) -> list[int]:
+    return [int(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value)]
+
+
+class TorchGraph:
+    """Callable: ``graph(feeds) -> {output name: tensor}`` (see the module docstring for the switches)."""
+
+    def __init__(self, model: onnx.ModelProto, device: str = "cpu"):
+        index = GraphIndex(model)
+        self.device = device
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.nodes = list(index.topological_order)
+        self.names = [index.node_name(n) for n in self.nodes]
+        self.outputs = [o.name for o in model.graph.output]
+        self.constants = {t.name: _tensor(numpy_helper.to_array(t)).to(device) for t in model.graph.initializer}
+        for node in self.nodes:
+            if node.op_type not in _OPS and node.op_type not in _UNARY and node.op_type not in _BINARY:
+                raise VsonnxError(f"the data-free synthesis cannot run operator {node.op_type} "
+                                  f"('{index.node_name(node)}').",
+                                  "use --synthetic 0 (closed-form correction of the sites only) or --calib DATA.")
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise VsonnxError(f"the data-free synthesis cannot run subgraphs ('{index.node_name(node)}').",
+                                  "use --synthetic 0 or --calib DATA.")
+            if node.op_type == "Conv" and attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                raise VsonnxError(f"the data-free synthesis does not handle auto_pad ('{index.node_name(node)}').",
+                                  "use --synthetic 0 or --calib DATA.")
+
+    def __call__(self, feeds: dict[str, torch.Tensor], *, batch_norm: str = "stored", dropout: bool = False,
+                 channelwise: frozenset[str] = frozenset(),
+                 observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+        env: dict[str, torch.Tensor] = dict(self.constants)
+        env.update({k: v.to(self.device) for k, v in feeds.items()})
+        state = _State(batch_norm, dropout, channelwise, observe, self.opset)
+        for node, name in zip(self.nodes, self.names):
+            args = [env[i] if i else None for i in node.input]
+            if node.op_type in _UNARY:
+                result = _UNARY[node.op_type](args[0])
+            elif node.op_type in _BINARY:
+                result = _BINARY[node.op_type](args[0], args[1])
+            else:
+                result = _OPS[node.op_type](node, name, args, state)
+            results = result if isinstance(result, tuple) else (result,)
+            for out, value in zip(node.output, results):
+                if out:
+                    env[out] = value
+        return {o: env[o] for o in self.outputs}
+
+
+class _State:
+    def __init__(self, batch_norm, dropout, channelwise, observe, opset):
+        if batch_norm not in ("stored", "batch"):
+            raise ValueError(f"batch_norm must be 'stored' or 'batch', not {batch_norm!r}")
+        self.batch_norm, self.dropout, self.channelwise = batch_norm, dropout, channelwise
+        self.observe, self.opset = observe, opset
+
+
+def _conv(node, name, args, state):
+    x, w = args[0], args[1]
+    nd = w.dim() - 2
+    pads = attribute(node, "pads", [0] * 2 * nd)
+    if pads[:nd] != pads[nd:]:
+        x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])])
+        pads = [0] * 2 * nd
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return conv(x, w, args[2] if len(args) > 2 else None, stride=attribute(node, "strides", [1] * nd),
+                padding=pads[:nd], dilation=attribute(node, "dilations", [1] * nd), groups=attribute(node, "group", 1))
+
+
+def _batch_norm(node, name, args, state):
+    x, scale, bias, mean, var = args[:5]
+    eps = attribute(node, "epsilon", 1e-5)
+    if state.batch_norm == "batch":
+        axes = [0] + list(range(2, x.dim()))
+        mean = x.mean(axes)
+        var = x.var(axes, unbiased=False)
+        if state.observe is not None:
+            state.observe(name, mean, var)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return (x - mean.reshape(shape)) * (scale / torch.sqrt(var + eps)).reshape(shape) + bias.reshape(shape)
+
+
+def _dropout(node, name, args, state):
+    ratio = float(args[1]) if len(args) > 1 and args[1] is not None else attribute(node, "ratio", 0.5)
+    if not state.dropout or ratio <= 0:
+        return args[0]
+    if name in state.channelwise and args[0].dim() > 2:
+        keep = torch.rand(args[0].shape[:2], device=args[0].device) >= ratio
+        return args[0] * keep.reshape(*args[0].shape[:2], *[1] * (args[0].dim() - 2)) / (1 - ratio)
+    return F.dropout(args[0], ratio, True)
+
+
+def _clip(node, name, args, state):
+    low = args[1] if len(args) > 1 and args[1] is not None else attribute(node, "min")
+    high = args[2] if len(args) > 2 and args[2] is not None else attribute(node, "max")
+    return torch.clamp(args[0], None if low is None else float(low), None if high is None else float(high))
+
+
+def _gemm(node, name, args, state):
+    a, b = args[0], args[1]
+    a = a.t() if attribute(node, "transA", 0) else a
+    b = b.t() if attribute(node, "transB", 0) else b
+    y = attribute(node, "alpha", 1.0) * (a @ b)
+    return y if len(args) < 3 or args[2] is None else y + attribute(node, "beta", 1.0) * args[2]
+
+
+def _pool(node, name, args, state):
+    x = args[0]
+    nd = x.dim() - 2
+    kernel = attribute(node, "kernel_shape")
+    strides = attribute(node, "strides", [1] * nd)
+    pads = attribute(node, "pads", [0] * 2 * nd)
+    ceil = bool(attribute(node, "ceil_mode", 0))
+    if node.op_type == "MaxPool":
+        if pads[:nd] != pads[nd:]:
+            x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])], value=-torch.inf)
+            pads = [0] * 2 * nd
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+        return pool(x, kernel, strides, pads[:nd], attribute(node, "dilations", [1] * nd), ceil)
+    if pads[:nd] != pads[nd:]:
+        raise VsonnxError(f"asymmetric AveragePool padding is not supported by the synthesis ('{name}').",
+                          "use --synthetic 0 or --calib DATA.")
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+    return pool(x, kernel, strides, pads[:nd], ceil, bool(attribute(node, "count_include_pad", 0)))
+
+
+def _axes(node, args, position: int):
+    if len(args) > position and args[position] is not None:
+        return _ints(args[position])
+    return attribute(node, "axes")
+
+
+def _reshape(node, name, args, state):
+    x, shape = args[0], _ints(args[1])
+    if not attribute(node, "allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _squeeze(node, name, args, state):
+    axes = _axes(node, args, 1)
+    x = args[0]
+    if axes is None:
+        return x.squeeze()
+    for a in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(a)
+    return x
+
+
+def _unsqueeze(node, name, args, state):
+    x = args[0]
+    rank = x.dim() + len(_axes(node, args, 1))
+    for a in sorted(a % rank for a in _axes(node, args, 1)):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _reduce_mean(node, name, args, state):
+    axes = _axes(node, args, 1) if state.opset >= 18 else attribute(node, "axes")
+    keep = bool(attribute(node, "keepdims", 1))
+    return args[0].mean(dim=axes, keepdim=keep) if axes else args[0].mean(dim=list(range(args[0].dim())), keepdim=keep)
+
+
+def _softmax(node, name, args, state, fn=F.softmax):
+    axis = attribute(node, "axis", -1 if state.opset >= 13 else 1)
+    if state.opset >= 13:
+        return fn(args[0], dim=axis)
+    flat = args[0].reshape(int(np.prod(args[0].shape[:axis])), -1)
+    return fn(flat, dim=1).reshape(args[0].shape)
+
+
+def _pad(node, name, args, state):
+    if attribute(node, "mode", b"constant") not in (b"constant", "constant"):
+        raise VsonnxError(f"only constant Pad is supported by the synthesis ('{name}').", "use --synthetic 0.")
+    pads = _ints(args[1]) if len(args) > 1 else attribute(node, "pads")
+    value = float(args[2]) if len(args) > 2 and args[2] is not None else attribute(node, "value", 0.0)
+    nd = len(pads) // 2
+    return F.pad(args[0], [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])], value=value)
+
+
+def _constant(node, name, args, state):
+    return _tensor(constant_node_value(node))
+
+
+def _gather(node, name, args, state):
+    x, idx = args[0], args[1]
+    axis = attribute(node, "axis", 0) % x.dim()
+    picked = torch.index_select(x, axis, (idx % x.shape[axis]).reshape(-1))
+    return picked.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
+
+
+def _cast(node, name, args, state):
+    return args[0].to(_DTYPES.get(attribute(node, "to"), torch.float32))
+
+
+_OPS = {
+    "Conv": _conv,
+    "BatchNormalization": _batch_norm,
+    "Dropout": _dropout,
+    "Clip": _clip,
+    "LeakyRelu": lambda n, _, a, s: F.leaky_relu(a[0], attribute(n, "alpha", 0.01)),
+    "HardSigmoid": lambda n, _, a, s: torch.clamp(attribute(n, "alpha", 0.2) * a[0] + attribute(n, "beta", 0.5), 0, 1),
+    "Gemm": _gemm,
+    "MatMul": lambda n, _, a, s: torch.matmul(a[0], a[1]),
+    "Sum": lambda n, _, a, s: torch.stack(torch.broadcast_tensors(*a)).sum(0),
+    "Concat": lambda n, _, a, s: torch.cat(a, dim=attribute(n, "axis")),
+    "Flatten": lambda n, _, a, s: a[0].reshape(int(np.prod(a[0].shape[:attribute(n, "axis", 1)])), -1),
+    "Reshape": _reshape,
+    "Transpose": lambda n, _, a, s: a[0].permute(attribute(n, "perm", list(reversed(range(a[0].dim()))))),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Shape": lambda n, _, a, s: torch.tensor(a[0].shape, dtype=torch.int64, device=a[0].device),
+    "Gather": _gather,
+    "Cast": _cast,
+    "Constant": _constant,
+    "GlobalAveragePool": lambda n, _, a, s: a[0].mean(dim=list(range(2, a[0].dim())), keepdim=True),
+    "GlobalMaxPool": lambda n, _, a, s: a[0].amax(dim=list(range(2, a[0].dim())), keepdim=True),
+    "AveragePool": _pool,
+    "MaxPool": _pool,
+    "ReduceMean": _reduce_mean,
+    "Softmax": _softmax,
+    "LogSoftmax": lambda n, name, a, s: _softmax(n, name, a, s, F.log_softmax),
+    "Pad": _pad,
+}
