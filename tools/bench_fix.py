@@ -6,6 +6,8 @@
 Images are decoded once into memory first, so every timing below is onnxruntime work plus vsonnx's own
 overhead (graph rewriting, session creation, statistics), not JPEG decoding. Prints, for each method, the
 best of --repeat runs divided by the best plain-inference time (the target for the batch method is 1.10x).
+`fix --data-free` (synthesis of 64 inputs, 100 steps, in torch; once, as it is the slowest) is put on the
+same scale: its time over the plain inference of the --samples images.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-data-free", action="store_true", help="skip timing the data-free synthesis")
     args = p.parse_args()
 
     model = load_model(args.model)
@@ -68,6 +71,11 @@ def main() -> None:
         seconds = best_of(args.repeat, lambda: calibrate(model, source, names, method=method, batch_size=args.batch_size,
                                                           device=args.device, threads=args.threads))
         print(f"{'fix --method ' + method:35s} {seconds:7.3f} s   {seconds / base:.2f}x")
+    if not args.no_data_free:
+        from vsonnx.synthesize import synthetic_statistics
+
+        seconds = best_of(1, lambda: synthetic_statistics(model, names, device=args.device, seed=0))
+        print(f"{'fix --data-free (torch)':35s} {seconds:7.3f} s   {seconds / base:.2f}x")
 
 
 if __name__ == "__main__":

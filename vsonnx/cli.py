@@ -227,15 +227,20 @@ def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, m
 @click.option("--batch-size", type=int, default=128)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--threads", type=int, default=None)
+@click.option("--synthetic", type=click.IntRange(min=0), default=DEFAULT_SAMPLES, show_default=True,
+              help="Synthetic inputs of the data-free fix (0: leave it out).")
+@click.option("--synthetic-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True)
 @JSON_OPTION
 @user_errors
-def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device, threads, as_json):
-    """Scan, fix (batch and population) and evaluate a reference model on CIFAR-10."""
+def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device, threads, synthetic, synthetic_steps,
+         as_json):
+    """Scan, fix (batch, population, data-free) and evaluate a reference model on CIFAR-10."""
     from .demo import run_demo
     from .report import render_demo
 
     report = run_demo(data, model_path, calib_limit=calib_limit, test_limit=test_limit, batch_size=batch_size,
-                      device=device, threads=threads, out_dir=out_dir, progress=not as_json)
+                      device=device, threads=threads, out_dir=out_dir, progress=not as_json, synthetic=synthetic,
+                      synthetic_steps=synthetic_steps)
     _provider_line(report.results[0].provider)
     emit_json(report.to_dict()) if as_json else click.echo(render_demo(report))
 

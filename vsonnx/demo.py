@@ -1,12 +1,14 @@
 """`vsonnx demo`: the whole story on a reference CIFAR-10 model.
 
-scan the model, fix it with both methods on shuffled training images, and evaluate the original and both
-fixed models on the test images (decoded once, all three models on the same batches).
+scan the model, fix it with both methods on shuffled training images and without data (synthetic inputs,
+when torch is installed), and evaluate the original and the fixed models on the test images (decoded once,
+all models on the same batches).
 """
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .accuracy import EvalReport, score_together
@@ -16,6 +18,7 @@ from .errors import VsonnxError
 from .model import load_model
 from .recalibrate import fix
 from .sites import find_sites
+from .synthesize import DEFAULT_SAMPLES, DEFAULT_STEPS
 
 DEFAULT_MODEL = "preresnet20-a05.onnx"
 
@@ -33,11 +36,12 @@ class DemoReport:
     calib_samples: int
     results: list[EvalReport]
     fix_seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "sites": self.sites, "batchnorms": self.batchnorms,
                 "calib_samples": self.calib_samples, "fix_seconds": self.fix_seconds,
-                "results": [r.to_dict() for r in self.results]}
+                "results": [r.to_dict() for r in self.results], "notes": self.notes}
 
 
 def _sources(model, data: Path | None, calib_limit: int, test_limit: int | None, seed: int):
@@ -56,7 +60,9 @@ def _sources(model, data: Path | None, calib_limit: int, test_limit: int | None,
 
 def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_limit: int = 5000,
              test_limit: int | None = None, batch_size: int = 128, device: str = "auto",
-             threads: int | None = None, seed: int = 0, out_dir: Path | None = None, progress: bool = False) -> DemoReport:
+             threads: int | None = None, seed: int = 0, out_dir: Path | None = None, progress: bool = False,
+             synthetic: int = DEFAULT_SAMPLES, synthetic_steps: int = DEFAULT_STEPS) -> DemoReport:
+    """``synthetic=0`` (or no torch) leaves the data-free fix out."""
     model_path = Path(model_path) if model_path else models_dir() / DEFAULT_MODEL
     if not model_path.exists():
         raise VsonnxError(f"reference model '{model_path}' not found.",
@@ -73,7 +79,16 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
             report = fix(model_path, calib, output=out, method=method, batch_size=batch_size, device=device,
                          threads=threads, progress=progress)
             fixed[method], seconds[method] = out, round(report.seconds or 0.0, 2)
+        notes = []
+        if synthetic > 0 and importlib.util.find_spec("torch") is None:
+            notes.append("data-free fix skipped: torch is not installed (pip install 'vsonnx[train]').")
+        elif synthetic > 0:
+            out = folder / f"{model_path.stem}.data-free.onnx"
+            report = fix(model_path, None, output=out, data_free=True, synthetic=synthetic,
+                         synthetic_steps=synthetic_steps, seed=seed, device=device, progress=progress)
+            fixed["data-free"], seconds["data-free"] = out, round(report.seconds or 0.0, 2)
         names = {"original": model_path, **{f"fixed ({m})": p for m, p in fixed.items()}}
         results = list(score_together({name: load_model(path) for name, path in names.items()}, test,
                                       device=device, threads=threads).values())
-    return DemoReport(str(model_path), len(scan.sites), len(scan.batchnorms), calib.size or 0, results, seconds)
+    return DemoReport(str(model_path), len(scan.sites), len(scan.batchnorms), calib.size or 0, results, seconds,
+                      notes)

@@ -59,7 +59,8 @@ def render_scan(report) -> str:
             out.append(f"prediction vs measurement over {n} site(s): median relative error {median:.3f}")
     data_free = [f"  {b.name}: {b.data_free}" for b in report.sites if b.data_free]
     if data_free:
-        out.append("without data (fix --data-free):")
+        out.append("without data, closed form (fix --data-free --synthetic 0; plain --data-free synthesises inputs "
+                   "and corrects the downstream BNs too):")
         out += data_free
     out += [f"warning: {w}" for w in report.warnings]
     return "\n".join(out)
@@ -115,6 +116,9 @@ def render_demo(report) -> str:
     return "\n".join([
         f"model: {report.model}: {report.batchnorms} BatchNormalization, {report.sites} Dropout->BN site(s)",
         f"calibrated on {report.calib_samples} shuffled training images "
-        f"(batch {report.fix_seconds.get('batch')} s, population {report.fix_seconds.get('population')} s)",
+        f"(batch {report.fix_seconds.get('batch')} s, population {report.fix_seconds.get('population')} s)"
+        + (f"; data-free from synthetic inputs {report.fix_seconds['data-free']} s" if "data-free" in report.fix_seconds
+           else ""),
         table(["model", "test images", "top-1 %", "top-5 %", "delta top-1"], rows, "lrrrr"),
+        *[f"note: {n}" for n in report.notes],
     ])
