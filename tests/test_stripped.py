@@ -12,7 +12,7 @@ import vsonnx
 from vsonnx.cli import main
 from vsonnx.errors import VsonnxError
 from vsonnx.model import load_model
-from vsonnx.stripped import parse_dropout_specs, resolve_sites
+from vsonnx.stripped import inside_folded, insert_dropouts, parse_dropout_specs, resolve_sites
 
 from conftest import GraphBuilder, save
 
@@ -129,3 +129,63 @@ def test_scan_with_named_sites(exports):
     r = CliRunner().invoke(main, ["scan", str(exports / "stock.onnx"), "--dropout", f"{conv2}=0.5"])
     assert r.exit_code == 0 and "Traceback" not in r.output
     assert "named site" in r.output and "would correct 1 folded weight layer" in r.output
+
+
+class PlacementA(nn.Module):
+    """conv - Dropout - BN - ReLU - conv - BN - ReLU - pool - fc: a stock export folds the BN that followed
+    the dropout into the conv before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.drop = nn.Dropout(0.5)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.drop(self.conv1(x))))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def test_folded_placement_a_matches_unfolded_fix(tmp_path):
+    """Dropout between a conv and the BN folded into it: named by the conv's output tensor, simulated
+    before the folded bias; the fixed stock export agrees with the fixed vsonnx export."""
+    torch.manual_seed(0)
+    net = PlacementA()
+    x = torch.randn(256, 3, 8, 8) + 0.5
+    net.train()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        for _ in range(30):
+            net(x)
+    net.eval()
+    vsonnx.export(net, x[:2], tmp_path / "kept.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x[:2],), str(tmp_path / "stock.onnx"), dynamo=False, input_names=["input"],
+                          dynamic_axes={"input": {0: "n"}})
+    np.save(tmp_path / "x.npy", x.numpy())
+    stock = load_model(tmp_path / "stock.onnx")
+    assert not any(n.op_type == "BatchNormalization" for n in stock.graph.node)
+    conv1 = next(n for n in stock.graph.node if n.op_type == "Conv")
+    vsonnx.fix(tmp_path / "kept.onnx", tmp_path / "x.npy", output=tmp_path / "kept.fixed.onnx", method="population")
+    folded = vsonnx.fix(tmp_path / "stock.onnx", tmp_path / "x.npy", output=tmp_path / "stock.fixed.onnx",
+                        dropout_sites={conv1.output[0]: 0.5})
+    assert folded.written and len(folded.notes) == 2  # conv1 (dropout inside its fold) and conv2 (downstream)
+    xs = x.numpy()
+    a, b = logits(tmp_path / "kept.fixed.onnx", xs), logits(tmp_path / "stock.fixed.onnx", xs)
+    before = logits(tmp_path / "stock.onnx", xs)
+    assert np.abs(a - b).max() < 0.25 * np.abs(a - before).max()
+    simulated = insert_dropouts(stock, {conv1.output[0]: 0.5}, training=True, before_bias=inside_folded(
+        stock, {conv1.output[0]: 0.5}))
+    assert [n.op_type for n in simulated.graph.node[:3]] == ["Conv", "Dropout", "Add"]
+    assert simulated.graph.node[0].input[2] == ""  # the folded bias is added after the dropout

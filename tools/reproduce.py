@@ -53,12 +53,19 @@ def reproducible_command(train_card: dict, name: str) -> str:
     return " ".join(w for w in words if w not in ("--no-progress",))
 
 
-def measure(name: str, data: Path, threads: int | None) -> dict:
+FIXES = ("batch", "population", "data-free", "data-free-closed-form")
+
+
+def measure(name: str, data: Path, threads: int | None, fixes: tuple[str, ...] = FIXES,
+            card: dict | None = None) -> dict:
+    """A model's card: accuracy as trained and after each of ``fixes``; given an existing ``card``, only
+    ``fixes`` are (re)measured into it."""
     path = MODELS / f"{name}.onnx"
     model = load_model(path)
     train_card = json.loads((MODELS / "train" / name / "card.json").read_text())
     report = find_sites(model, str(path))
-    card = {
+    fresh = card is None
+    card = card or {
         "name": name, "onnx": f"models/{name}.onnx", "arch": train_card["arch"], "depth": train_card["depth"],
         "dropout": train_card["dropout"], "dataset": train_card["dataset"], "seed": train_card["seed"],
         "epochs": train_card["epochs"], "train_wall_s": train_card["train_wall_s"],
@@ -71,8 +78,8 @@ def measure(name: str, data: Path, threads: int | None) -> dict:
     }
     calib = open_source(data / "train", model, shuffle=True, seed=0, limit=CALIB_SAMPLES)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"ort": path}
-        for method in ("batch", "population", "data-free", "data-free-closed-form"):
+        paths = {"ort": path} if fresh else {}
+        for method in fixes:
             if not report.sites:
                 continue
             out = Path(tmp) / f"{name}.{method}.onnx"
@@ -88,7 +95,7 @@ def measure(name: str, data: Path, threads: int | None) -> dict:
             card[f"fix_{method}_s"] = round(time.perf_counter() - t0, 1)
             card[f"recalibrated_{method}"] = len(result.batchnorms)
             paths[method] = out
-        if report.sites:
+        if report.sites and "population" in fixes:
             shift_data = data / "train"
             before = measure_shift(path, shift_data, limit=SHIFT_SAMPLES, seed=1, threads=threads)
             after = measure_shift(paths["population"], shift_data, limit=SHIFT_SAMPLES, seed=1, threads=threads)
@@ -99,7 +106,8 @@ def measure(name: str, data: Path, threads: int | None) -> dict:
             error = median_prediction_error(before)
             card["median_prediction_error"] = None if error is None else round(error, 4)
         test = open_source(data / "test", model, shuffle=False)
-        reports = score_together({k: load_model(p) for k, p in paths.items()}, test, device="cpu", threads=threads)
+        reports = score_together({k: load_model(p) for k, p in paths.items()}, test, device="cpu",
+                                 threads=threads) if paths else {}
         for key, r in reports.items():
             label = "ort_test_acc" if key == "ort" else f"ort_test_acc_fixed_{key}"
             card[label] = round(r.top1, 2)
@@ -115,9 +123,11 @@ def measure(name: str, data: Path, threads: int | None) -> dict:
 
 def folded_experiment(card: dict, data: Path, threads: int | None) -> dict | None:
     """Stock torch.onnx.export of the same weights (Dropout removed, Conv+BN folded), fixed by naming the
-    dropout sites (`fix --dropout`), against the population fix of the vsonnx export. Placement b only: in
-    placement a the dropout acted between a conv and the BN folded into it, which cannot be simulated."""
-    if card["dropout"]["placement"] != "b":
+    dropout sites (`fix --dropout`), against the population fix of the vsonnx export. Placement b names the
+    layer after each dropout (its input); placement a names the output of the conv before it (the dropout
+    acted inside the conv+BN fold)."""
+    placement = card["dropout"]["placement"]
+    if placement not in ("a", "b"):
         return None
     import warnings
 
@@ -137,9 +147,12 @@ def folded_experiment(card: dict, data: Path, threads: int | None) -> dict | Non
     state.update({k: weights[k] for k in state if k in weights})
     net.load_state_dict(state)
     index = GraphIndex(kept)
-    sites = {index.node_name(c): n_ratio for d in kept.graph.node if d.op_type == "Dropout"
-             for c in index.consumers[d.output[0]]
-             for n_ratio in [float(index.constant(d.input[1]))]}
+    dropouts = [d for d in kept.graph.node if d.op_type == "Dropout"]
+    if placement == "b":
+        sites = {index.node_name(c): float(index.constant(d.input[1])) for d in dropouts
+                 for c in index.consumers[d.output[0]]}
+    else:
+        sites = {index.producer[d.input[0]].output[0]: float(index.constant(d.input[1])) for d in dropouts}
     pre = json.loads(dict((p.key, p.value) for p in kept.metadata_props)["vsonnx.preprocess"])
     with tempfile.TemporaryDirectory() as tmp:
         stock = Path(tmp) / "stock.onnx"
@@ -313,14 +326,21 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="CIFAR-10 folder with train/ and test/")
     p.add_argument("--names", nargs="*", default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--steps", default="cards,folded", help="cards (measure, fix, plot) and/or folded (stock export)")
+    p.add_argument("--steps", default="cards,folded",
+                   help="cards (measure, fix, plot), data-free (only the data-free fixes, into existing cards) "
+                        "and/or folded (stock export)")
     args = p.parse_args()
     steps = set(args.steps.split(","))
     names = args.names or sorted(d.name for d in (MODELS / "train").iterdir()
                                  if (MODELS / f"{d.name}.onnx").exists())
     for name in names:
         path = MODELS / f"{name}.json"
-        card = measure(name, args.data, args.threads) if "cards" in steps else json.loads(path.read_text())
+        if "cards" in steps:
+            card = measure(name, args.data, args.threads)
+        elif "data-free" in steps:
+            card = measure(name, args.data, args.threads, FIXES[2:], json.loads(path.read_text()))
+        else:
+            card = json.loads(path.read_text())
         if "folded" in steps:
             card["folded"] = folded_experiment(card, args.data, args.threads)
         (MODELS / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")

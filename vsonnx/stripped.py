@@ -80,12 +80,17 @@ def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> dict[str, 
     return resolved
 
 
-def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training: bool, seed: int = SEED) -> onnx.ModelProto:
-    """A copy with Dropout(ratio, training_mode) on each site tensor, feeding all its former consumers."""
+def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training: bool, seed: int = SEED,
+                    before_bias: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """A copy with Dropout(ratio, training_mode) on each site tensor, feeding all its former consumers; a
+    site in ``before_bias`` (the output of a Conv/Gemm) gets it between the layer's product and its bias."""
     out = copy.deepcopy(model)
     graph = out.graph
     new_nodes = []
     for k, (tensor, ratio) in enumerate(sites.items()):
+        if tensor in before_bias:
+            _split_bias(out, tensor, k, new_nodes)
+            tensor = f"{tensor}__vsonnx_product"
         dropped = f"{tensor}__vsonnx_dropout"
         for node in graph.node:
             for i, name in enumerate(node.input):
@@ -106,6 +111,39 @@ def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training
     return out
 
 
+def _split_bias(model: onnx.ModelProto, tensor: str, k: int, new_nodes: list) -> None:
+    """Rewrite the Conv/Gemm producing ``tensor`` to output ``tensor``__vsonnx_product without its bias and
+    append Add(dropout of the product, bias) -> ``tensor`` to ``new_nodes`` (the caller adds the Dropout)."""
+    index = GraphIndex(model)
+    layer = index.producer[tensor]
+    product = f"{tensor}__vsonnx_product"
+    dropped = f"{product}__vsonnx_dropout"
+    layer.output[0] = product
+    bias_input = 2
+    bias = index.constant(layer.input[bias_input]) if len(layer.input) > bias_input and layer.input[bias_input] else None
+    if bias is None:
+        new_nodes.append(helper.make_node("Identity", [dropped], [tensor], name=f"vsonnx_bias_{k}"))
+        return
+    bias = np.asarray(bias, np.float64)
+    if layer.op_type == "Conv":
+        rank = len(numpy_helper.to_array(index.initializers[layer.input[1]]).shape)
+        bias = bias.reshape((-1,) + (1,) * (rank - 2))
+    else:
+        bias = bias * attribute(layer, "beta", 1.0)
+    dtype = numpy_helper.to_array(index.initializers[layer.input[1]]).dtype
+    name = f"vsonnx_site{k}_bias"
+    model.graph.initializer.append(numpy_helper.from_array(bias.astype(dtype), name))
+    layer.input[bias_input] = ""
+    new_nodes.append(helper.make_node("Add", [dropped, name], [tensor], name=f"vsonnx_bias_{k}"))
+
+
+def inside_folded(model: onnx.ModelProto, sites: dict[str, float]) -> frozenset[str]:
+    """The site tensors produced by a folded Conv/Gemm: dropout acted inside the fold (placement a)."""
+    index = GraphIndex(model)
+    return frozenset(t for t in sites if t in index.producer and index.producer[t].op_type in ("Conv", "Gemm")
+                     and looks_folded(index, index.producer[t]))
+
+
 def with_named_sites(model_path, named: dict[str, float]) -> tuple[onnx.ModelProto, list[str]]:
     """(analysis copy with Dropout nodes at the named sites, notes on what `fix --dropout` would change)."""
     from .model import load_model
@@ -122,10 +160,11 @@ def with_named_sites(model_path, named: dict[str, float]) -> tuple[onnx.ModelPro
 
 
 def folded_layers(model_with_dropouts: onnx.ModelProto, sites: dict[str, float]) -> list[str]:
-    """Weight layers downstream of the sites that look folded (see module docstring)."""
+    """Weight layers that produce a site tensor or lie downstream of one and look folded (module docstring)."""
     index = GraphIndex(model_with_dropouts)
-    downstream = {id(n) for n in index.downstream_nodes(list(sites))}
-    return [index.node_name(n) for n in index.topological_order if id(n) in downstream and looks_folded(index, n)]
+    involved = {id(n) for n in index.downstream_nodes(list(sites))} | {id(index.producer[t]) for t in sites
+                                                                      if t in index.producer}
+    return [index.node_name(n) for n in index.topological_order if id(n) in involved and looks_folded(index, n)]
 
 
 def apply_affine(model: onnx.ModelProto, corrections: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
@@ -182,7 +221,7 @@ def correct_stripped(model: onnx.ModelProto, source: Source, sites: dict[str, fl
     train_moments = {}
     samples = 0
     if folded:
-        simulated = insert_dropouts(model, sites, training=True)
+        simulated = insert_dropouts(model, sites, training=True, before_bias=inside_folded(model, sites))
         taps = {f: tensor_tap(nodes[f].output[0], shapes) for f in folded}
         train_moments, samples, _, _ = measure_moments(simulated, source, taps, batch_size=batch_size,
                                                        device=device, threads=threads, progress=progress,
