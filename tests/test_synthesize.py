@@ -1,6 +1,7 @@
 """Data-free correction from synthetic inputs: the torch interpreter against onnxruntime (optimisations off)
 and PyTorch's own train-mode BN; the synthesis against the re-estimation on the data the statistics came from."""
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -172,3 +173,13 @@ def test_synthesis_refuses_dynamic_image_size(tmp_path):
     model = g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn"), input_shape=("N", 3, "H", "W"))
     with pytest.raises(VsonnxError, match="not static"):
         synthetic_statistics(model, ["bn"], steps=1)
+
+
+def test_without_torch_the_error_names_the_way_out(tmp_path, monkeypatch):
+    g = GraphBuilder()
+    path = save(g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn")), tmp_path / "m.onnx")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    r = CliRunner().invoke(main, ["fix", path, "--data-free"])
+    assert r.exit_code == 3 and "--synthetic 0" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["fix", path, "--data-free", "--synthetic", "0"])
+    assert r.exit_code == 0, r.output

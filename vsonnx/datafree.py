@@ -1,4 +1,6 @@
-"""`fix --data-free`: correct the variance-shift sites from the graph's constants alone (DESIGN 5.4).
+"""`fix --data-free --synthetic 0`: correct the variance-shift sites from the graph's constants alone, in
+closed form (DESIGN 5.4). Plain `--data-free` (vsonnx.synthesize) also corrects the BNs downstream and
+reports these closed-form results next to its own per site.
 
 The dropout noise is zero-mean given x, so the means stay and only the variances shrink:
 - a ``direct`` site (one dropout of retain p right before the BN): Eq. 8 solved for the test variance,
@@ -10,7 +12,8 @@ The dropout noise is zero-mean given x, so the means stay and only the variances
 Refused per site, left unchanged and reported: channel-wise dropout behind a weight layer, Concat or other
 ops on the dropout path, a dropout input not of the BN(-activation) form, several dropouts on one direct
 path. A variance that would not stay positive is clamped to ``MIN_FRACTION`` of the old one and reported.
-BNs downstream of a site are left unchanged: their change depends on the data through the nonlinearities.
+BNs downstream of a site are left unchanged here: their change depends on the data through the nonlinearities
+(measured: PreResNet-20 (a) loses 15 points this way; vsonnx.synthesize gains 2.8).
 """
 from __future__ import annotations
 
