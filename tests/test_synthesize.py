@@ -51,7 +51,7 @@ def test_torch_graph_matches_onnxruntime_on_many_ops():
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
     expected = ort_outputs(model, {"x": x})
     got = TorchGraph(model)({"x": torch.from_numpy(x)})
-    for name, value in expected.items():
+    for name, value in expected.items():  # same float32 ops, different summation order: a few ulps
         np.testing.assert_allclose(got[name].detach().numpy(), value, rtol=1e-5, atol=1e-6)
 
 
@@ -76,6 +76,7 @@ def test_torch_graph_train_regime_matches_pytorch(tmp_path):
         reference = net(x)
         for h in hooks:
             h.remove()
+    # float32 batch statistics over 64 x 8 x 8 elements, then 4 layers: 1e-4 relative
     np.testing.assert_allclose(list(got.values())[0].numpy(), reference.numpy(), rtol=1e-4, atol=1e-5)
     for name, x_bn in inputs.items():
         axes = [0] + list(range(2, x_bn.dim()))
@@ -183,3 +184,41 @@ def test_without_torch_the_error_names_the_way_out(tmp_path, monkeypatch):
     assert r.exit_code == 3 and "--synthetic 0" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["fix", path, "--data-free", "--synthetic", "0"])
     assert r.exit_code == 0, r.output
+
+
+def test_ignored_options_are_warned_about(tmp_path):
+    g = GraphBuilder()
+    path = save(g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn")), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    r = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "--synthetic", "8"])
+    assert r.exit_code == 0 and "--synthetic/--synthetic-steps are ignored without --data-free" in r.output
+    r = CliRunner().invoke(main, ["fix", path, "--data-free", "--synthetic", "0", "--method", "population"])
+    assert r.exit_code == 0 and "--method is ignored with --data-free" in r.output
+
+
+def refused_model(kind: str) -> onnx.ModelProto:
+    g = GraphBuilder()
+    if kind == "subgraph":
+        h = g.bn("x", 3, "bn")
+        branch = helper.make_graph([helper.make_node("Identity", [h], ["y"])], "b", [],
+                                   [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+        return g.build(g.node("If", [g.init("cond", np.array(True))], then_branch=branch, else_branch=branch))
+    if kind == "auto_pad":
+        w = g.init("w", np.ones((3, 3, 3, 3), np.float32))
+        return g.build(g.bn(g.node("Conv", ["x", w], auto_pad="SAME_UPPER"), 3, "bn"))
+    if kind == "two inputs":
+        model = g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn"))
+        model.graph.input.append(helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+        return model
+    model = g.build(g.bn(g.node("Cast", ["x"], to=onnx.TensorProto.FLOAT), 3, "bn"))
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64  # "integer input"
+    return model
+
+
+@pytest.mark.parametrize("kind,message", [("subgraph", "operator If"), ("auto_pad", "auto_pad"),
+                                          ("two inputs", "one input"), ("integer input", "not a float tensor")])
+def test_each_synthesis_refusal_is_a_one_line_error(tmp_path, kind, message):
+    path = tmp_path / "m.onnx"
+    onnx.save(refused_model(kind), str(path))
+    r = CliRunner().invoke(main, ["fix", str(path), "--data-free", "--all"])
+    assert r.exit_code == 3 and message in r.output and "Traceback" not in r.output, r.output

@@ -150,9 +150,15 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
     from .recalibrate import fix as fix_model
     from .report import render_fix
 
+    given = click.get_current_context().get_parameter_source
     if data_free and calib:
         click.echo("warning: --calib is ignored with --data-free.", err=True)
         calib = None
+    if data_free and given("method") == click.core.ParameterSource.COMMANDLINE:
+        click.echo("warning: --method is ignored with --data-free.", err=True)
+    if not data_free and any(given(p) == click.core.ParameterSource.COMMANDLINE
+                             for p in ("synthetic", "synthetic_steps")):
+        click.echo("warning: --synthetic/--synthetic-steps are ignored without --data-free.", err=True)
     if data_free and scope_all and synthetic == 0:
         click.echo("warning: --all is ignored with --synthetic 0 (the formulas cover the sites only).", err=True)
     from .stripped import parse_dropout_specs

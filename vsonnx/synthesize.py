@@ -20,13 +20,15 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import onnx
-
-from .calibrate import BnStatistics
 from .errors import VsonnxError
-from .graph import GraphIndex
+
+if TYPE_CHECKING:  # numpy, onnx and torch load inside the functions: the CLI imports the defaults below
+    import numpy as np
+    import onnx
+
+    from .calibrate import BnStatistics
 
 DEFAULT_SAMPLES = 64
 DEFAULT_STEPS = 100
@@ -54,6 +56,8 @@ def _torch():
 
 
 def _input_shape(model: onnx.ModelProto, samples: int) -> tuple[str, tuple[int, ...]]:
+    import onnx
+
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
@@ -86,6 +90,10 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     """New statistics for the BNs ``names`` (see the module docstring); ``channelwise``: Dropout nodes that
     drop whole channels."""
     torch = _torch()
+    import numpy as np
+
+    from .calibrate import BnStatistics
+    from .graph import GraphIndex
     from .torch_graph import TorchGraph
 
     if samples < 2 or steps < 0:
@@ -145,6 +153,8 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
 def _batch_statistics(graph, input_name: str, x, names: list[str], draws: int,
                       channelwise: frozenset[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per BN, the batch mean and variance in float64, averaged over ``draws`` dropout masks (0: dropout off)."""
+    import numpy as np
+
     sums: dict[str, list[np.ndarray]] = {}
 
     def record(name, mean, var):

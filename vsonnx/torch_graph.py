@@ -1,8 +1,8 @@
 """Run an ONNX graph with torch operators, so that gradients reach its inputs (needs torch).
 
 Used by the data-free synthesis (vsonnx.synthesize), which optimises inputs through the model. Covers the
-operators of exported CNN classifiers; any other operator, a subgraph, or a Conv with auto_pad is refused
-with a VsonnxError naming it. Float tensors are computed in float32 whatever the model's precision.
+operators of exported CNN classifiers; any other operator (If/Loop/Scan with their subgraphs included) or a
+Conv with auto_pad is refused with a VsonnxError naming it. Float tensors are computed in float32 whatever the model's precision.
 
 Two switches change what the graph computes, as in PyTorch's ``train()``:
 - ``batch_norm="batch"`` normalises every BatchNormalization with the statistics of the batch it sees
@@ -61,9 +61,6 @@ class TorchGraph:
                 raise VsonnxError(f"the data-free synthesis cannot run operator {node.op_type} "
                                   f"('{index.node_name(node)}').",
                                   "use --synthetic 0 (closed-form correction of the sites only) or --calib DATA.")
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-                raise VsonnxError(f"the data-free synthesis cannot run subgraphs ('{index.node_name(node)}').",
-                                  "use --synthetic 0 or --calib DATA.")
             if node.op_type == "Conv" and attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 raise VsonnxError(f"the data-free synthesis does not handle auto_pad ('{index.node_name(node)}').",
                                   "use --synthetic 0 or --calib DATA.")
