@@ -30,7 +30,8 @@ PATH_ORDER = ("direct", "weight", "merge", "other")
 EXPORT_HINT = (
     "export with vsonnx.export(model, example_input, 'model.onnx'), which keeps Dropout and unfolded BN; "
     "or name where dropout acted with `vsonnx fix --calib DATA --dropout TENSOR_OR_NODE=RATIO` (BNs kept in the "
-    "graph are recalibrated, BNs folded into a Conv/Gemm are corrected in its weights)."
+    "graph are recalibrated, BNs folded into a Conv/Gemm are corrected in its weights; name the layer after the "
+    "dropout, or, when the dropout sat between a conv and its folded BN, the conv's output tensor)."
 )
 
 
