@@ -6,6 +6,8 @@ import torch
 
 import vsonnx
 from vsonnx.calibrate import bn_levels, calibrate
+from vsonnx.errors import VsonnxError
+from vsonnx.stats import transfer_change
 from vsonnx.data import ArraySource
 from vsonnx.model import load_model
 from vsonnx.recalibrate import targets
@@ -169,3 +171,51 @@ def test_staged_falls_back_when_the_spill_is_too_large(exported, monkeypatch):
     fallback = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population", device="cpu")
     for n in names:
         np.testing.assert_allclose(fallback.statistics[n].var, reference.statistics[n].var, rtol=1e-5)
+
+
+def test_relative_method_equals_pytorch_transfer(exported):
+    """relative = stored statistics moved by the change PyTorch's batch re-estimation shows between dropout
+    on and off on the same batches (element-wise dropout, as ONNX Dropout simulates it)."""
+    net, model, _ = exported
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((512, 3, 8, 8)) * 2 + 0.5).astype(np.float32)
+    names = scoped(model)
+    result = calibrate(model, ArraySource.from_arrays(model, x, None, shuffle=False), names, method="relative",
+                       batch_size=64, device="cpu")
+    assert result.method == "relative" and result.passes == 2
+    elementwise = copy.deepcopy(net)
+    elementwise.drop_c = torch.nn.Dropout(0.2)
+    off = torch_batch_reference(elementwise, x, 64, names)
+    dropping = copy.deepcopy(elementwise)
+    dropping.train()  # BN batch statistics and dropout active: the regime the stored statistics come from
+    for m in dropping.modules():
+        if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for i in range(0, len(x), 64):
+            dropping(torch.from_numpy(x[i:i + 64]))
+    for name in names:
+        bn = net.get_submodule(module_name(name))
+        on = dropping.get_submodule(module_name(name))
+        want_mean, want_var = transfer_change(bn.running_mean.numpy(), bn.running_var.numpy(),
+                                              (on.running_mean.numpy(), on.running_var.numpy()), off[name])
+        got = result.statistics[name]
+        # different dropout masks (onnxruntime vs torch): Monte-Carlo error of 512 x 64 elements per channel
+        assert np.median(np.abs(got.var / want_var - 1)) < 0.05, name
+        # means: two independent m_on estimates over 512 samples (bn1d: one value per sample), each with a
+        # standard error of about 1/sqrt(512) = 0.044 of the spread: their difference stays below 0.12
+        assert np.median(np.abs(got.mean - want_mean) / np.sqrt(bn.running_var.numpy())) < 0.12, name
+        moved = np.median(np.abs(want_var / bn.running_var.numpy() - 1))
+        assert moved > 0.1, name  # the check is not vacuous: every BN in scope changes by more than that
+
+
+def test_relative_method_refuses_old_dropout(exported):
+    from conftest import GraphBuilder
+
+    g = GraphBuilder(opset=11)
+    model = g.build(g.bn(g.dropout("x", 0.5, "d", form="attribute"), 3, "bn"))
+    source = ArraySource.from_arrays(model, np.ones((4, 3, 8, 8), np.float32), None, shuffle=False)
+    with pytest.raises(VsonnxError, match="opset 11"):
+        calibrate(model, source, ["bn"], method="relative", batch_size=2, device="cpu")

@@ -134,8 +134,9 @@ def _provider_line(provider: str | None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output model [default: MODEL.fixed.onnx].")
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model.")
-@click.option("--method", type=click.Choice(["batch", "population"]), default="batch",
-              help="batch: the paper's Adjust (PyTorch-equivalent); population: exact inference statistics.")
+@click.option("--method", type=click.Choice(["batch", "population", "relative"]), default="batch",
+              help="batch: the paper's Adjust (PyTorch-equivalent); population: exact inference statistics; "
+                   "relative: carry the dropout-on -> off change measured on the data over to the stored statistics.")
 @click.option("--all", "scope_all", is_flag=True, help="Re-estimate every BN, not only sites and downstream.")
 @click.option("--val", default=None, help="Labelled validation data: evaluate candidates, write the best.")
 @click.option("--val-limit", type=int, default=None, help="Use the first N validation samples.")

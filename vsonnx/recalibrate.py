@@ -213,7 +213,7 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
         base.warnings.append("the validation data is the calibration data: the choice among candidates is biased.")
 
     source = ReplaySource(open_source(calib, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess))
-    methods = [method] if val is None else ["batch", "population"]
+    methods = [method] if val is None else ["batch", "population", "relative"]
     results: dict[str, CalibrationResult] = {}
     for m in methods:
         results[m] = calibrate(model, source, names, method=m, batch_size=batch_size, device=device,

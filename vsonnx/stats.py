@@ -5,6 +5,8 @@
   or how the data was split across processes.
 - ``BatchAverage``: PyTorch's ``momentum=None`` running statistics: the plain average over batches of the
   batch means and of the *unbiased* batch variances (equal weight per batch, whatever its size).
+- ``transfer_change``: carry a change of statistics measured between two regimes on the same inputs over
+  to stored statistics, relative to the spread.
 """
 from __future__ import annotations
 
@@ -96,3 +98,12 @@ class BatchAverage:
     @property
     def var(self) -> np.ndarray:
         return self.sum_var / max(self.batches, 1)
+
+
+def transfer_change(mean, var, on: tuple, off: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Stored (mean, var) moved as the (mean, var) measured with dropout ``on`` moved to those measured
+    ``off``: var' = var * v_off / v_on, mean' = mean + (m_off - m_on) * sqrt(var / v_on)."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    (m_on, v_on), (m_off, v_off) = on, off
+    v_on = np.maximum(np.asarray(v_on, np.float64), 1e-12)
+    return mean + (np.asarray(m_off) - m_on) * np.sqrt(var / v_on), var * np.asarray(v_off) / v_on

@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calibrate import (BnStatistics, bn_levels, bn_tap, measure_moments, tensor_shapes, tensor_tap,
-                        working_copy)
+from .calibrate import (BnStatistics, bn_levels, bn_tap, dropout_seeds, measure_moments, tensor_shapes,
+                        tensor_tap, working_copy)
 from .data import ReplaySource, Source
 from .errors import VsonnxError
 from .graph import GraphIndex, attribute
@@ -87,6 +87,7 @@ def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training
     out = copy.deepcopy(model)
     graph = out.graph
     new_nodes = []
+    seeds = dropout_seeds(seed, len(sites))
     for k, (tensor, ratio) in enumerate(sites.items()):
         if tensor in before_bias:
             _split_bias(out, tensor, k, new_nodes)
@@ -103,7 +104,7 @@ def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training
         graph.initializer.extend([numpy_helper.from_array(np.array(ratio, np.float32), r),
                                   numpy_helper.from_array(np.array(training), t)])
         new_nodes.append(helper.make_node("Dropout", [tensor, r, t], [dropped], name=f"vsonnx_dropout_{k}",
-                                          seed=seed + k))
+                                          seed=seeds[k]))
     graph.node.extend(new_nodes)
     order = GraphIndex(out).topological_order
     del graph.node[:]

@@ -94,6 +94,7 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
 
     from .calibrate import BnStatistics
     from .graph import GraphIndex
+    from .stats import transfer_change
     from .torch_graph import TorchGraph
 
     if samples < 2 or steps < 0:
@@ -142,10 +143,7 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
             off = _batch_statistics(graph, input_name, x.detach(), names, 0, channelwise)
     statistics = {}
     for name in names:
-        mean, var = stored[name]
-        (m_on, v_on), (m_off, v_off) = on[name], off[name]
-        v_on = np.maximum(v_on, 1e-12)
-        statistics[name] = BnStatistics(name, mean + (m_off - m_on) * np.sqrt(var / v_on), var * v_off / v_on, samples)
+        statistics[name] = BnStatistics(name, *transfer_change(*stored[name], on[name], off[name]), samples)
     return SynthesisResult(statistics, samples, steps, losses[0] if losses else float("nan"),
                            losses[-1] if losses else float("nan"), time.perf_counter() - start, device)
 
