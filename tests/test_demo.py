@@ -19,7 +19,7 @@ def test_demo_on_the_image_folders():
     assert r.exit_code == 0, r.output
     d = json.loads(r.output[r.output.index("{"):])
     assert [x["model"] for x in d["results"]] == ["original", "fixed (batch)", "fixed (population)",
-                                                  "fixed (data-free)"]
+                                                  "fixed (relative)", "fixed (data-free)"]
     assert d["calib_samples"] == 256 and all(x["samples"] == 512 for x in d["results"])
     assert d["sites"] == 9
 

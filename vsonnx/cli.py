@@ -241,7 +241,7 @@ def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, m
 @user_errors
 def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device, threads, synthetic, synthetic_steps,
          as_json):
-    """Scan, fix (batch, population, data-free) and evaluate a reference model on CIFAR-10."""
+    """Scan, fix (batch, population, relative, data-free) and evaluate a reference model on CIFAR-10."""
     from .demo import run_demo
     from .report import render_demo
 

@@ -1,6 +1,6 @@
 """`vsonnx demo`: the whole story on a reference CIFAR-10 model.
 
-scan the model, fix it with both methods on shuffled training images and without data (synthetic inputs,
+scan the model, fix it with the three calibrated methods on shuffled training images and without data (synthetic inputs,
 when torch is installed), and evaluate the original and the fixed models on the test images (decoded once,
 all models on the same batches).
 """
@@ -74,7 +74,7 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
         folder = Path(out_dir) if out_dir else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         fixed, seconds = {}, {}
-        for method in ("batch", "population"):
+        for method in ("batch", "population", "relative"):
             out = folder / f"{model_path.stem}.{method}.onnx"
             report = fix(model_path, calib, output=out, method=method, batch_size=batch_size, device=device,
                          threads=threads, progress=progress)

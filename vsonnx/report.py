@@ -116,7 +116,8 @@ def render_demo(report) -> str:
     return "\n".join([
         f"model: {report.model}: {report.batchnorms} BatchNormalization, {report.sites} Dropout->BN site(s)",
         f"calibrated on {report.calib_samples} shuffled training images "
-        f"(batch {report.fix_seconds.get('batch')} s, population {report.fix_seconds.get('population')} s)"
+        f"(batch {report.fix_seconds.get('batch')} s, population {report.fix_seconds.get('population')} s, "
+        f"relative {report.fix_seconds.get('relative')} s)"
         + (f"; data-free from synthetic inputs {report.fix_seconds['data-free']} s" if "data-free" in report.fix_seconds
            else ""),
         table(["model", "test images", "top-1 %", "top-5 %", "delta top-1"], rows, "lrrrr"),
