@@ -26,7 +26,8 @@ def export(module, example_input, path, **kwargs):
 
 
 def fix(model, calib=None, **kwargs):
-    """Re-estimate BN statistics on calibration data; see vsonnx.recalibrate.fix."""
+    """Re-estimate BN statistics on calibration data (method batch, population or relative), or without
+    data (data_free=True); see vsonnx.recalibrate.fix."""
     from .recalibrate import fix as _fix
 
     return _fix(model, calib, **kwargs)

@@ -9,7 +9,7 @@ The pass follows find / check / apply:
   with another node is copied first, never edited in place) and returns whether anything changed, so a
   second application of the same statistics changes nothing.
 
-With validation data (``val``) every candidate (original, batch, population and half-way corrections
+With validation data (``val``) every candidate (original, batch, population, relative and half-way corrections
 between the old and new statistics) is evaluated and the best one is written; nothing is written when no
 candidate beats the original, unless ``force``.
 
