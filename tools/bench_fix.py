@@ -67,7 +67,7 @@ def main() -> None:
     print(f"model {args.model.name}: {len(names)} BN re-estimated, {len(xs)} samples, batch {args.batch_size}, "
           f"provider {session.get_providers()[0]}")
     print(f"plain onnxruntime inference         {base:7.3f} s   1.00x")
-    for method in ("batch", "population"):
+    for method in ("batch", "population", "relative"):
         seconds = best_of(args.repeat, lambda: calibrate(model, source, names, method=method, batch_size=args.batch_size,
                                                           device=args.device, threads=args.threads))
         print(f"{'fix --method ' + method:35s} {seconds:7.3f} s   {seconds / base:.2f}x")
