@@ -43,8 +43,15 @@ class PlacementB(nn.Module):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stripped")
+    export_both_ways(PlacementB, tmp)
+    return tmp
+
+
+def export_both_ways(net_class, folder) -> np.ndarray:
+    """Seeded net whose BN statistics are training-time moments, exported as kept.onnx (vsonnx.export) and
+    stock.onnx (torch.onnx.export: Dropout removed, BN folded), with its data as x.npy; returns the data."""
     torch.manual_seed(0)
-    net = PlacementB()
+    net = net_class()
     x = torch.randn(256, 3, 8, 8) + 0.5
     net.train()
     for m in net.modules():
@@ -54,13 +61,13 @@ def exports(tmp_path_factory):
         for _ in range(30):
             net(x)
     net.eval()
-    vsonnx.export(net, x[:2], tmp / "kept.onnx")
+    vsonnx.export(net, x[:2], folder / "kept.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x[:2],), str(tmp / "stock.onnx"), dynamo=False, input_names=["input"],
+        torch.onnx.export(net, (x[:2],), str(folder / "stock.onnx"), dynamo=False, input_names=["input"],
                           dynamic_axes={"input": {0: "n"}})
-    np.save(tmp / "x.npy", x.numpy())
-    return tmp
+    np.save(folder / "x.npy", x.numpy())
+    return x.numpy()
 
 
 def logits(path, x):
@@ -157,23 +164,7 @@ class PlacementA(nn.Module):
 def test_folded_placement_a_matches_unfolded_fix(tmp_path):
     """Dropout between a conv and the BN folded into it: named by the conv's output tensor, simulated
     before the folded bias; the fixed stock export agrees with the fixed vsonnx export."""
-    torch.manual_seed(0)
-    net = PlacementA()
-    x = torch.randn(256, 3, 8, 8) + 0.5
-    net.train()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    with torch.no_grad():
-        for _ in range(30):
-            net(x)
-    net.eval()
-    vsonnx.export(net, x[:2], tmp_path / "kept.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x[:2],), str(tmp_path / "stock.onnx"), dynamo=False, input_names=["input"],
-                          dynamic_axes={"input": {0: "n"}})
-    np.save(tmp_path / "x.npy", x.numpy())
+    xs = export_both_ways(PlacementA, tmp_path)
     stock = load_model(tmp_path / "stock.onnx")
     assert not any(n.op_type == "BatchNormalization" for n in stock.graph.node)
     conv1 = next(n for n in stock.graph.node if n.op_type == "Conv")
@@ -181,7 +172,6 @@ def test_folded_placement_a_matches_unfolded_fix(tmp_path):
     folded = vsonnx.fix(tmp_path / "stock.onnx", tmp_path / "x.npy", output=tmp_path / "stock.fixed.onnx",
                         dropout_sites={conv1.output[0]: 0.5})
     assert folded.written and len(folded.notes) == 2  # conv1 (dropout inside its fold) and conv2 (downstream)
-    xs = x.numpy()
     a, b = logits(tmp_path / "kept.fixed.onnx", xs), logits(tmp_path / "stock.fixed.onnx", xs)
     before = logits(tmp_path / "stock.onnx", xs)
     assert np.abs(a - b).max() < 0.25 * np.abs(a - before).max()

@@ -235,6 +235,15 @@ def _static_elements(shape: tuple) -> int | None:
     return int(np.prod(spatial)) if all(isinstance(d, int) and d > 0 for d in spatial) else None
 
 
+def stored_statistics(model: onnx.ModelProto, names: list[str]) -> dict[str, BnStatistics]:
+    """The running mean/var the BNs ``names`` hold now, in float64 (their inputs 3 and 4 must be constant)."""
+    index = GraphIndex(model)
+    nodes = _bn_nodes(model, names)
+    return {n: BnStatistics(n, np.asarray(index.constant(nodes[n].input[3]), np.float64).reshape(-1),
+                            np.asarray(index.constant(nodes[n].input[4]), np.float64).reshape(-1), 0)
+            for n in names}
+
+
 def dropout_seeds(seed: int, count: int) -> list[int]:
     """Seeds for ``count`` simulated Dropout nodes, drawn from ``seed``: onnxruntime's masks for nearby seeds
     (0, 1, ...) are correlated (measured: 6% less simulated noise two dropouts apart)."""
@@ -519,14 +528,11 @@ def _calibrate_batch(model, source, targets, batch_size, device, threads, progre
 def _calibrate_relative(model, source, targets, batch_size, device, threads, progress):
     on = _calibrate_batch(model, source, targets, batch_size, device, threads, progress, dropout_active=True)
     off = _calibrate_batch(model, source, targets, batch_size, device, threads, progress)
-    index = GraphIndex(model)
-    nodes = _bn_nodes(model, targets)
     stats = {}
-    for name, after in off.statistics.items():
-        stored = (np.asarray(index.constant(nodes[name].input[i]), np.float64).reshape(-1) for i in (3, 4))
-        before = on.statistics[name]
-        stats[name] = BnStatistics(name, *transfer_change(*stored, (before.mean, before.var), (after.mean, after.var)),
-                                   after.count)
+    for name, stored in stored_statistics(model, list(off.statistics)).items():
+        before, after = on.statistics[name], off.statistics[name]
+        stats[name] = BnStatistics(name, *transfer_change(stored.mean, stored.var, (before.mean, before.var),
+                                                          (after.mean, after.var)), after.count)
     return CalibrationResult("relative", off.samples, off.batches, stats, 2, 0.0, off.provider,
                              sorted(set(on.notes + off.notes)))
 

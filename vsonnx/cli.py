@@ -18,6 +18,15 @@ from .synthesize import DEFAULT_SAMPLES, DEFAULT_STEPS
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 MODEL_PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by load_model (exit 3)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+SYNTHETIC_STEPS = click.option("--synthetic-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS,
+                               show_default=True, help="Optimisation steps of the data-free synthesis.")
+
+
+def synthetic_option(help_text: str):
+    return click.option("--synthetic", type=click.IntRange(min=0), default=DEFAULT_SAMPLES, show_default=True,
+                        help=help_text)
+
+
 LABELLED_DATA = click.option("--data", required=True,
                              help="Labelled data: class-folder tree, .npz with y, or FILE.py:FUNC.")
 
@@ -122,10 +131,8 @@ def _provider_line(provider: str | None) -> None:
 @click.option("--calib", default=None, help="Calibration data: image folder, .npy/.npz (or folder), FILE.py:FUNC.")
 @click.option("--data-free", is_flag=True,
               help="No data: synthesise inputs from the BN statistics (needs torch) and correct every BN in scope.")
-@click.option("--synthetic", type=click.IntRange(min=0), default=DEFAULT_SAMPLES, show_default=True,
-              help="With --data-free: synthetic inputs; 0 = closed-form formulas for the sites only (no torch).")
-@click.option("--synthetic-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True,
-              help="With --data-free: optimisation steps of the synthesis.")
+@synthetic_option("With --data-free: synthetic inputs; 0 = closed-form formulas for the sites only (no torch).")
+@SYNTHETIC_STEPS
 @click.option("--dropout", "dropout_specs", multiple=True, metavar="TENSOR_OR_NODE=RATIO",
               help="Where dropout acted in training, for exports that removed it (repeatable; a node stands for "
                    "its input: for a folded Conv name the Conv).")
@@ -234,9 +241,8 @@ def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, m
 @click.option("--batch-size", type=int, default=128)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--threads", type=int, default=None)
-@click.option("--synthetic", type=click.IntRange(min=0), default=DEFAULT_SAMPLES, show_default=True,
-              help="Synthetic inputs of the data-free fix (0: leave it out).")
-@click.option("--synthetic-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True)
+@synthetic_option("Synthetic inputs of the data-free fix (0: leave it out).")
+@SYNTHETIC_STEPS
 @JSON_OPTION
 @user_errors
 def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device, threads, synthetic, synthetic_steps,

@@ -20,6 +20,7 @@ possibly folding BN into Conv/Gemm weights, which then get an affine correction 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import __version__
-from .calibrate import BnStatistics, CalibrationResult, calibrate
+from .calibrate import METHODS, BnStatistics, CalibrationResult, calibrate, stored_statistics
 from .data import ReplaySource, open_source
 from .errors import VsonnxError
 from .graph import GraphIndex
@@ -99,14 +100,6 @@ def with_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> o
     for name, st in stats.items():
         rewrite.apply(name, st)
     return out
-
-
-def old_statistics(model: onnx.ModelProto, names: list[str]) -> dict[str, BnStatistics]:
-    index = GraphIndex(model)
-    nodes = {index.node_name(n): n for n in model.graph.node if n.op_type == "BatchNormalization"}
-    return {n: BnStatistics(n, np.asarray(index.constant(nodes[n].input[3]), np.float64).reshape(-1),
-                            np.asarray(index.constant(nodes[n].input[4]), np.float64).reshape(-1), 0)
-            for n in names}
 
 
 def blend(old: dict[str, BnStatistics], new: dict[str, BnStatistics], weight: float) -> dict[str, BnStatistics]:
@@ -202,8 +195,11 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
                                        threads=threads, limit=val_limit, preprocess=preprocess)
         synthesis = None
         if synthetic > 0:
-            synthesis = {"samples": synthetic, "steps": synthetic_steps, "seed": seed, "device": device,
-                         "names": names, "progress": progress}
+            from .synthesize import synthetic_statistics
+
+            synthesis = functools.partial(synthetic_statistics, model, names, samples=synthetic, steps=synthetic_steps,
+                                          seed=seed, device=device, progress=progress,
+                                          channelwise=frozenset(d.name for d in report.dropouts if d.channelwise))
         return _fix_data_free(model, model_path, out_path, report, base, in_place,
                               checker if val is not None else None, force, synthesis)
     if calib is None:
@@ -213,13 +209,13 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
         base.warnings.append("the validation data is the calibration data: the choice among candidates is biased.")
 
     source = ReplaySource(open_source(calib, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess))
-    methods = [method] if val is None else ["batch", "population", "relative"]
+    methods = [method] if val is None else list(METHODS)
     results: dict[str, CalibrationResult] = {}
     for m in methods:
         results[m] = calibrate(model, source, names, method=m, batch_size=batch_size, device=device,
                                threads=threads, progress=progress)
     main_result = results[method]
-    old = old_statistics(model, names)
+    old = stored_statistics(model, names)
     candidates = [Candidate(m, r.statistics) for m, r in results.items()]
     if val is not None:
         from .accuracy import evaluate_candidates
@@ -259,11 +255,11 @@ def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "
 
 
 def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_place: bool, checker, force: bool,
-                   synthesis: dict | None) -> FixReport:
-    """``synthesis`` (options of vsonnx.synthesize) corrects every BN in scope from synthetic inputs; None:
-    the closed-form site formulas of vsonnx.datafree, whose per-site result is reported either way.
-    ``checker`` (with --val) scores [original, corrected] on validation data; nothing is written when the
-    correction is worse, unless ``force``."""
+                   synthesis) -> FixReport:
+    """``synthesis`` (vsonnx.synthesize.synthetic_statistics with its arguments bound) corrects every BN in
+    scope from synthetic inputs; None: the closed-form site formulas of vsonnx.datafree, whose per-site
+    result is reported either way. ``checker`` (with --val) scores [original, corrected] on validation
+    data; nothing is written when the correction is worse, unless ``force``."""
     from .datafree import data_free_statistics
 
     closed_form = data_free_statistics(model, report)
@@ -271,27 +267,13 @@ def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_plac
     base.notes = dict(closed_form.notes)
     provenance = {"method": "data-free", "samples": "0"}
     if synthesis is not None:
-        from .synthesize import synthetic_statistics
-
-        channelwise = frozenset(d.name for d in report.dropouts if d.channelwise)
-        result = synthetic_statistics(model, synthesis["names"], samples=synthesis["samples"],
-                                      steps=synthesis["steps"], seed=synthesis["seed"], device=synthesis["device"],
-                                      channelwise=channelwise, progress=synthesis["progress"])
+        result = synthesis()
         statistics = result.statistics
-        old = old_statistics(model, list(statistics))
-
-        def var_ratio(stats: BnStatistics) -> str:
-            return f"median var x{float(np.median(stats.var / np.maximum(old[stats.name].var, 1e-30))):.3f}"
-
-        for name in base.notes:  # the sites: both estimates side by side
-            formula = closed_form.statistics.get(name)
-            base.notes[name] = f"synthetic: {var_ratio(statistics[name])}" + (
-                f"; closed form: {var_ratio(formula)}" if formula is not None else f"; closed form: {base.notes[name]}")
         base.method, base.samples, base.seconds, base.provider = "data-free (synthetic)", 0, result.seconds, \
             f"torch {result.device}"
         provenance.update({"method": "data-free (synthetic inputs)", "synthetic_samples": str(result.samples),
                            "synthetic_steps": str(result.steps), "synthesis_loss": f"{result.loss_first:.4g} -> "
-                           f"{result.loss_last:.4g}", "seed": str(synthesis["seed"])})
+                           f"{result.loss_last:.4g}", "seed": str(synthesis.keywords["seed"])})
         what = f"corrected {len(statistics)} BatchNormalization layer(s) from {result.samples} synthetic inputs " \
                f"({result.steps} steps, statistics-matching loss {result.loss_first:.3g} -> {result.loss_last:.3g})."
     else:
@@ -306,7 +288,15 @@ def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_plac
     if not statistics:
         base.message = "no site could be corrected without data (see notes); nothing written."
         return base
-    old = old_statistics(model, list(statistics))
+    old = stored_statistics(model, list(statistics))
+    if synthesis is not None:
+        def var_ratio(stats: BnStatistics) -> str:
+            return f"median var x{float(np.median(stats.var / np.maximum(old[stats.name].var, 1e-30))):.3f}"
+
+        for name in base.notes:  # the sites: both estimates side by side
+            formula = closed_form.statistics.get(name)
+            base.notes[name] = f"synthetic: {var_ratio(statistics[name])}" + (
+                f"; closed form: {var_ratio(formula)}" if formula is not None else f"; closed form: {base.notes[name]}")
     fixed = with_statistics(model, statistics)
     if checker is not None:
         scores = checker([model, fixed])
@@ -337,7 +327,7 @@ def _fix_stripped(model, model_path, out_path, source, named, scope, batch_size,
     if corrected is None:
         base.message = "the named sites reach no BatchNormalization and no folded weight layer: nothing to fix."
         return base
-    old = old_statistics(model, list(stats))
+    old = stored_statistics(model, list(stats))
     fixed = with_statistics(corrected, stats)
     validate(fixed)
     save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance={

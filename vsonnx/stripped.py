@@ -88,22 +88,23 @@ def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training
     graph = out.graph
     new_nodes = []
     seeds = dropout_seeds(seed, len(sites))
+    index = GraphIndex(out) if before_bias else None
     for k, (tensor, ratio) in enumerate(sites.items()):
+        dropped_input = f"{tensor}__vsonnx_product" if tensor in before_bias else tensor
+        dropped = f"{dropped_input}__vsonnx_dropout"
         if tensor in before_bias:
-            _split_bias(out, tensor, k, new_nodes)
-            tensor = f"{tensor}__vsonnx_product"
-        dropped = f"{tensor}__vsonnx_dropout"
+            new_nodes.append(_split_bias(out, index, tensor, dropped_input, dropped, k))
         for node in graph.node:
             for i, name in enumerate(node.input):
-                if name == tensor:
+                if name == dropped_input:
                     node.input[i] = dropped
         for o in graph.output:
-            if o.name == tensor:
+            if o.name == dropped_input:
                 raise VsonnxError(f"site '{tensor}' is a graph output.", "name a tensor inside the network.")
         r, t = f"vsonnx_site{k}_ratio", f"vsonnx_site{k}_training"
         graph.initializer.extend([numpy_helper.from_array(np.array(ratio, np.float32), r),
                                   numpy_helper.from_array(np.array(training), t)])
-        new_nodes.append(helper.make_node("Dropout", [tensor, r, t], [dropped], name=f"vsonnx_dropout_{k}",
+        new_nodes.append(helper.make_node("Dropout", [dropped_input, r, t], [dropped], name=f"vsonnx_dropout_{k}",
                                           seed=seeds[k]))
     graph.node.extend(new_nodes)
     order = GraphIndex(out).topological_order
@@ -112,30 +113,26 @@ def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training
     return out
 
 
-def _split_bias(model: onnx.ModelProto, tensor: str, k: int, new_nodes: list) -> None:
-    """Rewrite the Conv/Gemm producing ``tensor`` to output ``tensor``__vsonnx_product without its bias and
-    append Add(dropout of the product, bias) -> ``tensor`` to ``new_nodes`` (the caller adds the Dropout)."""
-    index = GraphIndex(model)
+def _split_bias(model: onnx.ModelProto, index: GraphIndex, tensor: str, product: str, dropped: str,
+                k: int) -> onnx.NodeProto:
+    """Rewrite the Conv/Gemm producing ``tensor`` to output ``product`` without its bias; return the node
+    computing ``tensor`` = ``dropped`` (the caller's Dropout of ``product``) + bias."""
     layer = index.producer[tensor]
-    product = f"{tensor}__vsonnx_product"
-    dropped = f"{product}__vsonnx_dropout"
     layer.output[0] = product
     bias_input = 2
     bias = index.constant(layer.input[bias_input]) if len(layer.input) > bias_input and layer.input[bias_input] else None
     if bias is None:
-        new_nodes.append(helper.make_node("Identity", [dropped], [tensor], name=f"vsonnx_bias_{k}"))
-        return
+        return helper.make_node("Identity", [dropped], [tensor], name=f"vsonnx_bias_{k}")
+    weight = np.asarray(index.constant(layer.input[1]))
     bias = np.asarray(bias, np.float64)
     if layer.op_type == "Conv":
-        rank = len(numpy_helper.to_array(index.initializers[layer.input[1]]).shape)
-        bias = bias.reshape((-1,) + (1,) * (rank - 2))
+        bias = bias.reshape((-1,) + (1,) * (weight.ndim - 2))
     else:
         bias = bias * attribute(layer, "beta", 1.0)
-    dtype = numpy_helper.to_array(index.initializers[layer.input[1]]).dtype
     name = f"vsonnx_site{k}_bias"
-    model.graph.initializer.append(numpy_helper.from_array(bias.astype(dtype), name))
+    model.graph.initializer.append(numpy_helper.from_array(bias.astype(weight.dtype), name))
     layer.input[bias_input] = ""
-    new_nodes.append(helper.make_node("Add", [dropped, name], [tensor], name=f"vsonnx_bias_{k}"))
+    return helper.make_node("Add", [dropped, name], [tensor], name=f"vsonnx_bias_{k}")
 
 
 def inside_folded(model: onnx.ModelProto, sites: dict[str, float]) -> frozenset[str]:

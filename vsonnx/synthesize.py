@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from .errors import VsonnxError
 
+REFUSAL_HINT = "use --synthetic 0 (closed-form correction of the sites only) or --calib DATA."
+
 if TYPE_CHECKING:  # numpy, onnx and torch load inside the functions: the CLI imports the defaults below
     import numpy as np
     import onnx
@@ -62,15 +64,15 @@ def _input_shape(model: onnx.ModelProto, samples: int) -> tuple[str, tuple[int, 
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise VsonnxError(f"the data-free synthesis needs a model with one input, this one has {len(inputs)}.",
-                          "use --synthetic 0 or --calib DATA.")
+                          REFUSAL_HINT)
     tensor_type = inputs[0].type.tensor_type
     if tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
         raise VsonnxError(f"input '{inputs[0].name}' is not a float tensor: inputs cannot be synthesised.",
-                          "use --synthetic 0 or --calib DATA.")
+                          REFUSAL_HINT)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
     if len(dims) < 2 or any(d is None for d in dims[1:]):
         raise VsonnxError(f"input '{inputs[0].name}' has dimensions {dims[1:]} besides the batch that are not "
-                          "static: the synthetic inputs' shape is unknown.", "use --synthetic 0 or --calib DATA.")
+                          "static: the synthetic inputs' shape is unknown.", REFUSAL_HINT)
     return inputs[0].name, (samples, *dims[1:])
 
 
@@ -92,7 +94,7 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     torch = _torch()
     import numpy as np
 
-    from .calibrate import BnStatistics
+    from .calibrate import BnStatistics, stored_statistics
     from .graph import GraphIndex
     from .stats import transfer_change
     from .torch_graph import TorchGraph
@@ -105,13 +107,12 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     input_name, shape = _input_shape(model, samples)
     graph = TorchGraph(model, device)
     index = GraphIndex(model)
-    stored, targets = {}, {}  # BN name -> (mean, var) in float64; -> what the synthesis matches
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization" and all(index.is_constant(i) for i in node.input[3:5]):
-            mean, var = (np.asarray(index.constant(i), np.float64).reshape(-1) for i in node.input[3:5])
-            stored[index.node_name(node)] = (mean, var)
-            mean_t, var_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, np.maximum(var, 0)))
-            targets[index.node_name(node)] = (mean_t, var_t.sqrt(), var_t.sum().clamp_min(1e-12))
+    stored = stored_statistics(model, [index.node_name(n) for n in model.graph.node if n.op_type == "BatchNormalization"
+                                       and all(index.is_constant(i) for i in n.input[3:5])])
+    targets = {}  # BN name -> (mean, std, sum of variances) that the synthesis matches, as tensors
+    for name, st in stored.items():
+        mean_t, var_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (st.mean, np.maximum(st.var, 0)))
+        targets[name] = (mean_t, var_t.sqrt(), var_t.sum().clamp_min(1e-12))
     missing = [n for n in names if n not in stored]
     if missing:
         raise VsonnxError(f"BN '{missing[0]}' has no constant running statistics.", "leave it out of scope.")
@@ -143,7 +144,8 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
             off = _batch_statistics(graph, input_name, x.detach(), names, 0, channelwise)
     statistics = {}
     for name in names:
-        statistics[name] = BnStatistics(name, *transfer_change(*stored[name], on[name], off[name]), samples)
+        statistics[name] = BnStatistics(name, *transfer_change(stored[name].mean, stored[name].var, on[name],
+                                                              off[name]), samples)
     return SynthesisResult(statistics, samples, steps, losses[0] if losses else float("nan"),
                            losses[-1] if losses else float("nan"), time.perf_counter() - start, device)
 

@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from .errors import VsonnxError
 from .graph import GraphIndex, attribute, constant_node_value
+from .synthesize import REFUSAL_HINT
 
 _DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float32,
            onnx.TensorProto.DOUBLE: torch.float32, onnx.TensorProto.INT64: torch.int64,
@@ -60,10 +61,10 @@ class TorchGraph:
             if node.op_type not in _OPS and node.op_type not in _UNARY and node.op_type not in _BINARY:
                 raise VsonnxError(f"the data-free synthesis cannot run operator {node.op_type} "
                                   f"('{index.node_name(node)}').",
-                                  "use --synthetic 0 (closed-form correction of the sites only) or --calib DATA.")
+                                  REFUSAL_HINT)
             if node.op_type == "Conv" and attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 raise VsonnxError(f"the data-free synthesis does not handle auto_pad ('{index.node_name(node)}').",
-                                  "use --synthetic 0 or --calib DATA.")
+                                  REFUSAL_HINT)
 
     def __call__(self, feeds: dict[str, torch.Tensor], *, batch_norm: str = "stored", dropout: bool = False,
                  channelwise: frozenset[str] = frozenset(),
@@ -158,7 +159,7 @@ def _pool(node, name, args, state):
         return pool(x, kernel, strides, pads[:nd], attribute(node, "dilations", [1] * nd), ceil)
     if pads[:nd] != pads[nd:]:
         raise VsonnxError(f"asymmetric AveragePool padding is not supported by the synthesis ('{name}').",
-                          "use --synthetic 0 or --calib DATA.")
+                          REFUSAL_HINT)
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
     return pool(x, kernel, strides, pads[:nd], ceil, bool(attribute(node, "count_include_pad", 0)))
 
@@ -210,7 +211,7 @@ def _softmax(node, name, args, state, fn=F.softmax):
 
 def _pad(node, name, args, state):
     if attribute(node, "mode", b"constant") not in (b"constant", "constant"):
-        raise VsonnxError(f"only constant Pad is supported by the synthesis ('{name}').", "use --synthetic 0.")
+        raise VsonnxError(f"only constant Pad is supported by the synthesis ('{name}').", REFUSAL_HINT)
     pads = _ints(args[1]) if len(args) > 1 else attribute(node, "pads")
     value = float(args[2]) if len(args) > 2 and args[2] is not None else attribute(node, "value", 0.0)
     nd = len(pads) // 2
