@@ -193,7 +193,7 @@ def test_report_json_schema():
 
 
 def test_scan_says_which_sites_data_free_can_correct():
-    from vsonnx.sites import scan
+    from vsonnx.measure import scan
 
     g = GraphBuilder()
     a = g.bn(g.dropout("x", 0.5, "d1"), 3, "direct")

@@ -12,8 +12,8 @@ from .errors import VsonnxError
 
 
 def scan(model, **kwargs):
-    """Find Dropout->BN sites; see vsonnx.sites.scan."""
-    from .sites import scan as _scan
+    """Find Dropout->BN sites and what fix would do with each BN; see vsonnx.measure.scan."""
+    from .measure import scan as _scan
 
     return _scan(model, **kwargs)
 
@@ -26,8 +26,8 @@ def export(module, example_input, path, **kwargs):
 
 
 def fix(model, calib=None, **kwargs):
-    """Re-estimate BN statistics on calibration data (method batch, population or relative), or without
-    data (data_free=True); see vsonnx.recalibrate.fix."""
+    """Re-estimate BN statistics on calibration data (a calibrated method of vsonnx.methods), or without
+    data (data_free=True), or at named dropout sites (dropout_sites=...); see vsonnx.recalibrate.fix."""
     from .recalibrate import fix as _fix
 
     return _fix(model, calib, **kwargs)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from .calibrate import working_copy
+from .instrument import working_copy
 from .data import Source, check_finite, open_source
 from .errors import VsonnxError
 from .model import load_model

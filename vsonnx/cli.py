@@ -12,8 +12,9 @@ from pathlib import Path
 
 import click
 
-from .errors import VsonnxError
-from .synthesize import DEFAULT_SAMPLES, DEFAULT_STEPS
+from .errors import VsonnxError, warn
+from .methods import CALIBRATED, REGISTRY
+from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 MODEL_PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by load_model (exit 3)
@@ -53,6 +54,12 @@ def emit_json(payload: dict) -> None:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {message}", err=True)
+
+
+def _render_warnings(messages: list[str]) -> None:
+    """The one way warnings reach the user: one 'warning:' line each on stderr."""
+    for message in messages:
+        click.echo(f"warning: {message}", err=True)
 
 
 @click.group(context_settings=CONTEXT)
@@ -117,7 +124,7 @@ def _preprocess(data, mean, std, size, layout, scale) -> dict:
     flags = [f"--{k}" for k, v in given.items() if v is not None]
     path = Path(str(data))
     if flags and (path.suffix in (".npy", ".npz") or ":" in str(data) and not path.exists()):
-        click.echo(f"warning: {', '.join(flags)} ignored: '{data}' holds preprocessed arrays or a reader.", err=True)
+        warn(f"{', '.join(flags)} ignored: '{data}' holds preprocessed arrays or a reader.")
     return given
 
 
@@ -141,9 +148,10 @@ def _provider_line(provider: str | None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output model [default: MODEL.fixed.onnx].")
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model.")
-@click.option("--method", type=click.Choice(["batch", "population", "relative"]), default="batch",
-              help="batch: the paper's Adjust (PyTorch-equivalent); population: exact inference statistics; "
-                   "relative: carry the dropout-on -> off change measured on the data over to the stored statistics.")
+@click.option("--method", type=click.Choice(CALIBRATED), default="batch",
+              help="; ".join(f"{n}: {REGISTRY[n].passes} pass(es)" for n in CALIBRATED)
+              + " (batch: the paper's Adjust; population: exact inference statistics; relative: the dropout-on -> off "
+                "change measured on the data carried over to the stored statistics).")
 @click.option("--all", "scope_all", is_flag=True, help="Re-estimate every BN, not only sites and downstream.")
 @click.option("--val", default=None, help="Labelled validation data: evaluate candidates, write the best.")
 @click.option("--val-limit", type=int, default=None, help="Use the first N validation samples.")
@@ -155,39 +163,51 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
         scope_all, val, val_limit, force, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale,
         device, threads):
     """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
-    from .recalibrate import fix as fix_model
+    from . import recalibrate
+    from .named_sites import parse_dropout_specs
     from .report import render_fix
 
-    given = click.get_current_context().get_parameter_source
-    if data_free and calib:
-        click.echo("warning: --calib is ignored with --data-free.", err=True)
-        calib = None
-    if data_free and given("method") == click.core.ParameterSource.COMMANDLINE:
-        click.echo("warning: --method is ignored with --data-free.", err=True)
-    if not data_free and any(given(p) == click.core.ParameterSource.COMMANDLINE
-                             for p in ("synthetic", "synthetic_steps")):
-        click.echo("warning: --synthetic/--synthetic-steps are ignored without --data-free.", err=True)
-    if data_free and scope_all and synthetic == 0:
-        click.echo("warning: --all is ignored with --synthetic 0 (the formulas cover the sites only).", err=True)
-    from .stripped import parse_dropout_specs
-
+    _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, val)
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
-    if named and (val or method != "batch"):
-        click.echo("warning: with --dropout/--sites the population method is used and --val is ignored.", err=True)
-    report = fix_model(
-        model, calib, output=output, method=method, scope="all" if scope_all else "sites", batch_size=batch_size,
-        device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
-        preprocess=_preprocess(calib, mean, std, size, layout, scale), val=val, val_limit=val_limit, force=force,
-        in_place=in_place, progress=not as_json, data_free=data_free, synthetic=synthetic,
-        synthetic_steps=synthetic_steps, dropout_sites=named,
-    )
+    options = recalibrate.FixOptions(
+        output=output, scope="all" if scope_all else "sites", batch_size=batch_size, device=device, threads=threads,
+        limit=limit, shuffle=shuffle, seed=seed, preprocess=_preprocess(calib, mean, std, size, layout, scale),
+        val=val, val_limit=val_limit, force=force, in_place=in_place, progress=not as_json, synthetic=synthetic,
+        synthetic_steps=synthetic_steps)
+    if named:
+        report = recalibrate.fix_named_sites(model, calib, named, options)
+    elif data_free:
+        report = recalibrate.fix_data_free(model, options)
+    else:
+        report = recalibrate.fix_calibrated(model, calib, method, options)
     _provider_line(report.provider)
     if as_json:
         emit_json(report.to_dict())
     else:
         click.echo(render_fix(report))
+        _render_warnings(report.warnings)
     if val is not None and not report.written and report.candidates:
         sys.exit(1)
+
+
+def _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, val) -> None:
+    """An option that the chosen mode ignores gets a warning, not silence."""
+    given = click.get_current_context().get_parameter_source
+
+    def on_command_line(*names):
+        return any(given(p) == click.core.ParameterSource.COMMANDLINE for p in names)
+
+    named = on_command_line("dropout_specs", "sites_file")
+    if data_free and calib:
+        warn("--calib is ignored with --data-free.")
+    if (data_free or named) and on_command_line("method"):
+        warn("--method is ignored with --data-free and with --dropout/--sites (population semantics).")
+    if not data_free and on_command_line("synthetic", "synthetic_steps"):
+        warn("--synthetic/--synthetic-steps are ignored without --data-free.")
+    if data_free and scope_all and synthetic == 0:
+        warn("--all is ignored with --synthetic 0 (the formulas cover the sites only).")
+    if named and val:
+        warn("--val is ignored with --dropout/--sites.")
 
 
 @main.command("eval", context_settings=CONTEXT)
@@ -274,30 +294,17 @@ def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, li
          layout, scale, device, threads):
     """List the BatchNormalization layers of MODELS and their Dropout->BN variance-shift sites; with --calib,
     measure each BN's shift and compare it with the paper's prediction. --limit defaults to 5000 here."""
+    from .measure import plot_shift, scan_models
+    from .named_sites import parse_dropout_specs
     from .report import render_scan
-    from .sites import scan as scan_model
 
     if plot and not calib:
         raise VsonnxError("--plot needs measurements.", "add --calib DATA.")
-    from .stripped import parse_dropout_specs, with_named_sites
-
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
-    reports = []
-    for model in models:
-        target, notes = (model, []) if not named else with_named_sites(model, named)
-        if calib is None:
-            reports.append(scan_model(target, str(model)))
-            reports[-1].warnings[:0] = notes
-            continue
-        from .shift import measure_shift
-
-        reports.append(measure_shift(target, calib, limit=limit or 5000, shuffle=shuffle, seed=seed, model_name=str(model),
-                                     preprocess=_preprocess(calib, mean, std, size, layout, scale),
-                                     batch_size=batch_size, device=device, threads=threads, progress=not as_json))
-        reports[-1].warnings[:0] = notes
+    reports = scan_models(models, named=named, calib=calib, limit=limit or 5000, shuffle=shuffle, seed=seed,
+                          preprocess=_preprocess(calib, mean, std, size, layout, scale), batch_size=batch_size,
+                          device=device, threads=threads, progress=not as_json)
     if plot:
-        from .shift import plot_shift
-
         plot_shift(reports, plot)
     if as_json:
         emit_json(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports])

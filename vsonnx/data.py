@@ -20,7 +20,6 @@ import importlib
 import importlib.util
 import json
 import sys
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 import onnx
 
 from .datasets import IMAGE_SUFFIXES, decode_rgb
-from .errors import VsonnxError
+from .errors import VsonnxError, warn
 from .model import get_metadata
 
 LABEL_KEYS = ("label", "labels", "y")
@@ -387,6 +386,11 @@ class ReplaySource(Source):
         return self.source.describe()
 
 
+def replayable(source: Source) -> Source:
+    """``source`` wrapped for several passes (decoded once), unless it already is."""
+    return source if isinstance(source, ReplaySource) else ReplaySource(source)
+
+
 def _load_callable(spec: str):
     target, _, func = spec.rpartition(":")
     try:
@@ -468,7 +472,7 @@ def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = Tru
         raise VsonnxError(f"data folder '{path}' is empty.", "pass a folder with images or .npy/.npz files.")
     pre = Preprocess.resolve(model, inputs, **(preprocess or {}))
     for note in pre.notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warn(note)
     return ImageFolderSource(path, inputs, pre, shuffle=shuffle, seed=seed, limit=limit, workers=workers)
 
 

@@ -1,6 +1,6 @@
 """`vsonnx demo`: the whole story on a reference CIFAR-10 model.
 
-scan the model, fix it with the three calibrated methods on shuffled training images and without data (synthetic inputs,
+scan the model, fix it with every calibrated method of the registry on shuffled training images and without data (synthetic inputs,
 when torch is installed), and evaluate the original and the fixed models on the test images (decoded once,
 all models on the same batches).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .accuracy import EvalReport, score_together
@@ -16,9 +16,10 @@ from .data import ArraySource, InputSpec, Preprocess, open_source
 from .datasets import find_cifar, load_python_release
 from .errors import VsonnxError
 from .model import load_model
-from .recalibrate import fix
+from .methods import CALIBRATED
+from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
+from .recalibrate import FixOptions, fix_calibrated, fix_data_free
 from .sites import find_sites
-from .synthesize import DEFAULT_SAMPLES, DEFAULT_STEPS
 
 DEFAULT_MODEL = "preresnet20-a05.onnx"
 
@@ -74,18 +75,18 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
         folder = Path(out_dir) if out_dir else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         fixed, seconds = {}, {}
-        for method in ("batch", "population", "relative"):
+        options = FixOptions(batch_size=batch_size, device=device, threads=threads, progress=progress, seed=seed,
+                             synthetic=synthetic, synthetic_steps=synthetic_steps)
+        for method in CALIBRATED:
             out = folder / f"{model_path.stem}.{method}.onnx"
-            report = fix(model_path, calib, output=out, method=method, batch_size=batch_size, device=device,
-                         threads=threads, progress=progress)
+            report = fix_calibrated(model_path, calib, method, replace(options, output=out))
             fixed[method], seconds[method] = out, round(report.seconds or 0.0, 2)
         notes = []
         if synthetic > 0 and importlib.util.find_spec("torch") is None:
             notes.append("data-free fix skipped: torch is not installed (pip install 'vsonnx[train]').")
         elif synthetic > 0:
             out = folder / f"{model_path.stem}.data-free.onnx"
-            report = fix(model_path, None, output=out, data_free=True, synthetic=synthetic,
-                         synthetic_steps=synthetic_steps, seed=seed, device=device, progress=progress)
+            report = fix_data_free(model_path, replace(options, output=out))
             fixed["data-free"], seconds["data-free"] = out, round(report.seconds or 0.0, 2)
         names = {"original": model_path, **{f"fixed ({m})": p for m, p in fixed.items()}}
         results = list(score_together({name: load_model(path) for name, path in names.items()}, test,

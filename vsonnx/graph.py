@@ -1,6 +1,9 @@
-"""A read-only index of an ONNX graph: producers, consumers, constants, topological order.
+"""A read-only index of an ONNX graph: producers, consumers, constants, topological order, node lookup,
+the stored statistics of its BatchNormalization nodes and the shapes shape inference can tell.
 
-Only the top-level graph is indexed; subgraphs of If/Loop/Scan are opaque nodes.
+Only the top-level graph is indexed; subgraphs of If/Loop/Scan are opaque nodes. This index reads the
+original ModelProto (it keeps metadata and node order untouched); edits of working copies go through
+onnx-graphsurgeon in vsonnx.instrument.
 """
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from functools import cached_property
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from .errors import VsonnxError
+from .stats import BnStatistics
 
 NORMALIZATION_OPS = frozenset(
     {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization"}
@@ -82,6 +88,36 @@ class GraphIndex:
         return [n for n in self.graph.node if n.op_type in op_types]
 
     @cached_property
+    def by_name(self) -> dict[str, onnx.NodeProto]:
+        """Every node under ``node_name``."""
+        return {self.node_name(n): n for n in self.graph.node}
+
+    def node(self, name: str) -> onnx.NodeProto:
+        """The node called ``name`` (see node_name); a user error naming the closest names when absent."""
+        found = self.by_name.get(name)
+        if found is None:
+            raise VsonnxError(f"the model has no node named '{name}'.", "list the names with `vsonnx scan MODEL --json`.")
+        return found
+
+    def batchnorms(self, names: list[str] | None = None) -> dict[str, onnx.NodeProto]:
+        """BatchNormalization nodes by name: all of them, or exactly ``names`` (a user error if one is missing)."""
+        found = {name: n for name, n in self.by_name.items() if n.op_type == "BatchNormalization"}
+        if names is None:
+            return found
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise VsonnxError(f"no BatchNormalization named {missing[:3]} in the model.",
+                              "check the names with vsonnx scan.")
+        return {n: found[n] for n in names}
+
+    def stored_statistics(self, names: list[str]) -> dict[str, BnStatistics]:
+        """The running mean/var the BNs ``names`` hold now, in float64 (their inputs 3 and 4 must be constant)."""
+        nodes = self.batchnorms(names)
+        return {n: BnStatistics(n, np.asarray(self.constant(nodes[n].input[3]), np.float64).reshape(-1),
+                                np.asarray(self.constant(nodes[n].input[4]), np.float64).reshape(-1), 0)
+                for n in names}
+
+    @cached_property
     def topological_order(self) -> list[onnx.NodeProto]:
         """Nodes in an order where every producer precedes its consumers (Kahn's algorithm)."""
         nodes = list(self.graph.node)
@@ -123,6 +159,36 @@ class GraphIndex:
                     result.append(node)
                     stack.extend(o for o in node.output if o)
         return result
+
+
+class TensorShapes(dict):
+    """tensor name -> shape (None for unknown dims); ``dtypes``: tensor name -> ONNX element type."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: dict[str, int] = {}
+
+
+def tensor_shapes(model: onnx.ModelProto) -> TensorShapes:
+    """Shape (None for unknown dims) and element type of every tensor shape inference can tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    shapes = TensorShapes()
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = value.type.tensor_type
+        if t.elem_type:
+            shapes.dtypes[value.name] = t.elem_type
+        if t.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return shapes
+
+
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    """True when a node carries a subgraph (If/Loop/Scan), which reads outer tensors implicitly."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in model.graph.node for a in n.attribute)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

@@ -55,7 +55,7 @@ def noise_variance(index: GraphIndex, bn: BatchNormInfo, dropouts: dict[str, Dro
     if bn.noise_paths is None:
         return None, "a Concat, activation, pooling or second weight layer lies on the dropout path"
     total = np.zeros(bn.channels, np.float64)
-    nodes = {index.node_name(n): n for n in index.graph.node}
+    nodes = index.by_name
     for drop_name, weight_name in bn.noise_paths:
         drop = dropouts[drop_name]
         if drop.ratio is None or drop.ratio >= 1:

@@ -1,131 +1,78 @@
-"""`vsonnx fix`: re-estimate the statistics of the variance-shift BNs and rewrite only those constants.
+"""`vsonnx fix`: new statistics for the variance-shift BNs, written into a copy of the model.
 
-The pass follows find / check / apply:
-- find: ``targets(report, scope)`` = the sites and every BN downstream of one (``scope="sites"``), or every
-  BN (``scope="all"``), from the same site finder ``vsonnx scan`` uses;
-- check: ``refusal(index, node)`` returns None or why a BN cannot be rewritten:
-  1. its running mean/var are not initializers  2. it is in training mode  3. no statistics were measured;
-- apply: ``RecalibrateBatchNorm.apply`` writes new mean/var into the BN's initializers (an initializer shared
-  with another node is copied first, never edited in place) and returns whether anything changed, so a
-  second application of the same statistics changes nothing.
+Three entry points over one ``FixOptions`` and one tail (choose a candidate -> validate -> write with
+provenance):
+- ``fix_calibrated(model, calib, method)``: a calibrated method of the registry (vsonnx.methods: batch,
+  population, relative). With ``val`` every calibrated method and its half-way blend (new statistics a
+  fraction 0.5 of the way from the stored ones) is a candidate next to the original; the best by validation
+  top-1 is written, nothing when the original is best (unless ``force``).
+- ``fix_data_free(model)``: ``synthesized`` (inputs synthesised from the BN statistics, every BN in scope),
+  or with ``synthetic=0`` ``closed_form`` (the paper's formulas, sites only). With ``val`` the correction is
+  written only when it beats the original.
+- ``fix_named_sites(model, calib, sites)``: exports that removed Dropout, perhaps folding BN into Conv/Gemm
+  (the ``named_sites`` method; folded layers get an affine correction of their weights).
+``fix(model, calib, ...)`` dispatches to them with the keyword arguments of the README.
 
-With validation data (``val``) every candidate (original, batch, population, relative and half-way corrections
-between the old and new statistics) is evaluated and the best one is written; nothing is written when no
-candidate beats the original, unless ``force``.
+The rewrite itself is vsonnx.rewrite (find -> check -> apply); ``scan`` shows the same check per BN.
+Warnings raised while fixing (vsonnx.errors.warn) are collected into the report; the CLI renders them.
 
-Two other sources of new statistics share the same apply step: ``data_free`` (vsonnx.synthesize: inputs
-synthesised from the BN statistics, every BN in scope; with ``synthetic=0`` vsonnx.datafree: the paper's
-formulas on the constants, sites only) and ``dropout_sites`` (vsonnx.stripped: exports that removed Dropout,
-possibly folding BN into Conv/Gemm weights, which then get an affine correction instead).
+JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever added):
+  model, output (str|null), written (bool), message (str), method (label of the method whose constants were
+  written, or that was asked for when nothing was), chosen (candidate written, or null), samples (int),
+  provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1}],
+  batchnorms [{name, site, old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str].
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from . import __version__
-from .calibrate import METHODS, BnStatistics, CalibrationResult, calibrate, stored_statistics
-from .data import ReplaySource, open_source
-from .errors import VsonnxError
+from .data import open_source, replayable
+from .errors import VsonnxError, collected_warnings
 from .graph import GraphIndex
+from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
+from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 from .model import check_output_path, load_model, save_model, same_file
-from .runtime import make_session
-from .sites import BatchNormInfo, find_sites
-from .synthesize import DEFAULT_SAMPLES, DEFAULT_STEPS
+from .rewrite import apply_affine, plan, validate, with_statistics
+from .sites import ScanReport, find_sites
+from .stats import BnStatistics, CalibrationResult, blend
 
-SCOPES = ("sites", "all")
 PARTIAL = 0.5  # weight of the new statistics in the half-way candidates
-
-
-def targets(batchnorms: list[BatchNormInfo], scope: str) -> list[BatchNormInfo]:
-    if scope not in SCOPES:
-        raise VsonnxError(f"unknown scope '{scope}'.", "use sites or all.")
-    return [b for b in batchnorms if scope == "all" or b.site or b.downstream_of_site]
-
-
-def refusal(index: GraphIndex, node: onnx.NodeProto, info: BatchNormInfo) -> str | None:
-    """Why this BN cannot be rewritten (None when it can)."""
-    if len(node.input) < 5 or not all(n in index.initializers for n in node.input[3:5]):
-        return "1: running mean/var are not initializers"
-    if info.training_mode:
-        return "2: BatchNormalization is in training mode"
-    return None
-
-
-class RecalibrateBatchNorm:
-    """Replace a BN's running statistics with re-estimated ones (new_mean, new_var from calibrate)."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-
-    def apply(self, name: str, stats: BnStatistics | None) -> bool:
-        if stats is None:
-            raise VsonnxError(f"no statistics were measured for '{name}' (refusal 3).",
-                              "calibrate it (it must be in the chosen scope).")
-        index = GraphIndex(self.model)
-        node = next(n for n in self.model.graph.node if index.node_name(n) == name)
-        changed = False
-        for slot, value in ((3, stats.mean), (4, stats.var)):
-            tensor = index.initializers[node.input[slot]]
-            old = numpy_helper.to_array(tensor)
-            new = np.asarray(value, dtype=old.dtype).reshape(old.shape)
-            if np.array_equal(old, new):
-                continue
-            users = sum(list(n.input).count(tensor.name) for n in self.model.graph.node)
-            if users > 1:  # shared: give this BN its own copy
-                tensor = self._copy(tensor, f"{tensor.name}__vsonnx_{slot}_{len(self.model.graph.initializer)}")
-                node.input[slot] = tensor.name
-            tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
-            changed = True
-        return changed
-
-    def _copy(self, tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
-        new = self.model.graph.initializer.add()
-        new.CopyFrom(tensor)
-        new.name = name
-        return new
-
-
-def with_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    rewrite = RecalibrateBatchNorm(out)
-    for name, st in stats.items():
-        rewrite.apply(name, st)
-    return out
-
-
-def blend(old: dict[str, BnStatistics], new: dict[str, BnStatistics], weight: float) -> dict[str, BnStatistics]:
-    """Statistics a fraction ``weight`` of the way from old to new (a partial correction)."""
-    return {n: BnStatistics(n, old[n].mean + weight * (s.mean - old[n].mean),
-                            old[n].var + weight * (s.var - old[n].var), s.count) for n, s in new.items()}
-
-
-def digest(stats: dict[str, BnStatistics]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(stats):
-        h.update(name.encode())
-        h.update(np.asarray(stats[name].mean, np.float32).tobytes())
-        h.update(np.asarray(stats[name].var, np.float32).tobytes())
-    return h.hexdigest()[:16]
+SCHEMA_VERSION = 1
 
 
 @dataclass
-class Candidate:
-    name: str
-    stats: dict[str, BnStatistics]
-    top1: float | None = None
+class FixOptions:
+    """Settings shared by the three entry points (each ignores those that do not concern it)."""
+
+    output: str | Path | None = None
+    scope: str = "sites"
+    batch_size: int = 128
+    device: str = "auto"
+    threads: int | None = None
+    limit: int | None = None
+    shuffle: bool = True
+    seed: int = 0
+    preprocess: dict | None = None
+    val: str | Path | None = None
+    val_limit: int | None = None
+    force: bool = False
+    in_place: bool = False
+    progress: bool = False
+    synthetic: int = DEFAULT_SAMPLES
+    synthetic_steps: int = DEFAULT_STEPS
 
 
 @dataclass
 class FixReport:
+    """What a fix did (see the module docstring for the JSON schema)."""
+
     model: str
     method: str
     samples: int
@@ -143,226 +90,294 @@ class FixReport:
     notes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return {"schema_version": SCHEMA_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+@dataclass
+class Candidate:
+    """New statistics (and folded-layer corrections) that may be written, with the result behind them."""
+
+    name: str
+    stats: dict[str, BnStatistics]
+    result: CalibrationResult | None = None
+    affine: dict = field(default_factory=dict)
+    top1: float | None = None
+
+
+@dataclass
+class _Job:
+    """One fix: the input, where it goes, its scan, the BNs to estimate and the report being filled."""
+
+    path: Path
+    model: onnx.ModelProto
+    out: Path
+    options: FixOptions
+    scan: ScanReport
+    names: list[str]
+    report: FixReport
+
+    def request(self, source=None, **method_options) -> EstimateRequest:
+        o = self.options
+        return EstimateRequest(self.model, self.names, self.scan, source, o.batch_size, o.device, o.threads,
+                               o.progress, o.seed, method_options)
 
 
 def default_output(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".fixed.onnx")
 
 
-def fix(model_path, calib, *, output=None, method: str = "batch", scope: str = "sites", batch_size: int = 128,
-        device: str = "auto", threads: int | None = None, limit: int | None = None, shuffle: bool = True,
-        seed: int = 0, preprocess: dict | None = None, val=None, val_limit: int | None = None,
-        force: bool = False, in_place: bool = False, progress: bool = False, data_free: bool = False,
-        synthetic: int = DEFAULT_SAMPLES, synthetic_steps: int = DEFAULT_STEPS,
-        dropout_sites: dict[str, float] | None = None) -> FixReport:
-    """Re-estimate the statistics of the variance-shift BNs of ``model_path`` on ``calib`` and write the
-    fixed model (default ``MODEL.fixed.onnx``). See the module docstring for candidates under ``val``."""
-    model_path = Path(model_path)
-    model = load_model(model_path)
-    out_path = check_output_path(output or default_output(model_path), model_path, in_place)
-    if dropout_sites:
-        if calib is None:
-            raise VsonnxError("--dropout/--sites need calibration data.", "add --calib DATA.")
-        source = open_source(calib, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess)
-        return _fix_stripped(model, model_path, out_path, source, dropout_sites, scope, batch_size, device, threads,
-                             progress, in_place, str(calib))
-    report = find_sites(model, str(model_path))
-    base = FixReport(str(model_path), method, 0, None, False, "", warnings=list(report.warnings))
-    if not report.batchnorms:
-        base.message = "the model has no BatchNormalization: nothing to fix."
-        return base
-    chosen = targets(report.batchnorms, scope)
-    if not chosen:
-        base.message = ("no Dropout->BatchNormalization site: nothing to fix (if the export removed Dropout, "
-                        "name where it acted with --dropout TENSOR=RATIO; --all re-estimates every BN anyway).")
-        return base
-    index = GraphIndex(model)
-    nodes = {index.node_name(n): n for n in model.graph.node if n.op_type == "BatchNormalization"}
-    for b in chosen:
-        reason = refusal(index, nodes[b.name], b)
-        if reason:
-            base.refused[b.name] = reason
-    names = [b.name for b in chosen if b.name not in base.refused]
-    if not names:
-        base.message = "every BN in scope was refused; see 'refused'."
-        return base
-    if data_free:
-        def checker(candidates):
-            from .accuracy import evaluate_candidates
+def _start(model_path, options: FixOptions, method: str) -> _Job:
+    """Load, check the output path, find the BNs in scope and what the rewrite refuses."""
+    path = Path(model_path)
+    model = load_model(path)
+    out = check_output_path(options.output or default_output(path), path, options.in_place)
+    scan = find_sites(model, str(path))
+    report = FixReport(str(path), method, 0, None, False, "", warnings=list(scan.warnings))
+    decisions = plan(model, scan, options.scope)
+    report.refused = {d.name: d.refusal for d in decisions if d.refusal}
+    return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report)
 
-            return evaluate_candidates(model, candidates, val, batch_size=batch_size, device=device,
-                                       threads=threads, limit=val_limit, preprocess=preprocess)
-        synthesis = None
-        if synthetic > 0:
-            from .synthesize import synthetic_statistics
 
-            synthesis = functools.partial(synthetic_statistics, model, names, samples=synthetic, steps=synthetic_steps,
-                                          seed=seed, device=device, progress=progress,
-                                          channelwise=frozenset(d.name for d in report.dropouts if d.channelwise))
-        return _fix_data_free(model, model_path, out_path, report, base, in_place,
-                              checker if val is not None else None, force, synthesis)
+def _nothing_to_do(job: _Job) -> str | None:
+    """Why a fix of BN statistics has nothing to do, or None."""
+    if not job.scan.batchnorms:
+        return "the model has no BatchNormalization: nothing to fix."
+    if not job.names and not job.report.refused:
+        return ("no Dropout->BatchNormalization site: nothing to fix (if the export removed Dropout, name where it "
+                "acted with --dropout TENSOR=RATIO; --all re-estimates every BN anyway).")
+    if not job.names:
+        return "every BN in scope was refused; see 'refused'."
+    return None
+
+
+def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions | None = None) -> FixReport:
+    """Re-estimate the statistics of the BNs in scope on ``calib`` with a calibrated registry method and write
+    the fixed model (default ``MODEL.fixed.onnx``); with ``options.val`` choose among candidates."""
+    options = options or FixOptions()
+    entry = get(method)
+    with collected_warnings() as caught:
+        job = _start(model_path, options, entry.label)
+        if (reason := _nothing_to_do(job)) is None:
+            if calib is None:
+                raise VsonnxError("fix needs calibration data.", "pass --calib with an image folder, .npy/.npz or "
+                                  "FILE.py:FUNC, or use --data-free.")
+            if options.val is not None and _same_source(calib, options.val):
+                job.report.warnings.append("the validation data is the calibration data: the choice among "
+                                           "candidates is biased.")
+            source = open_source(calib, job.model, shuffle=options.shuffle, seed=options.seed, limit=options.limit,
+                                 preprocess=options.preprocess)
+            methods = [method] if options.val is None else list(CALIBRATED)
+            source = source if len(methods) == 1 else replayable(source)
+            results = {m: REGISTRY[m].run(job.request(source)) for m in methods}
+            candidates = [Candidate(m, r.statistics, r) for m, r in results.items()]
+            if options.val is not None:
+                old = GraphIndex(job.model).stored_statistics(job.names)
+                candidates += [Candidate(f"{m} x{PARTIAL:g}", blend(old, r.statistics, PARTIAL), r)
+                               for m, r in results.items()]
+            _finish(job, candidates, {"calibration_source": str(calib)}, default=method)
+        else:
+            job.report.message = reason
+    job.report.warnings += caught
+    return job.report
+
+
+def fix_data_free(model_path, options: FixOptions | None = None) -> FixReport:
+    """Correct the BNs in scope without data: ``synthesized`` (every BN in scope), or with
+    ``options.synthetic == 0`` ``closed_form`` (the sites only; per-site results reported either way)."""
+    options = options or FixOptions()
+    method = "synthesized" if options.synthetic > 0 else "closed_form"
+    with collected_warnings() as caught:
+        job = _start(model_path, options, REGISTRY[method].label)
+        if (reason := _nothing_to_do(job)) is None:
+            closed = REGISTRY["closed_form"].run(job.request())
+            result = closed if method == "closed_form" else REGISTRY[method].run(
+                job.request(samples=options.synthetic, steps=options.synthetic_steps))
+            job.report.notes = _site_notes(job, closed, result)
+            if method == "closed_form" and any(b.downstream_of_site for b in job.scan.batchnorms):
+                job.report.warnings.append(
+                    "BNs downstream of the corrected sites keep their statistics, which the correction may "
+                    "invalidate: check with vsonnx compare (or pass --val), drop --synthetic 0, or fix with --calib.")
+            if result.statistics:
+                _finish(job, [Candidate("data-free", result.statistics, result)], _synthesis_provenance(result),
+                        default=None)
+            else:
+                job.report.message = "no site could be corrected without data (see notes); nothing written."
+        else:
+            job.report.message = reason
+    job.report.warnings += caught
+    return job.report
+
+
+def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOptions | None = None) -> FixReport:
+    """Exports that removed Dropout: ``sites`` {tensor or node: drop ratio} says where it acted in training;
+    BNs there and downstream are re-estimated, folded Conv/Gemm layers corrected in their weights."""
+    from .named_sites import resolve_sites
+
+    options = options or FixOptions()
     if calib is None:
-        raise VsonnxError("fix needs calibration data.",
-                          "pass --calib with an image folder, .npy/.npz or FILE.py:FUNC, or use --data-free.")
-    if val is not None and same_source(calib, val):
-        base.warnings.append("the validation data is the calibration data: the choice among candidates is biased.")
+        raise VsonnxError("--dropout/--sites need calibration data.", "add --calib DATA.")
+    with collected_warnings() as caught:
+        job = _start(model_path, options, REGISTRY["named_sites"].label)
+        job.report.warnings = [w for w in job.report.warnings if "no Dropout" not in w and "folded" not in w]
+        resolved = resolve_sites(job.model, sites)
+        source = open_source(calib, job.model, shuffle=options.shuffle, seed=options.seed, limit=options.limit,
+                             preprocess=options.preprocess)
+        result = REGISTRY["named_sites"].run(job.request(source, sites=resolved, scope=options.scope))
+        affine = result.details["affine"]
+        job.scan = result.details["analysis"]
+        if result.statistics or affine:
+            job.report.notes = {name: f"folded BN corrected in the weights: scale mean {np.mean(a):.3f}"
+                                for name, (a, _) in affine.items()}
+            _finish(job, [Candidate("population", result.statistics, result, affine)], {
+                "calibration_source": str(calib), "dropout_sites": json.dumps(resolved),
+                "folded_layers_corrected": json.dumps(list(affine))}, default=None)
+            job.report.message = (f"re-estimated {len(result.statistics)} BatchNormalization layer(s) and corrected "
+                                  f"{len(affine)} folded weight layer(s) on {result.samples} samples, with dropout at "
+                                  f"{len(resolved)} named site(s).")
+        else:
+            job.report.message = "the named sites reach no BatchNormalization and no folded weight layer: nothing to fix."
+    job.report.warnings += caught
+    return job.report
 
-    source = ReplaySource(open_source(calib, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess))
-    methods = [method] if val is None else list(METHODS)
-    results: dict[str, CalibrationResult] = {}
-    for m in methods:
-        results[m] = calibrate(model, source, names, method=m, batch_size=batch_size, device=device,
-                               threads=threads, progress=progress)
-    main_result = results[method]
-    old = stored_statistics(model, names)
-    candidates = [Candidate(m, r.statistics) for m, r in results.items()]
-    if val is not None:
-        from .accuracy import evaluate_candidates
 
-        candidates += [Candidate(f"{m} x{PARTIAL:g}", blend(old, r.statistics, PARTIAL)) for m, r in results.items()]
-        candidates.insert(0, Candidate("original", {}))
-        scores = evaluate_candidates(model, [with_statistics(model, c.stats) for c in candidates], val,
-                                     batch_size=batch_size, device=device, threads=threads, limit=val_limit,
-                                     preprocess=preprocess)
-        for c, top1 in zip(candidates, scores):
-            c.top1 = top1
-        base.candidates = [{"name": c.name, "val_top1": c.top1} for c in candidates]
-        best = max(candidates, key=lambda c: (c.top1, c.name != "original"))
-        if best.name == "original" and not force:
-            base.message = "no candidate beats the original on the validation data: nothing written."
-            _fill_rows(base, report, old, main_result.statistics)
-            base.samples, base.provider, base.seconds = main_result.samples, main_result.provider, main_result.seconds
-            return base
-        winner = best if best.name != "original" else next(c for c in candidates if c.name == method)
-    else:
-        winner = candidates[0]
-    fixed = with_statistics(model, winner.stats)
+def fix(model_path, calib=None, *, method: str = "batch", data_free: bool = False,
+        dropout_sites: dict[str, float] | None = None, **options) -> FixReport:
+    """One call for every kind of fix (the README's ``vsonnx.fix``): ``dropout_sites`` -> fix_named_sites,
+    ``data_free`` -> fix_data_free, else fix_calibrated with ``method``. ``options``: FixOptions fields.
+
+    Example:
+        report = vsonnx.fix("model.onnx", "data/train", method="population", val="data/val")
+    """
+    unknown = set(options) - {f.name for f in fields(FixOptions)}
+    if unknown:
+        raise TypeError(f"fix() got unexpected keyword arguments {sorted(unknown)}")
+    opts = FixOptions(**options)
+    if dropout_sites:
+        return fix_named_sites(model_path, calib, dropout_sites, opts)
+    if data_free:
+        return fix_data_free(model_path, opts)
+    return fix_calibrated(model_path, calib, method, opts)
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared tail: choose -> validate -> write
+# --------------------------------------------------------------------------------------------------
+def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], default: str | None) -> None:
+    """Write the chosen candidate (the first one without validation data), or explain why nothing was.
+    ``default``: the candidate written under ``force`` when the original wins (None: the first one)."""
+    report, old = job.report, GraphIndex(job.model).stored_statistics(list(candidates[0].stats))
+    fallback = next((c for c in candidates if c.name == default), candidates[0])
+    winner = fallback
+    if job.options.val is not None:
+        winner = _validate_candidates(job, candidates)
+        if winner is None and not job.options.force:
+            report.message = ("no candidate beats the original on the validation data: nothing written."
+                              if len(candidates) > 1 else
+                              "the data-free correction does not beat the original on the validation data: "
+                              "nothing written.")
+            _describe(report, fallback, job.scan, old)
+            return
+        winner = winner or fallback
+    fixed = with_statistics(apply_affine(job.model, winner.affine) if winner.affine else job.model, winner.stats)
     validate(fixed)
-    provenance = {
-        "method": winner.name, "samples": str(main_result.samples), "calibration_source": str(calib),
-        "scope": scope, "batch_size": str(batch_size), "shuffle": str(shuffle), "seed": str(seed),
-        "old_statistics_sha256": digest(old), "version": __version__,
-        "recalibrated": json.dumps(names),
-    }
-    save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance=provenance)
-    base.method, base.samples, base.output, base.written = method, main_result.samples, str(out_path), True
-    base.chosen, base.provider, base.seconds, base.passes = winner.name, main_result.provider, main_result.seconds, main_result.passes
-    base.warnings += main_result.notes
-    base.message = f"re-estimated {len(names)} BatchNormalization layer(s) on {main_result.samples} samples."
-    _fill_rows(base, report, old, winner.stats)
-    return base
+    written = winner.name if winner.result.method in CALIBRATED else _label(winner)
+    save_model(fixed, job.out, input_path=job.path, in_place=job.options.in_place, provenance={
+        "method": written,
+        "samples": str(winner.result.samples), "scope": job.options.scope,
+        "batch_size": str(job.options.batch_size), "shuffle": str(job.options.shuffle), "seed": str(job.options.seed),
+        **provenance, "old_statistics_sha256": digest(old), "version": __version__,
+        "recalibrated": json.dumps(list(winner.stats))})
+    report.output, report.written, report.chosen, report.method = str(job.out), True, winner.name, written
+    report.message = report.message or _written_message(winner)
+    _describe(report, winner, job.scan, old)
 
 
-def _fix_data_free(model, model_path, out_path, report, base: FixReport, in_place: bool, checker, force: bool,
-                   synthesis) -> FixReport:
-    """``synthesis`` (vsonnx.synthesize.synthetic_statistics with its arguments bound) corrects every BN in
-    scope from synthetic inputs; None: the closed-form site formulas of vsonnx.datafree, whose per-site
-    result is reported either way. ``checker`` (with --val) scores [original, corrected] on validation
-    data; nothing is written when the correction is worse, unless ``force``."""
-    from .datafree import data_free_statistics
+def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | None:
+    """Score the original and every candidate on the validation data; the best candidate, or None when the
+    original is at least as good."""
+    from .accuracy import evaluate_candidates
 
-    closed_form = data_free_statistics(model, report)
-    base.method = "data-free"
-    base.notes = dict(closed_form.notes)
-    provenance = {"method": "data-free", "samples": "0"}
-    if synthesis is not None:
-        result = synthesis()
-        statistics = result.statistics
-        base.method, base.samples, base.seconds, base.provider = "data-free (synthetic)", 0, result.seconds, \
-            f"torch {result.device}"
-        provenance.update({"method": "data-free (synthetic inputs)", "synthetic_samples": str(result.samples),
-                           "synthetic_steps": str(result.steps), "synthesis_loss": f"{result.loss_first:.4g} -> "
-                           f"{result.loss_last:.4g}", "seed": str(synthesis.keywords["seed"])})
-        what = f"corrected {len(statistics)} BatchNormalization layer(s) from {result.samples} synthetic inputs " \
-               f"({result.steps} steps, statistics-matching loss {result.loss_first:.3g} -> {result.loss_last:.3g})."
-    else:
-        statistics = closed_form.statistics
-        if any(b.downstream_of_site for b in report.batchnorms):
-            base.warnings.append("BNs downstream of the corrected sites keep their statistics, which the "
-                                 "correction may invalidate: check with vsonnx compare (or pass --val), drop "
-                                 "--synthetic 0, or fix with --calib.")
-        skipped = len(closed_form.notes) - len(statistics)
-        what = (f"corrected {len(statistics)} site(s) without data"
-                + (f", left {skipped} unchanged" if skipped else "") + "; downstream BNs unchanged.")
-    if not statistics:
-        base.message = "no site could be corrected without data (see notes); nothing written."
-        return base
-    old = stored_statistics(model, list(statistics))
-    if synthesis is not None:
-        def var_ratio(stats: BnStatistics) -> str:
-            return f"median var x{float(np.median(stats.var / np.maximum(old[stats.name].var, 1e-30))):.3f}"
-
-        for name in base.notes:  # the sites: both estimates side by side
-            formula = closed_form.statistics.get(name)
-            base.notes[name] = f"synthetic: {var_ratio(statistics[name])}" + (
-                f"; closed form: {var_ratio(formula)}" if formula is not None else f"; closed form: {base.notes[name]}")
-    fixed = with_statistics(model, statistics)
-    if checker is not None:
-        scores = checker([model, fixed])
-        base.candidates = [{"name": "original", "val_top1": scores[0]}, {"name": "data-free", "val_top1": scores[1]}]
-        _fill_rows(base, report, old, statistics)
-        if scores[1] <= scores[0] and not force:
-            base.message = "the data-free correction does not beat the original on the validation data: nothing written."
-            return base
-    validate(fixed)
-    provenance.update({"old_statistics_sha256": digest(old), "version": __version__,
-                       "recalibrated": json.dumps(list(statistics))})
-    save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance=provenance)
-    base.output, base.written, base.chosen = str(out_path), True, "data-free"
-    base.message = what
-    _fill_rows(base, report, old, statistics)
-    return base
+    o = job.options
+    models = [job.model] + [with_statistics(apply_affine(job.model, c.affine) if c.affine else job.model, c.stats)
+                            for c in candidates]
+    scores = evaluate_candidates(job.model, models, o.val, batch_size=o.batch_size, device=o.device,
+                                 threads=o.threads, limit=o.val_limit, preprocess=o.preprocess)
+    for c, top1 in zip(candidates, scores[1:]):
+        c.top1 = top1
+    job.report.candidates = [{"name": "original", "val_top1": scores[0]}] + [
+        {"name": c.name, "val_top1": c.top1} for c in candidates]
+    best = max(candidates, key=lambda c: c.top1)
+    return best if best.top1 > scores[0] else None
 
 
-def _fix_stripped(model, model_path, out_path, source, named, scope, batch_size, device, threads, progress,
-                  in_place, calib_name) -> FixReport:
-    from .stripped import correct_stripped, resolve_sites
-
-    sites = resolve_sites(model, named)
-    corrected, stats, affine, report, samples = correct_stripped(
-        model, source, sites, scope=scope, batch_size=batch_size, device=device, threads=threads, progress=progress)
-    base = FixReport(str(model_path), "population", samples, None, False, "")
-    base.warnings = [w for w in report.warnings if "no Dropout" not in w and "folded" not in w]
-    if corrected is None:
-        base.message = "the named sites reach no BatchNormalization and no folded weight layer: nothing to fix."
-        return base
-    old = stored_statistics(model, list(stats))
-    fixed = with_statistics(corrected, stats)
-    validate(fixed)
-    save_model(fixed, out_path, input_path=model_path, in_place=in_place, provenance={
-        "method": "population (named dropout sites)", "samples": str(samples), "calibration_source": calib_name,
-        "dropout_sites": json.dumps(sites), "old_statistics_sha256": digest(old), "version": __version__,
-        "recalibrated": json.dumps(list(stats)), "folded_layers_corrected": json.dumps(list(affine))})
-    base.output, base.written, base.chosen = str(out_path), True, "population"
-    base.notes = {name: f"folded BN corrected in the weights: scale mean {np.mean(a):.3f}"
-                  for name, (a, _) in affine.items()}
-    base.message = (f"re-estimated {len(stats)} BatchNormalization layer(s) and corrected {len(affine)} folded "
-                    f"weight layer(s) on {samples} samples, with dropout at {len(sites)} named site(s).")
-    _fill_rows(base, report, old, stats)
-    return base
+def _label(candidate: Candidate) -> str:
+    """The registry label of the method behind ``candidate``."""
+    return REGISTRY[candidate.result.method].label
 
 
-def _fill_rows(base: FixReport, report, old, new) -> None:
-    kinds = {b.name: (b.path or "downstream") if b.site else "downstream" for b in report.batchnorms}
-    base.batchnorms = [
+def _written_message(winner: Candidate) -> str:
+    result, n = winner.result, len(winner.stats)
+    if result.method == "synthesized":
+        d = result.details
+        return (f"corrected {n} BatchNormalization layer(s) from {d['synthetic_samples']} synthetic inputs "
+                f"({d['synthetic_steps']} steps, statistics-matching loss {d['loss_first']:.3g} -> {d['loss_last']:.3g}).")
+    if result.method == "closed_form":
+        skipped = len(result.details["site_notes"]) - n
+        return (f"corrected {n} site(s) without data" + (f", left {skipped} unchanged" if skipped else "")
+                + "; downstream BNs unchanged.")
+    return f"re-estimated {n} BatchNormalization layer(s) on {result.samples} samples."
+
+
+def _describe(report: FixReport, candidate: Candidate, scan: ScanReport, old: dict[str, BnStatistics]) -> None:
+    """Fill the report's per-BN rows and run facts from ``candidate``."""
+    result = candidate.result
+    if result is not None:
+        report.samples, report.provider, report.seconds, report.passes = (result.samples, result.provider,
+                                                                          result.seconds, result.passes)
+        report.warnings += result.notes
+    kinds = {b.name: (b.path or "downstream") if b.site else "downstream" for b in scan.batchnorms}
+    report.batchnorms = [
         {"name": n, "site": kinds.get(n), "old_mean": old[n].mean.tolist(), "old_var": old[n].var.tolist(),
          "new_mean": np.asarray(s.mean).tolist(), "new_var": np.asarray(s.var).tolist()}
-        for n, s in new.items()
-    ]
+        for n, s in candidate.stats.items() if n in old]
 
 
-def same_source(a, b) -> bool:
+def _site_notes(job: _Job, closed: CalibrationResult, result: CalibrationResult) -> dict[str, str]:
+    """Per site: the closed-form result, and next to it the synthetic one when the synthesis ran."""
+    notes = dict(closed.details["site_notes"])
+    if result is closed:
+        return notes
+    old = GraphIndex(job.model).stored_statistics(list(result.statistics))
+
+    def var_ratio(stats: BnStatistics) -> str:
+        return f"median var x{float(np.median(stats.var / np.maximum(old[stats.name].var, 1e-30))):.3f}"
+
+    for name in notes:
+        formula = closed.statistics.get(name)
+        notes[name] = f"synthetic: {var_ratio(result.statistics[name])}" + (
+            f"; closed form: {var_ratio(formula)}" if formula is not None else f"; closed form: {notes[name]}")
+    return notes
+
+
+def _synthesis_provenance(result: CalibrationResult) -> dict[str, str]:
+    if result.method != "synthesized":
+        return {}
+    d = result.details
+    return {"synthetic_samples": str(d["synthetic_samples"]), "synthetic_steps": str(d["synthetic_steps"]),
+            "synthesis_loss": f"{d['loss_first']:.4g} -> {d['loss_last']:.4g}"}
+
+
+def digest(stats: dict[str, BnStatistics]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(stats):
+        h.update(name.encode())
+        h.update(np.asarray(stats[name].mean, np.float32).tobytes())
+        h.update(np.asarray(stats[name].var, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _same_source(a, b) -> bool:
     try:
         return same_file(a, b)
     except OSError:
         return str(a) == str(b)
-
-
-def validate(model: onnx.ModelProto) -> None:
-    """The onnx checker and an onnxruntime session must both accept the model before it is written."""
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise RuntimeError(f"vsonnx produced an invalid model (bug): {exc}") from None
-    make_session(model, device="cpu", optimize=False)

@@ -31,7 +31,7 @@ def render_scan(report) -> str:
         drops = ", ".join(f"{d.name}({fmt(d.ratio, 2)}{', ch' if d.channelwise else ''})" for d in b.dropouts)
         weight = f"{b.weight.op} d={b.weight.fan_in} cos2={fmt(b.weight.cos2)}" if b.weight else ""
         status = "SITE" if b.site else ("downstream" if b.downstream_of_site else "")
-        row = [i, b.name, b.channels, status, b.path or "", drops, weight]
+        row = [i, b.name, b.channels, status, b.path or "", drops, weight, b.fix or ""]
         if measured:
             row += [fmt(b.real_var_ratio), fmt(b.shift_metric), fmt(b.mean_shift)]
         rows.append(row + [fmt(b.predicted_var_ratio)] + ([fmt(b.prediction_error)] if measured else []))
@@ -41,17 +41,17 @@ def render_scan(report) -> str:
         out.append(f"measured on {c['samples']} samples of {c['source']} ({c['provider']}); real = variance of the "
                    "BN input as deployed, moving = stored running variance")
     if rows:
-        headers = ["#", "batchnorm", "C", "status", "path", "dropouts (ratio)", "weight layer"]
+        headers = ["#", "batchnorm", "C", "status", "path", "dropouts (ratio)", "weight layer", "fix would"]
         if measured:
             headers += ["real/moving", "shift", "mean shift"]
         headers += ["pred. Var_test/Var_train"] + (["rel. error"] if measured else [])
-        out.append(table(headers, rows, "rllllll" + "r" * (len(headers) - 7)))
+        out.append(table(headers, rows, "rlllllll" + "r" * (len(headers) - 8)))
     n_sites = len(report.sites)
     n_down = sum(1 for b in report.batchnorms if b.downstream_of_site and not b.site)
     out.append(f"{len(report.batchnorms)} BatchNormalization, {len(report.dropouts)} Dropout, "
                f"{n_sites} variance-shift site(s), {n_down} more BN downstream of a site.")
     if measured:
-        from .shift import median_prediction_error
+        from .measure import median_prediction_error
 
         median = median_prediction_error(report)
         if median is not None:
@@ -115,9 +115,8 @@ def render_demo(report) -> str:
     rows = [[r.model, r.samples, fmt(r.top1, 2), fmt(r.top5, 2), f"{r.top1 - base:+.2f}"] for r in report.results]
     return "\n".join([
         f"model: {report.model}: {report.batchnorms} BatchNormalization, {report.sites} Dropout->BN site(s)",
-        f"calibrated on {report.calib_samples} shuffled training images "
-        f"(batch {report.fix_seconds.get('batch')} s, population {report.fix_seconds.get('population')} s, "
-        f"relative {report.fix_seconds.get('relative')} s)"
+        f"calibrated on {report.calib_samples} shuffled training images ("
+        + ", ".join(f"{m} {s} s" for m, s in report.fix_seconds.items() if m != "data-free") + ")"
         + (f"; data-free from synthetic inputs {report.fix_seconds['data-free']} s" if "data-free" in report.fix_seconds
            else ""),
         table(["model", "test images", "top-1 %", "top-5 %", "delta top-1"], rows, "lrrrr"),

@@ -3,14 +3,19 @@
 ``device``: ``cpu``; ``cuda`` (error when the CUDA provider cannot run); ``auto`` = CUDA when a probe
 session really runs on it, else CPU. onnxruntime prints long errors when CUDA libraries are missing, so the
 probe silences the logger and runs once per process.
+
+``run_pass`` streams a data source through a session batch by batch with a progress bar (tqdm: rate and
+ETA on stderr, only when asked for and stderr is a terminal); ``progress_bar`` serves the other long loops.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import onnx
 
+from .data import Source, check_finite
 from .errors import VsonnxError
 from .model import model_bytes
 
@@ -124,3 +129,30 @@ def run(session, fetch: list[str] | None, feeds: dict):
             "if the model hard-codes its batch size (e.g. a Reshape to [1, -1]), pass that --batch-size; "
             "otherwise check the data's shape and preprocessing.",
         ) from None
+
+
+def progress_bar(label: str, total: int | None, enabled: bool, unit: str = "sample"):
+    """A tqdm bar on stderr (rate and ETA) when ``enabled`` and stderr is a terminal, else a silent one."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit=unit, disable=not (enabled and sys.stderr.isatty()), leave=False,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def run_pass(session, source: Source, batch_size: int, fetch: list[str], label: str, progress: bool, consume,
+             feeds=None) -> tuple[int, int]:
+    """Run ``session`` on every batch and hand ``consume(batch_index, n_samples, {name: value})`` the fetched
+    outputs; ``feeds(batch_index, batch)`` builds the inputs (default: the batch's own feeds).
+    Returns (samples, batches); a source that yields nothing is a user error."""
+    samples = batches = 0
+    with progress_bar(label, source.size, progress) as bar:
+        for b, batch in enumerate(source.batches(batch_size)):
+            check_finite(batch, source)
+            values = run(session, fetch, batch.feeds if feeds is None else feeds(b, batch))
+            consume(b, len(batch), dict(zip(fetch, values)))
+            samples += len(batch)
+            batches += 1
+            bar.update(len(batch))
+    if samples == 0:
+        raise VsonnxError(f"data source '{source.describe()}' yielded no samples.", "check the source and --limit.")
+    return samples, batches

@@ -68,6 +68,7 @@ class BatchNormInfo:
     # (dropout name, weight node or None) of every path, when all are additive (see _Path.additive)
     noise_paths: list[tuple[str, str | None]] | None = field(default=None, repr=False)
     data_free: str | None = None  # sites: what fix --data-free would do, or why it cannot (set by scan)
+    fix: str | None = None  # what fix would do: recalibrate / unchanged / refused: <reason> (set by scan)
     # filled by vsonnx.shift.measure_shift (scan --calib)
     real_var_ratio: float | None = None
     shift_metric: float | None = None
@@ -194,7 +195,7 @@ def _step_kind(index: GraphIndex, node: onnx.NodeProto) -> str:
 
 
 def _weight_info(index: GraphIndex, name: str) -> WeightInfo:
-    node = next(n for n in index.graph.node if index.node_name(n) == name)
+    node = index.by_name[name]
     w = index.constant(node.input[1])
     fan_in = cos2 = None
     if w is not None and w.ndim >= 2:
@@ -352,17 +353,3 @@ def _first_reached(index: GraphIndex, tensor: str, targets: frozenset[str]) -> l
             elif node.op_type in SHAPE_OPS | MERGE_OPS | {"Dropout", "Sub"}:
                 stack.extend(o for o in node.output if o)
     return found
-
-
-def scan(model, model_name: str | None = None) -> ScanReport:
-    """Public entry: ``model`` is a path or an onnx.ModelProto. Each site also says whether `fix --data-free`
-    can correct it (``data_free``: what it would do, or why not)."""
-    from .datafree import data_free_statistics
-    from .model import load_model
-
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
-    notes = data_free_statistics(proto, report).notes if report.sites else {}
-    for b in report.sites:
-        b.data_free = notes.get(b.name)
-    return report

@@ -7,10 +7,38 @@
   batch means and of the *unbiased* batch variances (equal weight per batch, whatever its size).
 - ``transfer_change``: carry a change of statistics measured between two regimes on the same inputs over
   to stored statistics, relative to the spread.
+- ``BnStatistics`` / ``CalibrationResult``: what an estimator of vsonnx.methods returns.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+
+
+@dataclass
+class BnStatistics:
+    """New statistics of one BN plus how many elements (population) or batches (batch) they average."""
+
+    name: str
+    mean: np.ndarray
+    var: np.ndarray
+    count: int
+
+
+@dataclass
+class CalibrationResult:
+    """An estimator's answer: new statistics per BN and how they were obtained."""
+
+    method: str
+    samples: int
+    batches: int
+    statistics: dict[str, BnStatistics]
+    passes: int
+    seconds: float
+    provider: str
+    notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # method-specific facts for reports and provenance
 
 
 class ChannelMoments:
@@ -107,3 +135,9 @@ def transfer_change(mean, var, on: tuple, off: tuple) -> tuple[np.ndarray, np.nd
     (m_on, v_on), (m_off, v_off) = on, off
     v_on = np.maximum(np.asarray(v_on, np.float64), 1e-12)
     return mean + (np.asarray(m_off) - m_on) * np.sqrt(var / v_on), var * np.asarray(v_off) / v_on
+
+
+def blend(old: dict[str, BnStatistics], new: dict[str, BnStatistics], weight: float) -> dict[str, BnStatistics]:
+    """Statistics a fraction ``weight`` of the way from old to new (a partial correction)."""
+    return {n: BnStatistics(n, old[n].mean + weight * (s.mean - old[n].mean),
+                            old[n].var + weight * (s.var - old[n].var), s.count) for n, s in new.items()}

@@ -1,6 +1,6 @@
 """Run an ONNX graph with torch operators, so that gradients reach its inputs (needs torch).
 
-Used by the data-free synthesis (vsonnx.synthesize), which optimises inputs through the model. Covers the
+Used by the data-free synthesis (vsonnx.methods.synthesized), which optimises inputs through the model. Covers the
 operators of exported CNN classifiers; any other operator (If/Loop/Scan with their subgraphs included) or a
 Conv with auto_pad is refused with a VsonnxError naming it. Float tensors are computed in float32 whatever the model's precision.
 
@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from .errors import VsonnxError
+from .errors import SYNTHESIS_HINT, VsonnxError
 from .graph import GraphIndex, attribute, constant_node_value
-from .synthesize import REFUSAL_HINT
 
 _DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float32,
            onnx.TensorProto.DOUBLE: torch.float32, onnx.TensorProto.INT64: torch.int64,
@@ -61,10 +60,10 @@ class TorchGraph:
             if node.op_type not in _OPS and node.op_type not in _UNARY and node.op_type not in _BINARY:
                 raise VsonnxError(f"the data-free synthesis cannot run operator {node.op_type} "
                                   f"('{index.node_name(node)}').",
-                                  REFUSAL_HINT)
+                                  SYNTHESIS_HINT)
             if node.op_type == "Conv" and attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 raise VsonnxError(f"the data-free synthesis does not handle auto_pad ('{index.node_name(node)}').",
-                                  REFUSAL_HINT)
+                                  SYNTHESIS_HINT)
 
     def __call__(self, feeds: dict[str, torch.Tensor], *, batch_norm: str = "stored", dropout: bool = False,
                  channelwise: frozenset[str] = frozenset(),
@@ -159,7 +158,7 @@ def _pool(node, name, args, state):
         return pool(x, kernel, strides, pads[:nd], attribute(node, "dilations", [1] * nd), ceil)
     if pads[:nd] != pads[nd:]:
         raise VsonnxError(f"asymmetric AveragePool padding is not supported by the synthesis ('{name}').",
-                          REFUSAL_HINT)
+                          SYNTHESIS_HINT)
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
     return pool(x, kernel, strides, pads[:nd], ceil, bool(attribute(node, "count_include_pad", 0)))
 
@@ -211,7 +210,7 @@ def _softmax(node, name, args, state, fn=F.softmax):
 
 def _pad(node, name, args, state):
     if attribute(node, "mode", b"constant") not in (b"constant", "constant"):
-        raise VsonnxError(f"only constant Pad is supported by the synthesis ('{name}').", REFUSAL_HINT)
+        raise VsonnxError(f"only constant Pad is supported by the synthesis ('{name}').", SYNTHESIS_HINT)
     pads = _ints(args[1]) if len(args) > 1 else attribute(node, "pads")
     value = float(args[2]) if len(args) > 2 and args[2] is not None else attribute(node, "value", 0.0)
     nd = len(pads) // 2

@@ -1,5 +1,5 @@
-"""`fix --data-free --synthetic 0`: correct the variance-shift sites from the graph's constants alone, in
-closed form (DESIGN 5.4). Plain `--data-free` (vsonnx.synthesize) also corrects the BNs downstream and
+"""``closed_form`` (`fix --data-free --synthetic 0`): correct the variance-shift sites from the graph's constants alone, in
+closed form (DESIGN 5.4). Plain `--data-free` (vsonnx.methods.synthesized) also corrects the BNs downstream and
 reports these closed-form results next to its own per site.
 
 The dropout noise is zero-mean given x, so the means stay and only the variances shrink:
@@ -13,7 +13,7 @@ Refused per site, left unchanged and reported: channel-wise dropout behind a wei
 ops on the dropout path, a dropout input not of the BN(-activation) form, several dropouts on one direct
 path. A variance that would not stay positive is clamped to ``MIN_FRACTION`` of the old one and reported.
 BNs downstream of a site are left unchanged here: their change depends on the data through the nonlinearities
-(measured: PreResNet-20 (a) loses 15 points this way; vsonnx.synthesize gains 2.8).
+(measured: PreResNet-20 (a) loses 15 points this way; the synthesis gains 2.8).
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from . import theory
-from .calibrate import BnStatistics, tensor_shapes, working_copy
-from .graph import SHAPE_OPS, GraphIndex, attribute
-from .noise import noise_variance
-from .sites import DropoutInfo, ScanReport
+from .. import theory
+from ..graph import SHAPE_OPS, GraphIndex, attribute, tensor_shapes
+from ..instrument import working_copy
+from ..noise import noise_variance
+from ..sites import DropoutInfo, ScanReport
+from ..stats import BnStatistics, CalibrationResult
+from . import EstimateRequest
 
 MIN_FRACTION = 0.05
 
@@ -50,7 +52,7 @@ def _activation_window(index: GraphIndex, node: onnx.NodeProto) -> tuple[float, 
 
 def dropout_input_second_moment(index: GraphIndex, drop: DropoutInfo) -> np.ndarray | None:
     """E[x^2] per channel of the dropout's input when it is BN -> [ReLU | ReLU6 | nothing] -> (shape ops)."""
-    node = next(n for n in index.graph.node if index.node_name(n) == drop.name)
+    node = index.by_name[drop.name]
     tensor, window = node.input[0], (-np.inf, np.inf)
     producer = index.producer.get(tensor)
     while producer is not None and producer.op_type in SHAPE_OPS:
@@ -68,11 +70,19 @@ def dropout_input_second_moment(index: GraphIndex, drop: DropoutInfo) -> np.ndar
     return theory.clipped_gaussian_second_moment(beta, gamma, *window)
 
 
+def estimate(request: EstimateRequest) -> CalibrationResult:
+    """Registry entry: the sites among ``request.targets`` that the formulas correct; ``details['site_notes']``
+    says per site what was done or why not."""
+    result = data_free_statistics(request.model, request.report)
+    stats = {n: s for n, s in result.statistics.items() if n in request.targets}
+    return CalibrationResult("closed_form", 0, 0, stats, 0, 0.0, "none", details={"site_notes": result.notes})
+
+
 def data_free_statistics(model: onnx.ModelProto, report: ScanReport) -> DataFreeResult:
     index = GraphIndex(model)
     shapes = tensor_shapes(working_copy(model))
     dropouts = {d.name: d for d in report.dropouts}
-    bn_nodes = {index.node_name(n): n for n in model.graph.node if n.op_type == "BatchNormalization"}
+    bn_nodes = index.batchnorms()
     stats, notes = {}, {}
     for bn in report.sites:
         node = bn_nodes[bn.name]

@@ -1,4 +1,9 @@
-"""Measuring and explaining the variance shift: `vsonnx scan --calib` (DESIGN 2, the paper's Fig. 1).
+"""`vsonnx scan`: what a model holds and, with data, how big its variance shift is (DESIGN 2, Fig. 1).
+
+``scan`` (no data): the sites of vsonnx.sites, per BN what `fix` would do or why it refuses (the same
+check as the rewrite pass, vsonnx.rewrite.plan) and, per site, what the data-free formulas would do.
+
+``measure_shift`` (`scan --calib`):
 
 One pass over calibration data with the model as deployed (dropout off, every BN with its stored
 statistics) measures, per BN and channel, the real mean and variance of its input and, for every Dropout
@@ -25,12 +30,46 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import bn_tap, measure_moments, tensor_shapes, tensor_tap, working_copy
 from .data import open_source
-from .graph import GraphIndex
+from .graph import GraphIndex, tensor_shapes
+from .instrument import bn_tap, measure_moments, tensor_tap, working_copy
 from .model import load_model
 from .noise import noise_variance
-from .sites import ScanReport, scan
+from .rewrite import plan
+from .sites import ScanReport, find_sites
+
+
+def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanReport:
+    """Public entry: ``model`` is a path or an onnx.ModelProto. Each BN says what `fix` would do with it
+    (``fix``: 'recalibrate', 'unchanged' (out of scope) or 'refused: <reason>'), each site whether
+    `fix --data-free --synthetic 0` can correct it (``data_free``: what it would do, or why not)."""
+    from .methods.closed_form import data_free_statistics
+
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
+    decisions = {d.name: d for d in plan(proto, report, scope)}
+    for b in report.batchnorms:
+        d = decisions.get(b.name)
+        b.fix = "unchanged" if d is None else ("recalibrate" if d.refusal is None else f"refused: {d.refusal}")
+    notes = data_free_statistics(proto, report).notes if report.sites else {}
+    for b in report.sites:
+        b.data_free = notes.get(b.name)
+    return report
+
+
+def scan_models(models: list, *, named: dict[str, float] | None = None, calib=None, **measure) -> list[ScanReport]:
+    """`vsonnx scan` of several models: ``named`` dropout sites are inserted first (exports that removed
+    Dropout; vsonnx.named_sites), ``calib`` data measures the shift (``measure``: measure_shift's options)."""
+    from .named_sites import with_named_sites
+
+    reports = []
+    for model in models:
+        target, notes = (model, []) if not named else with_named_sites(model, named)
+        report = scan(target, str(model)) if calib is None else measure_shift(target, calib, model_name=str(model),
+                                                                              **measure)
+        report.warnings[:0] = notes
+        reports.append(report)
+    return reports
 
 
 def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = True, seed: int = 0,
@@ -44,12 +83,11 @@ def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = Tru
         return report
     index = GraphIndex(proto)
     shapes = tensor_shapes(working_copy(proto))
-    bn_nodes = {index.node_name(n): n for n in proto.graph.node if n.op_type == "BatchNormalization"}
+    bn_nodes = index.batchnorms()
     taps = {f"bn:{b.name}": bn_tap(index, bn_nodes[b.name], shapes) for b in report.batchnorms}
-    dropout_nodes = {index.node_name(n): n for n in proto.graph.node if n.op_type == "Dropout"}
     reaching = {d.name for b in report.sites for d in b.dropouts}
     for d in reaching:
-        tap = tensor_tap(dropout_nodes[d].input[0], shapes)
+        tap = tensor_tap(index.by_name[d].input[0], shapes)
         if tap is not None:
             taps[f"drop:{d}"] = tap
     source = open_source(calib, proto, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess)

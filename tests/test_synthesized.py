@@ -13,10 +13,10 @@ from onnx import helper, numpy_helper
 import vsonnx
 from vsonnx.cli import main
 from vsonnx.errors import VsonnxError
-from vsonnx.recalibrate import targets
+from vsonnx.rewrite import targets
 from vsonnx.runtime import make_session
 from vsonnx.sites import find_sites
-from vsonnx.synthesize import synthetic_statistics
+from vsonnx.methods.synthesized import synthetic_statistics
 from vsonnx.torch_graph import TorchGraph
 
 from conftest import GraphBuilder, save
@@ -157,7 +157,7 @@ def test_cli_data_free_synthetic_writes_every_bn_in_scope(tmp_path):
                                   "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output[r.output.index("{"):])
-    assert d["method"] == "data-free (synthetic)" and d["written"]
+    assert d["method"] == "data-free (synthetic inputs)" and d["written"]
     report = find_sites(onnx.load(str(path)))
     assert len(d["batchnorms"]) == len(targets(report.batchnorms, "sites"))
     assert all("synthetic" in note and "closed form" in note for note in d["notes"].values())

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import vsonnx
-from vsonnx.calibrate import bn_levels, calibrate
-from vsonnx.errors import VsonnxError
-from vsonnx.stats import transfer_change
 from vsonnx.data import ArraySource
+from vsonnx.errors import VsonnxError
+from vsonnx.instrument import bn_levels
+from vsonnx.methods import EstimateRequest, estimate, population
 from vsonnx.model import load_model
-from vsonnx.recalibrate import targets
+from vsonnx.rewrite import targets
 from vsonnx.sites import find_sites
+from vsonnx.stats import transfer_change
 
 from nets_small import module_name, trained_like
 
@@ -24,6 +25,14 @@ def exported(tmp_path_factory):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((96, 3, 8, 8)) * 2 + 0.5).astype(np.float32)
     return net, load_model(path), x
+
+
+def calibrate(model, source, names, method="batch", **settings):
+    return estimate(method, model, names, source, **settings)
+
+
+def request(model, source, names, **settings):
+    return EstimateRequest(model, names, find_sites(model), source, **settings)
 
 
 def scoped(model, scope="sites"):
@@ -134,9 +143,7 @@ def test_dropout_is_off_during_calibration(exported):
 @pytest.mark.parametrize("arch,options", [("densenet", dict(depth=10, growth=4)), ("preresnet", dict(depth=8))])
 def test_staged_population_equals_per_level_passes(tmp_path, arch, options):
     """The staged computation (each node once, stage boundaries spilled to disk) gives the per-level answer."""
-    from vsonnx.calibrate import _calibrate_population
     from vsonnx.nets import DropoutConfig, build
-    from vsonnx.staged import calibrate_population_staged
 
     torch.manual_seed(0)
     net = build(arch, num_classes=3, dropout=DropoutConfig("a", 0.5), **options).train()
@@ -146,28 +153,28 @@ def test_staged_population_equals_per_level_passes(tmp_path, arch, options):
     model = load_model(tmp_path / "m.onnx")
     x = np.random.default_rng(0).standard_normal((50, 3, 16, 16)).astype(np.float32)
     names = scoped(model, "all")
-    a = _calibrate_population(model, ArraySource.from_arrays(model, x, None), names, 16, "cpu", None, False)
-    b = calibrate_population_staged(model, ArraySource.from_arrays(model, x, None), names, batch_size=16,
-                                    device="cpu", threads=None, progress=False)
+    a = population._per_level(request(model, None, names, batch_size=16, device="cpu"),
+                              ArraySource.from_arrays(model, x, None))
+    b = population._staged(request(model, None, names, batch_size=16, device="cpu"),
+                           ArraySource.from_arrays(model, x, None))
+    assert a.passes == b.passes > 1
     for n in names:
         np.testing.assert_allclose(b.statistics[n].mean, a.statistics[n].mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b.statistics[n].var, a.statistics[n].var, rtol=1e-5)
 
 
 def test_staged_falls_back_when_the_spill_is_too_large(exported, monkeypatch):
-    from vsonnx import staged
-
     _, model, x = exported
     names = scoped(model)
-    with pytest.raises(staged._SpillTooLarge):
-        staged.calibrate_population_staged(model, ArraySource.from_arrays(model, x, None), names, batch_size=32,
-                                           device="cpu", threads=None, progress=False, max_spill_bytes=1)
     reference = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population", device="cpu")
+    monkeypatch.setattr(population, "MAX_SPILL_BYTES", 1)
+    with pytest.raises(population._SpillTooLarge):
+        population._staged(request(model, None, names, batch_size=32, device="cpu"), ArraySource.from_arrays(model, x, None))
 
     def too_large(*args, **kwargs):
-        raise staged._SpillTooLarge
+        raise population._SpillTooLarge
 
-    monkeypatch.setattr(staged, "calibrate_population_staged", too_large)
+    monkeypatch.setattr(population, "_staged", too_large)
     fallback = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population", device="cpu")
     for n in names:
         np.testing.assert_allclose(fallback.statistics[n].var, reference.statistics[n].var, rtol=1e-5)

@@ -17,20 +17,19 @@ input dimensions other than the batch that are not static.
 """
 from __future__ import annotations
 
-import sys
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import VsonnxError
-
-REFUSAL_HINT = "use --synthetic 0 (closed-form correction of the sites only) or --calib DATA."
+from ..errors import SYNTHESIS_HINT, VsonnxError
 
 if TYPE_CHECKING:  # numpy, onnx and torch load inside the functions: the CLI imports the defaults below
     import numpy as np
     import onnx
 
-    from .calibrate import BnStatistics
+    from ..stats import BnStatistics, CalibrationResult
+    from . import EstimateRequest
 
 DEFAULT_SAMPLES = 64
 DEFAULT_STEPS = 100
@@ -64,15 +63,15 @@ def _input_shape(model: onnx.ModelProto, samples: int) -> tuple[str, tuple[int, 
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise VsonnxError(f"the data-free synthesis needs a model with one input, this one has {len(inputs)}.",
-                          REFUSAL_HINT)
+                          SYNTHESIS_HINT)
     tensor_type = inputs[0].type.tensor_type
     if tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
         raise VsonnxError(f"input '{inputs[0].name}' is not a float tensor: inputs cannot be synthesised.",
-                          REFUSAL_HINT)
+                          SYNTHESIS_HINT)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
     if len(dims) < 2 or any(d is None for d in dims[1:]):
         raise VsonnxError(f"input '{inputs[0].name}' has dimensions {dims[1:]} besides the batch that are not "
-                          "static: the synthetic inputs' shape is unknown.", REFUSAL_HINT)
+                          "static: the synthetic inputs' shape is unknown.", SYNTHESIS_HINT)
     return inputs[0].name, (samples, *dims[1:])
 
 
@@ -85,6 +84,20 @@ def pick_device(device: str) -> str:
     return "cpu"
 
 
+def estimate(request: EstimateRequest) -> CalibrationResult:
+    """Registry entry: ``request.options`` may set ``samples`` and ``steps``."""
+    from ..stats import CalibrationResult
+
+    channelwise = frozenset(d.name for d in request.report.dropouts if d.channelwise)
+    result = synthetic_statistics(request.model, request.targets, samples=request.options.get("samples", DEFAULT_SAMPLES),
+                                  steps=request.options.get("steps", DEFAULT_STEPS), seed=request.seed,
+                                  device=request.device, channelwise=channelwise, progress=request.progress)
+    details = {"synthetic_samples": result.samples, "synthetic_steps": result.steps,
+               "loss_first": result.loss_first, "loss_last": result.loss_last}
+    return CalibrationResult("synthesized", 0, 0, result.statistics, result.steps, result.seconds,
+                             f"torch {result.device}", details=details)
+
+
 def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: int = DEFAULT_SAMPLES,
                          steps: int = DEFAULT_STEPS, lr: float = 0.1, draws: int = 4, seed: int = 0,
                          device: str = "auto", channelwise: frozenset[str] = frozenset(),
@@ -92,12 +105,9 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     """New statistics for the BNs ``names`` (see the module docstring); ``channelwise``: Dropout nodes that
     drop whole channels."""
     torch = _torch()
-    import numpy as np
-
-    from .calibrate import BnStatistics, stored_statistics
-    from .graph import GraphIndex
-    from .stats import transfer_change
-    from .torch_graph import TorchGraph
+    from ..graph import GraphIndex
+    from ..stats import BnStatistics, transfer_change
+    from ..torch_graph import TorchGraph
 
     if samples < 2 or steps < 0:
         raise VsonnxError("the synthesis needs at least 2 samples and 0 or more steps.",
@@ -107,22 +117,48 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     input_name, shape = _input_shape(model, samples)
     graph = TorchGraph(model, device)
     index = GraphIndex(model)
-    stored = stored_statistics(model, [index.node_name(n) for n in model.graph.node if n.op_type == "BatchNormalization"
-                                       and all(index.is_constant(i) for i in n.input[3:5])])
-    targets = {}  # BN name -> (mean, std, sum of variances) that the synthesis matches, as tensors
-    for name, st in stored.items():
-        mean_t, var_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (st.mean, np.maximum(st.var, 0)))
-        targets[name] = (mean_t, var_t.sqrt(), var_t.sum().clamp_min(1e-12))
+    stored = index.stored_statistics([name for name, n in index.batchnorms().items()
+                                      if all(index.is_constant(i) for i in n.input[3:5])])
     missing = [n for n in names if n not in stored]
     if missing:
         raise VsonnxError(f"BN '{missing[0]}' has no constant running statistics.", "leave it out of scope.")
-
+    run = functools.partial(graph, batch_norm="batch", channelwise=channelwise)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(seed)
-        x = torch.randn(shape, device=device, requires_grad=True)
-        optimizer = torch.optim.Adam([x], lr=lr)
-        losses: list[float] = []
-        for step in range(steps):
+        x, losses = _optimise(run, input_name, torch.randn(shape, device=device, requires_grad=True),
+                              _targets(stored, device), steps, lr, progress)
+        with torch.no_grad():
+            on = _batch_statistics(run, input_name, x, names, draws)
+            off = _batch_statistics(run, input_name, x, names, 0)
+    statistics = {name: BnStatistics(name, *transfer_change(stored[name].mean, stored[name].var, on[name], off[name]),
+                                     samples) for name in names}
+    return SynthesisResult(statistics, samples, steps, losses[0] if losses else float("nan"),
+                           losses[-1] if losses else float("nan"), time.perf_counter() - start, device)
+
+
+def _targets(stored: dict[str, BnStatistics], device: str) -> dict:
+    """BN name -> (mean, std, sum of variances) that the synthesis matches, as tensors."""
+    import numpy as np
+    import torch
+
+    targets = {}
+    for name, st in stored.items():
+        mean_t, var_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (st.mean, np.maximum(st.var, 0)))
+        targets[name] = (mean_t, var_t.sqrt(), var_t.sum().clamp_min(1e-12))
+    return targets
+
+
+def _optimise(run, input_name: str, x, targets: dict, steps: int, lr: float, progress: bool):
+    """Adam on the inputs ``x`` until their batch statistics (BNs on the batch, Dropout on) match ``targets``;
+    returns (x detached, losses)."""
+    import torch
+
+    from ..runtime import progress_bar
+
+    optimizer = torch.optim.Adam([x], lr=lr)
+    losses: list[float] = []
+    with progress_bar("synthesising inputs", steps, progress, unit="step") as bar:
+        for _ in range(steps):
             terms = []
 
             def match(name, mean, var):
@@ -132,26 +168,17 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
                                  / scale)
 
             optimizer.zero_grad()
-            graph({input_name: x}, batch_norm="batch", dropout=True, channelwise=channelwise, observe=match)
+            run({input_name: x}, dropout=True, observe=match)
             loss = torch.stack(terms).sum()
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            if progress and (step % 20 == 0 or step == steps - 1):
-                print(f"  synthesis step {step + 1}/{steps}: loss {losses[-1]:.4g}", file=sys.stderr, flush=True)
-        with torch.no_grad():
-            on = _batch_statistics(graph, input_name, x.detach(), names, draws, channelwise)
-            off = _batch_statistics(graph, input_name, x.detach(), names, 0, channelwise)
-    statistics = {}
-    for name in names:
-        statistics[name] = BnStatistics(name, *transfer_change(stored[name].mean, stored[name].var, on[name],
-                                                              off[name]), samples)
-    return SynthesisResult(statistics, samples, steps, losses[0] if losses else float("nan"),
-                           losses[-1] if losses else float("nan"), time.perf_counter() - start, device)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+            bar.update(1)
+    return x.detach(), losses
 
 
-def _batch_statistics(graph, input_name: str, x, names: list[str], draws: int,
-                      channelwise: frozenset[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _batch_statistics(run, input_name: str, x, names: list[str], draws: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per BN, the batch mean and variance in float64, averaged over ``draws`` dropout masks (0: dropout off)."""
     import numpy as np
 
@@ -163,6 +190,6 @@ def _batch_statistics(graph, input_name: str, x, names: list[str], draws: int,
             sums[name] = got if name not in sums else [sums[name][0] + got[0], sums[name][1] + got[1]]
 
     for _ in range(max(draws, 1)):
-        graph({input_name: x}, batch_norm="batch", dropout=draws > 0, channelwise=channelwise, observe=record)
+        run({input_name: x}, dropout=draws > 0, observe=record)
     runs = max(draws, 1)
     return {name: (m / runs, v / runs) for name, (m, v) in sums.items()}

@@ -7,10 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 from vsonnx import theory
-from vsonnx.calibrate import calibrate
+from vsonnx.methods import estimate
 from vsonnx.cli import main
 from vsonnx.data import ArraySource
-from vsonnx.datafree import data_free_statistics
+from vsonnx.methods.closed_form import data_free_statistics
 from vsonnx.sites import find_sites
 
 from conftest import GraphBuilder, save
@@ -36,7 +36,7 @@ def drop(x, p):
 
 
 def population_var(model, x, name):
-    result = calibrate(model, ArraySource.from_arrays(model, x, None), [name], method="population", device="cpu")
+    result = estimate("population", model, [name], ArraySource.from_arrays(model, x, None), device="cpu")
     return result.statistics[name].var
 
 
@@ -122,7 +122,7 @@ def test_cli_data_free(tmp_path):
     r = CliRunner().invoke(main, ["fix", path, "--data-free", "--synthetic", "0", "--json"])
     assert r.exit_code == 0 and "Traceback" not in r.output
     d = json.loads(r.output[r.output.index("{"):])
-    assert d["method"] == "data-free" and d["written"]
+    assert d["method"] == "data-free (closed form)" and d["written"] and d["chosen"] == "data-free"
     np.testing.assert_allclose(d["batchnorms"][0]["new_var"], theory.test_var_from_train_direct(
         np.array([0.0, 1.0, 0.0]), np.array([2.0, 3.0, 1.0]), 0.5))
 

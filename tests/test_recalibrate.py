@@ -6,10 +6,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import vsonnx
-from vsonnx.calibrate import BnStatistics
+from vsonnx.stats import BnStatistics
 from vsonnx.cli import main
 from vsonnx.model import get_metadata, load_model
-from vsonnx.recalibrate import RecalibrateBatchNorm, refusal
+from vsonnx.rewrite import RecalibrateBatchNorm, refusal
 from vsonnx.graph import GraphIndex
 from vsonnx.sites import find_sites
 
@@ -64,10 +64,10 @@ def test_fixed_model_reproduces_population_statistics_in_ort(setup):
     tmp, model_path = setup
     report = vsonnx.fix(model_path, tmp / "calib.npz", output=tmp / "p.onnx", method="population", batch_size=5)
     fixed = load_model(report.output)
-    from vsonnx.calibrate import calibrate
     from vsonnx.data import open_source
-    again = calibrate(fixed, open_source(tmp / "calib.npz", fixed), ["bn_direct", "bn_weight"],
-                      method="population", batch_size=32, device="cpu")
+    from vsonnx.methods import estimate
+    again = estimate("population", fixed, ["bn_direct", "bn_weight"], open_source(tmp / "calib.npz", fixed),
+                     batch_size=32, device="cpu")
     for name in ("bn_direct", "bn_weight"):
         np.testing.assert_allclose(initializer(fixed, f"{name}_var"), again.statistics[name].var, rtol=1e-5)
         np.testing.assert_allclose(initializer(fixed, f"{name}_mean"), again.statistics[name].mean, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from vsonnx.cli import main
-from vsonnx.shift import measure_shift, median_prediction_error
+from vsonnx.measure import measure_shift, median_prediction_error
 
 from conftest import GraphBuilder, save
 

@@ -1,0 +1,395 @@
+"""Working copies of a model for onnxruntime passes: dropout switched off or simulated, statistic taps,
+BN statistics swapped, graphs cut to what a pass needs (DESIGN 3, 5.2, 5.3).
+
+Every edit here goes through onnx-graphsurgeon: ``gs.import_onnx``, tensors and nodes edited as objects,
+``cleanup`` (pruning to the wanted outputs) and ``toposort``, then ``gs.export_onnx``. A gs round trip drops
+node metadata and may drop initializers from the graph inputs of IR 3 models: that is harmless here, since
+working copies are only ever run, never written; the written model is edited in place by vsonnx.rewrite.
+
+Statistic taps: for a BN input x of shape [N, C, ...] a copy computes per-sample moments of x shifted by
+the BN's stored running mean s (close to the real mean, so E[y^2] - E[y]^2 does not cancel badly):
+
+    y = x - s;   g1 = GlobalAveragePool(y);   g2 = GlobalAveragePool(y * y)        ([N, C, 1, ...])
+
+(rank-2 inputs [N, C]: g1 = y, g2 = y * y). Global average pooling keeps onnxruntime's blocked (NCHWc)
+convolution layout intact, where ReduceMean over the batch axis would force layout conversions. The
+[N, C] results are combined in float64 on the host (vsonnx.stats): per-sample moments make the statistics
+independent of batching, and they are tiny compared with the activations, which are never fetched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+
+from .data import Source
+from .errors import VsonnxError
+from .graph import GraphIndex, TensorShapes, tensor_shapes
+from .model import default_opset
+from .runtime import make_session, run_pass
+from .stats import BnStatistics, ChannelMoments
+
+DROPOUT_SEED = 0
+BATCH_DIM = "vsonnx_batch"
+
+
+# --------------------------------------------------------------------------------------------------
+# gs round trip
+# --------------------------------------------------------------------------------------------------
+def node_name(node: gs.Node) -> str:
+    """The name vsonnx uses for a node: its name, or '<op>:<first output>' (as GraphIndex.node_name)."""
+    return node.name or f"{node.op}:{node.outputs[0].name if node.outputs else '?'}"
+
+
+def nodes_by_name(graph: gs.Graph) -> dict[str, gs.Node]:
+    return {node_name(n): n for n in graph.nodes}
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` with the opsets and model metadata of ``like`` (gs keeps neither metadata nor, for
+    IR 3, the initializers among the inputs; the copy gets at least IR 4, which needs neither)."""
+    graph.toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    model.ir_version = max(like.ir_version, 4)
+    model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def _const(name: str, value) -> gs.Constant:
+    return gs.Constant(name, np.asarray(value))
+
+
+def _redirect(graph: gs.Graph, tensor: gs.Tensor, replacement: gs.Tensor, skip: gs.Node | None = None) -> None:
+    """Every consumer of ``tensor`` (but ``skip``) reads ``replacement`` instead."""
+    for consumer in list(tensor.outputs):
+        if consumer is skip:
+            continue
+        for i, t in enumerate(consumer.inputs):
+            if t is tensor:
+                consumer.inputs[i] = replacement
+
+
+# --------------------------------------------------------------------------------------------------
+# working copies
+# --------------------------------------------------------------------------------------------------
+def working_graph(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> gs.Graph:
+    """A gs graph of ``model`` with dropout off (training_mode inputs forced false, is_test set, unless
+    ``keep_dropout_modes``), a symbolic batch dimension on every graph input and output, and no stale
+    intermediate shapes."""
+    graph = gs.import_onnx(model)
+    off = _const("vsonnx_false", False)
+    for node in graph.nodes if not keep_dropout_modes else []:
+        if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
+            node.inputs[2] = off
+        if node.op == "Dropout" and node.attrs.get("is_test") == 0:
+            node.attrs["is_test"] = 1
+    io = {id(t) for t in graph.inputs + graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            continue
+        if id(tensor) not in io:
+            tensor.shape, tensor.dtype = None, None
+        elif tensor.shape is not None and len(tensor.shape) > 0:
+            tensor.shape = [BATCH_DIM, *tensor.shape[1:]]
+    return graph
+
+
+def working_copy(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> onnx.ModelProto:
+    """``working_graph`` exported: what onnxruntime runs for inference and analysis."""
+    return to_model(working_graph(model, keep_dropout_modes), model)
+
+
+def dropout_seeds(seed: int, count: int) -> list[int]:
+    """Seeds for ``count`` simulated Dropout nodes, drawn from ``seed``: onnxruntime's masks for nearby seeds
+    (0, 1, ...) are correlated (measured: 6% less simulated noise two dropouts apart)."""
+    return [int(s) for s in np.random.default_rng(seed).integers(1, 2**31 - 1, count)]
+
+
+def activate_dropouts(graph: gs.Graph, opset: int, seed: int = DROPOUT_SEED) -> None:
+    """Set every Dropout of ``graph`` to training mode, each with its own seed drawn from ``seed``.
+    Refuses Dropout of opsets below 12 (no training mode to simulate)."""
+    dropouts = [n for n in graph.nodes if n.op == "Dropout"]
+    if dropouts and opset < 12:
+        raise VsonnxError(f"Dropout of opset {opset} has no training mode to simulate.",
+                          "use --method batch or population.")
+    on, half = _const("vsonnx_dropout_on", True), _const("vsonnx_dropout_default_ratio", np.float32(0.5))
+    for node, node_seed in zip(dropouts, dropout_seeds(seed, len(dropouts))):
+        while len(node.inputs) < 3:
+            node.inputs.append(gs.Variable.empty())
+        if not node.inputs[1].name:
+            node.inputs[1] = half
+        node.inputs[2] = on
+        node.attrs["seed"] = int(node_seed)
+
+
+def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training: bool, seed: int = DROPOUT_SEED,
+                    before_bias: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """A copy with Dropout(ratio, training_mode) on each site tensor, feeding all its former consumers; a
+    site in ``before_bias`` (the output of a Conv/Gemm) gets it between the layer's product and its bias.
+    Refuses a site that is a graph output."""
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    outputs = {t.name for t in graph.outputs}
+    for k, ((name, ratio), node_seed) in enumerate(zip(sites.items(), dropout_seeds(seed, len(sites)))):
+        tensor = tensors[name]
+        if name in before_bias:
+            dropped_input = gs.Variable(f"{name}__vsonnx_product")
+            dropped = gs.Variable(f"{dropped_input.name}__vsonnx_dropout")
+            _split_bias(graph, tensor, dropped_input, dropped, k)
+        else:
+            if name in outputs:
+                raise VsonnxError(f"site '{name}' is a graph output.", "name a tensor inside the network.")
+            dropped_input, dropped = tensor, gs.Variable(f"{name}__vsonnx_dropout")
+            _redirect(graph, tensor, dropped)
+        graph.layer(op="Dropout", name=f"vsonnx_dropout_{k}", attrs={"seed": node_seed},
+                    inputs=[dropped_input, _const(f"vsonnx_site{k}_ratio", np.float32(ratio)),
+                            _const(f"vsonnx_site{k}_training", training)], outputs=[dropped])
+    return to_model(graph, model)
+
+
+def _split_bias(graph: gs.Graph, tensor: gs.Variable, product: gs.Variable, dropped: gs.Variable, k: int) -> None:
+    """Make the Conv/Gemm producing ``tensor`` output ``product`` without its bias; ``tensor`` becomes
+    ``dropped`` (the dropout of the product, inserted by the caller) + bias, through an Add (or Identity
+    when the layer has no constant bias)."""
+    layer = tensor.inputs[0]
+    layer.outputs[0] = product
+    bias = layer.inputs[2] if len(layer.inputs) > 2 and isinstance(layer.inputs[2], gs.Constant) else None
+    if bias is None:
+        graph.layer(op="Identity", name=f"vsonnx_bias_{k}", inputs=[dropped], outputs=[tensor])
+        return
+    weight = np.asarray(layer.inputs[1].values)
+    values = np.asarray(bias.values, np.float64)
+    if layer.op == "Conv":
+        values = values.reshape((-1,) + (1,) * (weight.ndim - 2))
+    else:
+        values = values * layer.attrs.get("beta", 1.0)
+    layer.inputs = layer.inputs[:2]
+    graph.layer(op="Add", name=f"vsonnx_bias_{k}", outputs=[tensor],
+                inputs=[dropped, _const(f"vsonnx_site{k}_bias", values.astype(weight.dtype))])
+
+
+# --------------------------------------------------------------------------------------------------
+# statistic taps
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Tap:
+    """A tensor whose per-channel moments a pass measures, as moments of (x - shift)."""
+
+    tensor: str
+    rank: int
+    channels: int
+    shift: np.ndarray
+    elements: int | None  # per sample and channel, when static
+    dtype: int = TensorProto.FLOAT  # ONNX element type of the tensor; moments are taken in float32
+
+
+def bn_tap(index: GraphIndex, node: onnx.NodeProto, shapes: TensorShapes) -> Tap:
+    """The input of a BN, shifted by its stored running mean. Refuses an input of unknown rank or rank < 2."""
+    shape = shapes.get(node.input[0])
+    if shape is None or len(shape) < 2:
+        raise VsonnxError(f"the rank of the input of BatchNormalization '{index.node_name(node)}' is unknown "
+                          f"or below 2.", "run onnx shape inference / re-export with static ranks.")
+    mean = index.constant(node.input[3])
+    scale = index.constant(node.input[1])
+    channels = int(np.asarray(scale if scale is not None else mean).size)
+    shift = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(-1)
+    return Tap(node.input[0], len(shape), channels, shift, _static_elements(shape),
+               shapes.dtypes.get(node.input[0], TensorProto.FLOAT))
+
+
+def tensor_tap(tensor: str, shapes: TensorShapes) -> Tap | None:
+    """Any tensor [N, C, ...] with a static channel count (no shift); None when its shape is unknown."""
+    shape = shapes.get(tensor)
+    if shape is None or len(shape) < 2 or not shape[1]:
+        return None
+    return Tap(tensor, len(shape), int(shape[1]), np.zeros(shape[1], np.float32), _static_elements(shape),
+               shapes.dtypes.get(tensor, TensorProto.FLOAT))
+
+
+def _static_elements(shape: tuple) -> int | None:
+    spatial = shape[2:]
+    return int(np.prod(spatial)) if all(isinstance(d, int) and d > 0 for d in spatial) else None
+
+
+class StatisticBuilder:
+    """Adds statistic nodes to a gs graph in the model's opset (ReduceMean axes are an input from opset 18)
+    and collects the names to fetch."""
+
+    def __init__(self, graph: gs.Graph, opset: int):
+        self.graph, self.opset = graph, opset
+        self.tensors = graph.tensors()
+        self.fetch: list[gs.Variable] = []
+        self.created: dict[str, gs.Variable] = {}
+
+    def node(self, op: str, inputs: list, out: str, dtype=np.float32, **attrs) -> gs.Variable:
+        output = gs.Variable(out, dtype=dtype)
+        self.graph.layer(op=op, inputs=inputs, outputs=[output], attrs=attrs)
+        self.created[out] = output
+        return output
+
+    def reduce_mean(self, x: gs.Tensor, out: str, axes: list[int]) -> gs.Variable:
+        if self.opset >= 18:
+            return self.node("ReduceMean", [x, _const(f"{out}_axes", np.array(axes, np.int64))], out, keepdims=0)
+        return self.node("ReduceMean", [x], out, axes=axes, keepdims=0)
+
+    def sample_moments(self, tap: Tap, prefix: str) -> tuple:
+        """(g1, g2, size): per-sample means of y = x - shift and of y^2 ([N, C, 1...] tensors) and the
+        elements per sample and channel: an int when static, else a Shape(x) tensor (a Shape node on x
+        would force onnxruntime to convert x out of its blocked layout)."""
+        x, rank = self.tensors[tap.tensor], tap.rank
+        np_dtype = helper.tensor_dtype_to_np_dtype(tap.dtype)
+        shift = _const(f"{prefix}_shift", np.asarray(tap.shift, np_dtype).reshape([1, tap.channels] + [1] * (rank - 2)))
+        y = self.node("Sub", [x, shift], f"{prefix}_y", dtype=np_dtype)
+        if tap.dtype != TensorProto.FLOAT:  # float16/bfloat16/double inputs: moments in float32
+            y = self.node("Cast", [y], f"{prefix}_y32", to=TensorProto.FLOAT)
+        yy = self.node("Mul", [y, y], f"{prefix}_yy")
+        if rank == 2:
+            return y, yy, 1
+        size = tap.elements if tap.elements is not None else self.node("Shape", [x], f"{prefix}_shape", np.int64)
+        return (self.node("GlobalAveragePool", [y], f"{prefix}_g1"),
+                self.node("GlobalAveragePool", [yy], f"{prefix}_g2"), size)
+
+    def add_taps(self, taps: dict[str, Tap], prefix: str) -> dict[str, tuple]:
+        """Moments of every tap: {key: (g1 name, g2 name, elements or Shape output name)}; marks them fetched."""
+        outputs = {}
+        for k, (key, tap) in enumerate(taps.items()):
+            trio = self.sample_moments(tap, f"{prefix}{k}")
+            self.fetch += [t for t in trio if isinstance(t, gs.Variable)]
+            outputs[key] = tuple(t.name if isinstance(t, gs.Variable) else t for t in trio)
+        return outputs
+
+    def finish(self, extra_outputs: list[gs.Tensor] = (), prune: bool = False) -> None:
+        """Make the fetched tensors (and ``extra_outputs``) graph outputs; with ``prune`` they are the only ones
+        and every node not needed for them is removed (gs cleanup)."""
+        wanted = self.fetch + list(extra_outputs)
+        self.graph.outputs = wanted if prune else self.graph.outputs + wanted
+        if prune:
+            self.graph.cleanup(remove_unused_graph_inputs=True)
+
+
+def fetch_names(outputs: dict[str, tuple]) -> list[str]:
+    """Output names to fetch: g1, g2 and, where the spatial size is not static, Shape(x)."""
+    return [t for trio in outputs.values() for t in trio if isinstance(t, str)]
+
+
+def per_sample(got: dict, trio: tuple, n_samples: int):
+    """(elements per sample and channel, per-sample means [N, C], per-sample sums of squared deviations
+    [N, C]) in float64 from the fetched g1/g2 outputs (moments of x - shift)."""
+    g1, g2, size = got[trio[0]], got[trio[1]], trio[2]
+    elements = size if isinstance(size, int) else int(np.prod(got[size][2:]))
+    mean = g1.reshape(n_samples, -1).astype(np.float64)
+    m2 = np.maximum(g2.reshape(n_samples, -1).astype(np.float64) - mean * mean, 0.0) * elements
+    return elements, mean, m2
+
+
+def accumulate_moments(moments: dict[str, ChannelMoments], outputs: dict, got: dict, n_samples: int) -> None:
+    """Add one batch's per-sample moments (fetched ``got`` for the tap ``outputs``) to ``moments``."""
+    for key, trio in outputs.items():
+        elements, sample_mean, sample_m2 = per_sample(got, trio, n_samples)
+        moments[key].update_samples(elements, sample_mean, sample_m2)
+
+
+def unshift(moments: dict[str, ChannelMoments], taps: dict[str, Tap]) -> dict[str, ChannelMoments]:
+    """The taps measured x - shift: add each shift back to the mean (the variance is unchanged)."""
+    for key, m in moments.items():
+        m.mean = m.mean + taps[key].shift.astype(np.float64)
+    return moments
+
+
+def write_statistics(graph: gs.Graph, stats: dict[str, BnStatistics]) -> None:
+    """Point the mean/var inputs of each BN of ``stats`` present in ``graph`` at fresh constants (working
+    copies only: the written model is edited by vsonnx.rewrite)."""
+    nodes = nodes_by_name(graph)
+    for k, (name, st) in enumerate(stats.items()):
+        node = nodes.get(name)
+        if node is None:
+            continue
+        old = node.inputs[3]
+        dtype = old.values.dtype if isinstance(old, gs.Constant) else np.float32
+        for slot, value in ((3, st.mean), (4, st.var)):
+            node.inputs[slot] = _const(f"vsonnx_new_{k}_{slot}", np.asarray(value, dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# instrumented copies and the pass that reads them
+# --------------------------------------------------------------------------------------------------
+def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active: bool = False):
+    """Working copy where each target BN normalises with its batch statistics (and every Dropout is in
+    training mode with ``dropout_active``); returns (model, {bn: (g1, g2, elements or Shape output)},
+    {bn: shift})."""
+    graph = working_graph(model, keep_dropout_modes=dropout_active)
+    if dropout_active:
+        activate_dropouts(graph, default_opset(model) or 13)
+    index = GraphIndex(model)
+    shapes = tensor_shapes(to_model(graph.copy(), model))
+    bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)
+    builder = StatisticBuilder(graph, default_opset(model) or 13)
+    taps = {name: bn_tap(index, bn_nodes[name], shapes) for name in targets}
+    outputs = builder.add_taps(taps, "vsonnx_s")
+    for k, name in enumerate(targets):
+        prefix, tap = f"vsonnx_s{k}", taps[name]
+        g1, g2 = builder.created[outputs[name][0]], builder.created[outputs[name][1]]
+        axes = [a for a in range(tap.rank) if a != 1]
+        m = builder.reduce_mean(g1, f"{prefix}_m", axes)
+        q = builder.reduce_mean(g2, f"{prefix}_q", axes)
+        var = builder.node("Sub", [q, builder.node("Mul", [m, m], f"{prefix}_m2")], f"{prefix}_var")
+        mean = builder.node("Add", [m, _const(f"{prefix}_shift1", tap.shift.astype(np.float32))], f"{prefix}_mean")
+        stat_type = shapes.dtypes.get(bn_nodes[name].input[3], TensorProto.FLOAT)
+        if stat_type != TensorProto.FLOAT:  # the BN's mean/var type
+            mean = builder.node("Cast", [mean], f"{prefix}_mean_t", to=stat_type)
+            var = builder.node("Cast", [var], f"{prefix}_var_t", to=stat_type)
+        nodes[name].inputs[3], nodes[name].inputs[4] = mean, var  # the BN now normalises with batch statistics
+    builder.finish()
+    return to_model(graph, model), outputs, {name: tap.shift.astype(np.float64) for name, tap in taps.items()}
+
+
+def instrument_moments(model: onnx.ModelProto, taps: dict[str, Tap], new_stats: dict[str, BnStatistics],
+                       keep_dropout_modes: bool = False):
+    """Working copy where BNs in ``new_stats`` use them, every tap outputs per-sample moments of its
+    tensor minus the tap's shift, and everything not needed for those outputs is pruned.
+    Returns (model, {tap: (g1, g2, elements or Shape output)})."""
+    graph = working_graph(model, keep_dropout_modes)
+    write_statistics(graph, new_stats)
+    builder = StatisticBuilder(graph, default_opset(model) or 13)
+    outputs = builder.add_taps(taps, "vsonnx_p")
+    builder.finish(prune=True)
+    return to_model(graph, model), outputs
+
+
+def measure_moments(model: onnx.ModelProto, source: Source, taps: dict[str, Tap],
+                    new_stats: dict[str, BnStatistics] | None = None, *, batch_size: int = 128,
+                    device: str = "auto", threads: int | None = None, progress: bool = False,
+                    label: str = "measuring", keep_dropout_modes: bool = False):
+    """One pass: exact per-channel moments (ChannelMoments of x itself, shift added back) of every tap,
+    with dropout off (or as the model says, with ``keep_dropout_modes``) and the BNs of ``new_stats``
+    using them. Returns (moments, samples, batches, provider)."""
+    work, outputs = instrument_moments(model, taps, new_stats or {}, keep_dropout_modes)
+    # onnxruntime's graph optimisations eliminate Dropout even with training_mode=true: keep them off then
+    session = make_session(work, device=device, threads=threads, optimize=not keep_dropout_modes)
+    moments = {key: ChannelMoments(tap.channels) for key, tap in taps.items()}
+    samples, batches = run_pass(session, source, batch_size, fetch_names(outputs), label, progress,
+                                lambda b, n, got: accumulate_moments(moments, outputs, got, n))
+    return unshift(moments, taps), samples, batches, session.get_providers()[0]
+
+
+def bn_levels(model: onnx.ModelProto, targets: list[str]) -> dict[str, int]:
+    """Level of each target node (a BN, or any node whose output is corrected): the longest chain of
+    targets strictly upstream of it."""
+    index = GraphIndex(model)
+    wanted = set(targets)
+    depth: dict[str, int] = {}
+    levels: dict[str, int] = {}
+    for node in index.topological_order:
+        d = max((depth.get(i, 0) for i in node.input if i), default=0)
+        name = index.node_name(node)
+        if name in wanted:
+            levels[name] = d
+            d += 1
+        for out in node.output:
+            depth[out] = d
+    return levels

@@ -1,0 +1,115 @@
+"""The estimators of new BN statistics, one module each, and the registry that names them.
+
+Every estimator takes an ``EstimateRequest`` and returns a ``CalibrationResult`` (vsonnx.stats). The
+registry is the one place that says what a method needs (data or none, torch), how many passes it makes,
+its batch-size rule and its label in reports: the CLI's choices, the ``--val`` candidates, the demo, the
+benchmark and tools/reproduce.py all read it. Adding a method = one module here + one entry below.
+
+| name         | data  | torch | passes            | batch rule | what it computes                               |
+|--------------|-------|-------|-------------------|------------|------------------------------------------------|
+| batch        | yes   | no    | 1                 | >= 2       | the paper's Adjust (PyTorch momentum=None)     |
+| population   | yes   | no    | one per BN level  | >= 1       | exact inference statistics                     |
+| relative     | yes   | no    | 2                 | >= 2       | dropout-on -> off change carried to the stored |
+| synthesized  | no    | yes   | synthesis steps   | -          | the same change, on inputs synthesised from BN |
+| closed_form  | no    | no    | 0                 | -          | the paper's formulas, sites only               |
+| named_sites  | yes   | no    | levels (+1)       | >= 1       | population with Dropout re-inserted by name    |
+
+Modules are imported when an estimator is first used, so reading the registry (``vsonnx --help``) is free.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import VsonnxError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ..data import Source
+    from ..sites import ScanReport
+    from ..stats import CalibrationResult
+
+
+@dataclass
+class EstimateRequest:
+    """What an estimator gets: the model, the BN names to estimate, the scan report of the model, the data
+    (None for data-free methods) and the run settings."""
+
+    model: onnx.ModelProto
+    targets: list[str]
+    report: ScanReport
+    source: Source | None = None
+    batch_size: int = 128
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = False
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific (synthetic samples, steps, sites)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # what reports and model metadata call it
+    module: str  # vsonnx.methods.<module>.estimate
+    needs_data: bool
+    needs_torch: bool
+    passes: str
+    min_batch: int
+    selectable: bool = True  # a --method choice and a --val candidate (calibrated methods)
+
+    @property
+    def estimate(self) -> Callable[[EstimateRequest], CalibrationResult]:
+        return importlib.import_module(f"{__name__}.{self.module}").estimate
+
+    def run(self, request: EstimateRequest) -> CalibrationResult:
+        """The estimate, timed; refuses batch sizes below the method's rule."""
+        import time
+
+        if self.needs_data and request.batch_size < 1:
+            raise VsonnxError(f"batch size must be positive, got {request.batch_size}.", "pass --batch-size 2 or more.")
+        if self.needs_data and request.batch_size < self.min_batch:
+            raise VsonnxError(f"the {self.name} method needs a batch size of at least {self.min_batch} (batch "
+                              "statistics of one sample are degenerate).",
+                              "pass --batch-size 32 or more, or --method population.")
+        start = time.perf_counter()
+        result = self.estimate(request)
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("batch", "batch", "batch", True, False, "1", 2),
+    Method("population", "population", "population", True, False, "one per BN level", 1),
+    Method("relative", "relative", "relative", True, False, "2", 2),
+    Method("synthesized", "data-free (synthetic inputs)", "synthesized", False, True, "synthesis steps", 0,
+           selectable=False),
+    Method("closed_form", "data-free (closed form)", "closed_form", False, False, "0", 0, selectable=False),
+    Method("named_sites", "population (named dropout sites)", "named_sites", True, False, "levels (+1)", 1,
+           selectable=False),
+)}
+CALIBRATED = tuple(name for name, m in REGISTRY.items() if m.selectable)
+
+
+def get(name: str) -> Method:
+    """The registry entry ``name``; a user error listing the choices otherwise."""
+    if name not in REGISTRY:
+        raise VsonnxError(f"unknown method '{name}'.", f"use one of {', '.join(CALIBRATED)}.")
+    return REGISTRY[name]
+
+
+def estimate(name: str, model: onnx.ModelProto, targets: list[str], source: Source | None = None, *,
+             report: ScanReport | None = None, **settings) -> CalibrationResult:
+    """Run registry method ``name`` on ``model`` for the BNs ``targets``; ``settings``: the other
+    EstimateRequest fields (batch_size, device, threads, progress, seed, options).
+
+    Example:
+        result = estimate("population", model, ["bn1", "bn2"], ArraySource.from_arrays(model, x, None))
+    """
+    from ..sites import find_sites
+
+    request = EstimateRequest(model, targets, report or find_sites(model), source, **settings)
+    return get(name).run(request)

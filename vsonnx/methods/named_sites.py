@@ -1,0 +1,61 @@
+"""``named_sites``: population statistics for exports that removed Dropout (and maybe folded BN), with
+dropout re-inserted where the user named it (vsonnx.named_sites; the maths is in its docstring).
+
+Level by level like ``population``: a BN at or downstream of a named site gets the test-time moments of
+its input; a weight layer that looks folded gets the affine correction a = sqrt(Var_train / Var_test),
+b = E_train - a * E_test of its output, Var_train/E_train measured once with the dropouts simulated in
+training mode (seeded; a site inside a fold gets its dropout between the product and the bias).
+``request.options['sites']``: {tensor: ratio} (resolved names). The result's ``details['affine']`` holds the
+folded-layer corrections {layer: (a, b)}, ``details['analysis']`` the scan report of the analysis copy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..data import replayable
+from ..graph import GraphIndex, tensor_shapes
+from ..instrument import bn_levels, bn_tap, insert_dropouts, measure_moments, tensor_tap, working_copy
+from ..named_sites import folded_layers, inside_folded
+from ..rewrite import apply_affine, targets
+from ..sites import find_sites
+from ..stats import BnStatistics, CalibrationResult
+from . import EstimateRequest
+
+
+def estimate(request: EstimateRequest) -> CalibrationResult:
+    sites = request.options["sites"]
+    source = replayable(request.source)
+    run = dict(batch_size=request.batch_size, device=request.device, threads=request.threads, progress=request.progress)
+    analysis = insert_dropouts(request.model, sites, training=False)
+    report = find_sites(analysis)
+    bns = [b.name for b in targets(report.batchnorms, request.options.get("scope", "sites"))]
+    folded = folded_layers(analysis, sites)
+    details = {"affine": {}, "analysis": report}
+    if not bns and not folded:
+        return CalibrationResult("named_sites", 0, 0, {}, 0, 0.0, "", details=details)
+    index = GraphIndex(analysis)
+    shapes = tensor_shapes(working_copy(analysis))
+    train_moments = {}
+    if folded:
+        simulated = insert_dropouts(request.model, sites, training=True, before_bias=inside_folded(request.model, sites))
+        taps = {f: tensor_tap(index.by_name[f].output[0], shapes) for f in folded}
+        train_moments, *_ = measure_moments(simulated, source, taps, label="simulating training (dropout on)",
+                                            keep_dropout_modes=True, **run)
+    levels = bn_levels(analysis, bns + folded)
+    stats: dict[str, BnStatistics] = {}
+    affine = details["affine"]
+    samples = batches = 0
+    for level in sorted(set(levels.values())):
+        items = [t for t in bns + folded if levels[t] == level]
+        taps = {t: (bn_tap(index, index.by_name[t], shapes) if t in bns else tensor_tap(index.by_name[t].output[0], shapes))
+                for t in items}
+        moments, samples, batches, provider = measure_moments(apply_affine(analysis, affine), source, taps, stats,
+                                                              label=f"calibrating (level {level + 1})", **run)
+        for t, m in moments.items():
+            if t in bns:
+                stats[t] = BnStatistics(t, m.mean, m.var, m.count)
+            else:
+                a = np.sqrt(train_moments[t].var / np.maximum(m.var, 1e-12))
+                affine[t] = (a, train_moments[t].mean - a * m.mean)
+    return CalibrationResult("named_sites", samples, batches, stats, len(set(levels.values())) + bool(folded), 0.0,
+                             provider, details=details)

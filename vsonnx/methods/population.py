@@ -1,0 +1,215 @@
+"""``population``: exact inference semantics (DESIGN 5.3).
+
+Each BN gets the mean and population variance of its input over the whole calibration set while every
+recalibrated BN upstream already uses its new statistics. BNs are grouped by *level* (longest chain of
+recalibrated BNs upstream) and measured level by level. Moments merge exactly (Chan), so the result does not
+depend on batch size or order.
+
+Fast path (``staged``): the graph is cut into stages at the recalibrated BNs. Pass k runs only the nodes of
+stage k (those whose inputs depend on exactly k levels of recalibrated BNs; a recalibrated BN itself runs in
+the stage after its level, once its new statistics are known) and reads the tensors it needs from earlier
+stages back from a spill folder on disk, where earlier passes wrote them batch by batch (``np.save``; the
+page cache keeps this cheap). Every node is computed once per sample, the statistics are the same
+per-sample moments (so the answer is the same), and no activation is held in memory beyond one batch.
+Falls back to one pruned pass per level for graphs with subgraphs (If/Loop/Scan read outer tensors
+implicitly), and when the spill would exceed ``MAX_SPILL_BYTES`` or cannot be written.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+
+from ..data import replayable
+from ..graph import GraphIndex, has_subgraphs, tensor_shapes
+from ..instrument import (StatisticBuilder, Tap, accumulate_moments, bn_levels, bn_tap, fetch_names,
+                          measure_moments, node_name, to_model, unshift, working_copy,
+                          working_graph, write_statistics)
+from ..model import default_opset
+from ..runtime import make_session, run_pass
+from ..stats import BnStatistics, CalibrationResult, ChannelMoments
+from . import EstimateRequest
+
+MAX_SPILL_BYTES = 16 << 30
+
+
+def estimate(request: EstimateRequest) -> CalibrationResult:
+    """Staged where the graph allows it, else one pruned pass per level."""
+    source = replayable(request.source)
+    if not has_subgraphs(request.model):
+        try:
+            return _staged(request, source)
+        except _SpillTooLarge:
+            pass
+    return _per_level(request, source)
+
+
+def _per_level(request: EstimateRequest, source) -> CalibrationResult:
+    model, targets = request.model, request.targets
+    levels = bn_levels(model, targets)
+    index = GraphIndex(model)
+    shapes = tensor_shapes(working_copy(model))
+    nodes = index.batchnorms(targets)
+    new_stats: dict[str, BnStatistics] = {}
+    samples = batches = passes = 0
+    provider = ""
+    for level in sorted(set(levels.values())):
+        taps = {t: bn_tap(index, nodes[t], shapes) for t in targets if levels[t] == level}
+        moments, samples, batches, provider = measure_moments(
+            model, source, taps, new_stats, batch_size=request.batch_size, device=request.device,
+            threads=request.threads, progress=request.progress, label=f"calibrating (population, level {level + 1})")
+        passes += 1
+        new_stats.update({name: BnStatistics(name, m.mean, m.var, m.count) for name, m in moments.items()})
+    return CalibrationResult("population", samples, batches, new_stats, passes, 0.0, provider)
+
+
+class _SpillTooLarge(Exception):
+    """The spilled tensors would exceed the budget: the caller uses the per-level passes instead."""
+
+
+@dataclass
+class _Plan:
+    """Where every node and tensor of the working copy runs: ``passes`` node name -> pass (None: only static
+    inputs, copied into every pass that needs it); ``stage`` tensor -> the pass producing it; ``taps`` per
+    level; ``last_use`` tensor -> the last pass reading it."""
+
+    passes: dict[str, int | None]
+    stage: dict[str, int]
+    taps: dict[int, dict[str, Tap]]
+    last_use: dict[str, int]
+
+    @property
+    def count(self) -> int:
+        return max(self.taps) + 1
+
+
+def _plan(work: onnx.ModelProto, targets: list[str]) -> _Plan:
+    index = GraphIndex(work)
+    stage: dict[str, int] = {}
+    passes: dict[str, int | None] = {}
+    levels: dict[str, int] = {}
+    graph_inputs = {i.name for i in work.graph.input}
+    for node in index.topological_order:
+        name = index.node_name(node)
+        dynamic = [i for i in node.input if i and (i in stage or i in graph_inputs)]
+        if not dynamic:
+            passes[name] = None
+            continue
+        s = max(stage.get(i, 0) for i in dynamic)
+        if name in targets:
+            levels[name] = s
+            passes[name], s = s + 1, s + 1
+        else:
+            passes[name] = s
+        stage.update({out: s for out in node.output if out})
+    shapes = tensor_shapes(work)
+    taps: dict[int, dict[str, Tap]] = {}
+    for t in targets:
+        taps.setdefault(levels[t], {})[t] = bn_tap(index, index.by_name[t], shapes)
+    last_use: dict[str, int] = {}
+    for name, node in index.by_name.items():
+        for i in node.input:
+            if i in stage and passes[name] is not None:
+                last_use[i] = max(last_use.get(i, -1), passes[name])
+    for level, level_taps in taps.items():  # taps count as consumers in their level's pass
+        for tap in level_taps.values():
+            last_use[tap.tensor] = max(last_use.get(tap.tensor, -1), level)
+    return _Plan(passes, stage, taps, last_use)
+
+
+def _stage_graph(work: onnx.ModelProto, plan: _Plan, k: int, new_stats: dict[str, BnStatistics]):
+    """The gs graph of pass k: its nodes (plus static helpers), earlier stages' tensors as graph inputs, the
+    new statistics of BNs already measured, the taps of level k and the tensors later passes read as outputs.
+    Returns (graph, tap outputs) or None when the pass has nothing to do."""
+    graph = working_graph(work)
+    graph.nodes = [n for n in graph.nodes if plan.passes[node_name(n)] in (k, None)]
+    write_statistics(graph, new_stats)
+    tensors = graph.tensors()
+    produced = {t.name for n in graph.nodes if plan.passes[node_name(n)] == k for t in n.outputs}
+    made_here = {t.name for n in graph.nodes for t in n.outputs}
+    cut = sorted({t.name for n in graph.nodes for t in n.inputs
+                  if t.name in plan.stage and plan.stage[t.name] <= k and t.name not in made_here})
+    inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+    for name in cut:
+        tensor = tensors[name]
+        tensor.inputs.clear()  # produced by an earlier pass: read from the spill
+        inputs.append(tensor)
+    graph.inputs = inputs
+    builder = StatisticBuilder(graph, default_opset(work) or 13)
+    outputs = builder.add_taps(plan.taps.get(k, {}), "vsonnx_p")
+    spill_out = [tensors[t] for t in sorted(produced) if plan.last_use.get(t, -1) > k]
+    builder.finish(spill_out, prune=True)
+    if not graph.nodes and not outputs:
+        return None
+    return graph, outputs, [t.name for t in spill_out]
+
+
+def _staged(request: EstimateRequest, source) -> CalibrationResult:
+    work = working_copy(request.model)
+    plan = _plan(work, request.targets)
+    dtypes = tensor_shapes(work).dtypes
+    new_stats: dict[str, BnStatistics] = {}
+    spill = Path(tempfile.mkdtemp(prefix="vsonnx-stages-"))
+    samples = batches = 0
+    provider = ""
+    try:
+        for k in range(plan.count):
+            staged = _stage_graph(work, plan, k, new_stats)
+            if staged is None:
+                continue
+            graph, outputs, spill_out = staged
+            for tensor in graph.inputs + graph.outputs:  # spilled tensors keep their element type
+                if tensor.dtype is None:
+                    tensor.dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(tensor.name, TensorProto.FLOAT))
+            session = make_session(to_model(graph, work), device=request.device, threads=request.threads)
+            provider = session.get_providers()[0]
+            moments, samples, batches = _run_stage(session, source, request, plan, k, outputs, spill_out, spill)
+            new_stats.update({t: BnStatistics(t, m.mean, m.var, m.count)
+                              for t, m in unshift(moments, plan.taps.get(k, {})).items()})
+            for f in spill.iterdir():  # drop what no later pass reads
+                if plan.last_use.get(_unfile(f.name.rsplit(".", 2)[0]), -1) <= k:
+                    f.unlink()
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    return CalibrationResult("population", samples, batches, new_stats, plan.count, 0.0, provider)
+
+
+def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, outputs: dict, spill_out: list[str],
+               spill: Path):
+    """One pass of the staged method: graph inputs from the batch, earlier stages from the spill; taps
+    accumulated, tensors of later passes spilled. Returns (moments, samples, batches)."""
+    needed = [i.name for i in session.get_inputs()]
+    graph_inputs = {i.name for i in request.model.graph.input}
+    moments = {t: ChannelMoments(tap.channels) for t, tap in plan.taps.get(k, {}).items()}
+
+    def feeds(b, batch):
+        return {n: batch.feeds[n] if n in graph_inputs else np.load(spill / f"{_file(n)}.{b}.npy") for n in needed}
+
+    def consume(b, n_samples, got):
+        accumulate_moments(moments, outputs, got, n_samples)
+        try:
+            for t in spill_out:
+                np.save(spill / f"{_file(t)}.{b}.npy", got[t])
+        except OSError:  # disk full or not writable: the per-level passes need no spill
+            raise _SpillTooLarge from None
+        if spill_out and (b + 1) * sum(got[t].nbytes for t in spill_out) > MAX_SPILL_BYTES:
+            raise _SpillTooLarge
+
+    samples, batches = run_pass(session, source, request.batch_size, fetch_names(outputs) + spill_out,
+                                f"calibrating (population, stage {k + 1}/{plan.count})", request.progress,
+                                consume, feeds)
+    return moments, samples, batches
+
+
+def _file(tensor: str) -> str:
+    return tensor.encode().hex()
+
+
+def _unfile(stem: str) -> str:
+    return bytes.fromhex(stem).decode()

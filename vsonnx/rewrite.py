@@ -1,0 +1,152 @@
+"""The rewrite pass: new constants into the model that is written (find -> check -> apply).
+
+- find: ``targets(report, scope)``: the sites and every BN downstream of one (``scope="sites"``), or every
+  BN (``scope="all"``), from the site finder `scan` uses;
+- check: ``refusal(index, node, info, stats)`` returns None or why a BN is not rewritten:
+  1. its running mean/var are not initializers  2. it is in training mode  3. no statistics were measured;
+  ``plan`` runs find + check, so what `scan` shows per BN is what `fix` does;
+- apply: ``RecalibrateBatchNorm.apply`` writes new mean/var into the BN's initializers and returns whether
+  anything changed (a second application of the same statistics changes nothing); ``apply_affine`` writes
+  a per-output-channel correction y' = a*y + b into the weight and bias of a Conv/Gemm whose BN was folded
+  (refused for other ops: only Conv and Gemm carry a bias). An initializer shared with another node is
+  copied before it is edited, never changed in place.
+
+This pass edits the ModelProto directly rather than through onnx-graphsurgeon: it only replaces initializer
+values, and a gs round trip would drop what the written model must keep (model and node metadata, IR 3
+graph inputs, node order); vsonnx.instrument builds the working copies with gs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import VsonnxError
+from .graph import GraphIndex, attribute
+from .runtime import make_session
+from .sites import BatchNormInfo, ScanReport
+from .stats import BnStatistics
+
+SCOPES = ("sites", "all")
+
+
+def targets(batchnorms: list[BatchNormInfo], scope: str) -> list[BatchNormInfo]:
+    """find: the BNs in ``scope`` (sites and downstream, or all)."""
+    if scope not in SCOPES:
+        raise VsonnxError(f"unknown scope '{scope}'.", "use sites or all.")
+    return [b for b in batchnorms if scope == "all" or b.site or b.downstream_of_site]
+
+
+def refusal(index: GraphIndex, node: onnx.NodeProto, info: BatchNormInfo,
+            stats: dict[str, BnStatistics] | None = None) -> str | None:
+    """check: why this BN cannot be rewritten (None when it can); ``stats``, when given, must hold it."""
+    if len(node.input) < 5 or not all(n in index.initializers for n in node.input[3:5]):
+        return "1: running mean/var are not initializers"
+    if info.training_mode:
+        return "2: BatchNormalization is in training mode"
+    if stats is not None and info.name not in stats:
+        return "3: no statistics were measured for it"
+    return None
+
+
+@dataclass
+class Decision:
+    name: str
+    refusal: str | None  # None: it will be rewritten
+
+
+def plan(model: onnx.ModelProto, report: ScanReport, scope: str) -> list[Decision]:
+    """find + check for every BN in scope, in graph order."""
+    index = GraphIndex(model)
+    nodes = index.batchnorms()
+    return [Decision(b.name, refusal(index, nodes[b.name], b)) for b in targets(report.batchnorms, scope)]
+
+
+class RecalibrateBatchNorm:
+    """apply: replace a BN's running statistics with re-estimated ones."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.index = GraphIndex(model)
+
+    def apply(self, name: str, stats: BnStatistics | None) -> bool:
+        if stats is None:
+            raise VsonnxError(f"no statistics were measured for '{name}' (refusal 3).",
+                              "calibrate it (it must be in the chosen scope).")
+        node = self.index.node(name)
+        changed = False
+        for slot, value in ((3, stats.mean), (4, stats.var)):
+            tensor = self.index.initializers[node.input[slot]]
+            old = numpy_helper.to_array(tensor)
+            new = np.asarray(value, dtype=old.dtype).reshape(old.shape)
+            if np.array_equal(old, new):
+                continue
+            if sum(list(n.input).count(tensor.name) for n in self.model.graph.node) > 1:
+                tensor = self._own_copy(node, slot, tensor)
+            tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
+            changed = True
+        return changed
+
+    def _own_copy(self, node: onnx.NodeProto, slot: int, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A copy of a shared initializer for ``node`` alone."""
+        name = f"{tensor.name}__vsonnx_{slot}_{len(self.model.graph.initializer)}"
+        new = self.model.graph.initializer.add()
+        new.CopyFrom(tensor)
+        new.name = name
+        self.index.initializers[new.name] = new
+        node.input[slot] = new.name
+        return new
+
+
+def with_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``stats`` applied."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    rewrite = RecalibrateBatchNorm(out)
+    for name, st in stats.items():
+        rewrite.apply(name, st)
+    return out
+
+
+def apply_affine(model: onnx.ModelProto, corrections: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
+    """A copy where each named Conv/Gemm computes a*y + b per output channel (weight and bias rewritten
+    into new initializers, so shared ones stay intact; initializers left unused are dropped)."""
+    out = copy.deepcopy(model)
+    index = GraphIndex(out)
+    for name, (a, b) in corrections.items():
+        node = index.node(name)
+        if node.op_type not in ("Conv", "Gemm"):
+            raise VsonnxError(f"folded layer '{name}' is a {node.op_type}; only Conv and Gemm carry a bias.",
+                              "re-export with vsonnx.export, or name other sites.")
+        weight = numpy_helper.to_array(index.initializers[node.input[1]])
+        w = weight.astype(np.float64)
+        if node.op_type == "Conv":
+            w = w * a.reshape((-1,) + (1,) * (w.ndim - 1))
+        else:
+            w = w * (a[:, None] if attribute(node, "transB", 0) else a[None, :])
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        bias = numpy_helper.to_array(index.initializers[bias_name]).astype(np.float64) if bias_name else np.zeros(a.size)
+        bias = np.broadcast_to(bias, a.shape) * a + b
+        for slot, value, suffix in ((1, w, "w"), (2, bias, "b")):
+            new_name = f"{name}__vsonnx_{suffix}"
+            out.graph.initializer.append(numpy_helper.from_array(value.astype(weight.dtype), new_name))
+            while len(node.input) <= slot:
+                node.input.append("")
+            node.input[slot] = new_name
+    used = {i for n in out.graph.node for i in n.input} | {i.name for i in out.graph.input}
+    kept = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
+def validate(model: onnx.ModelProto) -> None:
+    """The onnx checker and an onnxruntime session must both accept a model before it is written."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise RuntimeError(f"vsonnx produced an invalid model (bug): {exc}") from None
+    make_session(model, device="cpu", optimize=False)
