@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_train_module():
     spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

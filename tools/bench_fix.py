@@ -20,10 +20,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vsonnx.calibrate import calibrate, working_copy  # noqa: E402
 from vsonnx.data import ArraySource, open_source  # noqa: E402
+from vsonnx.instrument import working_copy  # noqa: E402
+from vsonnx.methods import CALIBRATED, estimate  # noqa: E402
 from vsonnx.model import load_model  # noqa: E402
-from vsonnx.recalibrate import targets  # noqa: E402
+from vsonnx.rewrite import targets  # noqa: E402
 from vsonnx.runtime import make_session  # noqa: E402
 from vsonnx.sites import find_sites  # noqa: E402
 
@@ -67,12 +68,12 @@ def main() -> None:
     print(f"model {args.model.name}: {len(names)} BN re-estimated, {len(xs)} samples, batch {args.batch_size}, "
           f"provider {session.get_providers()[0]}")
     print(f"plain onnxruntime inference         {base:7.3f} s   1.00x")
-    for method in ("batch", "population", "relative"):
-        seconds = best_of(args.repeat, lambda: calibrate(model, source, names, method=method, batch_size=args.batch_size,
-                                                          device=args.device, threads=args.threads))
+    for method in CALIBRATED:
+        seconds = best_of(args.repeat, lambda: estimate(method, model, names, source, batch_size=args.batch_size,
+                                                         device=args.device, threads=args.threads))
         print(f"{'fix --method ' + method:35s} {seconds:7.3f} s   {seconds / base:.2f}x")
     if not args.no_data_free:
-        from vsonnx.synthesize import synthetic_statistics
+        from vsonnx.methods.synthesized import synthetic_statistics
 
         seconds = best_of(1, lambda: synthetic_statistics(model, names, device=args.device, seed=0))
         print(f"{'fix --data-free (torch)':35s} {seconds:7.3f} s   {seconds / base:.2f}x")

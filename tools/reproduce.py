@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 from vsonnx.accuracy import score_together  # noqa: E402
 from vsonnx.data import open_source  # noqa: E402
+from vsonnx.measure import measure_shift, median_prediction_error, plot_shift  # noqa: E402
+from vsonnx.methods import CALIBRATED, REGISTRY  # noqa: E402
+from vsonnx.methods.synthesized import DEFAULT_SAMPLES  # noqa: E402
 from vsonnx.model import load_model  # noqa: E402
-from vsonnx.recalibrate import fix  # noqa: E402
-from vsonnx.shift import measure_shift, median_prediction_error, plot_shift  # noqa: E402
+from vsonnx.recalibrate import FixOptions, fix_calibrated, fix_data_free, fix_named_sites  # noqa: E402
 from vsonnx.sites import find_sites  # noqa: E402
-from vsonnx.synthesize import DEFAULT_SAMPLES  # noqa: E402
 
 MODELS = ROOT / "models"
 CALIB_SAMPLES = 5000
@@ -53,19 +54,15 @@ def reproducible_command(train_card: dict, name: str) -> str:
     return " ".join(w for w in words if w not in ("--no-progress",))
 
 
-FIXES = ("batch", "population", "relative", "data-free", "data-free-closed-form")
+# Card key of every method of the registry that the cards measure (the data-free ones under their CLI name).
+CARD_NAMES = {**{m: m for m in CALIBRATED}, "synthesized": "data-free", "closed_form": "data-free-closed-form"}
+FIXES = tuple(CARD_NAMES.values())
 
 
-def measure(name: str, data: Path, threads: int | None, fixes: tuple[str, ...] = FIXES,
-            card: dict | None = None) -> dict:
-    """A model's card: accuracy as trained and after each of ``fixes``; given an existing ``card``, only
-    ``fixes`` are (re)measured into it."""
-    path = MODELS / f"{name}.onnx"
-    model = load_model(path)
+def new_card(name: str, report) -> dict:
+    """The facts of a card that come from training and the scan."""
     train_card = json.loads((MODELS / "train" / name / "card.json").read_text())
-    report = find_sites(model, str(path))
-    fresh = card is None
-    card = card or {
+    return {
         "name": name, "onnx": f"models/{name}.onnx", "arch": train_card["arch"], "depth": train_card["depth"],
         "dropout": train_card["dropout"], "dataset": train_card["dataset"], "seed": train_card["seed"],
         "epochs": train_card["epochs"], "train_wall_s": train_card["train_wall_s"],
@@ -76,44 +73,67 @@ def measure(name: str, data: Path, threads: int | None, fixes: tuple[str, ...] =
         "calibration": f"{CALIB_SAMPLES} shuffled training images (seed 0)",
         "evaluation": "all 10,000 test images",
     }
+
+
+def run_fixes(card: dict, path: Path, calib, fixes: tuple[str, ...], tmp: Path, threads: int | None) -> dict:
+    """Fix the model with every method whose card name is in ``fixes``; {card name: fixed model path}."""
+    paths = {}
+    for method, key in CARD_NAMES.items():
+        if key not in fixes:
+            continue
+        out = tmp / f"{card['name']}.{key}.onnx"
+        t0 = time.perf_counter()
+        if REGISTRY[method].needs_data:
+            result = fix_calibrated(path, calib, method, FixOptions(output=out, threads=threads))
+        else:
+            result = fix_data_free(path, FixOptions(output=out, device="cpu",
+                                                    synthetic=DEFAULT_SAMPLES if method == "synthesized" else 0))
+        if not result.written:
+            card[f"fix_{key}_note"] = result.message
+            continue
+        card[f"fix_{key}_s"] = round(time.perf_counter() - t0, 1)
+        card[f"recalibrated_{key}"] = len(result.batchnorms)
+        paths[key] = out
+    return paths
+
+
+def shift_plot(card: dict, path: Path, population_fixed: Path, data: Path, threads: int | None) -> None:
+    """The paper's Fig. 1 before and after the population fix, and its summary numbers."""
+    name, shift_data = card["name"], data / "train"
+    before = measure_shift(path, shift_data, limit=SHIFT_SAMPLES, seed=1, threads=threads)
+    after = measure_shift(population_fixed, shift_data, limit=SHIFT_SAMPLES, seed=1, threads=threads)
+    plot_shift([before, after], MODELS / f"{name}.shift.png", ["as trained", "after vsonnx fix (population)"])
+    card["shift_plot"] = f"{name}.shift.png"
+    card["median_site_shift_before"] = round(float(_median([b.shift_metric for b in before.sites])), 4)
+    card["median_site_shift_after"] = round(float(_median([b.shift_metric for b in after.sites])), 4)
+    error = median_prediction_error(before)
+    card["median_prediction_error"] = None if error is None else round(error, 4)
+
+
+def measure(name: str, data: Path, threads: int | None, fixes: tuple[str, ...] = FIXES,
+            card: dict | None = None) -> dict:
+    """A model's card: accuracy as trained and after each of ``fixes``; given an existing ``card``, only
+    ``fixes`` are (re)measured into it."""
+    path = MODELS / f"{name}.onnx"
+    model = load_model(path)
+    report = find_sites(model, str(path))
+    fresh = card is None
+    card = card or new_card(name, report)
     calib = open_source(data / "train", model, shuffle=True, seed=0, limit=CALIB_SAMPLES)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"ort": path} if fresh else {}
-        for method in fixes:
-            if not report.sites:
-                continue
-            out = Path(tmp) / f"{name}.{method}.onnx"
-            t0 = time.perf_counter()
-            if method.startswith("data-free"):
-                result = fix(path, None, output=out, data_free=True, device="cpu",
-                             synthetic=0 if method.endswith("closed-form") else DEFAULT_SAMPLES)
-                if not result.written:
-                    card[f"fix_{method}_note"] = result.message
-                    continue
-            else:
-                result = fix(path, calib, output=out, method=method, threads=threads)
-            card[f"fix_{method}_s"] = round(time.perf_counter() - t0, 1)
-            card[f"recalibrated_{method}"] = len(result.batchnorms)
-            paths[method] = out
+        if report.sites:
+            paths.update(run_fixes(card, path, calib, fixes, Path(tmp), threads))
         if report.sites and "population" in fixes:
-            shift_data = data / "train"
-            before = measure_shift(path, shift_data, limit=SHIFT_SAMPLES, seed=1, threads=threads)
-            after = measure_shift(paths["population"], shift_data, limit=SHIFT_SAMPLES, seed=1, threads=threads)
-            plot_shift([before, after], MODELS / f"{name}.shift.png", ["as trained", "after vsonnx fix (population)"])
-            card["shift_plot"] = f"{name}.shift.png"
-            card["median_site_shift_before"] = round(float(_median([b.shift_metric for b in before.sites])), 4)
-            card["median_site_shift_after"] = round(float(_median([b.shift_metric for b in after.sites])), 4)
-            error = median_prediction_error(before)
-            card["median_prediction_error"] = None if error is None else round(error, 4)
+            shift_plot(card, path, paths["population"], data, threads)
         test = open_source(data / "test", model, shuffle=False)
         reports = score_together({k: load_model(p) for k, p in paths.items()}, test, device="cpu",
                                  threads=threads) if paths else {}
         for key, r in reports.items():
-            label = "ort_test_acc" if key == "ort" else f"ort_test_acc_fixed_{key}"
-            card[label] = round(r.top1, 2)
+            card["ort_test_acc" if key == "ort" else f"ort_test_acc_fixed_{key}"] = round(r.top1, 2)
             card["test_samples"] = r.samples
     card["fix_commands"] = [f"vsonnx fix models/{name}.onnx --calib ../shared/data/cifar10/train --limit {CALIB_SAMPLES} "
-                            f"--method {m} -o {name}.{m}.onnx" for m in ("batch", "population", "relative")]
+                            f"--method {m} -o {name}.{m}.onnx" for m in CALIBRATED]
     card["fix_commands"].append(f"vsonnx fix models/{name}.onnx --data-free -o {name}.data-free.onnx")
     card["fix_commands"].append(f"vsonnx fix models/{name}.onnx --data-free --synthetic 0 "
                                 f"-o {name}.data-free-closed-form.onnx")
@@ -164,7 +184,7 @@ def folded_experiment(card: dict, data: Path, threads: int | None) -> dict | Non
         calib = open_source(data / "train", load_model(stock), shuffle=True, seed=0, limit=CALIB_SAMPLES,
                             preprocess={"mean": pre["mean"], "std": pre["std"]})
         fixed = Path(tmp) / "stock.fixed.onnx"
-        result = fix(stock, calib, output=fixed, dropout_sites=sites, threads=threads)
+        result = fix_named_sites(stock, calib, sites, FixOptions(output=fixed, threads=threads))
         test = open_source(data / "test", load_model(stock), shuffle=False,
                            preprocess={"mean": pre["mean"], "std": pre["std"]})
         reports = score_together({"stock": load_model(stock), "fixed": load_model(fixed)}, test, device="cpu",

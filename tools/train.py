@@ -20,6 +20,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import vsonnx  # noqa: E402
 from vsonnx.datasets import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
 from vsonnx.nets import ARCHITECTURES, NOISES, PLACEMENTS, DropoutConfig, build  # noqa: E402
+from vsonnx.runtime import progress_bar  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,14 +131,27 @@ def evaluate(model, x, y, aug, batch, device, autocast) -> float:
     return 100.0 * correct / max(len(x), 1)
 
 
-def progress(msg: str, enabled: bool) -> None:
-    if enabled:
-        sys.stderr.write("\r" + msg[:160].ljust(80))
-        sys.stderr.flush()
+@dataclass
+class Run:
+    """Where and how this process trains: its rank in the job, its device and the precision switches."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    local_rank: int
+    device_kind: str
+    device: torch.device
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device_kind == "cuda" and self.args.channels_last
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_kind == "cuda" and self.args.bf16)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def start(args: argparse.Namespace) -> Run:
+    """Pick the device, join the distributed job (torchrun), seed, create the output folder."""
     device_kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     rank, world, local_rank = setup_distributed(device_kind)
     device = torch.device(f"cuda:{local_rank}" if device_kind == "cuda" else "cpu")
@@ -147,79 +162,61 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed + rank)
     args.out.mkdir(parents=True, exist_ok=True)
+    return Run(args, rank, world, local_rank, device_kind, device)
 
-    data = load_cifar(args.dataset, args.data, args.limit_train, args.limit_test)
-    train_x, train_y = (torch.from_numpy(a) for a in data["train"])
-    test_x, test_y = (torch.from_numpy(a) for a in data["test"])
-    num_classes = len(data["classes"])
-    if device_kind == "cuda":
-        train_x, test_x = train_x.to(device), test_x.to(device)
+
+def build_network(run: Run, num_classes: int):
+    """(model, net to train (DDP-wrapped when distributed), dropout config); same initial weights on every rank."""
+    args = run.args
     dropout = DropoutConfig(args.placement, args.dropout if args.placement != "none" else 0.0, args.noise)
     options = {"widen": args.widen, "cardinality": args.cardinality, "base_width": args.base_width,
                "growth": args.growth}
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = build(args.arch, args.depth, num_classes, dropout, **options).to(device)
-    use_cl = device_kind == "cuda" and args.channels_last
-    if use_cl:
+    torch.manual_seed(args.seed)
+    model = build(args.arch, args.depth, num_classes, dropout, **options).to(run.device)
+    if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if world > 1 and args.sync_bn:
-        if device_kind == "cuda":
+    if run.world > 1 and args.sync_bn:
+        if run.device_kind == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif rank == 0:
+        elif run.rank == 0:
             print("warning: --sync-bn ignored: SyncBatchNorm runs on CUDA only", file=sys.stderr)
     net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_kind == "cuda" else None)
+    if run.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.local_rank] if run.device_kind == "cuda" else None)
+    return model, net, dropout
+
+
+def make_optimizer(model, args) -> torch.optim.Optimizer:
+    """SGD with weight decay on weights of rank >= 2 only (not on BN parameters and biases)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
-    use_bf16 = device_kind == "cuda" and args.bf16
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
 
-    aug = GpuAugment(CIFAR_MEAN[args.dataset], CIFAR_STD[args.dataset], device)
-    sampler = torch.utils.data.DistributedSampler(range(len(train_x)), num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = math.ceil(len(sampler) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "world_size": world, "device_kind": device_kind, "num_classes": num_classes,
-              "dropout_config": dropout.to_dict(), "optimizer": "SGD", "loss": "cross-entropy",
-              "augmentation": "pad 4 + random crop 32, horizontal flip, per-channel normalisation",
-              "command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
-    start_epoch, history, elapsed = 0, [], 0.0
-    ckpt_path = args.out / "checkpoint.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, history, elapsed = ckpt["epoch"], ckpt["history"], ckpt["elapsed"]
-    if rank == 0:
-        (args.out / "config.json").write_text(json.dumps(config, indent=2))
-    show = rank == 0 and not args.no_progress and sys.stderr.isatty()
-    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        net.train()
-        sampler.set_epoch(epoch)
-        generator.manual_seed(args.seed * 1000 + rank * 100003 + epoch)
-        order = torch.tensor(list(iter(sampler)))
-        loss_sum, correct, seen = 0.0, 0, 0
+def train_epoch(run: Run, net, optimizer, aug, data, order, generator, epoch: int, steps_per_epoch: int) -> dict:
+    """One epoch over ``order`` (this rank's sample indices); returns the loss sum, hits and samples seen."""
+    args = run.args
+    train_x, train_y = data
+    total = steps_per_epoch * args.epochs
+    loss_sum, correct, seen = 0.0, 0, 0
+    show = run.rank == 0 and not args.no_progress
+    with progress_bar(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch, show, unit="step") as bar:
         for step in range(steps_per_epoch):
+            bar.update(1)
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             if len(idx) < 2:
                 continue
             xb = aug.train(train_x[idx.to(train_x.device)], generator)
-            yb = train_y[idx].to(device, non_blocking=True)
-            if use_cl:
+            yb = train_y[idx].to(run.device, non_blocking=True)
+            if run.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + step, total_steps, args)
-            with autocast():
+                group["lr"] = lr_at(epoch * steps_per_epoch + step, total, args)
+            with run.autocast():
                 logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
@@ -228,34 +225,84 @@ def main(argv=None) -> dict:
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(idx)
-            progress(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {loss_sum / seen:.3f}", show)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen}
+
+
+def run_config(run: Run, argv, num_classes: int, dropout) -> dict:
+    """Every choice of the run, as config.json records it."""
+    return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
+            "world_size": run.world, "device_kind": run.device_kind, "num_classes": num_classes,
+            "dropout_config": dropout.to_dict(), "optimizer": "SGD", "loss": "cross-entropy",
+            "augmentation": "pad 4 + random crop 32, horizontal flip, per-channel normalisation",
+            "command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    run = start(args)
+    data = load_cifar(args.dataset, args.data, args.limit_train, args.limit_test)
+    train_x, train_y = (torch.from_numpy(a) for a in data["train"])
+    test_x, test_y = (torch.from_numpy(a) for a in data["test"])
+    if run.device_kind == "cuda":
+        train_x, test_x = train_x.to(run.device), test_x.to(run.device)
+    model, net, dropout = build_network(run, len(data["classes"]))
+    optimizer = make_optimizer(model, args)
+    aug = GpuAugment(CIFAR_MEAN[args.dataset], CIFAR_STD[args.dataset], run.device)
+    sampler = torch.utils.data.DistributedSampler(range(len(train_x)), num_replicas=run.world, rank=run.rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    steps_per_epoch = math.ceil(len(sampler) / args.batch_size)
+    config = run_config(run, argv, len(data["classes"]), dropout)
+    start_epoch, history, elapsed = 0, [], 0.0
+    ckpt_path = args.out / "checkpoint.pt"
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=run.device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, history, elapsed = ckpt["epoch"], ckpt["history"], ckpt["elapsed"]
+    if run.rank == 0:
+        (args.out / "config.json").write_text(json.dumps(config, indent=2))
+    generator = torch.Generator().manual_seed(args.seed * 1000 + run.rank)
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        net.train()
+        sampler.set_epoch(epoch)
+        generator.manual_seed(args.seed * 1000 + run.rank * 100003 + epoch)
+        sums = train_epoch(run, net, optimizer, aug, (train_x, train_y), torch.tensor(list(iter(sampler))), generator,
+                           epoch, steps_per_epoch)
         elapsed += time.time() - t0
         test_acc = None
-        if rank == 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            test_acc = evaluate(model, test_x, test_y, aug, 512, device, autocast)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
-               "train_acc": 100.0 * correct / max(seen, 1), "test_acc": test_acc, "epoch_s": time.time() - t0}
-        history.append(row)
-        if rank == 0:
-            progress("", show)
-            print(json.dumps(row), flush=True)
+        if run.rank == 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            test_acc = evaluate(model, test_x, test_y, aug, 512, run.device, run.autocast)
+        history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                        "train_loss": sums["loss_sum"] / max(sums["seen"], 1),
+                        "train_acc": 100.0 * sums["correct"] / max(sums["seen"], 1), "test_acc": test_acc,
+                        "epoch_s": time.time() - t0})
+        if run.rank == 0:
+            print(json.dumps(history[-1]), flush=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                         "history": history, "elapsed": elapsed}, ckpt_path)
             write_logs(args.out, history)
-    result = {}
-    if rank == 0:
-        test_acc = evaluate(model, test_x, test_y, aug, 512, device, autocast)
-        result = {"pytorch_test_acc": test_acc, "train_wall_s": round(elapsed, 1), "epochs": args.epochs,
-                  "seed": args.seed, "command": config["command"], "arch": args.arch, "depth": args.depth,
-                  "dropout": dropout.to_dict(), "dataset": args.dataset, "test_samples": len(test_x),
-                  "train_samples": len(train_x), "device": str(device), "world_size": world}
-        if not args.no_export:
-            export_model(model, args, data["classes"], result)
-        (args.out / "card.json").write_text(json.dumps(result, indent=2))
-        (args.out / "card.md").write_text(card_markdown(result))
-    if world > 1:
+    result = finish(run, model, aug, (test_x, test_y), data, config, elapsed, dropout) if run.rank == 0 else {}
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    return result
+
+
+def finish(run: Run, model, aug, test, data, config: dict, elapsed: float, dropout) -> dict:
+    """Rank 0 after training: final test accuracy, export, card."""
+    args = run.args
+    test_x, test_y = test
+    result = {"pytorch_test_acc": evaluate(model, test_x, test_y, aug, 512, run.device, run.autocast),
+              "train_wall_s": round(elapsed, 1), "epochs": args.epochs, "seed": args.seed, "command": config["command"],
+              "arch": args.arch, "depth": args.depth, "dropout": dropout.to_dict(), "dataset": args.dataset,
+              "test_samples": len(test_x), "train_samples": len(data["train"][0]), "device": str(run.device),
+              "world_size": run.world}
+    if not args.no_export:
+        export_model(model, args, data["classes"], result)
+    (args.out / "card.json").write_text(json.dumps(result, indent=2))
+    (args.out / "card.md").write_text(card_markdown(result))
     return result
 
 

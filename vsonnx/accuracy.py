@@ -16,7 +16,7 @@ from .instrument import working_copy
 from .data import Source, check_finite, open_source
 from .errors import VsonnxError
 from .model import load_model
-from .runtime import make_session, run
+from .runtime import make_session, progress_bar, run
 
 
 @dataclass
@@ -76,22 +76,26 @@ def _open(model: onnx.ModelProto, data, limit, shuffle, seed, preprocess) -> Sou
 
 
 def evaluate(model, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
-             limit: int | None = None, shuffle: bool = True, seed: int = 0, preprocess: dict | None = None) -> EvalReport:
+             limit: int | None = None, shuffle: bool = True, seed: int = 0, preprocess: dict | None = None,
+             progress: bool = False) -> EvalReport:
     """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = "<memory>" if isinstance(model, onnx.ModelProto) else str(model)
     source = _open(proto, data, limit, shuffle, seed, preprocess)
-    return score_together({name: proto}, source, batch_size=batch_size, device=device, threads=threads)[name]
+    return score_together({name: proto}, source, batch_size=batch_size, device=device, threads=threads,
+                          progress=progress)[name]
 
 
 def score_together(models: dict[str, onnx.ModelProto], source: Source, *, batch_size: int = 256,
-                   device: str = "auto", threads: int | None = None) -> dict[str, EvalReport]:
+                   device: str = "auto", threads: int | None = None, progress: bool = False) -> dict[str, EvalReport]:
     """Evaluate several models on the same labelled batches (the data is decoded once)."""
     scorers = {name: Scorer(model, device, threads) for name, model in models.items()}
-    for batch in _labelled(source).batches(batch_size):
-        check_finite(batch, source)
-        for scorer in scorers.values():
-            scorer.run(batch.feeds, batch.labels)
+    with progress_bar("evaluating", source.size, progress) as bar:
+        for batch in _labelled(source).batches(batch_size):
+            check_finite(batch, source)
+            for scorer in scorers.values():
+                scorer.run(batch.feeds, batch.labels)
+            bar.update(len(batch))
     return {name: scorer.report(name) for name, scorer in scorers.items()}
 
 
@@ -120,7 +124,7 @@ class CompareReport:
 
 def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
             limit: int | None = None, shuffle: bool = True, seed: int = 0,
-            preprocess: dict | None = None) -> CompareReport:
+            preprocess: dict | None = None, progress: bool = False) -> CompareReport:
     """Evaluate two models on the same batches: accuracies, delta_top1 = b - a, prediction agreement (%),
     max |logit difference|. Preprocessing metadata is taken from model A."""
     a = load_model(model_a)
@@ -129,13 +133,15 @@ def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "aut
     sa, sb = Scorer(a, device, threads), Scorer(b, device, threads)
     agree = 0
     max_diff = 0.0
-    for batch in source.batches(batch_size):
-        check_finite(batch, source)
-        la, lb = sa.run(batch.feeds, batch.labels), sb.run(batch.feeds, batch.labels)
-        if la.shape != lb.shape:
-            raise VsonnxError(f"the models' outputs differ in shape ({la.shape} vs {lb.shape}).",
-                              "compare two versions of the same network.")
-        agree += int((la.argmax(1) == lb.argmax(1)).sum())
-        max_diff = max(max_diff, float(np.max(np.abs(la - lb))) if la.size else 0.0)
+    with progress_bar("comparing", source.size, progress) as bar:
+        for batch in source.batches(batch_size):
+            check_finite(batch, source)
+            la, lb = sa.run(batch.feeds, batch.labels), sb.run(batch.feeds, batch.labels)
+            if la.shape != lb.shape:
+                raise VsonnxError(f"the models' outputs differ in shape ({la.shape} vs {lb.shape}).",
+                                  "compare two versions of the same network.")
+            agree += int((la.argmax(1) == lb.argmax(1)).sum())
+            max_diff = max(max_diff, float(np.max(np.abs(la - lb))) if la.size else 0.0)
+            bar.update(len(batch))
     ra, rb = sa.report(str(model_a)), sb.report(str(model_b))
     return CompareReport(ra, rb, rb.top1 - ra.top1, 100.0 * agree / ra.samples, max_diff)

@@ -223,7 +223,8 @@ def eval_command(model, data, as_json, batch_size, limit, shuffle, seed, mean, s
     from .report import render_eval
 
     report = evaluate(model, data, batch_size=batch_size, device=device, threads=threads, limit=limit,
-                      shuffle=shuffle, seed=seed, preprocess=_preprocess(data, mean, std, size, layout, scale))
+                      shuffle=shuffle, seed=seed, preprocess=_preprocess(data, mean, std, size, layout, scale),
+                      progress=not as_json)
     _provider_line(report.provider)
     emit_json(report.to_dict()) if as_json else click.echo(render_eval([report]))
 
@@ -243,7 +244,7 @@ def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, m
 
     report = compare_models(model_a, model_b, data, batch_size=batch_size, device=device, threads=threads,
                             limit=limit, shuffle=shuffle, seed=seed,
-                            preprocess=_preprocess(data, mean, std, size, layout, scale))
+                            preprocess=_preprocess(data, mean, std, size, layout, scale), progress=not as_json)
     _provider_line(report.a.provider)
     emit_json(report.to_dict()) if as_json else click.echo(render_compare(report))
 

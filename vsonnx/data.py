@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .datasets import IMAGE_SUFFIXES, decode_rgb
+from .datasets import IMAGE_SUFFIXES, decode_rgb, image_folder_files
 from .errors import VsonnxError, warn
 from .model import get_metadata
 
@@ -143,14 +143,8 @@ def _order(n: int, shuffle: bool, seed: int, limit: int | None) -> np.ndarray:
 class ImageFolderSource(Source):
     def __init__(self, root: Path, inputs: list[InputSpec], pre: Preprocess, *, shuffle: bool, seed: int,
                  limit: int | None, workers: int = 4):
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        files, labels = [], []
+        files, labels, classes = image_folder_files(root)
         if classes:
-            for label, name in enumerate(classes):
-                for f in sorted((root / name).iterdir()):
-                    if f.suffix.lower() in IMAGE_SUFFIXES:
-                        files.append(f)
-                        labels.append(label)
             self.has_labels = True
         else:
             files = [f for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]

@@ -90,6 +90,6 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
             fixed["data-free"], seconds["data-free"] = out, round(report.seconds or 0.0, 2)
         names = {"original": model_path, **{f"fixed ({m})": p for m, p in fixed.items()}}
         results = list(score_together({name: load_model(path) for name, path in names.items()}, test,
-                                      device=device, threads=threads).values())
+                                      device=device, threads=threads, progress=progress).values())
     return DemoReport(str(model_path), len(scan.sites), len(scan.batchnorms), calib.size or 0, results, seconds,
                       notes)
