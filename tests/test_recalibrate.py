@@ -110,20 +110,72 @@ def test_refusals(case, reason):
     assert refusal(GraphIndex(model), node, info).startswith(reason)
 
 
-def test_val_writes_best_or_nothing(setup):
-    tmp, model_path = setup
-    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val", tmp / "val.npz", "--batch-size", 8, "--json")
+def ort_predictions(model, x):
+    """Independent reference: onnxruntime with graph optimisations off, numpy argmax."""
+    from vsonnx.runtime import make_session
+
+    session = make_session(model, device="cpu", optimize=False)
+    return session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1)
+
+
+@pytest.fixture
+def site_net(tmp_path):
+    """A small trained-like net whose fixes change predictions, calibration data and unlabelled val inputs."""
+    import torch
+
+    from nets_small import trained_like
+
+    vsonnx.export(trained_like(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
+    x = (np.random.default_rng(1).standard_normal((96, 3, 8, 8)) * 2 + 0.5).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:48])
+    np.savez(tmp_path / "val.npz", x=x[48:])
+    return tmp_path, tmp_path / "m.onnx"
+
+
+def test_val_writes_the_best_candidate_and_names_it(site_net):
+    """Labels = predictions of the relative fix: a candidate scores 100% and must be written; the report,
+    its method and the model's metadata name the candidate whose constants were written, and the written
+    model scores what the report says when evaluated independently."""
+    tmp, model_path = site_net
+    x = np.load(tmp / "val.npz")["x"]
+    relative = vsonnx.fix(model_path, tmp / "calib.npz", output=tmp / "r.onnx", method="relative", batch_size=8)
+    labels = ort_predictions(load_model(relative.output), x)
+    original_top1 = 100.0 * np.mean(ort_predictions(load_model(model_path), x) == labels)
+    assert original_top1 < 100  # the test is not vacuous: the fix changes some prediction
+    np.savez(tmp / "val_rel.npz", x=x, y=labels)
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val", tmp / "val_rel.npz", "--batch-size", 8,
+            "--method", "population", "--json")
     report = json.loads(r.output[r.output.index("{"):])
-    names = [c["name"] for c in report["candidates"]]
-    assert names[0] == "original" and {"batch", "population", "batch x0.5", "population x0.5"} <= set(names)
-    best = max(c["val_top1"] for c in report["candidates"])
-    original = report["candidates"][0]["val_top1"]
-    if report["written"]:
-        assert r.exit_code == 0 and best >= original
-    else:
-        assert r.exit_code == 1 and best == original
-    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val", tmp / "calib.npz", "--batch-size", 8)
+    assert r.exit_code == 0 and report["written"]
+    scores = {c["name"]: c["val_top1"] for c in report["candidates"]}
+    assert {"original", "batch", "population", "relative", "batch x0.5", "relative x0.5"} <= set(scores)
+    assert scores["original"] == pytest.approx(original_top1) and scores["relative"] == 100
+    assert scores[report["chosen"]] == 100 and report["method"] == report["chosen"]
+    assert get_metadata(load_model(report["output"]))["vsonnx.method"] == report["chosen"]
+    written = ort_predictions(load_model(report["output"]), x)
+    assert 100.0 * np.mean(written == labels) == 100
+
+
+def test_val_writes_nothing_when_the_original_is_best(site_net):
+    tmp, model_path = site_net
+    x = np.load(tmp / "val.npz")["x"]
+    np.savez(tmp / "val_orig.npz", x=x, y=ort_predictions(load_model(model_path), x))
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val", tmp / "val_orig.npz", "--batch-size", 8,
+            "-o", tmp / "out.onnx", "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 1 and not report["written"] and not (tmp / "out.onnx").exists()
+    assert report["candidates"][0] == {"name": "original", "val_top1": 100.0}
+    r = run("fix", model_path, "--calib", tmp / "val_orig.npz", "--val", tmp / "val_orig.npz", "--batch-size", 8)
     assert "validation data is the calibration data" in r.output
+
+
+def test_fix_json_schema(setup):
+    tmp, model_path = setup
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--batch-size", 8, "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    assert set(report) == {"schema_version", "model", "output", "written", "message", "method", "chosen", "samples",
+                           "provider", "seconds", "passes", "refused", "candidates", "batchnorms", "notes", "warnings"}
+    assert report["schema_version"] == 1 and report["chosen"] == report["method"] == "batch"
 
 
 def test_eval_and_compare(setup):

@@ -238,6 +238,33 @@ def _median(values):
     return statistics.median(v for v in values if v is not None)
 
 
+def table3_row(c: dict, twin: dict | None) -> str:
+    """One model's row of RESULTS.md: errors before and after each fix, gap closed, the paper's numbers."""
+    placement = c["dropout"]["placement"]
+    err = {k: round(100 - c[f"ort_test_acc{s}"], 2) for k, s in
+           (("before", ""), ("batch", "_fixed_batch"), ("population", "_fixed_population"),
+            ("relative", "_fixed_relative"), ("data-free", "_fixed_data-free"),
+            ("closed", "_fixed_data-free-closed-form"))
+           if f"ort_test_acc{s}" in c}
+    population_gain = err["before"] - err.get("population", err["before"])
+    relative = (f"{(err['before'] - err['data-free']) / population_gain:.0%}"
+                if population_gain > 0 and "data-free" in err else "- (population gains nothing)")
+    if twin is not None and err["before"] > 100 - twin["ort_test_acc"]:
+        gap = err["before"] - (100 - twin["ort_test_acc"])
+        closed = " / ".join(f"{(err['before'] - err[k]) / gap:+.0%}" if k in err else "-"
+                            for k in ("batch", "population", "relative", "data-free"))
+    else:
+        closed = "- (no no-dropout twin)" if twin is None else "- (no gap)"
+    paper = PAPER.get(c["arch"], {})
+    before, after = paper.get(placement, (None, None))
+    paper_gap = f"{(before - after) / (before - paper['none']):+.0%}" if before and before > paper["none"] else "-"
+    return (f"| {c['name']} | {placement} {c['dropout']['ratio']} | {err['before']:.2f} | {err.get('batch', '-')} | "
+            f"{err.get('population', '-')} | {err.get('relative', '-')} | {err.get('data-free', '-')} | "
+            f"{err.get('closed', '-')} | {closed} | "
+            f"{relative} | {paper.get('net', '-')} | "
+            f"{before} -> {after} | {paper_gap} |")
+
+
 def results(cards: list[dict]) -> str:
     """models/RESULTS.md: our test errors before/after next to the paper's Table 3."""
     twins = {c["arch"]: c for c in cards if c["dropout"]["placement"] == "none"}
@@ -245,34 +272,7 @@ def results(cards: list[dict]) -> str:
             "data-free, closed form | gap closed (batch / population / relative / data-free) | data-free gain / "
             "population gain | paper net | paper before -> Adjust | paper gap closed |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in cards:
-        placement = c["dropout"]["placement"]
-        if placement == "none":
-            continue
-        err = {k: round(100 - c[f"ort_test_acc{s}"], 2) for k, s in
-               (("before", ""), ("batch", "_fixed_batch"), ("population", "_fixed_population"),
-                ("relative", "_fixed_relative"), ("data-free", "_fixed_data-free"),
-                ("closed", "_fixed_data-free-closed-form"))
-               if f"ort_test_acc{s}" in c}
-        population_gain = err["before"] - err.get("population", err["before"])
-        relative = (f"{(err['before'] - err['data-free']) / population_gain:.0%}"
-                    if population_gain > 0 and "data-free" in err else "- (population gains nothing)")
-        twin = twins.get(c["arch"])
-        if twin is not None and err["before"] > 100 - twin["ort_test_acc"]:
-            gap = err["before"] - (100 - twin["ort_test_acc"])
-            closed = " / ".join(f"{(err['before'] - err[k]) / gap:+.0%}" if k in err else "-"
-                                for k in ("batch", "population", "relative", "data-free"))
-        else:
-            closed = "- (no no-dropout twin)" if twin is None else "- (no gap)"
-        paper = PAPER.get(c["arch"], {})
-        before, after = paper.get(placement, (None, None))
-        paper_gap = f"{(before - after) / (before - paper['none']):+.0%}" if before and before > paper["none"] else "-"
-        rows.append(
-            f"| {c['name']} | {placement} {c['dropout']['ratio']} | {err['before']:.2f} | {err.get('batch', '-')} | "
-            f"{err.get('population', '-')} | {err.get('relative', '-')} | {err.get('data-free', '-')} | "
-            f"{err.get('closed', '-')} | {closed} | "
-            f"{relative} | {paper.get('net', '-')} | "
-            f"{before} -> {after} | {paper_gap} |")
+    rows += [table3_row(c, twins.get(c["arch"])) for c in cards if c["dropout"]["placement"] != "none"]
     plots = [f"![{c['name']}]({c['shift_plot']})" for c in cards if "shift_plot" in c]
     folded = [f"| {c['name']} | {c['folded']['stock_ort_test_acc']:.2f} | {c['folded']['stock_fixed_ort_test_acc']:.2f} | "
               f"{c['folded']['vsonnx_export_population_fix']:.2f} | {c['folded']['difference_points']:+.2f} |"

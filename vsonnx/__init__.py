@@ -5,9 +5,9 @@ scan, fix, evaluate, compare, export.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
 __all__ = ["scan", "fix", "evaluate", "compare", "export", "VsonnxError", "__version__"]
 
+from ._version import __version__
 from .errors import VsonnxError
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from .data import open_source, replayable
 from .errors import VsonnxError, collected_warnings
 from .graph import GraphIndex

@@ -143,11 +143,23 @@ def export(
     onnx_model = onnx.load_from_string(buffer.getvalue())
     _untie_batchnorm_inputs(onnx_model)
 
+    set_metadata(onnx_model, _metadata(onnx_model, described, calls, preprocess, class_names, metadata))
+    onnx.checker.check_model(onnx_model)
+    if verify:
+        _verify(onnx_model, inputs, expected, input_names)
+    save_model(onnx_model, path)
+    return onnx_model
+
+
+def _metadata(onnx_model: onnx.ModelProto, described: dict, calls: list, preprocess: dict | None,
+              class_names: list[str] | None, metadata: dict | None) -> dict[str, str]:
+    """The ``vsonnx.*`` metadata entries: each Dropout node with its module (when the modules were called once
+    each, in graph order), the producer, preprocessing, class names and the caller's entries."""
+    import torch
+
     dropout_nodes = [n for n in onnx_model.graph.node if n.op_type == "Dropout"]
-    records = []
     if len(dropout_nodes) == len(calls):
-        for node, name in zip(dropout_nodes, calls):
-            records.append({"node": node.name, **described[name]})
+        records = [{"node": node.name, **described[name]} for node, name in zip(dropout_nodes, calls)]
     else:  # a module called a data-dependent number of times; keep the module list only
         records = list(described.values())
     entries = {
@@ -161,12 +173,7 @@ def export(
         entries["vsonnx.class_names"] = json.dumps(list(class_names))
     for key, value in (metadata or {}).items():
         entries[key if key.startswith("vsonnx.") else f"vsonnx.{key}"] = value if isinstance(value, str) else json.dumps(value)
-    set_metadata(onnx_model, entries)
-    onnx.checker.check_model(onnx_model)
-    if verify:
-        _verify(onnx_model, inputs, expected, input_names)
-    save_model(onnx_model, path)
-    return onnx_model
+    return entries
 
 
 def _verify(onnx_model, inputs, expected, input_names) -> None:
