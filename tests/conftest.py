@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
@@ -106,3 +107,25 @@ def cnn_with_sites(seed: int = 0, channels: int = 4, classes: int = 5) -> onnx.M
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+def run(*args):
+    """The CLI in-process; never a traceback."""
+    from vsonnx.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """(folder, model path): cnn_with_sites, calib.npz / val.npz (labelled, 32 each), nolabels.npy."""
+    model_path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 3, 8, 8)) + 0.3).astype(np.float32)
+    y = rng.integers(0, 5, 64)
+    np.savez(tmp_path / "calib.npz", x=x[:32], y=y[:32])
+    np.savez(tmp_path / "val.npz", x=x[32:], y=y[32:])
+    np.save(tmp_path / "nolabels.npy", x)
+    return tmp_path, model_path

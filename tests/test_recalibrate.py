@@ -2,36 +2,12 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 import vsonnx
-from vsonnx.stats import BnStatistics
-from vsonnx.cli import main
 from vsonnx.model import get_metadata, load_model
-from vsonnx.rewrite import RecalibrateBatchNorm, refusal
-from vsonnx.graph import GraphIndex
-from vsonnx.sites import find_sites
 
-from conftest import GraphBuilder, cnn_with_sites, save
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-@pytest.fixture
-def setup(tmp_path):
-    model_path = save(cnn_with_sites(), tmp_path / "m.onnx")
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((64, 3, 8, 8)) + 0.3).astype(np.float32)
-    y = rng.integers(0, 5, 64)
-    np.savez(tmp_path / "calib.npz", x=x[:32], y=y[:32])
-    np.savez(tmp_path / "val.npz", x=x[32:], y=y[32:])
-    np.save(tmp_path / "nolabels.npy", x)
-    return tmp_path, model_path
+from conftest import GraphBuilder, cnn_with_sites, run, save
 
 
 def initializer(model, name):
@@ -71,43 +47,6 @@ def test_fixed_model_reproduces_population_statistics_in_ort(setup):
     for name in ("bn_direct", "bn_weight"):
         np.testing.assert_allclose(initializer(fixed, f"{name}_var"), again.statistics[name].var, rtol=1e-5)
         np.testing.assert_allclose(initializer(fixed, f"{name}_mean"), again.statistics[name].mean, rtol=1e-5, atol=1e-6)
-
-
-def test_shared_initializer_is_copied_and_apply_is_idempotent():
-    g = GraphBuilder()
-    h = g.dropout("x", 0.5, "d")
-    h = g.bn(h, 3, "bn1")
-    out = g.node("BatchNormalization", [h, "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], "bn2")
-    model = g.build(out)
-    stats = BnStatistics("bn1", np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0]), 10)
-    original = initializer(model, "bn1_mean").copy()
-    rewrite = RecalibrateBatchNorm(model)
-    assert rewrite.apply("bn1", stats) is True
-    index = GraphIndex(model)
-    bn1, bn2 = (next(n for n in model.graph.node if n.name == k) for k in ("bn1", "bn2"))
-    assert bn2.input[3] == "bn1_mean" and bn1.input[3] != "bn1_mean"  # bn1 got its own copy
-    np.testing.assert_array_equal(index.constant("bn1_mean"), original)  # the shared one is untouched
-    np.testing.assert_array_equal(index.constant(bn1.input[3]), stats.mean.astype(np.float32))
-    np.testing.assert_array_equal(index.constant(bn1.input[4]), stats.var.astype(np.float32))
-    assert rewrite.apply("bn1", stats) is False
-
-
-@pytest.mark.parametrize("case,reason", [("not_initializer", "1:"), ("training", "2:")])
-def test_refusals(case, reason):
-    g = GraphBuilder()
-    h = g.dropout("x", 0.5, "d")
-    if case == "not_initializer":
-        scale = g.init("s", np.ones(3, np.float32))
-        bias = g.init("b", np.zeros(3, np.float32))
-        mean = g.node("Constant", [], "mc", value=numpy_helper.from_array(np.zeros(3, np.float32)))
-        var = g.init("v", np.ones(3, np.float32))
-        out = g.node("BatchNormalization", [h, scale, bias, mean, var], "bn")
-    else:
-        out = g.bn(h, 3, "bn", training_mode=1)
-    model = g.build(out)
-    info = find_sites(model).batchnorms[0]
-    node = next(n for n in model.graph.node if n.name == "bn")
-    assert refusal(GraphIndex(model), node, info).startswith(reason)
 
 
 def ort_predictions(model, x):
@@ -176,26 +115,6 @@ def test_fix_json_schema(setup):
     assert set(report) == {"schema_version", "model", "output", "written", "message", "method", "chosen", "samples",
                            "provider", "seconds", "passes", "refused", "candidates", "batchnorms", "notes", "warnings"}
     assert report["schema_version"] == 1 and report["chosen"] == report["method"] == "batch"
-
-
-def test_eval_and_compare(setup):
-    tmp, model_path = setup
-    r = run("eval", model_path, "--data", tmp / "val.npz", "--json")
-    d = json.loads(r.output[r.output.index("{"):])
-    assert r.exit_code == 0 and d["samples"] == 32 and set(d) == {"model", "samples", "top1", "top5", "provider",
-                                                                   "images_per_s"}
-    r = run("compare", model_path, model_path, "--data", tmp / "val.npz", "--json")
-    d = json.loads(r.output[r.output.index("{"):])
-    assert d["delta_top1"] == 0 and d["agreement"] == 100 and d["max_abs_diff"] == 0
-
-
-def test_eval_matches_numpy_argmax(setup):
-    tmp, model_path = setup
-    import onnxruntime as ort
-    z = np.load(tmp / "val.npz")
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    expected = 100 * np.mean(session.run(None, {"x": z["x"]})[0].argmax(1) == z["y"])
-    assert vsonnx.evaluate(model_path, tmp / "val.npz", batch_size=5).top1 == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import vsonnx
 from vsonnx.cli import main

@@ -1,7 +1,6 @@
 import importlib.util
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -56,24 +55,6 @@ def test_training_smoke_run_writes_model_and_card(tmp_path):
     assert len(json.loads((out / "log.json").read_text())) == 3 and resumed["epochs"] == 3
 
 
-def test_python_release_loader(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 4))}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
-    data = load_cifar("cifar10", tmp_path)
-    assert data["train"][0].shape == (20, 32, 32, 3) and data["test"][0].shape == (4, 32, 32, 3)
-    with open(folder / "data_batch_1", "rb") as f:
-        raw = pickle.load(f)[b"data"][0]
-    np.testing.assert_array_equal(data["train"][0][0], raw.reshape(3, 32, 32).transpose(1, 2, 0))
-    assert data["classes"][3] == "c3"
-
-
 def test_missing_data_names_the_flag(tmp_path):
     import vsonnx
     with pytest.raises(vsonnx.VsonnxError, match="--data"):
@@ -101,24 +82,3 @@ def test_train_script_user_error_has_no_traceback(tmp_path):
     assert proc.returncode == 3 and "--data" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_download_is_verified_before_use(tmp_path, monkeypatch):
-    """A corrupted or foreign archive is rejected by its MD5 and removed, never unpickled."""
-    import urllib.request
-
-    from vsonnx import VsonnxError, datasets
-
-    def fake_download(url, target):
-        Path(target).write_bytes(b"not the CIFAR archive")
-
-    monkeypatch.setattr(urllib.request, "urlretrieve", fake_download)
-    with pytest.raises(VsonnxError, match="MD5"):
-        datasets.download_release("cifar10", tmp_path)
-    assert not (tmp_path / "cifar-10-python.tar.gz").exists()
-
-    def offline(url, target):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
-    with pytest.raises(VsonnxError, match="could not be downloaded") as info:
-        datasets.download_release("cifar10", tmp_path)
-    assert "--data" in info.value.hint

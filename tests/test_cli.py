@@ -1,21 +1,9 @@
+"""The command line: help, scan output, user errors as exit 3 with Error/Hint and no traceback."""
 import json
-import os
 
-import onnx
 import pytest
-from click.testing import CliRunner
 
-from vsonnx.cli import main
-from vsonnx.errors import VsonnxError
-from vsonnx.model import get_metadata, load_model, max_ir_version, save_model
-
-from conftest import cnn_with_sites, save
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    return result
+from conftest import cnn_with_sites, run, save
 
 
 @pytest.fixture
@@ -74,42 +62,6 @@ def test_unsupported_ir_exit_3(tmp_path):
     assert run("scan", path).exit_code == 3
 
 
-def test_save_is_atomic_keeps_metadata_and_lowers_ir(tmp_path):
-    model = cnn_with_sites()
-    model.ir_version = onnx.IR_VERSION
-    onnx.helper.set_model_props(model, {"author": "me"})
-    out = save_model(model, tmp_path / "o.onnx", provenance={"method": "test"})
-    loaded = load_model(out)
-    meta = get_metadata(loaded)
-    assert meta["author"] == "me" and meta["vsonnx.method"] == "test"
-    assert loaded.ir_version <= max_ir_version()
-    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
-
-
-def test_save_refuses_to_overwrite_input_unless_in_place(tmp_path, model_file):
-    before = open(model_file, "rb").read()
-    with pytest.raises(VsonnxError, match="never overwrites"):
-        save_model(load_model(model_file), model_file, input_path=model_file)
-    assert open(model_file, "rb").read() == before
-    save_model(load_model(model_file), model_file, input_path=model_file, in_place=True)
-
-
-def test_external_data_model_loads(tmp_path):
-    model = cnn_with_sites()
-    path = tmp_path / "ext.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="ext.data", size_threshold=0)
-    assert (tmp_path / "ext.data").exists()
-    loaded = load_model(path)
-    assert len(loaded.graph.initializer) == len(model.graph.initializer)
-    assert run("scan", path).exit_code == 0
-
-
-def test_save_refuses_missing_output_folder(tmp_path):
-    with pytest.raises(VsonnxError, match="does not exist"):
-        save_model(cnn_with_sites(), tmp_path / "nope" / "o.onnx")
-
-
 def test_python_dash_m_and_fast_help():
     import subprocess
     import sys
@@ -118,3 +70,4 @@ def test_python_dash_m_and_fast_help():
                           text=True, timeout=60)
     assert proc.returncode == 0 and "scan" in proc.stdout
     assert "onnxruntime" not in proc.stderr and "torch" not in proc.stderr  # heavy imports stay lazy
+

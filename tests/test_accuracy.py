@@ -1,0 +1,30 @@
+"""eval / compare: accuracies against numpy argmax of onnxruntime outputs, agreement of a model with itself."""
+import json
+
+import numpy as np
+import pytest
+
+import vsonnx
+
+from conftest import run
+
+
+def test_eval_and_compare(setup):
+    tmp, model_path = setup
+    r = run("eval", model_path, "--data", tmp / "val.npz", "--json")
+    d = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and d["samples"] == 32 and set(d) == {"model", "samples", "top1", "top5", "provider",
+                                                                   "images_per_s"}
+    r = run("compare", model_path, model_path, "--data", tmp / "val.npz", "--json")
+    d = json.loads(r.output[r.output.index("{"):])
+    assert d["delta_top1"] == 0 and d["agreement"] == 100 and d["max_abs_diff"] == 0
+
+
+def test_eval_matches_numpy_argmax(setup):
+    tmp, model_path = setup
+    import onnxruntime as ort
+    z = np.load(tmp / "val.npz")
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    expected = 100 * np.mean(session.run(None, {"x": z["x"]})[0].argmax(1) == z["y"])
+    assert vsonnx.evaluate(model_path, tmp / "val.npz", batch_size=5).top1 == pytest.approx(expected)
+

@@ -1,0 +1,86 @@
+"""Working copies (onnx-graphsurgeon edits): dropout really off, dropout really simulated, statistic taps
+equal to numpy moments, named dropout insertion, BN levels, what a round trip keeps."""
+import numpy as np
+import pytest
+
+from vsonnx.data import ArraySource
+from vsonnx.instrument import (activate_dropouts, bn_levels, bn_tap, insert_dropouts, measure_moments,
+                               to_model, working_copy, working_graph)
+from vsonnx.graph import GraphIndex, tensor_shapes
+from vsonnx.model import get_metadata, set_metadata
+from vsonnx.runtime import make_session
+
+from conftest import GraphBuilder, cnn_with_sites
+
+X = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32) + 1.0
+
+
+def outputs(model, x=X):
+    session = make_session(model, device="cpu", optimize=False)  # optimisations would remove Dropout
+    return session.run(None, {"x": x})[0]
+
+
+def dropout_model(training: bool):
+    g = GraphBuilder()
+    r, t = g.init("r", np.array(0.5, np.float32)), g.init("t", np.array(training))
+    return g.build(g.node("Dropout", ["x", r, t], "d"))
+
+
+def test_working_copy_switches_dropout_off():
+    model = dropout_model(training=True)
+    assert not np.array_equal(outputs(model), X)  # the model as given drops values
+    np.testing.assert_array_equal(outputs(working_copy(model)), X)
+
+
+def test_activated_dropout_drops_and_rescales():
+    model = dropout_model(training=False)
+    graph = working_graph(model, keep_dropout_modes=True)
+    activate_dropouts(graph, opset=17, seed=3)
+    y = outputs(to_model(graph, model))
+    kept = y != 0
+    assert abs(kept.mean() - 0.5) < 0.03  # 2,048 values: 3 standard deviations of the kept fraction
+    np.testing.assert_allclose(y[kept], 2 * X[kept], rtol=1e-6)
+
+
+def test_tap_moments_equal_numpy():
+    """A BN right behind a dropout: with dropout off its input is x itself, so the tap measures x."""
+    g = GraphBuilder()
+    model = g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn"))
+    index = GraphIndex(model)
+    tap = bn_tap(index, index.by_name["bn"], tensor_shapes(working_copy(model)))
+    moments, samples, batches, _ = measure_moments(model, ArraySource.from_arrays(model, X, None, shuffle=False),
+                                                   {"bn": tap}, batch_size=5, device="cpu")
+    assert (samples, batches) == (16, 4)
+    flat = X.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(moments["bn"].mean, flat.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(moments["bn"].var, flat.var(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_insert_dropouts_at_a_named_tensor(training):
+    g = GraphBuilder()
+    h = g.node("Relu", ["x"], "relu")
+    model = g.build(g.node("Identity", [h], "out"))
+    with_dropout = insert_dropouts(model, {"relu_out": 0.5}, training=training)
+    assert [n.op_type for n in with_dropout.graph.node] == ["Relu", "Dropout", "Identity"]
+    y, reference = outputs(with_dropout), np.maximum(X, 0)
+    if training:
+        assert 0.3 < np.mean(y[reference > 0] == 0) < 0.7
+    else:
+        np.testing.assert_array_equal(y, reference)
+
+
+def test_levels_count_recalibrated_bns_upstream():
+    model = cnn_with_sites()
+    assert bn_levels(model, ["bn_direct", "bn_weight"]) == {"bn_direct": 0, "bn_weight": 1}
+    assert bn_levels(model, ["bn_weight"]) == {"bn_weight": 0}
+
+
+def test_round_trip_keeps_opsets_and_model_metadata():
+    model = cnn_with_sites()
+    set_metadata(model, {"vsonnx.preprocess": "{}"})
+    copy = working_copy(model)
+    assert get_metadata(copy) == {"vsonnx.preprocess": "{}"}
+    assert list(copy.opset_import) == list(model.opset_import)
+    assert copy.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "vsonnx_batch"
+    np.testing.assert_allclose(outputs(copy), outputs(model), rtol=1e-6)

@@ -1,0 +1,101 @@
+"""The rewrite pass (find -> check -> apply): refusals by number, shared initializers, idempotence,
+folded-layer corrections against numpy, and scan showing what fix would do."""
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from vsonnx.graph import GraphIndex
+from vsonnx.sites import find_sites
+from vsonnx.stats import BnStatistics
+from vsonnx.rewrite import RecalibrateBatchNorm, refusal
+
+from conftest import GraphBuilder
+
+
+def initializer(model, name):
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def test_shared_initializer_is_copied_and_apply_is_idempotent():
+    g = GraphBuilder()
+    h = g.dropout("x", 0.5, "d")
+    h = g.bn(h, 3, "bn1")
+    out = g.node("BatchNormalization", [h, "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], "bn2")
+    model = g.build(out)
+    stats = BnStatistics("bn1", np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0]), 10)
+    original = initializer(model, "bn1_mean").copy()
+    rewrite = RecalibrateBatchNorm(model)
+    assert rewrite.apply("bn1", stats) is True
+    index = GraphIndex(model)
+    bn1, bn2 = (next(n for n in model.graph.node if n.name == k) for k in ("bn1", "bn2"))
+    assert bn2.input[3] == "bn1_mean" and bn1.input[3] != "bn1_mean"  # bn1 got its own copy
+    np.testing.assert_array_equal(index.constant("bn1_mean"), original)  # the shared one is untouched
+    np.testing.assert_array_equal(index.constant(bn1.input[3]), stats.mean.astype(np.float32))
+    np.testing.assert_array_equal(index.constant(bn1.input[4]), stats.var.astype(np.float32))
+    assert rewrite.apply("bn1", stats) is False
+
+
+@pytest.mark.parametrize("case,reason", [("not_initializer", "1:"), ("training", "2:")])
+def test_refusals(case, reason):
+    g = GraphBuilder()
+    h = g.dropout("x", 0.5, "d")
+    if case == "not_initializer":
+        scale = g.init("s", np.ones(3, np.float32))
+        bias = g.init("b", np.zeros(3, np.float32))
+        mean = g.node("Constant", [], "mc", value=numpy_helper.from_array(np.zeros(3, np.float32)))
+        var = g.init("v", np.ones(3, np.float32))
+        out = g.node("BatchNormalization", [h, scale, bias, mean, var], "bn")
+    else:
+        out = g.bn(h, 3, "bn", training_mode=1)
+    model = g.build(out)
+    info = find_sites(model).batchnorms[0]
+    node = next(n for n in model.graph.node if n.name == "bn")
+    assert refusal(GraphIndex(model), node, info).startswith(reason)
+
+
+
+def test_scan_shows_the_refusal_fix_would_make():
+    """What scan reports per BN is exactly what the rewrite pass checks (plan = find + check)."""
+    from vsonnx.measure import scan
+    from vsonnx.rewrite import plan
+
+    g = GraphBuilder()
+    h = g.bn(g.dropout("x", 0.5, "d"), 3, "bn_ok")
+    h = g.bn(h, 3, "bn_train", training_mode=1)
+    model = g.build(h)
+    decisions = {d.name: d.refusal for d in plan(model, find_sites(model), "sites")}
+    assert decisions["bn_ok"] is None and decisions["bn_train"].startswith("2:")
+    rows = {b.name: b.fix for b in scan(model).batchnorms}
+    assert rows == {"bn_ok": "recalibrate", "bn_train": f"refused: {decisions['bn_train']}"}
+
+
+def test_refusal_3_when_no_statistics_were_measured():
+    g = GraphBuilder()
+    model = g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn"))
+    info = find_sites(model).batchnorms[0]
+    assert refusal(GraphIndex(model), model.graph.node[-1], info, stats={}).startswith("3:")
+    with pytest.raises(Exception, match="refusal 3"):
+        RecalibrateBatchNorm(model).apply("bn", None)
+
+
+def test_affine_correction_of_a_folded_conv_matches_numpy():
+    from vsonnx.rewrite import apply_affine
+    from vsonnx.runtime import make_session
+
+    g = GraphBuilder()
+    conv = g.conv("x", 3, 4, name="conv")
+    model = g.build(conv)
+    model.graph.node[0].input.append(g.init("conv_b", np.array([0.1, -0.2, 0.3, 0.0], np.float32)))
+    model.graph.initializer.append(g.inits[-1])
+    a, b = np.array([0.5, 2.0, 1.0, 1.5]), np.array([1.0, 0.0, -1.0, 0.25])
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+
+    def run(m):
+        return make_session(m, device="cpu", optimize=False).run(None, {"x": x})[0]
+
+    expected = run(model) * a.reshape(1, -1, 1, 1) + b.reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(run(apply_affine(model, {"conv": (a, b)})), expected, rtol=1e-5, atol=1e-5)
+    relu = GraphBuilder()
+    relu_model = relu.build(relu.node("Relu", ["x"], "r"))
+    with pytest.raises(Exception, match="only Conv and Gemm"):
+        apply_affine(relu_model, {"r": (a, b)})

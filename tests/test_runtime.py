@@ -1,0 +1,64 @@
+"""onnxruntime sessions and passes: counts, the empty-source error, failures as user errors, quiet progress."""
+import numpy as np
+import pytest
+
+from vsonnx.data import ArraySource, Source
+from vsonnx.errors import VsonnxError
+from vsonnx.runtime import cuda_works, make_session, progress_bar, resolve_device, run, run_pass
+
+from conftest import GraphBuilder
+
+
+def relu_model():
+    g = GraphBuilder()
+    return g.build(g.node("Relu", ["x"], "r"))
+
+
+def test_run_pass_streams_every_batch():
+    model = relu_model()
+    x = np.random.default_rng(0).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    session = make_session(model, device="cpu")
+    seen = []
+    samples, batches = run_pass(session, ArraySource.from_arrays(model, x, None, shuffle=False), 4, ["r_out"],
+                                "test", False, lambda b, n, got: seen.append((b, n, got["r_out"].shape[0])))
+    assert (samples, batches) == (10, 3) and seen == [(0, 4, 4), (1, 4, 4), (2, 2, 2)]
+
+
+def test_empty_source_is_a_user_error():
+    model = relu_model()
+    class Empty(Source):  # a reader that yields nothing
+        has_labels, spec, size = False, "empty reader", None
+
+        def batches(self, batch_size):
+            return iter(())
+
+    empty = Empty()
+    with pytest.raises(VsonnxError, match="yielded no samples"):
+        run_pass(make_session(model, device="cpu"), empty, 4, ["r_out"], "test", False, lambda *a: None)
+
+
+def test_runtime_failures_are_user_errors():
+    model = relu_model()
+    with pytest.raises(VsonnxError, match="onnxruntime failed on a batch") as info:
+        run(make_session(model, device="cpu"), None, {"x": np.zeros((2, 3), np.float32)})
+    assert "--batch-size" in info.value.hint
+    model.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(VsonnxError, match="cannot load the model"):
+        make_session(model, device="cpu")
+
+
+def test_devices():
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(VsonnxError, match="unknown device"):
+        resolve_device("tpu")
+    if not cuda_works():
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(VsonnxError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_progress_is_quiet_when_not_asked_or_not_a_terminal():
+    with progress_bar("x", 10, enabled=False) as bar:
+        assert bar.disable
+    with progress_bar("x", 10, enabled=True) as bar:  # pytest captures stderr: not a terminal
+        assert bar.disable
