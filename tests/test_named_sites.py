@@ -18,17 +18,19 @@ from vsonnx.named_sites import inside_folded, parse_dropout_specs, resolve_sites
 from conftest import GraphBuilder, save
 
 
-class PlacementB(nn.Module):
-    """conv - BN - ReLU - Dropout - conv - BN - ReLU - pool - fc: the second BN is a weight site, and a stock
-    export folds both BNs into the convs."""
+class TwoConvNet(nn.Module):
+    """conv - BN - ReLU - Dropout - conv - BN - ReLU - pool - fc (placement "b": the second BN is a weight
+    site), or conv - Dropout - BN - ReLU - conv - BN - ReLU - pool - fc (placement "a", convs without bias).
+    A stock export folds both BNs into the convs, in placement a the one that followed the dropout too."""
 
-    def __init__(self):
+    def __init__(self, placement: str = "b"):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.placement = placement
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=placement == "b")
         self.bn1 = nn.BatchNorm2d(6)
         self.relu1 = nn.ReLU()
         self.drop = nn.Dropout(0.5)
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=placement == "b")
         self.bn2 = nn.BatchNorm2d(6)
         self.relu2 = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -36,15 +38,19 @@ class PlacementB(nn.Module):
         self.fc = nn.Linear(6, 4)
 
     def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(self.drop(x))))
+        if self.placement == "a":
+            x = self.relu1(self.bn1(self.drop(self.conv1(x))))
+            x = self.relu2(self.bn2(self.conv2(x)))
+        else:
+            x = self.relu1(self.bn1(self.conv1(x)))
+            x = self.relu2(self.bn2(self.conv2(self.drop(x))))
         return self.fc(self.flatten(self.pool(x)))
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stripped")
-    export_both_ways(PlacementB, tmp)
+    export_both_ways(TwoConvNet, tmp)
     return tmp
 
 
@@ -139,33 +145,10 @@ def test_scan_with_named_sites(exports):
     assert "named site" in r.output and "would correct 1 folded weight layer" in r.output
 
 
-class PlacementA(nn.Module):
-    """conv - Dropout - BN - ReLU - conv - BN - ReLU - pool - fc: a stock export folds the BN that followed
-    the dropout into the conv before it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.drop = nn.Dropout(0.5)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x):
-        x = self.relu1(self.bn1(self.drop(self.conv1(x))))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        return self.fc(self.flatten(self.pool(x)))
-
-
 def test_folded_placement_a_matches_unfolded_fix(tmp_path):
     """Dropout between a conv and the BN folded into it: named by the conv's output tensor, simulated
     before the folded bias; the fixed stock export agrees with the fixed vsonnx export."""
-    xs = export_both_ways(PlacementA, tmp_path)
+    xs = export_both_ways(lambda: TwoConvNet("a"), tmp_path)
     stock = load_model(tmp_path / "stock.onnx")
     assert not any(n.op_type == "BatchNormalization" for n in stock.graph.node)
     conv1 = next(n for n in stock.graph.node if n.op_type == "Conv")

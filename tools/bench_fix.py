@@ -38,6 +38,16 @@ def best_of(repeat: int, fn) -> float:
     return min(times)
 
 
+def load_samples(model_path: Path, data: str, samples: int):
+    """(model, its first ``samples`` images of ``data`` decoded into memory as a source, the BNs fix would
+    estimate): every timing then measures onnxruntime and vsonnx, not JPEG decoding."""
+    model = load_model(model_path)
+    decoded = open_source(data, model, limit=samples, seed=0)
+    xs = np.concatenate([b.feeds[next(iter(b.feeds))] for b in decoded.batches(512)])
+    names = [b.name for b in targets(find_sites(model).batchnorms, "sites")]
+    return model, ArraySource.from_arrays(model, xs, None, shuffle=False), names
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "preresnet20-a05.onnx")
@@ -50,11 +60,7 @@ def main() -> None:
     p.add_argument("--no-data-free", action="store_true", help="skip timing the data-free synthesis")
     args = p.parse_args()
 
-    model = load_model(args.model)
-    decoded = open_source(args.data, model, limit=args.samples, seed=0)
-    xs = np.concatenate([b.feeds[next(iter(b.feeds))] for b in decoded.batches(512)])
-    source = ArraySource.from_arrays(model, xs, None, shuffle=False)
-    names = [b.name for b in targets(find_sites(model).batchnorms, "sites")]
+    model, source, names = load_samples(args.model, args.data, args.samples)
 
     session = make_session(working_copy(model), device=args.device, threads=args.threads)
     out = session.get_outputs()[0].name
@@ -65,7 +71,7 @@ def main() -> None:
 
     infer()  # warm-up
     base = best_of(args.repeat, infer)
-    print(f"model {args.model.name}: {len(names)} BN re-estimated, {len(xs)} samples, batch {args.batch_size}, "
+    print(f"model {args.model.name}: {len(names)} BN re-estimated, {source.size} samples, batch {args.batch_size}, "
           f"provider {session.get_providers()[0]}")
     print(f"plain onnxruntime inference         {base:7.3f} s   1.00x")
     for method in CALIBRATED:

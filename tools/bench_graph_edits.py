@@ -15,17 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vsonnx.data import ArraySource, open_source  # noqa: E402
+from bench_fix import load_samples  # noqa: E402  (tools/ is on the path when run as a script)
 from vsonnx.methods import CALIBRATED, estimate  # noqa: E402
-from vsonnx.model import load_model  # noqa: E402
-from vsonnx.rewrite import targets  # noqa: E402
-from vsonnx.sites import find_sites  # noqa: E402
 
 
 class Timer:
@@ -54,15 +50,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
-    model = load_model(args.model)
-    decoded = open_source(args.data, model, limit=args.samples, seed=0)
-    xs = np.concatenate([b.feeds[next(iter(b.feeds))] for b in decoded.batches(512)])
-    source = ArraySource.from_arrays(model, xs, None, shuffle=False)
-    names = [b.name for b in targets(find_sites(model).batchnorms, "sites")]
+    model, source, names = load_samples(args.model, args.data, args.samples)
     timer = Timer()
     for owner, name in ((gs, "import_onnx"), (gs, "export_onnx"), (gs.Graph, "cleanup"), (gs.Graph, "toposort")):
         timer.wrap(owner, name)
-    print(f"model {args.model.name}: {len(model.graph.node)} nodes, {len(names)} BN in scope, {len(xs)} samples")
+    print(f"model {args.model.name}: {len(model.graph.node)} nodes, {len(names)} BN in scope, {source.size} samples")
     for method in CALIBRATED:
         timer.seconds = 0.0
         t0 = time.perf_counter()
