@@ -15,6 +15,7 @@ import numpy as np
 from ..data import replayable
 from ..graph import GraphIndex, tensor_shapes
 from ..instrument import bn_levels, bn_tap, insert_dropouts, measure_moments, tensor_tap, working_copy
+from .population import measure_levels
 from ..named_sites import folded_layers, inside_folded
 from ..rewrite import apply_affine, targets
 from ..sites import find_sites
@@ -22,10 +23,20 @@ from ..stats import BnStatistics, CalibrationResult
 from . import EstimateRequest
 
 
+def _training_moments(request: EstimateRequest, source, folded: list[str], index: GraphIndex, shapes) -> dict:
+    """Output moments of the folded layers with the dropouts simulated in training mode (original constants)."""
+    sites = request.options["sites"]
+    simulated = insert_dropouts(request.model, sites, training=True, before_bias=inside_folded(request.model, sites))
+    taps = {f: tensor_tap(index.by_name[f].output[0], shapes) for f in folded}
+    moments, *_ = measure_moments(simulated, source, taps, batch_size=request.batch_size, device=request.device,
+                                  threads=request.threads, progress=request.progress,
+                                  label="simulating training (dropout on)", keep_dropout_modes=True)
+    return moments
+
+
 def estimate(request: EstimateRequest) -> CalibrationResult:
     sites = request.options["sites"]
     source = replayable(request.source)
-    run = dict(batch_size=request.batch_size, device=request.device, threads=request.threads, progress=request.progress)
     analysis = insert_dropouts(request.model, sites, training=False)
     report = find_sites(analysis)
     bns = [b.name for b in targets(report.batchnorms, request.options.get("scope", "sites"))]
@@ -35,22 +46,19 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
         return CalibrationResult("named_sites", 0, 0, {}, 0, 0.0, "", details=details)
     index = GraphIndex(analysis)
     shapes = tensor_shapes(working_copy(analysis))
-    train_moments = {}
-    if folded:
-        simulated = insert_dropouts(request.model, sites, training=True, before_bias=inside_folded(request.model, sites))
-        taps = {f: tensor_tap(index.by_name[f].output[0], shapes) for f in folded}
-        train_moments, *_ = measure_moments(simulated, source, taps, label="simulating training (dropout on)",
-                                            keep_dropout_modes=True, **run)
+    train_moments = _training_moments(request, source, folded, index, shapes) if folded else {}
     levels = bn_levels(analysis, bns + folded)
     stats: dict[str, BnStatistics] = {}
     affine = details["affine"]
     samples = batches = 0
-    for level in sorted(set(levels.values())):
-        items = [t for t in bns + folded if levels[t] == level]
-        taps = {t: (bn_tap(index, index.by_name[t], shapes) if t in bns else tensor_tap(index.by_name[t].output[0], shapes))
-                for t in items}
-        moments, samples, batches, provider = measure_moments(apply_affine(analysis, affine), source, taps, stats,
-                                                              label=f"calibrating (level {level + 1})", **run)
+    provider = ""
+
+    def tap_of(t):
+        return bn_tap(index, index.by_name[t], shapes) if t in bns else tensor_tap(index.by_name[t].output[0], shapes)
+
+    for moments, samples, batches, provider in measure_levels(request, source, levels, tap_of,
+                                                              lambda: apply_affine(analysis, affine), stats,
+                                                              "calibrating"):
         for t, m in moments.items():
             if t in bns:
                 stats[t] = BnStatistics(t, m.mean, m.var, m.count)

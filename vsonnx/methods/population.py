@@ -50,23 +50,33 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
     return _per_level(request, source)
 
 
+def measure_levels(request: EstimateRequest, source, levels: dict[str, int], tap_of, model_of,
+                   new_stats: dict[str, BnStatistics], label: str):
+    """The naive population loop: per level (lowest first), one pruned pass measuring the taps of that level's
+    targets (``tap_of(name)``) on ``model_of()`` with the BNs of ``new_stats`` already using them. Yields
+    (moments by target, samples, batches, provider); the caller records the level's results (in
+    ``new_stats``, or elsewhere) before the next level is measured."""
+    for level in sorted(set(levels.values())):
+        taps = {t: tap_of(t) for t, at in levels.items() if at == level}
+        yield measure_moments(model_of(), source, taps, new_stats, batch_size=request.batch_size,
+                              device=request.device, threads=request.threads, progress=request.progress,
+                              label=f"{label}: level {level + 1}")
+
+
 def _per_level(request: EstimateRequest, source) -> CalibrationResult:
     model, targets = request.model, request.targets
-    levels = bn_levels(model, targets)
     index = GraphIndex(model)
     shapes = tensor_shapes(working_copy(model))
     nodes = index.batchnorms(targets)
+    levels = bn_levels(model, targets)
     new_stats: dict[str, BnStatistics] = {}
-    samples = batches = passes = 0
+    samples = batches = 0
     provider = ""
-    for level in sorted(set(levels.values())):
-        taps = {t: bn_tap(index, nodes[t], shapes) for t in targets if levels[t] == level}
-        moments, samples, batches, provider = measure_moments(
-            model, source, taps, new_stats, batch_size=request.batch_size, device=request.device,
-            threads=request.threads, progress=request.progress, label=f"calibrating (population, level {level + 1})")
-        passes += 1
+    for moments, samples, batches, provider in measure_levels(
+            request, source, levels, lambda t: bn_tap(index, nodes[t], shapes), lambda: model, new_stats,
+            "calibrating (population)"):
         new_stats.update({name: BnStatistics(name, m.mean, m.var, m.count) for name, m in moments.items()})
-    return CalibrationResult("population", samples, batches, new_stats, passes, 0.0, provider)
+    return CalibrationResult("population", samples, batches, new_stats, len(set(levels.values())), 0.0, provider)
 
 
 class _SpillTooLarge(Exception):
