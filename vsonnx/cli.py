@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,8 +49,19 @@ def user_errors(func):
     return wrapper
 
 
-def emit_json(payload: dict) -> None:
-    click.echo(json.dumps(payload, indent=2, allow_nan=False))
+def emit_json(payload) -> None:
+    """Strict JSON on stdout: a value that is not finite (NaN, Inf) becomes null, so the report never fails."""
+    click.echo(json.dumps(_finite(payload), indent=2, allow_nan=False))
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
 from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 from .model import check_output_path, load_model, save_model, same_file
-from .rewrite import apply_affine, plan, validate, with_statistics
+from .rewrite import apply_affine, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
 from .stats import BnStatistics, CalibrationResult, blend
 
@@ -139,15 +139,22 @@ def _start(model_path, options: FixOptions, method: str) -> _Job:
 
 
 def _nothing_to_do(job: _Job) -> str | None:
-    """Why a fix of BN statistics has nothing to do, or None."""
+    """Why a fix of BN statistics has nothing to do (exit 0), or None; a user error when every BN in scope
+    is refused (nothing can be written)."""
     if not job.scan.batchnorms:
         return "the model has no BatchNormalization: nothing to fix."
     if not job.names and not job.report.refused:
         return ("no Dropout->BatchNormalization site: nothing to fix (if the export removed Dropout, name where it "
                 "acted with --dropout TENSOR=RATIO; --all re-estimates every BN anyway).")
     if not job.names:
-        return "every BN in scope was refused; see 'refused'."
+        _refuse_all(job.report.refused)
     return None
+
+
+def _refuse_all(refused: dict[str, str]) -> None:
+    listed = "; ".join(f"'{name}': {reason}" for name, reason in refused.items())
+    raise VsonnxError(f"every BatchNormalization in scope was refused, nothing was written: {listed}.",
+                      "see the numbered rules in `vsonnx scan MODEL` (column 'fix would') and fix what they name.")
 
 
 def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions | None = None) -> FixReport:
@@ -192,7 +199,8 @@ def fix_data_free(model_path, options: FixOptions | None = None) -> FixReport:
             closed = REGISTRY["closed_form"].run(job.request())
             result = closed if method == "closed_form" else REGISTRY[method].run(
                 job.request(samples=options.synthetic, steps=options.synthetic_steps))
-            job.report.notes = _site_notes(job, closed, result)
+            job.report.notes = {**_site_notes(job, closed, result),
+                                **{n: f"refused: {r}" for n, r in job.report.refused.items()}}
             if method == "closed_form" and any(b.downstream_of_site for b in job.scan.batchnorms):
                 job.report.warnings.append(
                     "BNs downstream of the corrected sites keep their statistics, which the correction may "
@@ -265,7 +273,10 @@ def fix(model_path, calib=None, *, method: str = "batch", data_free: bool = Fals
 def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], default: str | None) -> None:
     """Write the chosen candidate (the first one without validation data), or explain why nothing was.
     ``default``: the candidate written under ``force`` when the original wins (None: the first one)."""
-    report, old = job.report, GraphIndex(job.model).stored_statistics(list(candidates[0].stats))
+    screened = {c.name: _screened(c) for c in candidates}
+    candidates = [c for c, _ in screened.values()]
+    report = job.report
+    old = GraphIndex(job.model).stored_statistics(list(dict.fromkeys(n for c in candidates for n in c.stats)))
     fallback = next((c for c in candidates if c.name == default), candidates[0])
     winner = fallback
     if job.options.val is not None:
@@ -275,9 +286,13 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
                               if len(candidates) > 1 else
                               "the data-free correction does not beat the original on the validation data: "
                               "nothing written.")
+            report.refused.update(screened[fallback.name][1])
             _describe(report, fallback, job.scan, old)
             return
         winner = winner or fallback
+    report.refused.update(screened[winner.name][1])
+    if not winner.stats and not winner.affine:
+        _refuse_all(report.refused)
     fixed = with_statistics(apply_affine(job.model, winner.affine) if winner.affine else job.model, winner.stats)
     validate(fixed)
     written = winner.name if winner.result.method in CALIBRATED else _label(winner)
@@ -285,11 +300,17 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
         "method": written,
         "samples": str(winner.result.samples), "scope": job.options.scope,
         "batch_size": str(job.options.batch_size), "shuffle": str(job.options.shuffle), "seed": str(job.options.seed),
-        **provenance, "old_statistics_sha256": digest(old), "version": __version__,
+        **provenance, "old_statistics_sha256": digest({n: old[n] for n in winner.stats}), "version": __version__,
         "recalibrated": json.dumps(list(winner.stats))})
     report.output, report.written, report.chosen, report.method = str(job.out), True, winner.name, written
     report.message = report.message or _written_message(winner)
     _describe(report, winner, job.scan, old)
+
+
+def _screened(candidate: Candidate) -> tuple[Candidate, dict[str, str]]:
+    """The candidate without the statistics that must never be written (rewrite rules 5 and 6), and why."""
+    bad = {n: reason for n, s in candidate.stats.items() if (reason := invalid_statistics(s))}
+    return replace(candidate, stats={n: s for n, s in candidate.stats.items() if n not in bad}), bad
 
 
 def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | None:
@@ -352,7 +373,7 @@ def _site_notes(job: _Job, closed: CalibrationResult, result: CalibrationResult)
     def var_ratio(stats: BnStatistics) -> str:
         return f"median var x{float(np.median(stats.var / np.maximum(old[stats.name].var, 1e-30))):.3f}"
 
-    for name in notes:
+    for name in [n for n in notes if n in result.statistics]:
         formula = closed.statistics.get(name)
         notes[name] = f"synthetic: {var_ratio(result.statistics[name])}" + (
             f"; closed form: {var_ratio(formula)}" if formula is not None else f"; closed form: {notes[name]}")

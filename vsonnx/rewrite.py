@@ -3,8 +3,13 @@
 - find: ``targets(report, scope)``: the sites and every BN downstream of one (``scope="sites"``), or every
   BN (``scope="all"``), from the site finder `scan` uses;
 - check: ``refusal(index, node, info, stats)`` returns None or why a BN is not rewritten:
-  1. its running mean/var are not initializers  2. it is in training mode  3. no statistics were measured;
+  1. its running mean/var are not initializers  2. it is in training mode  3. no statistics were measured
+  4. its stored mean/var are not finite, or the variance is negative (the model is broken there; values
+     computed downstream of it are not trusted either, and rule 5 catches them);
   ``plan`` runs find + check, so what `scan` shows per BN is what `fix` does;
+  ``invalid_statistics`` checks every new statistic before anything is written:
+  5. a new mean/var that is not finite, or a negative variance  6. statistics estimated from fewer than
+     ``MIN_VALUES`` values per channel (e.g. a BatchNorm1d calibrated on fewer than 16 samples);
 - apply: ``RecalibrateBatchNorm.apply`` writes new mean/var into the BN's initializers and returns whether
   anything changed (a second application of the same statistics changes nothing); ``apply_affine`` writes
   a per-output-channel correction y' = a*y + b into the weight and bias of a Conv/Gemm whose BN was folded
@@ -31,6 +36,7 @@ from .sites import BatchNormInfo, ScanReport
 from .stats import BnStatistics
 
 SCOPES = ("sites", "all")
+MIN_VALUES = 16  # values per channel below which re-estimated statistics are refused (rule 6)
 
 
 def targets(batchnorms: list[BatchNormInfo], scope: str) -> list[BatchNormInfo]:
@@ -49,6 +55,22 @@ def refusal(index: GraphIndex, node: onnx.NodeProto, info: BatchNormInfo,
         return "2: BatchNormalization is in training mode"
     if stats is not None and info.name not in stats:
         return "3: no statistics were measured for it"
+    mean, var = (numpy_helper.to_array(index.initializers[n]).astype(np.float64) for n in node.input[3:5])
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()) or (var < 0).any():
+        return "4: its stored running mean/var are not finite or the variance is negative"
+    return None
+
+
+def invalid_statistics(stats: BnStatistics) -> str | None:
+    """Why new statistics must not be written (rules 5 and 6), or None."""
+    mean, var = np.asarray(stats.mean, np.float64), np.asarray(stats.var, np.float64)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        return "5: the new mean/var are not finite"
+    if (var < 0).any():
+        return "5: the new variance is negative"
+    if stats.values is not None and stats.values < MIN_VALUES:
+        return (f"6: estimated from {stats.values} value(s) per channel, fewer than {MIN_VALUES}; "
+                "calibrate on more samples")
     return None
 
 

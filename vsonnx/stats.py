@@ -18,12 +18,14 @@ import numpy as np
 
 @dataclass
 class BnStatistics:
-    """New statistics of one BN plus how many elements (population) or batches (batch) they average."""
+    """New statistics of one BN plus how many elements (population) or batches (batch) they average, and how
+    many values per channel the estimate saw (``values``; None when no data was seen: stored, data-free)."""
 
     name: str
     mean: np.ndarray
     var: np.ndarray
     count: int
+    values: int | None = None
 
 
 @dataclass
@@ -140,4 +142,4 @@ def transfer_change(mean, var, on: tuple, off: tuple) -> tuple[np.ndarray, np.nd
 def blend(old: dict[str, BnStatistics], new: dict[str, BnStatistics], weight: float) -> dict[str, BnStatistics]:
     """Statistics a fraction ``weight`` of the way from old to new (a partial correction)."""
     return {n: BnStatistics(n, old[n].mean + weight * (s.mean - old[n].mean),
-                            old[n].var + weight * (s.var - old[n].var), s.count) for n, s in new.items()}
+                            old[n].var + weight * (s.var - old[n].var), s.count, s.values) for n, s in new.items()}

@@ -25,6 +25,7 @@ def batch_pass(request: EstimateRequest, dropout_active: bool) -> CalibrationRes
     # onnxruntime's graph optimisations eliminate Dropout even in training mode: keep them off then
     session = make_session(work, device=request.device, threads=request.threads, optimize=not dropout_active)
     estimators: dict[str, BatchAverage] = {}
+    values: dict[str, int] = {}  # values per channel seen, per BN
     notes: list[str] = []
 
     def consume(b, n_samples, got):
@@ -38,9 +39,10 @@ def batch_pass(request: EstimateRequest, dropout_active: bool) -> CalibrationRes
             batch.update_samples(elements, sample_mean, sample_m2)
             estimators.setdefault(name, BatchAverage(batch.mean.size)).update(
                 batch.count, batch.mean + shifts[name], batch.var)
+            values[name] = values.get(name, 0) + batch.count
 
     label = "calibrating (batch, dropout on)" if dropout_active else "calibrating (batch)"
     samples, batches = run_pass(session, request.source, request.batch_size, fetch_names(outputs), label,
                                 request.progress, consume)
-    stats = {name: BnStatistics(name, e.mean, e.var, e.count) for name, e in estimators.items()}
+    stats = {name: BnStatistics(name, e.mean, e.var, e.count, values[name]) for name, e in estimators.items()}
     return CalibrationResult("batch", samples, batches, stats, 1, 0.0, session.get_providers()[0], sorted(set(notes)))

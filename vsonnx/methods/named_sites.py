@@ -61,7 +61,7 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
                                                               "calibrating"):
         for t, m in moments.items():
             if t in bns:
-                stats[t] = BnStatistics(t, m.mean, m.var, m.count)
+                stats[t] = BnStatistics(t, m.mean, m.var, m.count, m.count)
             else:
                 a = np.sqrt(train_moments[t].var / np.maximum(m.var, 1e-12))
                 affine[t] = (a, train_moments[t].mean - a * m.mean)

@@ -75,7 +75,7 @@ def _per_level(request: EstimateRequest, source) -> CalibrationResult:
     for moments, samples, batches, provider in measure_levels(
             request, source, levels, lambda t: bn_tap(index, nodes[t], shapes), lambda: model, new_stats,
             "calibrating (population)"):
-        new_stats.update({name: BnStatistics(name, m.mean, m.var, m.count) for name, m in moments.items()})
+        new_stats.update({name: BnStatistics(name, m.mean, m.var, m.count, m.count) for name, m in moments.items()})
     return CalibrationResult("population", samples, batches, new_stats, len(set(levels.values())), 0.0, provider)
 
 
@@ -180,7 +180,7 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
             session = make_session(to_model(graph, work), device=request.device, threads=request.threads)
             provider = session.get_providers()[0]
             moments, samples, batches = _run_stage(session, source, request, plan, k, outputs, spill_out, spill)
-            new_stats.update({t: BnStatistics(t, m.mean, m.var, m.count)
+            new_stats.update({t: BnStatistics(t, m.mean, m.var, m.count, m.count)
                               for t, m in unshift(moments, plan.taps.get(k, {})).items()})
             for f in spill.iterdir():  # drop what no later pass reads
                 if plan.last_use.get(_unfile(f.name.rsplit(".", 2)[0]), -1) <= k:

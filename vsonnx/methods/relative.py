@@ -26,6 +26,6 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
     for name, stored in GraphIndex(request.model).stored_statistics(list(off.statistics)).items():
         before, after = on.statistics[name], off.statistics[name]
         stats[name] = BnStatistics(name, *transfer_change(stored.mean, stored.var, (before.mean, before.var),
-                                                          (after.mean, after.var)), after.count)
+                                                          (after.mean, after.var)), after.count, after.values)
     return CalibrationResult("relative", off.samples, off.batches, stats, 2, 0.0, off.provider,
                              sorted(set(on.notes + off.notes)))

@@ -105,6 +105,8 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     """New statistics for the BNs ``names`` (see the module docstring); ``channelwise``: Dropout nodes that
     drop whole channels."""
     torch = _torch()
+    import numpy as np
+
     from ..graph import GraphIndex
     from ..stats import BnStatistics, transfer_change
     from ..torch_graph import TorchGraph
@@ -119,6 +121,8 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     index = GraphIndex(model)
     stored = index.stored_statistics([name for name, n in index.batchnorms().items()
                                       if all(index.is_constant(i) for i in n.input[3:5])])
+    stored = {n: s for n, s in stored.items()  # broken BNs (rewrite rule 4) are not matched
+              if np.isfinite(s.mean).all() and np.isfinite(s.var).all() and (s.var >= 0).all()}
     missing = [n for n in names if n not in stored]
     if missing:
         raise VsonnxError(f"BN '{missing[0]}' has no constant running statistics.", "leave it out of scope.")

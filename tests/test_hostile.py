@@ -1,0 +1,129 @@
+"""Hostile and odd inputs (issue 11): never a wrong model, never a traceback, never a lost or replaced file.
+
+Every case checks what a user sees: the exit code, `Error:` + `Hint:` lines, no traceback, every input file
+byte-identical afterwards and nothing left behind in the output folder.
+"""
+import json
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from vsonnx.model import load_model
+
+from conftest import GraphBuilder, cnn_with_sites, run, save
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def assert_user_error(result, folder, before, needle=""):
+    """Exit 3 with one Error and one Hint line, no traceback, the folder exactly as it was."""
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-2].startswith("Error: ") and lines[-1].startswith("Hint: "), result.output
+    assert needle in result.output
+    assert snapshot(folder) == before
+
+
+def bn_values(model, name):
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == name)
+    return inits[node.input[3]], inits[node.input[4]]
+
+
+def broken_site(tmp_path, mean=None, var=None):
+    """cnn_with_sites with bn_direct's stored statistics replaced (NaN, Inf or a negative variance)."""
+    model = cnn_with_sites()
+    for t in model.graph.initializer:
+        if t.name == "bn_direct_mean" and mean is not None:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(mean, np.float32), t.name))
+        if t.name == "bn_direct_var" and var is not None:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(var, np.float32), t.name))
+    path = save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    return path
+
+
+@pytest.mark.parametrize("method", ["batch", "population", "relative"])
+def test_invalid_stored_statistics_poisoning_everything_downstream_is_exit_3(tmp_path, method):
+    """A NaN mean (or a negative variance: sqrt of it is NaN) makes every value after the BN NaN: the BN is
+    refused (rule 4), the BN after it too (rule 5: its new statistics are NaN); nothing is written."""
+    for k, (mean, var) in enumerate((([np.nan, 0, 0, 0], None), (None, [1, -0.5, 1, 1]))):
+        folder = tmp_path / str(k)
+        folder.mkdir()
+        path = broken_site(folder, mean, var)
+        before = snapshot(folder)
+        r = run("fix", path, "--calib", folder / "calib.npy", "--method", method, "--batch-size", 8, "--json")
+        assert_user_error(r, folder, before, "'bn_direct': 4:")
+        assert "'bn_weight': 5:" in r.output
+
+
+@pytest.mark.parametrize("method", ["batch", "population", "relative"])
+def test_an_invalid_bn_is_refused_and_the_others_fixed(tmp_path, method):
+    """An infinite stored variance makes its BN output finite (x / sqrt(inf) = 0): it is refused (rule 4),
+    the BN after it is fixed, and nothing non-finite is written."""
+    path = broken_site(tmp_path, var=[1, np.inf, 1, 1])
+    r = run("fix", path, "--calib", tmp_path / "calib.npy", "--method", method, "--batch-size", 8, "-o",
+            tmp_path / "out.onnx", "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and report["refused"]["bn_direct"].startswith("4:")
+    assert [b["name"] for b in report["batchnorms"]] == ["bn_weight"]
+    fixed, original = load_model(tmp_path / "out.onnx"), load_model(path)
+    m, v = bn_values(fixed, "bn_weight")
+    assert np.isfinite(m).all() and np.isfinite(v).all() and (v >= 0).all()
+    assert not np.array_equal(v, bn_values(original, "bn_weight")[1])
+    np.testing.assert_array_equal(bn_values(fixed, "bn_direct")[1], bn_values(original, "bn_direct")[1])
+
+
+def test_scan_names_invalid_stored_statistics(tmp_path):
+    path = broken_site(tmp_path, var=[1, -0.5, 1, 1])
+    r = run("scan", path, "--json")
+    rows = {b["name"]: b["fix"] for b in json.loads(r.output)["batchnorms"]}
+    assert rows["bn_direct"].startswith("refused: 4:") and rows["bn_weight"] == "recalibrate"
+
+
+def test_closed_form_never_writes_a_negative_variance(tmp_path):
+    """The closed form used to 'clamp' a negative stored variance to a negative value: now refused (rule 4)."""
+    path = broken_site(tmp_path, var=[1, -0.5, 1, 1])
+    r = run("fix", path, "--data-free", "--synthetic", "0", "-o", tmp_path / "out.onnx", "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and report["refused"]["bn_direct"].startswith("4:")
+    assert report["notes"]["bn_direct"].startswith("refused")
+    fixed = load_model(tmp_path / "out.onnx")
+    np.testing.assert_array_equal(bn_values(fixed, "bn_direct")[1], [1, -0.5, 1, 1])  # untouched, not "clamped"
+    assert (bn_values(fixed, "bn_weight")[1] > 0).all()  # the weight site is corrected from the constants
+
+
+def test_every_bn_refused_is_exit_3_listing_each(tmp_path):
+    g = GraphBuilder()
+    model = g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn", var=[1.0, np.nan, 1.0]))
+    path = save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "calib.npy", np.ones((8, 3, 8, 8), np.float32))
+    before = snapshot(tmp_path)
+    r = run("fix", path, "--calib", tmp_path / "calib.npy", "--batch-size", 4)
+    assert_user_error(r, tmp_path, before, "'bn': 4:")
+
+
+def test_statistics_from_too_few_values_are_refused(tmp_path):
+    """A population fix of a BatchNorm1d on one sample sees one value per channel (variance 0): refused."""
+    g = GraphBuilder()
+    model = g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn"), input_shape=("N", 3))
+    path = save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "calib.npy", np.ones((1, 3), np.float32))
+    before = snapshot(tmp_path)
+    r = run("fix", path, "--calib", tmp_path / "calib.npy", "--method", "population")
+    assert_user_error(r, tmp_path, before, "6: estimated from 1 value(s) per channel")
+
+
+def test_synthesis_with_an_invalid_site_fixes_the_rest(tmp_path):
+    pytest.importorskip("torch")
+    path = broken_site(tmp_path, var=[1, np.inf, 1, 1])
+    r = run("fix", path, "--data-free", "--synthetic", "8", "--synthetic-steps", "2", "-o", tmp_path / "o.onnx",
+            "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and report["refused"]["bn_direct"].startswith("4:")
+    assert [b["name"] for b in report["batchnorms"]] == ["bn_weight"]
