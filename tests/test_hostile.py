@@ -4,6 +4,8 @@ Every case checks what a user sees: the exit code, `Error:` + `Hint:` lines, no 
 byte-identical afterwards and nothing left behind in the output folder.
 """
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +129,105 @@ def test_synthesis_with_an_invalid_site_fixes_the_rest(tmp_path):
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 0 and report["refused"]["bn_direct"].startswith("4:")
     assert [b["name"] for b in report["batchnorms"]] == ["bn_weight"]
+
+
+# -- 2. outputs ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fixable(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = save(cnn_with_sites(), folder / "m.onnx")
+    np.save(folder / "calib.npy", np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    return folder, path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_output_must_be_a_new_or_regular_file(fixable, tmp_path, kind):
+    folder, path = fixable
+    if kind == "fifo":
+        target = tmp_path / "pipe"
+        os.mkfifo(target)
+    else:
+        target = Path("/dev/null")
+    before = snapshot(folder)
+    r = run("fix", path, "--calib", folder / "calib.npy", "-o", target)
+    assert_user_error(r, folder, before, "not a regular file")
+    assert target.exists() and not target.is_file()  # the device / FIFO is still what it was
+
+
+@pytest.mark.parametrize("case", ["parent_is_a_file", "permission_denied", "proc"])
+def test_os_errors_while_writing_are_user_errors(fixable, tmp_path, case, monkeypatch):
+    import tempfile
+
+    folder, path = fixable
+    if case == "parent_is_a_file":
+        (tmp_path / "afile").write_text("x")
+        target = tmp_path / "afile" / "out.onnx"
+    elif case == "permission_denied":  # as root nothing is read-only: the OS answer is simulated
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+        target = tmp_path / "out.onnx"
+    else:
+        target = Path("/proc/vsonnx-out.onnx")
+    before = snapshot(folder)
+    r = run("fix", path, "--calib", folder / "calib.npy", "-o", target)
+    assert_user_error(r, folder, before, str(target.parent) if case == "parent_is_a_file" else str(target))
+
+
+def test_a_failed_write_keeps_the_existing_output_and_leaves_no_temp_file(fixable, tmp_path, monkeypatch):
+    import onnx
+
+    folder, path = fixable
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous output")
+
+    def disk_full(model, target, **kwargs):
+        Path(target).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", disk_full)
+    r = run("fix", path, "--calib", folder / "calib.npy", "-o", out)
+    assert r.exit_code == 3 and "No space left on device" in r.output and str(out) in r.output
+    assert out.read_bytes() == b"previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out.onnx"]
+
+
+def test_modes_new_files_follow_the_umask_in_place_keeps_the_input_mode(fixable, tmp_path):
+    import stat
+
+    folder, path = fixable
+    old = os.umask(0o022)
+    try:
+        assert run("fix", path, "--calib", folder / "calib.npy", "-o", tmp_path / "new.onnx").exit_code == 0
+        assert stat.S_IMODE((tmp_path / "new.onnx").stat().st_mode) == 0o644
+        os.chmod(path, 0o640)
+        r = run("fix", path, "--calib", folder / "calib.npy", "-o", path, "--in-place")
+        assert r.exit_code == 0 and stat.S_IMODE(Path(path).stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(fixable, tmp_path, monkeypatch):
+    """Temporary files and spill folders carry their owner's pid; those of dead processes go at the next run."""
+    import subprocess
+    import sys
+    import tempfile
+
+    folder, path = fixable
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (folder / f".out.onnx.vsonnx-{dead}.abc123.tmp").write_bytes(b"x" * 100)
+    (tmp_path / "tmp" / f"vsonnx-stages-{dead}-xyz").mkdir()
+    (folder / f".out.onnx.vsonnx-{os.getpid()}.mine.tmp").write_bytes(b"a live run's file")
+    r = run("fix", path, "--calib", folder / "calib.npy", "--method", "population", "-o", folder / "out.onnx")
+    assert r.exit_code == 0, r.output
+    assert not (folder / f".out.onnx.vsonnx-{dead}.abc123.tmp").exists()
+    assert not (tmp_path / "tmp" / f"vsonnx-stages-{dead}-xyz").exists()
+    assert (folder / f".out.onnx.vsonnx-{os.getpid()}.mine.tmp").exists()  # a live process keeps its files
+    assert list((tmp_path / "tmp").iterdir()) == []  # and this run left nothing

@@ -308,11 +308,14 @@ def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, li
     """List the BatchNormalization layers of MODELS and their Dropout->BN variance-shift sites; with --calib,
     measure each BN's shift and compare it with the paper's prediction. --limit defaults to 5000 here."""
     from .measure import plot_shift, scan_models
+    from .model import check_output_path
     from .named_sites import parse_dropout_specs
     from .report import render_scan
 
     if plot and not calib:
         raise VsonnxError("--plot needs measurements.", "add --calib DATA.")
+    if plot:
+        check_output_path(plot, None, False)  # before the measurement, not after
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
     reports = scan_models(models, named=named, calib=calib, limit=limit or 5000, shuffle=shuffle, seed=seed,
                           preprocess=_preprocess(calib, mean, std, size, layout, scale), batch_size=batch_size,

@@ -6,7 +6,6 @@ all models on the same batches).
 """
 from __future__ import annotations
 
-import tempfile
 import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +14,7 @@ from .accuracy import EvalReport, score_together
 from .data import ArraySource, InputSpec, Preprocess, open_source
 from .datasets import find_cifar, load_python_release
 from .errors import VsonnxError
-from .model import load_model
+from .model import load_model, scratch_folder
 from .methods import CALIBRATED
 from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 from .recalibrate import FixOptions, fix_calibrated, fix_data_free
@@ -71,7 +70,7 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
     model = load_model(model_path)
     scan = find_sites(model, str(model_path))
     calib, test = _sources(model, data, calib_limit, test_limit, seed)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_folder("demo") as tmp:
         folder = Path(out_dir) if out_dir else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         fixed, seconds = {}, {}

@@ -33,7 +33,7 @@ import onnx
 from .data import open_source
 from .graph import GraphIndex, tensor_shapes
 from .instrument import bn_tap, measure_moments, tensor_tap, working_copy
-from .model import load_model
+from .model import atomic_write, check_output_path, load_model
 from .noise import noise_variance
 from .rewrite import plan
 from .sites import ScanReport, find_sites
@@ -149,7 +149,7 @@ def plot_shift(reports: list[ScanReport], path: str | Path, labels: list[str] | 
     ax.set_title("Variance shift per BN layer (model as deployed, dropout off)")
     ax.legend()
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    try:
+        return atomic_write(check_output_path(path, None, False), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

@@ -5,12 +5,22 @@
   renames it over the target (atomic on POSIX), refuses to overwrite the input model unless asked, lowers
   the IR version to what the installed onnxruntime reads, and records provenance in metadata_props under
   the ``vsonnx.`` prefix while keeping the metadata already there.
+- Outputs (``atomic_write``): only a new path or an existing regular file is written (never a device, FIFO
+  or folder); every OS error (read-only or full disk, permissions, a parent that is a file) is a user error
+  naming the path and the reason, the temporary file is removed and an existing output stays intact. A new
+  file gets the mode a normal file gets under the umask, a replaced file keeps its mode (``--in-place``
+  keeps the input's). Temporary files are named ``.NAME.vsonnx-PID.XXXX.tmp`` next to the output; those of
+  a process that no longer runs (killed with -9) are removed by the next write to the same folder.
 """
 from __future__ import annotations
 
 import functools
 import os
+import re
+import stat
 import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -125,8 +135,85 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
         )
     if not out.parent.exists():
         raise VsonnxError(f"output folder '{out.parent}' does not exist.", "create it first or choose another -o path.")
+    if not out.parent.is_dir():
+        raise VsonnxError(f"output folder '{out.parent}' is not a folder.", "choose another -o path.")
     if out.is_dir():
         raise VsonnxError(f"output '{out}' is a folder.", "pass a file path such as model.fixed.onnx.")
+    if out.exists() and not stat.S_ISREG(out.stat().st_mode):
+        raise VsonnxError(f"output '{out}' exists and is not a regular file (a device, FIFO or socket).",
+                          "pass the path of a new or regular file.")
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, under another user
+        return True
+    return True
+
+
+def remove_stale(folder: Path, pattern: str) -> None:
+    """Remove the entries of ``folder`` whose name matches ``pattern`` (a regex with a ``pid`` group) and whose
+    owning process is gone: leftovers of a killed run."""
+    import shutil
+
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = re.fullmatch(pattern, entry.name)
+        if match and not pid_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+@contextmanager
+def scratch_folder(kind: str):
+    """A new folder ``vsonnx-KIND-PID-XXXX`` in the system's temporary folder (TMPDIR), removed when the block
+    ends; folders of processes that no longer run (killed with -9) are removed first."""
+    import shutil
+
+    root = Path(tempfile.gettempdir())
+    remove_stale(root, rf"vsonnx-{re.escape(kind)}-(?P<pid>\d+)-.*")
+    folder = Path(tempfile.mkdtemp(prefix=f"vsonnx-{kind}-{os.getpid()}-", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _file_mode(out: Path) -> int:
+    """The mode ``out`` keeps (an existing file) or gets (a new one: 0666 less the umask)."""
+    if out.exists():
+        return stat.S_IMODE(out.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(out: Path, write: Callable[[str], None], mode_from: Path | None = None) -> Path:
+    """Write ``out`` through a temporary file in its folder renamed over it; ``write(tmp_path)`` writes the
+    content. OS errors become user errors; the temporary file never stays. The file keeps the mode of
+    ``mode_from`` (the input, for --in-place) or of the file it replaces, or gets the umask's."""
+    remove_stale(out.parent, rf"\.{re.escape(out.name)}\.vsonnx-(?P<pid>\d+)\..*\.tmp")
+    mode = _file_mode(mode_from if mode_from is not None else out)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.vsonnx-{os.getpid()}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise VsonnxError(f"cannot write '{out}': {exc.strerror or exc}.",
+                          "choose a writable -o path on a file system with free space.") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return out
 
 
@@ -147,21 +234,16 @@ def save_model(
     model.ir_version = min(model.ir_version, max_ir_version())
     if provenance:
         set_metadata(model, {METADATA_PREFIX + k: v for k, v in provenance.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        large = model.ByteSize() > 1_800_000_000
-        if large:
+
+    def write(tmp: str) -> None:
+        if model.ByteSize() > 1_800_000_000:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=out.name + ".data")
         else:
             onnx.save_model(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+
+    in_place = input_path is not None and same_file(out, input_path)
+    return atomic_write(out, write, mode_from=Path(input_path) if in_place else None)
 
 
 def model_bytes(model: onnx.ModelProto) -> bytes:

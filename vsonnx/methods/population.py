@@ -16,8 +16,6 @@ implicitly), and when the spill would exceed ``MAX_SPILL_BYTES`` or cannot be wr
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from ..graph import GraphIndex, has_subgraphs, tensor_shapes
 from ..instrument import (StatisticBuilder, Tap, accumulate_moments, bn_levels, bn_tap, fetch_names,
                           measure_moments, node_name, to_model, unshift, working_copy,
                           working_graph, write_statistics)
-from ..model import default_opset
+from ..model import default_opset, scratch_folder
 from ..runtime import make_session, run_pass
 from ..stats import BnStatistics, CalibrationResult, ChannelMoments
 from . import EstimateRequest
@@ -165,10 +163,9 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
     plan = _plan(work, request.targets)
     dtypes = tensor_shapes(work).dtypes
     new_stats: dict[str, BnStatistics] = {}
-    spill = Path(tempfile.mkdtemp(prefix="vsonnx-stages-"))
     samples = batches = 0
     provider = ""
-    try:
+    with scratch_folder("stages") as spill:
         for k in range(plan.count):
             staged = _stage_graph(work, plan, k, new_stats)
             if staged is None:
@@ -185,8 +182,6 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
             for f in spill.iterdir():  # drop what no later pass reads
                 if plan.last_use.get(_unfile(f.name.rsplit(".", 2)[0]), -1) <= k:
                     f.unlink()
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
     return CalibrationResult("population", samples, batches, new_stats, plan.count, 0.0, provider)
 
 
