@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .instrument import working_copy
-from .data import Source, check_finite, open_source
+from .data import Source, check_finite, check_settings, open_source
 from .errors import VsonnxError
 from .model import load_model
 from .runtime import make_session, progress_bar, run
@@ -79,6 +79,7 @@ def evaluate(model, data, *, batch_size: int = 256, device: str = "auto", thread
              limit: int | None = None, shuffle: bool = True, seed: int = 0, preprocess: dict | None = None,
              progress: bool = False) -> EvalReport:
     """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``."""
+    check_settings(batch_size=batch_size, seed=seed, threads=threads)
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = "<memory>" if isinstance(model, onnx.ModelProto) else str(model)
     source = _open(proto, data, limit, shuffle, seed, preprocess)
@@ -127,6 +128,7 @@ def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "aut
             preprocess: dict | None = None, progress: bool = False) -> CompareReport:
     """Evaluate two models on the same batches: accuracies, delta_top1 = b - a, prediction agreement (%),
     max |logit difference|. Preprocessing metadata is taken from model A."""
+    check_settings(batch_size=batch_size, seed=seed, threads=threads)
     a = load_model(model_a)
     b = load_model(model_b)
     source = _open(a, data, limit, shuffle, seed, preprocess)

@@ -19,8 +19,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +65,10 @@ class InputSpec:
 @dataclass
 class Preprocess:
     """Image preprocessing: resize to ``size`` (H, W), multiply by ``scale``, subtract ``mean``, divide by
-    ``std`` (per channel), lay out as ``nchw`` or ``nhwc``."""
+    ``std`` (per channel), lay out as ``nchw`` or ``nhwc``. A model with an integer input (e.g. uint8) gets
+    the pixels themselves (0..255) in its layout: scaling and normalising are the model's business then.
+    Every value is checked, whether it comes from a flag or from the model's metadata: mean and std have 1
+    or 3 values (std > 0), size is 1 or 2 positive integers, scale a positive number."""
 
     size: tuple[int, int] | None = None
     mean: tuple[float, ...] | None = None
@@ -70,46 +76,88 @@ class Preprocess:
     scale: float = 1 / 255
     layout: str = "nchw"
     notes: list[str] = field(default_factory=list)
+    dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
 
     @classmethod
     def resolve(cls, model: onnx.ModelProto, inputs: list[InputSpec], *, mean=None, std=None, size=None,
                 scale=None, layout=None) -> "Preprocess":
         """Flags win over the model's ``vsonnx.preprocess`` metadata; the size falls back on the model's
         static input shape."""
-        meta = {}
-        raw = get_metadata(model).get("vsonnx.preprocess")
-        if raw:
-            try:
-                meta = json.loads(raw)
-            except ValueError:
-                meta = {}
-        pre = cls(
-            size=tuple(size) if size else (tuple(meta["size"]) if meta.get("size") else None),
-            mean=tuple(mean) if mean else (tuple(meta["mean"]) if meta.get("mean") else None),
-            std=tuple(std) if std else (tuple(meta["std"]) if meta.get("std") else None),
-            scale=scale if scale is not None else float(meta.get("scale", 1 / 255)),
-            layout=layout or meta.get("layout", "nchw"),
-        )
-        if pre.layout not in ("nchw", "nhwc"):
-            raise VsonnxError(f"unknown layout '{pre.layout}'.", "use --layout nchw or --layout nhwc.")
+        meta = _preprocess_metadata(model)
+        given = {"mean": mean, "std": std, "size": size, "scale": scale, "layout": layout}
+        values = {k: _checked(k, v, "--" + k) if v is not None else _checked(k, meta.get(k), f"the model's "
+                  f"vsonnx.preprocess metadata ({k})") for k, v in given.items()}
+        pre = cls(size=values["size"], mean=values["mean"], std=values["std"],
+                  scale=1 / 255 if values["scale"] is None else values["scale"], layout=values["layout"] or "nchw",
+                  dtype=inputs[0].dtype if inputs else np.dtype(np.float32))
+        if pre.dtype.kind in "iub":
+            if any(v is not None for k, v in given.items() if k in ("mean", "std", "scale")):
+                pre.notes.append(f"--mean/--std/--scale ignored: the model's input is {pre.dtype} and gets the pixels "
+                                 "(0..255) themselves")
+            pre.mean = pre.std = None
+            pre.scale = 1.0
         shape = inputs[0].shape if inputs else None
         if pre.size is None and shape is not None and len(shape) == 4:
             hw = shape[2:4] if pre.layout == "nchw" else shape[1:3]
             if all(isinstance(d, int) and d > 0 for d in hw):
                 pre.size = (int(hw[0]), int(hw[1]))
-        if pre.mean is None or pre.std is None:
+        if (pre.mean is None or pre.std is None) and pre.dtype.kind == "f":
             pre.notes.append("no --mean/--std and no vsonnx.preprocess metadata: pixels are only scaled by "
                              f"{pre.scale:g}")
         return pre
 
     def apply(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC images -> float32 model layout."""
+        """uint8 NHWC images -> the model's layout and element type."""
+        if self.dtype.kind in "iub":  # integer inputs take the pixels as they are
+            x = images.astype(self.dtype, copy=False)
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.layout == "nchw" else x
         x = images.astype(np.float32) * np.float32(self.scale)
         if self.mean is not None:
             x -= np.asarray(self.mean, np.float32)
         if self.std is not None:
             x /= np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.layout == "nchw" else x
+
+
+def _preprocess_metadata(model: onnx.ModelProto) -> dict:
+    raw = get_metadata(model).get("vsonnx.preprocess")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise VsonnxError("the model's vsonnx.preprocess metadata is not a JSON object.",
+                          "pass --mean/--std/--size/--layout/--scale, or fix the metadata.")
+    return meta
+
+
+def _checked(key: str, value, origin: str):
+    """A preprocessing value in its canonical form, or a user error naming where it came from."""
+    if value is None:
+        return None
+    hint = "write e.g. --mean 0.4914,0.4822,0.4465 --std 0.247,0.2435,0.2616 --size 32,32 --scale 0.00392157."
+    try:
+        if key in ("mean", "std"):
+            out = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            ok = len(out) in (1, 3) and all(np.isfinite(out)) and (key == "mean" or min(out) > 0)
+            what = "1 or 3 finite numbers" + (", all above 0" if key == "std" else "")
+        elif key == "size":
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            out = tuple(int(v) for v in items) * (2 if len(items) == 1 else 1)
+            ok = len(out) == 2 and min(out) > 0 and all(float(v) == int(v) for v in items)
+            what = "1 or 2 positive integers (H, W)"
+        elif key == "scale":
+            out = float(value)
+            ok, what = bool(np.isfinite(out) and out > 0), "a positive number"
+        else:
+            out = str(value).lower()
+            ok, what = out in ("nchw", "nhwc"), "nchw or nhwc"
+    except (TypeError, ValueError):
+        ok, what = False, {"mean": "1 or 3 numbers", "std": "1 or 3 numbers", "size": "1 or 2 positive integers",
+                           "scale": "a positive number"}.get(key, "nchw or nhwc")
+    if not ok:
+        raise VsonnxError(f"{origin}: {key} {value!r} is not {what}.", hint)
+    return out
 
 
 @dataclass
@@ -140,14 +188,56 @@ def _order(n: int, shuffle: bool, seed: int, limit: int | None) -> np.ndarray:
     return order[:limit] if limit is not None else order
 
 
+DECODE_BUDGET = 512 << 20  # bytes that image decodes in flight may hold together
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux MemAvailable; else the physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class MemoryBudget:
+    """Bytes that concurrent holders may hold together; a holder alone always proceeds, so one item larger
+    than the budget still runs, but never beside another."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.condition = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int):
+        with self.condition:
+            self.condition.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.used -= n
+                self.condition.notify_all()
+
+
 class ImageFolderSource(Source):
     def __init__(self, root: Path, inputs: list[InputSpec], pre: Preprocess, *, shuffle: bool, seed: int,
                  limit: int | None, workers: int = 4):
-        files, labels, classes = image_folder_files(root)
+        skipped: dict[str, int] = {}
+        files, labels, classes = image_folder_files(root, skipped)
         if classes:
             self.has_labels = True
         else:
-            files = [f for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            entries = sorted(root.iterdir())
+            files = [f for f in entries if f.suffix.lower() in IMAGE_SUFFIXES]
+            if len(files) < len(entries):
+                skipped["files that are not images"] = len(entries) - len(files)
+        for reason, n in skipped.items():
+            warn(f"'{root}': skipped {n} {reason}.")
         if not files:
             raise VsonnxError(f"no images in '{root}'.", "pass a folder of class folders of images, a flat folder "
                                                        "of images, or a .npy/.npz file.")
@@ -162,23 +252,25 @@ class ImageFolderSource(Source):
         self.labels = np.asarray(labels, np.int64)[order] if self.has_labels else None
         self.size = len(self.files)
         self.input, self.pre, self.workers = inputs[0], pre, workers
+        self.budget = MemoryBudget(DECODE_BUDGET)
         self.spec = str(root)
         self.classes = classes
         _check_channels(self.input, 3, pre.layout, f"images in '{root}' (RGB)")
 
     def _load(self, files: list[Path]) -> np.ndarray:
-        from PIL import Image
-
         h, w = self.pre.size
         out = np.empty((len(files), h, w, 3), np.uint8)
         for i, f in enumerate(files):
-            img = decode_rgb(f)
-            if img.shape[:2] != (h, w):
-                img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
-            out[i] = img
+            out[i] = decode_rgb(f, (h, w), self.budget.hold)
         return out
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
+        h, w = self.pre.size
+        need = 2 * batch_size * h * w * 3 * (1 + 2 * 4)  # two batches in flight: uint8 pixels, two float32 copies
+        if need > available_memory() // 2:
+            raise VsonnxError(f"a batch of {batch_size} images of {h} x {w} needs {need / 2**30:.1f} GiB, more than "
+                              f"half of the {available_memory() / 2**30:.1f} GiB of memory available.",
+                              "pass a smaller --batch-size or --size.")
         chunks = [self.files[i:i + batch_size] for i in range(0, len(self.files), batch_size)]
         with ThreadPoolExecutor(self.workers) as pool:
             def submit(chunk):  # split a batch across workers
@@ -240,7 +332,7 @@ class ArraySource(Source):
                         raise VsonnxError(f"'{path}' has arrays {sorted(keys)}; expected 'x' or the model's "
                                           f"input names {names}.", "save the inputs under 'x' (and labels under 'y').")
                     label_key = next((k for k in LABEL_KEYS if k in keys), None)
-                    labels = np.asarray(z[label_key]).astype(np.int64) if label_key else None
+                    labels = _numeric(z[label_key], f"'{path}', labels '{label_key}'").astype(np.int64) if label_key else None
         except VsonnxError:
             raise
         except Exception as exc:
@@ -287,16 +379,33 @@ class ReaderSource(Source):
         self.has_labels = any(k in self._peek for k in LABEL_KEYS)
 
     def _dicts(self) -> Iterator[dict]:
-        try:
-            obj = self.factory()
-        except Exception as exc:
-            raise VsonnxError(f"reader '{self.spec}' raised {type(exc).__name__}: {exc}",
-                              "fix the reader function.") from None
+        """The reader's feed dicts; whatever the user code raises or returns that is not that is a user error."""
+        obj = self._call(self.factory, "raised")
         if hasattr(obj, "get_next"):
-            while (item := obj.get_next()) is not None:
-                yield item
+            items = iter(lambda: self._call(obj.get_next, "raised in get_next()"), None)
         else:
-            yield from obj
+            try:
+                items = iter(obj)
+            except TypeError:
+                raise VsonnxError(f"reader '{self.spec}' returned {type(obj).__name__}, not an iterable of feed dicts "
+                                  "nor an object with get_next().", "return a list or generator of {input: array}.") from None
+        while True:
+            item = self._call(lambda: next(items, None), "raised while iterating")
+            if item is None:
+                return
+            if not isinstance(item, dict):
+                raise VsonnxError(f"reader '{self.spec}' yielded {type(item).__name__}, not a feed dict.",
+                                  "yield dicts {input name: array}.")
+            yield item
+
+    def _call(self, fn, what: str):
+        try:
+            return fn()
+        except VsonnxError:
+            raise
+        except Exception as exc:
+            raise VsonnxError(f"reader '{self.spec}' {what}: {type(exc).__name__}: {str(exc)[:200]}",
+                              "fix the reader function.") from None
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         stream = self._chain()
@@ -309,16 +418,17 @@ class ReaderSource(Source):
             if missing:
                 raise VsonnxError(f"reader '{self.spec}' gave a dict without {missing}.",
                                   f"yield dicts keyed by the model's input names {names}.")
-            n = len(item[names[0]])
+            arrays = {s.name: _numeric(item[s.name], f"reader '{self.spec}', input '{s.name}'") for s in self.inputs}
+            n = len(arrays[names[0]])
             if self.limit is not None:
                 n = min(n, self.limit - taken)
             for s in self.inputs:
-                arr = np.asarray(item[s.name])[:n].astype(s.dtype, copy=False)
+                arr = arrays[s.name][:n].astype(s.dtype, copy=False)
                 _check_array(arr, s, f"reader '{self.spec}'")
                 buffer[s.name].append(arr)
             if self.has_labels:
                 key = next(k for k in LABEL_KEYS if k in item)
-                labels.append(np.asarray(item[key]).astype(np.int64)[:n])
+                labels.append(_numeric(item[key], f"reader '{self.spec}', labels '{key}'").astype(np.int64)[:n])
             held += n
             taken += n
             while held >= batch_size:
@@ -380,6 +490,16 @@ class ReplaySource(Source):
         return self.source.describe()
 
 
+def check_settings(*, batch_size: int | None = None, seed: int | None = None, threads: int | None = None) -> None:
+    """The run settings every command shares: batch size >= 1, seed >= 0, threads >= 0 (0: onnxruntime's
+    default); a user error otherwise."""
+    for name, value, low, hint in (("--batch-size", batch_size, 1, "pass --batch-size 128 (or another count >= 1)."),
+                                   ("--seed", seed, 0, "pass --seed 0 (or another integer >= 0)."),
+                                   ("--threads", threads, 0, "pass --threads N with N >= 1, or leave it out.")):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
+            raise VsonnxError(f"{name} must be an integer >= {low}, got {value}.", hint)
+
+
 def replayable(source: Source) -> Source:
     """``source`` wrapped for several passes (decoded once), unless it already is."""
     return source if isinstance(source, ReplaySource) else ReplaySource(source)
@@ -407,6 +527,18 @@ def _load_callable(spec: str):
     if not callable(fn):
         raise VsonnxError(f"'{target}' has no function '{func}'.", "pass FILE.py:FUNC naming a function.")
     return fn
+
+
+def _numeric(value, where: str) -> np.ndarray:
+    """``value`` as an array of numbers with a sample axis, or a user error."""
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        arr = np.asarray(None)
+    if arr.ndim == 0 or arr.dtype.kind not in "biuf":
+        raise VsonnxError(f"{where} is {'a scalar' if arr.ndim == 0 else f'an array of {arr.dtype}'}, not an array "
+                          "of numbers with samples on its first axis.", "pass numeric arrays [N, ...].")
+    return arr
 
 
 def _check_channels(spec: InputSpec, channels: int, layout: str, what: str) -> None:

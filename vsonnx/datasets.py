@@ -24,6 +24,7 @@ RELEASES = {
     "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
                  "cifar-100-python"),
 }
+MAX_PIXELS = 50_000_000  # per decoded image (150 MB as RGB)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
@@ -31,27 +32,81 @@ def default_cache() -> Path:
     return Path(os.environ.get("VSONNX_CACHE", Path.home() / ".cache" / "vsonnx"))
 
 
-def image_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """(files, labels, class names) of an ImageFolder tree root/<class>/<image>, classes sorted."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+def image_folder_files(root: Path, skipped: dict[str, int] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names) of an ImageFolder tree root/<class>/<image>, classes sorted. What is left
+    out is counted by reason in ``skipped``: images at the root beside class folders, folders nested in a
+    class folder, files that are not images."""
+    skipped = {} if skipped is None else skipped
+    entries = sorted(root.iterdir())
+    classes = [d.name for d in entries if d.is_dir()]
+    if classes:
+        _count(skipped, "images at the top level beside class folders",
+               sum(f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in entries))
     files, labels = [], []
     for label, name in enumerate(classes):
         for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
+            if f.is_dir():
+                _count(skipped, "folders nested inside a class folder (only one level is read)", 1)
+            elif f.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(f)
                 labels.append(label)
+            else:
+                _count(skipped, "files that are not images", 1)
     return files, labels, classes
 
 
-def decode_rgb(path: Path) -> np.ndarray:
+def _count(counts: dict[str, int], reason: str, n: int) -> None:
+    if n:
+        counts[reason] = counts.get(reason, 0) + n
+
+
+def decode_rgb(path: Path, target: tuple[int, int] | None = None, hold=None) -> np.ndarray:
+    """uint8 RGB pixels of an image file. Images of more than 8 bits per channel (16-bit PNG/TIFF: PIL modes
+    I;16*, I and F) are scaled to 0..255 (value / 257 for 16-bit data), not saturated as PIL's RGB
+    conversion does.
+
+    ``target`` = (H, W): the image is resized to it (bilinear) right after decoding. Memory: a JPEG is decoded
+    reduced (by up to 8x, never below the target); an image that would still exceed ``MAX_PIXELS`` once
+    decoded is refused before decoding; ``hold(bytes)``, when given, is a context manager entered around the
+    decode and resize with the bytes they need (a shared memory budget)."""
+    from contextlib import nullcontext
+
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            if target is not None and im.format == "JPEG":
+                im.draft("RGB", (target[1], target[0]))
+            if im.width * im.height > MAX_PIXELS:
+                raise VsonnxError(f"image '{path}' is {im.width} x {im.height} pixels, over the budget of "
+                                  f"{MAX_PIXELS // 1_000_000} million pixels per decoded image.",
+                                  "downscale it (or leave it out): calibration images are resized to the model's "
+                                  "input anyway.")
+            with hold(2 * 4 * im.width * im.height) if hold else nullcontext():  # decoded + converted copy
+                if im.mode.startswith("I") or im.mode == "F":
+                    rgb = Image.fromarray(_wide_to_rgb(np.asarray(im), im.mode))
+                else:
+                    rgb = im if im.mode == "RGB" else im.convert("RGB")
+                if target is not None and rgb.size != (target[1], target[0]):
+                    rgb = rgb.resize((target[1], target[0]), Image.BILINEAR)
+                return np.asarray(rgb)
+    except VsonnxError:
+        raise
     except Exception as exc:
         raise VsonnxError(f"cannot read image '{path}' ({type(exc).__name__}).",
                           "remove or replace the corrupt file.") from None
+
+
+def _wide_to_rgb(values: np.ndarray, mode: str) -> np.ndarray:
+    """Grayscale of more than 8 bits -> uint8 RGB: 16-bit ranges (I;16 and I, which PIL uses for 16-bit PNGs)
+    divided by 257; floats taken as 0..1 when they stay within it, else as 0..255."""
+    values = values.astype(np.float64)
+    if mode == "F":
+        values = values * 255 if values.size and values.max() <= 1 else values
+    else:
+        values = values / 257
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def load_image_split(root: Path, limit: int | None = None, workers: int = 4) -> tuple[np.ndarray, np.ndarray, list[str]]:

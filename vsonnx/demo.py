@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .accuracy import EvalReport, score_together
-from .data import ArraySource, InputSpec, Preprocess, open_source
+from .data import ArraySource, InputSpec, Preprocess, check_settings, open_source
 from .datasets import find_cifar, load_python_release
 from .errors import VsonnxError
 from .model import load_model, scratch_folder
@@ -64,6 +64,7 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
              synthetic: int = DEFAULT_SAMPLES, synthetic_steps: int = DEFAULT_STEPS) -> DemoReport:
     """``synthetic=0`` (or no torch) leaves the data-free fix out."""
     model_path = Path(model_path) if model_path else models_dir() / DEFAULT_MODEL
+    check_settings(batch_size=batch_size, seed=seed, threads=threads)
     if not model_path.exists():
         raise VsonnxError(f"reference model '{model_path}' not found.",
                           "run from a source checkout (models/ holds the reference models) or pass --model.")

@@ -212,3 +212,58 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+def check_structure(model: onnx.ModelProto, where: str = "the model") -> None:
+    """Refuse (VsonnxError) a top-level graph that no tool can run: a tensor produced twice, an input that
+    nothing produces, a cycle, an initializer whose data does not fill its dims, BatchNormalization
+    parameters of different lengths. Subgraphs may read outer tensors and are not checked here."""
+    graph = model.graph
+    produced: dict[str, str] = {}
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    index = GraphIndex(model)
+    for node in graph.node:
+        for out in filter(None, node.output):
+            if out in produced or out in defined:
+                raise VsonnxError(f"{where} is malformed: tensor '{out}' is produced twice (by node "
+                                  f"'{index.node_name(node)}' and {produced.get(out, 'a graph input or initializer')}).",
+                                  "re-export the model; tensor names must be unique.")
+            produced[out] = f"node '{index.node_name(node)}'"
+    for node in graph.node:
+        missing = [i for i in node.input if i and i not in produced and i not in defined]
+        if missing:
+            raise VsonnxError(f"{where} is malformed: node '{index.node_name(node)}' reads '{missing[0]}', which no "
+                              "node, graph input or initializer defines.", "re-export the model.")
+    cyclic = _has_cycle(index)
+    if cyclic is not None:
+        raise VsonnxError(f"{where} is malformed: its graph has a cycle (through node '{index.node_name(cyclic)}').",
+                          "re-export the model.")
+    for tensor in graph.initializer:
+        _check_initializer(tensor, where)
+    for name, node in index.batchnorms().items():
+        sizes = [int(np.asarray(v).size) for v in (index.constant(i) for i in node.input[1:5]) if v is not None]
+        if len(set(sizes)) > 1:
+            raise VsonnxError(f"{where} is malformed: BatchNormalization '{name}' has scale/bias/mean/var of lengths "
+                              f"{sizes}.", "re-export the model; the four must have one value per channel.")
+
+
+def _has_cycle(index: GraphIndex) -> onnx.NodeProto | None:
+    """A node on a cycle, or None: every node's inputs must come from nodes placed before it in the
+    topological order (GraphIndex keeps the file order for the nodes of a cycle)."""
+    position = {id(n): k for k, n in enumerate(index.topological_order)}
+    for node in index.topological_order:
+        for i in node.input:
+            producer = index.producer.get(i)
+            if producer is not None and position[id(producer)] >= position[id(node)]:
+                return node
+    return None
+
+
+def _check_initializer(tensor: onnx.TensorProto, where: str) -> None:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    try:
+        numpy_helper.to_array(tensor)
+    except Exception as exc:  # the data does not fill the dims, or an unknown type
+        raise VsonnxError(f"{where} is malformed: initializer '{tensor.name}' (dims {list(tensor.dims)}) cannot be "
+                          f"read ({str(exc).splitlines()[0][:100]}).", "re-export the model.") from None

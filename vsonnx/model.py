@@ -92,6 +92,9 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
             f"'{p}' uses ONNX opset {opset}, newer than this onnx package knows ({onnx.defs.onnx_opset_version()}).",
             "upgrade the onnx package, or export with a lower opset.",
         )
+    from .graph import check_structure
+
+    check_structure(model, f"'{p}'")
     return model
 
 

@@ -58,8 +58,8 @@ def noise_variance(index: GraphIndex, bn: BatchNormInfo, dropouts: dict[str, Dro
     nodes = index.by_name
     for drop_name, weight_name in bn.noise_paths:
         drop = dropouts[drop_name]
-        if drop.ratio is None or drop.ratio >= 1:
-            return None, f"the ratio of '{drop_name}' is not a constant below 1"
+        if drop.ratio is None or not 0 <= drop.ratio < 1:
+            return None, f"the ratio of '{drop_name}' is not a constant in [0, 1)"
         ex2 = second_moment(drop)
         if ex2 is None:
             return None, f"E[x^2] at the input of '{drop_name}' is not known"

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from ._version import __version__
-from .data import open_source, replayable
+from .data import check_settings, open_source, replayable
 from .errors import VsonnxError, collected_warnings
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
@@ -67,6 +67,9 @@ class FixOptions:
     progress: bool = False
     synthetic: int = DEFAULT_SAMPLES
     synthetic_steps: int = DEFAULT_STEPS
+
+    def __post_init__(self):
+        check_settings(batch_size=self.batch_size, seed=self.seed, threads=self.threads)
 
 
 @dataclass

@@ -209,7 +209,7 @@ def _weight_info(index: GraphIndex, name: str) -> WeightInfo:
 def _predict_direct(index: GraphIndex, bn: onnx.NodeProto, dropouts: list[DropoutInfo]) -> float | None:
     """Eq. 8 with c = the BN's running mean and v recovered from its running variance (DESIGN 5.4);
     mean over channels of v / Var_train. None when a ratio or a statistic is not static."""
-    if any(d.ratio is None for d in dropouts) or len(bn.input) < 5:
+    if any(d.ratio is None or not 0 <= d.ratio < 1 for d in dropouts) or len(bn.input) < 5:
         return None
     mean, var = index.constant(bn.input[3]), index.constant(bn.input[4])
     if mean is None or var is None:
@@ -308,6 +308,9 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
         if d.ratio is None:
             warnings.append(f"Dropout '{d.name}': its ratio is computed at run time, not a constant; "
                             "predictions for its sites need data.")
+        elif not 0 <= d.ratio < 1:
+            warnings.append(f"Dropout '{d.name}': its ratio {d.ratio:g} is outside [0, 1), which no training used; "
+                            "its sites cannot be predicted or simulated.")
         if d.training_mode is None or d.training_mode:
             state = "is not a constant" if d.training_mode is None else "is true"
             warnings.append(f"Dropout '{d.name}': training_mode {state}, so it may drop values at inference.")

@@ -121,6 +121,9 @@ def _batch_norm(node, name, args, state):
 
 def _dropout(node, name, args, state):
     ratio = float(args[1]) if len(args) > 1 and args[1] is not None else attribute(node, "ratio", 0.5)
+    if state.dropout and not 0 <= ratio < 1:
+        raise VsonnxError(f"Dropout '{name}' has ratio {ratio:g}, outside [0, 1): its training cannot be simulated.",
+                          SYNTHESIS_HINT)
     if not state.dropout or ratio <= 0:
         return args[0]
     if name in state.channelwise and args[0].dim() > 2:

@@ -89,6 +89,9 @@ def data_free_statistics(model: onnx.ModelProto, report: ScanReport) -> DataFree
         old_mean = np.asarray(index.constant(node.input[3]), np.float64).reshape(-1)
         old_var = np.asarray(index.constant(node.input[4]), np.float64).reshape(-1)
         direct = bn.noise_paths is not None and all(w is None for _, w in bn.noise_paths)
+        if any(d.ratio is not None and not 0 <= d.ratio < 1 for d in bn.dropouts):
+            notes[bn.name] = "not corrected: a dropout ratio outside [0, 1)"
+            continue
         if direct and len(bn.noise_paths) == 1 and bn.dropouts[0].ratio is not None:
             p = 1.0 - bn.dropouts[0].ratio
             new_var = theory.test_var_from_train_direct(old_mean, old_var, p)
