@@ -231,3 +231,223 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(fixable, tmp_path, mo
     assert not (tmp_path / "tmp" / f"vsonnx-stages-{dead}-xyz").exists()
     assert (folder / f".out.onnx.vsonnx-{os.getpid()}.mine.tmp").exists()  # a live process keeps its files
     assert list((tmp_path / "tmp").iterdir()) == []  # and this run left nothing
+
+
+# -- 3. tracebacks that are user errors ---------------------------------------------------------------------
+def malformed(kind):
+    model = cnn_with_sites()
+    nodes = model.graph.node
+    if kind == "duplicate_output":
+        nodes[3].output[0] = nodes[1].output[0]
+    elif kind == "bn_lengths":
+        for t in model.graph.initializer:
+            if t.name == "bn_direct_scale":
+                t.CopyFrom(numpy_helper.from_array(np.ones(3, np.float32), t.name))
+    elif kind == "initializer_size":
+        model.graph.initializer[0].dims[0] += 5
+    elif kind == "cycle":
+        nodes[0].input[0] = nodes[2].output[0]
+    elif kind == "undefined_input":
+        nodes[2].input[0] = "nowhere"
+    return model
+
+
+@pytest.mark.parametrize("kind,needle", [("duplicate_output", "produced twice"), ("bn_lengths", "lengths [3, 4, 4, 4]"),
+                                         ("initializer_size", "cannot be read"), ("cycle", "cycle"),
+                                         ("undefined_input", "reads 'nowhere'")])
+@pytest.mark.parametrize("command", [["scan"], ["fix", "--data-free", "--synthetic", "0"]])
+def test_malformed_models_are_named_not_tracebacks(tmp_path, kind, needle, command):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(malformed(kind).SerializeToString())
+    before = snapshot(tmp_path)
+    assert_user_error(run(command[0], path, *command[1:]), tmp_path, before, needle)
+
+
+@pytest.mark.parametrize("meta,flags,needle", [
+    ({"mean": [0.5, 0.5], "std": [1, 1, 1]}, [], "metadata (mean)"),
+    ({"size": ["a", 3]}, [], "metadata (size)"),
+    ({"std": [1, 0, 1]}, [], "metadata (std)"),
+    ({}, ["--mean", "0.5,0.5"], "--mean"),
+    ({}, ["--size", "0,4"], "--size"),
+])
+def test_preprocessing_values_are_checked(tmp_path, meta, flags, needle):
+    from PIL import Image
+
+    from vsonnx.model import set_metadata
+
+    model = cnn_with_sites()
+    set_metadata(model, {"vsonnx.preprocess": json.dumps(meta)})
+    path = save(model, tmp_path / "m.onnx")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "imgs" / "a.png")
+    before = snapshot(tmp_path)
+    assert_user_error(run("fix", path, "--calib", tmp_path / "imgs", *flags), tmp_path, before, needle)
+
+
+def test_dropout_ratio_above_1_never_reaches_torch(tmp_path):
+    pytest.importorskip("torch")
+    g = GraphBuilder()
+    path = save(g.build(g.bn(g.dropout("x", 1.5, "d"), 3, "bn")), tmp_path / "m.onnx")
+    before = snapshot(tmp_path)
+    assert_user_error(run("fix", path, "--data-free", "--synthetic-steps", "2"), tmp_path, before, "outside [0, 1)")
+    assert "outside [0, 1)" in run("scan", path).output
+
+
+READERS = '''
+import numpy as np
+def raising():
+    yield {"x": np.zeros((2, 3, 8, 8), np.float32)}
+    raise RuntimeError("boom")
+class Broken:
+    def get_next(self):
+        raise ValueError("bad reader")
+def get_next():
+    return Broken()
+def none():
+    return None
+def scalars():
+    return [1, 2, 3]
+def strings():
+    return [{"x": "hello"}]
+def string_labels():
+    return [{"x": np.zeros((2, 3, 8, 8), np.float32), "y": np.array(["cat", "dog"])}]
+'''
+
+
+@pytest.mark.parametrize("func,needle", [("raising", "RuntimeError: boom"), ("get_next", "ValueError: bad reader"),
+                                         ("none", "returned NoneType"), ("scalars", "yielded int"),
+                                         ("strings", "not an array of numbers"),
+                                         ("string_labels", "labels 'y' is an array of <U3")])
+def test_reader_failures_are_user_errors(tmp_path, func, needle):
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    (tmp_path / "readers.py").write_text(READERS)
+    before = snapshot(tmp_path)
+    r = run("eval" if func == "string_labels" else "fix", path,
+            "--data" if func == "string_labels" else "--calib", f"{tmp_path}/readers.py:{func}")
+    assert_user_error(r, tmp_path, before, needle)
+
+
+@pytest.mark.parametrize("name,array", [("strings.npy", np.array(["a", "b"])), ("strings.npz", None)])
+def test_arrays_of_strings_are_user_errors(tmp_path, name, array):
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    if array is None:
+        np.savez(tmp_path / name, x=np.array(["a", "b"]))
+    else:
+        np.save(tmp_path / name, array)
+    before = snapshot(tmp_path)
+    assert_user_error(run("fix", path, "--calib", tmp_path / name), tmp_path, before)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["fix", "M", "--calib", "X", "--batch-size", "0"], "--batch-size"),
+    (["fix", "M", "--calib", "X", "--batch-size", "-3", "--method", "population"], "--batch-size"),
+    (["fix", "M", "--data-free", "--batch-size", "0"], "--batch-size"),
+    (["eval", "M", "--data", "XY", "--batch-size", "0"], "--batch-size"),
+    (["compare", "M", "M", "--data", "XY", "--batch-size", "-1"], "--batch-size"),
+    (["scan", "M", "--calib", "X", "--batch-size", "0"], "--batch-size"),
+    (["fix", "M", "--calib", "X", "--seed", "-1"], "--seed"),
+    (["fix", "M", "--data-free", "--seed", "-1"], "--seed"),
+    (["eval", "M", "--data", "XY", "--seed", "-2"], "--seed"),
+    (["fix", "M", "--calib", "X", "--threads", "-1"], "--threads"),
+])
+def test_run_settings_are_checked_on_every_command(tmp_path, args, needle):
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    x = np.zeros((8, 3, 8, 8), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "xy.npz", x=x, y=np.zeros(8, np.int64))
+    names = {"M": path, "X": tmp_path / "x.npy", "XY": tmp_path / "xy.npz"}
+    before = snapshot(tmp_path)
+    assert_user_error(run(*[names.get(a, a) for a in args]), tmp_path, before, needle)
+
+
+def test_a_batch_larger_than_memory_is_refused_before_allocating(tmp_path):
+    from PIL import Image
+
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    before = snapshot(tmp_path)
+    r = run("fix", path, "--calib", tmp_path / "imgs", "--size", "100000,100000")
+    assert_user_error(r, tmp_path, before, "memory available")
+
+
+# -- 1. images: element types and bit depths; 4. resources ---------------------------------------------------
+def test_integer_input_models_get_the_pixels(tmp_path):
+    from PIL import Image
+
+    from onnx import TensorProto
+
+    from vsonnx.data import open_source
+
+    g = GraphBuilder()
+    cast = g.node("Cast", ["x"], "cast", to=TensorProto.FLOAT)
+    model = g.build(g.bn(cast, 3, "bn"))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(tmp_path / "imgs" / "a.png")
+    batch = next(open_source(tmp_path / "imgs", model).batches(4))
+    x = batch.feeds["x"]
+    assert x.dtype == np.uint8 and x[0, :, 0, 0].tolist() == [200, 100, 50]
+
+
+def test_16_bit_grayscale_is_scaled_not_saturated(tmp_path):
+    from PIL import Image
+
+    from vsonnx.datasets import decode_rgb
+
+    Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(tmp_path / "g.png")
+    assert decode_rgb(tmp_path / "g.png")[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vsonnx import datasets
+
+    monkeypatch.setattr(datasets, "MAX_PIXELS", 10_000)
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (200, 200)).save(tmp_path / "imgs" / "big.png")
+    before = snapshot(tmp_path)
+    assert_user_error(run("fix", path, "--calib", tmp_path / "imgs"), tmp_path, before, "200 x 200 pixels")
+
+
+def test_decode_budget_lets_one_large_item_through_alone():
+    import threading
+    import time
+
+    from vsonnx.data import MemoryBudget
+
+    budget, inside, peak = MemoryBudget(100), [0], [0]
+    lock = threading.Lock()
+
+    def work(n):
+        with budget.hold(n):
+            with lock:
+                inside[0] += n
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.02)
+            with lock:
+                inside[0] -= n
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (60, 60, 150, 30, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] <= 150  # never two holders above the budget; the 150 one ran alone
+
+
+def test_skipped_files_are_reported(tmp_path):
+    from PIL import Image
+
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    root = tmp_path / "data"
+    (root / "cat" / "nested").mkdir(parents=True)
+    for p in (root / "cat" / "a.png", root / "stray.png", root / "cat" / "nested" / "b.png"):
+        Image.new("RGB", (8, 8)).save(p)
+    (root / "cat" / "notes.txt").write_text("x")
+    r = run("fix", path, "--calib", root, "--batch-size", 2, "--method", "population", "-o", tmp_path / "o.onnx")
+    assert "skipped 1 images at the top level beside class folders" in r.output
+    assert "skipped 1 folders nested inside a class folder" in r.output
+    assert "skipped 1 files that are not images" in r.output
