@@ -451,3 +451,91 @@ def test_skipped_files_are_reported(tmp_path):
     assert "skipped 1 images at the top level beside class folders" in r.output
     assert "skipped 1 folders nested inside a class folder" in r.output
     assert "skipped 1 files that are not images" in r.output
+
+
+# -- 5. codes and messages ------------------------------------------------------------------------------------
+def test_ctrl_c_exits_130_without_traceback_or_leftovers(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    (tmp_path / "slow.py").write_text(f'''
+import time, numpy as np
+from pathlib import Path
+def slow():
+    Path({str(tmp_path / "started")!r}).write_text("x")
+    for _ in range(1000):
+        time.sleep(0.1)
+        yield {{"x": np.zeros((2, 3, 8, 8), np.float32)}}
+''')
+    proc = subprocess.Popen([sys.executable, "-m", "vsonnx", "fix", path, "--calib", f"{tmp_path}/slow.py:slow",
+                             "--method", "population", "-o", tmp_path / "out.onnx"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "Interrupted." in err
+    assert not (tmp_path / "out.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["m.onnx", "slow.py", "started"]
+
+
+def test_onnxruntime_log_lines_do_not_precede_the_error(tmp_path):
+    import subprocess
+    import sys
+
+    g = GraphBuilder()
+    h = g.bn(g.dropout("x", 0.5, "d"), 3, "bn")
+    h = g.node("Reshape", [h, g.init("shape", np.array([2, -1], np.int64))], "reshape")  # batch 2 baked in
+    path = save(g.build(g.gemm(h, 192, 5)), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 3, 8, 8), np.float32), y=np.zeros(8, np.int64))
+    r = subprocess.run([sys.executable, "-m", "vsonnx", "eval", path, "--data", tmp_path / "d.npz", "--batch-size",
+                        "4"], capture_output=True, text=True)
+    assert r.returncode == 3 and r.stderr.startswith("Error: onnxruntime failed on a batch")
+
+
+def if_model_with_inner_bn():
+    """x -> If(cond: then = Dropout -> BN, else = Identity): the only BN lives in a subgraph."""
+    from onnx import TensorProto, helper
+
+    g = GraphBuilder()
+    inner = [helper.make_node("Dropout", ["x"], ["d"], name="drop"),
+             helper.make_node("BatchNormalization", ["d", "s", "b", "m", "v"], ["y"], name="inner_bn")]
+    init = [numpy_helper.from_array(np.ones(3, np.float32), n) for n in ("s", "v")] + \
+           [numpy_helper.from_array(np.zeros(3, np.float32), n) for n in ("b", "m")]
+    then = helper.make_graph(inner, "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "else", [],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    cond = g.init("cond", np.array(True))
+    out = g.node("If", [cond], "branch", then_branch=then, else_branch=other)
+    return g.build(out)
+
+
+def test_bns_inside_subgraphs_are_listed_and_refused_by_name(tmp_path):
+    path = save(if_model_with_inner_bn(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 8, 8), np.float32))
+    scanned = run("scan", path)
+    assert "branch/then_branch/inner_bn" in scanned.output and scanned.exit_code == 0
+    assert json.loads(run("scan", path, "--json").output)["subgraph_batchnorms"] == ["branch/then_branch/inner_bn"]
+    before = snapshot(tmp_path)
+    for args in (["--calib", tmp_path / "x.npy"], ["--data-free", "--synthetic", "0"]):
+        assert_user_error(run("fix", path, *args), tmp_path, before, "'branch/then_branch/inner_bn': 7:")
+
+
+def test_named_sites_on_a_legacy_export_with_identity_routed_statistics(tmp_path):
+    g = GraphBuilder()
+    h = g.node("Relu", [g.conv("x", 3, 4, name="c1")], "relu")
+    stats = [g.node("Identity", [g.init(n, v)], f"id_{n}") for n, v in
+             (("m", np.zeros(4, np.float32)), ("v", np.full(4, 3.0, np.float32)))]
+    h = g.node("BatchNormalization", [g.conv(h, 4, 4, name="c2"), g.init("s", np.ones(4, np.float32)),
+                                      g.init("b", np.zeros(4, np.float32)), *stats], "bn")
+    path = save(g.build(h), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    r = run("fix", path, "--calib", tmp_path / "x.npy", "--dropout", "relu_out=0.5", "-o", tmp_path / "o.onnx",
+            "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and [b["name"] for b in report["batchnorms"]] == ["bn"]
+    assert not np.allclose(report["batchnorms"][0]["new_var"], report["batchnorms"][0]["old_var"])

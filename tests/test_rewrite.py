@@ -99,3 +99,24 @@ def test_affine_correction_of_a_folded_conv_matches_numpy():
     relu_model = relu.build(relu.node("Relu", ["x"], "r"))
     with pytest.raises(Exception, match="only Conv and Gemm"):
         apply_affine(relu_model, {"r": (a, b)})
+
+
+def test_statistics_routed_through_identity_nodes_are_followed():
+    """Legacy exports feed BN its running statistics through Identity nodes: rewritten, not a KeyError."""
+    from vsonnx.runtime import make_session
+
+    g = GraphBuilder()
+    h = g.dropout("x", 0.5, "d")
+    mean = g.node("Identity", [g.init("m", np.zeros(3, np.float32))], "id_m")
+    var = g.node("Identity", [g.init("v", np.ones(3, np.float32))], "id_v")
+    out = g.node("BatchNormalization", [h, g.init("s", np.ones(3, np.float32)), g.init("b", np.zeros(3, np.float32)),
+                                        mean, var], "bn")
+    model = g.build(out)
+    info = find_sites(model).batchnorms[0]
+    assert refusal(GraphIndex(model), model.graph.node[-1], info) is None
+    stats = BnStatistics("bn", np.array([1.0, 2.0, 3.0]), np.array([4.0, 1.0, 0.25]), 10)
+    assert RecalibrateBatchNorm(model).apply("bn", stats)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    y = make_session(model, device="cpu", optimize=False).run(None, {"x": x})[0]
+    expected = (x - stats.mean.reshape(1, 3, 1, 1)) / np.sqrt(stats.var.reshape(1, 3, 1, 1) + 1e-5)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)

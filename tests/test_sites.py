@@ -137,11 +137,19 @@ def test_predicted_ratio_inverts_eq8():
     assert bn.predicted_var_ratio == pytest.approx(float(np.mean(v / train_var)), rel=1e-5)
 
 
-def test_warning_no_dropout_and_graph_without_bn():
+def test_no_dropout_warning_only_with_evidence_of_folding():
     g = GraphBuilder()
-    out = g.bn(g.conv("x", 3, 4), 4)
+    out = g.bn(g.conv("x", 3, 4), 4)  # conv -> BN: nothing was folded, a network without dropout
+    assert find_sites(g.build(out)).warnings == []
+    g = GraphBuilder()
+    out = g.bn(g.conv(g.node("Relu", [g.conv("x", 3, 4, name="c1")]), 4, 4), 4)  # c1 -> Relu: BN folded into c1
     report = find_sites(g.build(out))
-    assert any("no Dropout" in w and "vsonnx.export" in w for w in report.warnings)
+    assert any("no Dropout" in w and "'c1'" in w and "vsonnx.export" in w for w in report.warnings)
+    g = GraphBuilder()
+    model = g.build(g.bn(g.conv("x", 3, 4, name="c1"), 4))
+    meta = model.graph.node[0].metadata_props.add()
+    meta.key, meta.value = "pkg.onnxscript.rewriter.rule_name", "FuseBatchNormIntoConv"
+    assert any("no Dropout" in w for w in find_sites(model).warnings)  # the exporter says it folded
     g = GraphBuilder()
     report = find_sites(g.build(g.node("Relu", ["x"])))
     assert report.batchnorms == [] and report.warnings == []

@@ -1,7 +1,7 @@
 """Command-line interface: each command parses options, calls one library function, renders its report.
 
 Exit codes: 0 ok; 1 a check failed (e.g. `fix --val` found nothing better and wrote nothing); 2 usage
-(click); 3 user error (``Error: ...`` and ``Hint: ...`` on stderr, no traceback).
+(click); 3 user error (``Error: ...`` and ``Hint: ...`` on stderr, no traceback); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ LABELLED_DATA = click.option("--data", required=True,
 
 
 def user_errors(func):
-    """Turn VsonnxError into 'Error:'/'Hint:' lines and exit code 3; other exceptions keep tracebacks."""
+    """Turn VsonnxError into 'Error:'/'Hint:' lines and exit code 3, Ctrl-C into exit code 130 (outputs are
+    written atomically and scratch folders removed on the way out, so nothing half-written stays); other
+    exceptions keep tracebacks."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -45,6 +47,9 @@ def user_errors(func):
             if exc.hint:
                 click.echo(f"Hint: {exc.hint}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
 
     return wrapper
 

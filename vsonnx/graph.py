@@ -77,6 +77,18 @@ class GraphIndex:
         self._const_cache[name] = value
         return value
 
+    def initializer_behind(self, name: str) -> str | None:
+        """The initializer ``name`` is, directly or through Identity nodes (legacy exports route running
+        statistics that way), or None."""
+        seen = set()
+        while name and name not in self.initializers and name not in seen:
+            seen.add(name)
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return name if name in self.initializers else None
+
     def is_constant(self, name: str) -> bool:
         return self.constant(name) is not None
 

@@ -138,20 +138,22 @@ def _start(model_path, options: FixOptions, method: str) -> _Job:
     report = FixReport(str(path), method, 0, None, False, "", warnings=list(scan.warnings))
     decisions = plan(model, scan, options.scope)
     report.refused = {d.name: d.refusal for d in decisions if d.refusal}
+    report.refused.update({name: "7: inside an If/Loop/Scan subgraph, which vsonnx does not recalibrate"
+                           for name in scan.subgraph_batchnorms})
     return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report)
 
 
 def _nothing_to_do(job: _Job) -> str | None:
     """Why a fix of BN statistics has nothing to do (exit 0), or None; a user error when every BN in scope
     is refused (nothing can be written)."""
+    if job.names:
+        return None
+    if job.report.refused:
+        _refuse_all(job.report.refused)
     if not job.scan.batchnorms:
         return "the model has no BatchNormalization: nothing to fix."
-    if not job.names and not job.report.refused:
-        return ("no Dropout->BatchNormalization site: nothing to fix (if the export removed Dropout, name where it "
-                "acted with --dropout TENSOR=RATIO; --all re-estimates every BN anyway).")
-    if not job.names:
-        _refuse_all(job.report.refused)
-    return None
+    return ("no Dropout->BatchNormalization site: nothing to fix (if the export removed Dropout, name where it "
+            "acted with --dropout TENSOR=RATIO; --all re-estimates every BN anyway).")
 
 
 def _refuse_all(refused: dict[str, str]) -> None:
@@ -236,6 +238,7 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
         result = REGISTRY["named_sites"].run(job.request(source, sites=resolved, scope=options.scope))
         affine = result.details["affine"]
         job.scan = result.details["analysis"]
+        job.report.refused.update(result.details["refused"])
         if result.statistics or affine:
             job.report.notes = {name: f"folded BN corrected in the weights: scale mean {np.mean(a):.3f}"
                                 for name, (a, _) in affine.items()}

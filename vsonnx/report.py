@@ -50,6 +50,9 @@ def render_scan(report) -> str:
     n_down = sum(1 for b in report.batchnorms if b.downstream_of_site and not b.site)
     out.append(f"{len(report.batchnorms)} BatchNormalization, {len(report.dropouts)} Dropout, "
                f"{n_sites} variance-shift site(s), {n_down} more BN downstream of a site.")
+    if report.subgraph_batchnorms:
+        out.append("BatchNormalization inside If/Loop/Scan subgraphs, not analysed nor fixed: "
+                   + ", ".join(report.subgraph_batchnorms))
     if measured:
         from .measure import median_prediction_error
 

@@ -3,13 +3,15 @@
 - find: ``targets(report, scope)``: the sites and every BN downstream of one (``scope="sites"``), or every
   BN (``scope="all"``), from the site finder `scan` uses;
 - check: ``refusal(index, node, info, stats)`` returns None or why a BN is not rewritten:
-  1. its running mean/var are not initializers  2. it is in training mode  3. no statistics were measured
+  1. its running mean/var are not initializers (Identity nodes of initializers are followed)
+  2. it is in training mode  3. no statistics were measured
   4. its stored mean/var are not finite, or the variance is negative (the model is broken there; values
      computed downstream of it are not trusted either, and rule 5 catches them);
   ``plan`` runs find + check, so what `scan` shows per BN is what `fix` does;
   ``invalid_statistics`` checks every new statistic before anything is written:
   5. a new mean/var that is not finite, or a negative variance  6. statistics estimated from fewer than
      ``MIN_VALUES`` values per channel (e.g. a BatchNorm1d calibrated on fewer than 16 samples);
+  7. (BNs inside If/Loop/Scan subgraphs, which sites.find_sites lists but does not analyse: never rewritten);
 - apply: ``RecalibrateBatchNorm.apply`` writes new mean/var into the BN's initializers and returns whether
   anything changed (a second application of the same statistics changes nothing); ``apply_affine`` writes
   a per-output-channel correction y' = a*y + b into the weight and bias of a Conv/Gemm whose BN was folded
@@ -49,13 +51,13 @@ def targets(batchnorms: list[BatchNormInfo], scope: str) -> list[BatchNormInfo]:
 def refusal(index: GraphIndex, node: onnx.NodeProto, info: BatchNormInfo,
             stats: dict[str, BnStatistics] | None = None) -> str | None:
     """check: why this BN cannot be rewritten (None when it can); ``stats``, when given, must hold it."""
-    if len(node.input) < 5 or not all(n in index.initializers for n in node.input[3:5]):
-        return "1: running mean/var are not initializers"
+    if len(node.input) < 5 or not all(index.initializer_behind(n) for n in node.input[3:5]):
+        return "1: running mean/var are not initializers (nor Identity nodes of initializers)"
     if info.training_mode:
         return "2: BatchNormalization is in training mode"
     if stats is not None and info.name not in stats:
         return "3: no statistics were measured for it"
-    mean, var = (numpy_helper.to_array(index.initializers[n]).astype(np.float64) for n in node.input[3:5])
+    mean, var = (np.asarray(index.constant(n), np.float64) for n in node.input[3:5])
     if not (np.isfinite(mean).all() and np.isfinite(var).all()) or (var < 0).any():
         return "4: its stored running mean/var are not finite or the variance is negative"
     return None
@@ -101,13 +103,13 @@ class RecalibrateBatchNorm:
         node = self.index.node(name)
         changed = False
         for slot, value in ((3, stats.mean), (4, stats.var)):
-            tensor = self.index.initializers[node.input[slot]]
+            tensor = self.index.initializers[self.index.initializer_behind(node.input[slot])]
             old = numpy_helper.to_array(tensor)
             new = np.asarray(value, dtype=old.dtype).reshape(old.shape)
             if np.array_equal(old, new):
                 continue
-            if sum(list(n.input).count(tensor.name) for n in self.model.graph.node) > 1:
-                tensor = self._own_copy(node, slot, tensor)
+            if tensor.name != node.input[slot] or sum(list(n.input).count(tensor.name) for n in self.model.graph.node) > 1:
+                tensor = self._own_copy(node, slot, tensor)  # shared, or behind an Identity: this BN's own
             tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
             changed = True
         return changed

@@ -102,7 +102,7 @@ def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool
 
     resolved = resolve_device(device)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures reach the user as vsonnx's Error/Hint, not as log lines
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

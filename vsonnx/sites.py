@@ -92,6 +92,7 @@ class ScanReport:
     dropouts: list[DropoutInfo]
     warnings: list[str]
     calibration: dict | None = None  # set when measured on data (scan --calib)
+    subgraph_batchnorms: list[str] = field(default_factory=list)  # 'If node/then_branch/BN name', not analysed
 
     @property
     def sites(self) -> list[BatchNormInfo]:
@@ -107,7 +108,7 @@ class ScanReport:
                     row.pop(key)
             rows.append(row)
         out = {"model": self.model, "batchnorms": rows, "dropouts": [asdict(d) for d in self.dropouts],
-               "warnings": list(self.warnings)}
+               "subgraph_batchnorms": list(self.subgraph_batchnorms), "warnings": list(self.warnings)}
         if measured:
             out["calibration"] = self.calibration
         return out
@@ -272,7 +273,24 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
     for b in batchnorms:
         b.downstream_of_site = b.name in downstream
     warnings = _warnings(index, batchnorms, list(dropouts.values()))
-    return ScanReport(model_name, batchnorms, list(dropouts.values()), warnings)
+    inner = subgraph_batchnorms(model.graph)
+    if inner:
+        warnings.append(f"{len(inner)} BatchNormalization inside If/Loop/Scan subgraphs ({', '.join(inner[:3])}"
+                        f"{', ...' if len(inner) > 3 else ''}): vsonnx neither analyses nor recalibrates them.")
+    return ScanReport(model_name, batchnorms, list(dropouts.values()), warnings, subgraph_batchnorms=inner)
+
+
+def subgraph_batchnorms(graph: onnx.GraphProto, prefix: str = "") -> list[str]:
+    """Names ('<node>/<attribute>/<BN>') of the BatchNormalization nodes inside the subgraphs of ``graph``."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for k, sub in enumerate([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                                    list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+                where = f"{prefix}{node.name or node.op_type}/{attr.name}{f'[{k}]' if attr.graphs else ''}/"
+                found += [where + (n.name or n.output[0]) for n in sub.node if n.op_type == "BatchNormalization"]
+                found += subgraph_batchnorms(sub, where)
+    return found
 
 
 def _classify(index, info: BatchNormInfo, node, reaching: dict[str, set[_Path]], dropouts) -> None:
@@ -293,10 +311,13 @@ def _classify(index, info: BatchNormInfo, node, reaching: dict[str, set[_Path]],
 
 def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list[DropoutInfo]) -> list[str]:
     warnings: list[str] = []
-    if batchnorms and not dropouts:
+    folded = [n for n in index.nodes_of(*WEIGHT_OPS) if looks_folded(index, n) or _fused_by_exporter(n)]
+    if folded and not dropouts:  # evidence of an eval-mode export, which also removes Dropout
         warnings.append(
-            "the graph has BatchNormalization but no Dropout: if the network was trained with dropout, the "
-            "export removed it (torch.onnx.export in eval mode does); " + EXPORT_HINT
+            f"the graph has no Dropout, and {len(folded)} weight layer(s) such as '{index.node_name(folded[0])}' "
+            "look folded (a nonlinearity follows with no BatchNormalization, or the exporter's metadata says so): "
+            "if the network was trained with dropout, the export removed it (torch.onnx.export in eval mode does); "
+            + EXPORT_HINT
         )
     for b in batchnorms:
         if b.training_mode:
@@ -322,6 +343,11 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
                 "eval mode does); " + EXPORT_HINT
             )
     return warnings
+
+
+def _fused_by_exporter(node: onnx.NodeProto) -> bool:
+    """torch's default (dynamo) exporter marks a Conv/Gemm it folded a BN into in the node's metadata."""
+    return any(p.key == "pkg.onnxscript.rewriter.rule_name" and "FuseBatchNorm" in p.value for p in node.metadata_props)
 
 
 def _unnormalised_weight_after(index: GraphIndex, tensor: str) -> str | None:

@@ -6,7 +6,8 @@ its input; a weight layer that looks folded gets the affine correction a = sqrt(
 b = E_train - a * E_test of its output, Var_train/E_train measured once with the dropouts simulated in
 training mode (seeded; a site inside a fold gets its dropout between the product and the bias).
 ``request.options['sites']``: {tensor: ratio} (resolved names). The result's ``details['affine']`` holds the
-folded-layer corrections {layer: (a, b)}, ``details['analysis']`` the scan report of the analysis copy.
+folded-layer corrections {layer: (a, b)}, ``details['analysis']`` the scan report of the analysis copy,
+``details['refused']`` the BNs in scope that the rewrite pass refuses (vsonnx.rewrite, not estimated).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..graph import GraphIndex, tensor_shapes
 from ..instrument import bn_levels, bn_tap, insert_dropouts, measure_moments, tensor_tap, working_copy
 from .population import measure_levels
 from ..named_sites import folded_layers, inside_folded
-from ..rewrite import apply_affine, targets
+from ..rewrite import apply_affine, plan
 from ..sites import find_sites
 from ..stats import BnStatistics, CalibrationResult
 from . import EstimateRequest
@@ -39,9 +40,10 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
     source = replayable(request.source)
     analysis = insert_dropouts(request.model, sites, training=False)
     report = find_sites(analysis)
-    bns = [b.name for b in targets(report.batchnorms, request.options.get("scope", "sites"))]
+    decisions = plan(analysis, report, request.options.get("scope", "sites"))
+    bns = [d.name for d in decisions if d.refusal is None]
     folded = folded_layers(analysis, sites)
-    details = {"affine": {}, "analysis": report}
+    details = {"affine": {}, "analysis": report, "refused": {d.name: d.refusal for d in decisions if d.refusal}}
     if not bns and not folded:
         return CalibrationResult("named_sites", 0, 0, {}, 0, 0.0, "", details=details)
     index = GraphIndex(analysis)
