@@ -539,3 +539,13 @@ def test_named_sites_on_a_legacy_export_with_identity_routed_statistics(tmp_path
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 0 and [b["name"] for b in report["batchnorms"]] == ["bn"]
     assert not np.allclose(report["batchnorms"][0]["new_var"], report["batchnorms"][0]["old_var"])
+
+
+def test_an_unwritable_plot_path_fails_before_measuring(tmp_path):
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 8, 8), np.float32))
+    before = snapshot(tmp_path)
+    r = run("scan", path, "--calib", tmp_path / "x.npy", "--plot", "/proc/vsonnx-shift.png")
+    assert_user_error(r, tmp_path, before, "/proc")
+    r = run("scan", path, "--calib", tmp_path / "x.npy", "--plot", tmp_path / "missing" / "shift.png")
+    assert_user_error(r, tmp_path, before, "does not exist")

@@ -145,7 +145,18 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     if out.exists() and not stat.S_ISREG(out.stat().st_mode):
         raise VsonnxError(f"output '{out}' exists and is not a regular file (a device, FIFO or socket).",
                           "pass the path of a new or regular file.")
+    try:  # can a file be created there? Asked now, before any work (as root, permissions alone do not tell)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.vsonnx-{os.getpid()}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     return out
+
+
+def _write_error(out: Path, exc: OSError) -> VsonnxError:
+    return VsonnxError(f"cannot write '{out}': {exc.strerror or exc}.",
+                       "choose a writable -o path on a file system with free space.")
 
 
 def pid_alive(pid: int) -> bool:
@@ -212,8 +223,7 @@ def atomic_write(out: Path, write: Callable[[str], None], mode_from: Path | None
         os.chmod(tmp, mode)
         os.replace(tmp, out)
     except OSError as exc:
-        raise VsonnxError(f"cannot write '{out}': {exc.strerror or exc}.",
-                          "choose a writable -o path on a file system with free space.") from None
+        raise _write_error(out, exc) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
