@@ -118,7 +118,7 @@ def test_size_needed_when_model_shape_is_dynamic(tmp_path):
     assert open_source(tmp_path, model, preprocess={"size": (8, 8)}).size == 10
 
 
-def test_replay_source_decodes_once_within_its_budget(tmp_path):
+def test_replay_source_decodes_once_memory_then_disk(tmp_path):
     from vsonnx.data import Batch, ReplaySource, Source
 
     class Counting(Source):  # a source that counts how often it is read
@@ -140,9 +140,16 @@ def test_replay_source_decodes_once_within_its_budget(tmp_path):
     assert inner.reads == 1
     collect(replay, 5)  # another batch size: read again
     assert inner.reads == 2
-    small = ReplaySource(Counting(), budget=100)  # over budget: every pass reads the source
-    collect(small, 8), collect(small, 8)
-    assert small.source.reads == 2
+    small = ReplaySource(Counting(), memory=100)  # past the memory budget, batches are replayed from disk
+    first, second = collect(small, 8), collect(small, 8)
+    assert small.source.reads == 1 and small._folder is not None and any(small._folder.iterdir())
+    np.testing.assert_array_equal(first[0], second[0])
+    folder = small._folder
+    del small
+    import gc
+
+    gc.collect()
+    assert not folder.exists()  # the scratch folder goes with the source
 
 
 def test_missing_normalisation_is_warned(tmp_path):

@@ -20,8 +20,10 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -460,31 +462,53 @@ class ReaderSource(Source):
 
 
 class ReplaySource(Source):
-    """Keeps the preprocessed batches of a first pass in memory (up to ``budget`` bytes) and replays them on
-    later passes, so multi-pass methods decode images once. These are model inputs, not activations; past
-    the budget every pass reads the wrapped source again."""
+    """Decodes once: the preprocessed batches of the first pass are kept for later passes of the same batch
+    size, the first ``memory`` bytes in memory and the rest in a scratch folder ($TMPDIR/vsonnx-replay-PID-*,
+    one ``.npy`` per input and batch, read back a batch at a time), so memory holds about one batch whatever
+    the size of the data set. These are model inputs, not activations. A pass that stops early keeps
+    nothing; another batch size reads the wrapped source again."""
 
-    def __init__(self, source: Source, budget: int = 1 << 30):
-        self.source, self.budget = source, budget
+    def __init__(self, source: Source, memory: int = 64 << 20):
+        self.source, self.memory = source, memory
         self.has_labels, self.spec, self.size = source.has_labels, source.spec, source.size
-        self._cache: tuple[int, list[Batch]] | None = None
+        self._kept: tuple[int, list] | None = None
+        self._folder: Path | None = None
+        self._names: list[str] = []
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        if self._cache is not None and self._cache[0] == batch_size:
-            yield from self._cache[1]
+        if self._kept is not None and self._kept[0] == batch_size:
+            yield from (self._load(k) if isinstance(k, int) else k for k in self._kept[1])
             return
-        kept: list[Batch] | None = []
+        kept: list = []
         used = 0
         for batch in self.source.batches(batch_size):
-            if kept is not None:
-                used += sum(a.nbytes for a in batch.feeds.values())
-                if used <= self.budget:
-                    kept.append(batch)
-                else:
-                    kept = None
+            nbytes = sum(a.nbytes for a in batch.feeds.values())
+            if used + nbytes <= self.memory:
+                kept.append(batch)
+                used += nbytes
+            else:
+                kept.append(self._spill(batch, len(kept)))
             yield batch
-        if kept is not None:
-            self._cache = (batch_size, kept)
+        self._kept = (batch_size, kept)
+
+    def _spill(self, batch: Batch, k: int) -> int:
+        if self._folder is None:
+            from .model import new_scratch
+
+            self._folder = new_scratch("replay")
+            weakref.finalize(self, shutil.rmtree, self._folder, True)
+        self._names = list(batch.feeds)
+        for i, array in enumerate(batch.feeds.values()):
+            np.save(self._folder / f"{k}.{i}.npy", array)
+        if batch.labels is not None:
+            np.save(self._folder / f"{k}.labels.npy", batch.labels)
+        return k
+
+    def _load(self, k: int) -> Batch:
+        names = self._names
+        feeds = {name: np.load(self._folder / f"{k}.{i}.npy") for i, name in enumerate(names)}
+        labels = np.load(self._folder / f"{k}.labels.npy") if (self._folder / f"{k}.labels.npy").exists() else None
+        return Batch(feeds, labels)
 
     def describe(self) -> str:
         return self.source.describe()

@@ -185,15 +185,20 @@ def remove_stale(folder: Path, pattern: str) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-@contextmanager
-def scratch_folder(kind: str):
-    """A new folder ``vsonnx-KIND-PID-XXXX`` in the system's temporary folder (TMPDIR), removed when the block
-    ends; folders of processes that no longer run (killed with -9) are removed first."""
-    import shutil
-
+def new_scratch(kind: str) -> Path:
+    """A new folder ``vsonnx-KIND-PID-XXXX`` in the system's temporary folder (TMPDIR); folders of processes
+    that no longer run (killed with -9) are removed first. The caller removes it."""
     root = Path(tempfile.gettempdir())
     remove_stale(root, rf"vsonnx-{re.escape(kind)}-(?P<pid>\d+)-.*")
-    folder = Path(tempfile.mkdtemp(prefix=f"vsonnx-{kind}-{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f"vsonnx-{kind}-{os.getpid()}-", dir=root))
+
+
+@contextmanager
+def scratch_folder(kind: str):
+    """``new_scratch`` removed when the block ends."""
+    import shutil
+
+    folder = new_scratch(kind)
     try:
         yield folder
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..data import ReplaySource
+from ..data import replayable
 from ..graph import GraphIndex
 from ..stats import BnStatistics, CalibrationResult, transfer_change
 from . import EstimateRequest
@@ -19,7 +19,7 @@ from .batch import batch_pass
 
 
 def estimate(request: EstimateRequest) -> CalibrationResult:
-    request = replace(request, source=ReplaySource(request.source))
+    request = replace(request, source=replayable(request.source))
     on = batch_pass(request, dropout_active=True)
     off = batch_pass(request, dropout_active=False)
     stats = {}
