@@ -21,7 +21,7 @@ def test_demo_on_the_image_folders():
     assert [x["model"] for x in d["results"]] == ["original", "fixed (batch)", "fixed (population)",
                                                   "fixed (relative)", "fixed (data-free)"]
     assert d["calib_samples"] == 256 and all(x["samples"] == 512 for x in d["results"])
-    assert d["sites"] == 9
+    assert d["sites"] == 9 and d["total_seconds"] >= sum(d["fix_seconds"].values())
 
 
 def test_demo_on_the_python_release(tmp_path):
@@ -36,6 +36,7 @@ def test_demo_on_the_python_release(tmp_path):
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
     r = CliRunner().invoke(main, ["demo", "--data", str(tmp_path), "--batch-size", "8", "--synthetic", "0"])
     assert r.exit_code == 0 and "fixed (population)" in r.output and "Traceback" not in r.output
+    assert "total time:" in r.output
 
 
 def test_demo_without_data_names_the_flag(tmp_path):

@@ -7,6 +7,7 @@ all models on the same batches).
 from __future__ import annotations
 
 import importlib.util
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,11 +38,13 @@ class DemoReport:
     results: list[EvalReport]
     fix_seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    total_seconds: float = 0.0  # the whole demo, data loading included
 
     def to_dict(self) -> dict:
         return {"model": self.model, "sites": self.sites, "batchnorms": self.batchnorms,
                 "calib_samples": self.calib_samples, "fix_seconds": self.fix_seconds,
-                "results": [r.to_dict() for r in self.results], "notes": self.notes}
+                "results": [r.to_dict() for r in self.results], "notes": self.notes,
+                "total_seconds": self.total_seconds}
 
 
 def _sources(model, data: Path | None, calib_limit: int, test_limit: int | None, seed: int):
@@ -63,6 +66,7 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
              threads: int | None = None, seed: int = 0, out_dir: Path | None = None, progress: bool = False,
              synthetic: int = DEFAULT_SAMPLES, synthetic_steps: int = DEFAULT_STEPS) -> DemoReport:
     """``synthetic=0`` (or no torch) leaves the data-free fix out."""
+    start = time.perf_counter()
     model_path = Path(model_path) if model_path else models_dir() / DEFAULT_MODEL
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     if not model_path.exists():
@@ -92,4 +96,4 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
         results = list(score_together({name: load_model(path) for name, path in names.items()}, test,
                                       device=device, threads=threads, progress=progress).values())
     return DemoReport(str(model_path), len(scan.sites), len(scan.batchnorms), calib.size or 0, results, seconds,
-                      notes)
+                      notes, round(time.perf_counter() - start, 1))

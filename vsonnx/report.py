@@ -124,4 +124,5 @@ def render_demo(report) -> str:
            else ""),
         table(["model", "test images", "top-1 %", "top-5 %", "delta top-1"], rows, "lrrrr"),
         *[f"note: {n}" for n in report.notes],
+        f"total time: {report.total_seconds} s",
     ])
