@@ -83,6 +83,28 @@ def main() -> None:
 
         seconds = best_of(1, lambda: synthetic_statistics(model, names, device=args.device, seed=0))
         print(f"{'fix --data-free (torch)':35s} {seconds:7.3f} s   {seconds / base:.2f}x")
+    eval_rates(model, args)
+
+
+def eval_rates(model, args) -> None:
+    """vsonnx eval's images/s on the image folder (decoding overlapped with inference) and on the same images
+    preloaded as arrays; the ratio shows what decoding still costs."""
+    from vsonnx.accuracy import score_together
+
+    def rate(make_source) -> float:
+        source = make_source()
+        seconds = best_of(1, lambda: score_together({"m": model}, source, batch_size=args.batch_size,
+                                                    device=args.device, threads=args.threads))
+        return source.size / seconds
+
+    folder = open_source(args.data, model, limit=args.samples, seed=0)
+    decoded = [b for b in folder.batches(512)]
+    preloaded = ArraySource.from_arrays(model, np.concatenate([b.feeds[next(iter(b.feeds))] for b in decoded]),
+                                        np.concatenate([b.labels for b in decoded]), shuffle=False)
+    from_folder = rate(lambda: open_source(args.data, model, limit=args.samples, seed=0))
+    from_arrays = rate(lambda: preloaded)
+    print(f"eval from the image folder          {from_folder:7.0f} images/s   {from_folder / from_arrays:.2f}x "
+          f"of preloaded arrays ({from_arrays:.0f} images/s)")
 
 
 if __name__ == "__main__":
