@@ -1,4 +1,6 @@
 """Exports that erased the evidence: Dropout removed (named by the user), BN folded into a Conv."""
+import contextlib
+import io
 import warnings
 
 import numpy as np
@@ -54,9 +56,11 @@ def exports(tmp_path_factory):
     return tmp
 
 
-def export_both_ways(net_class, folder) -> np.ndarray:
+def export_both_ways(net_class, folder, default_exporter: bool = False) -> np.ndarray:
     """Seeded net whose BN statistics are training-time moments, exported as kept.onnx (vsonnx.export) and
-    stock.onnx (torch.onnx.export: Dropout removed, BN folded), with its data as x.npy; returns the data."""
+    stock.onnx (torch.onnx.export: Dropout removed, BN folded; the TorchScript exporter, or with
+    ``default_exporter`` the default dynamo one, which records module names in node metadata), with its data
+    as x.npy; returns the data."""
     torch.manual_seed(0)
     net = net_class()
     x = torch.randn(256, 3, 8, 8) + 0.5
@@ -69,10 +73,14 @@ def export_both_ways(net_class, folder) -> np.ndarray:
             net(x)
     net.eval()
     vsonnx.export(net, x[:2], folder / "kept.onnx")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x[:2],), str(folder / "stock.onnx"), dynamo=False, input_names=["input"],
-                          dynamic_axes={"input": {0: "n"}})
+        if default_exporter:
+            torch.onnx.export(net, (x[:2],), str(folder / "stock.onnx"), input_names=["input"],
+                              dynamic_shapes=({0: torch.export.Dim("n")},))
+        else:
+            torch.onnx.export(net, (x[:2],), str(folder / "stock.onnx"), dynamo=False, input_names=["input"],
+                              dynamic_axes={"input": {0: "n"}})
     np.save(folder / "x.npy", x.numpy())
     return x.numpy()
 
@@ -122,8 +130,9 @@ def test_removed_dropout_with_bn_kept_equals_real_dropout(tmp_path):
 
 def test_names_that_do_not_exist_are_user_errors(exports):
     model = load_model(exports / "stock.onnx")
-    with pytest.raises(VsonnxError, match="neither a tensor nor a node"):
-        resolve_sites(model, {"/nope/conv9/Conv": 0.5})
+    with pytest.raises(VsonnxError, match="neither a tensor, a node nor a PyTorch module") as info:
+        resolve_sites(model, {"/conv9/Conv": 0.5})
+    assert "closest: /conv2/Conv, /conv1/Conv" in info.value.hint
     with pytest.raises(VsonnxError, match="NAME=RATIO"):
         parse_dropout_specs(["conv2"])
     with pytest.raises(VsonnxError, match="outside"):
@@ -163,3 +172,38 @@ def test_folded_placement_a_matches_unfolded_fix(tmp_path):
         stock, {conv1.output[0]: 0.5}))
     assert [n.op_type for n in simulated.graph.node[:3]] == ["Conv", "Dropout", "Add"]
     assert len(simulated.graph.node[0].input) == 2  # the folded bias is added after the dropout
+
+
+@pytest.mark.parametrize("placement", ["a", "b"])
+def test_default_exporter_module_names_name_the_sites(tmp_path, placement):
+    """torch's default export folds every BN and records the BN's module on the conv it went into: scan lists
+    them, and `--dropout MODULE=RATIO` (the BN for placement a, the conv for placement b, shell patterns
+    allowed) fixes the export as well as naming the tensor would."""
+    pytest.importorskip("onnxscript")
+    xs = export_both_ways(lambda: TwoConvNet(placement), tmp_path, default_exporter=True)
+    stock = load_model(tmp_path / "stock.onnx")
+    report = vsonnx.scan(stock)
+    assert [(f["batchnorm"], f["layer_module"]) for f in report.folded_batchnorms] == [("bn1", "conv1"),
+                                                                                      ("bn2", "conv2")]
+    convs = [n for n in stock.graph.node if n.op_type == "Conv"]
+    if placement == "a":  # dropout between conv1 and bn1: inside the fold
+        assert resolve_sites(stock, {"bn1": 0.5}) == {convs[0].output[0]: 0.5}
+        assert resolve_sites(stock, {"bn*": 0.5}) == {convs[0].output[0]: 0.5, convs[1].output[0]: 0.5}
+        spec = "b?1=0.5"
+    else:  # dropout before conv2
+        assert resolve_sites(stock, {"conv2": 0.5}) == {convs[1].input[0]: 0.5}
+        spec = "conv2=0.5"
+    r = CliRunner().invoke(main, ["fix", str(tmp_path / "stock.onnx"), "--calib", str(tmp_path / "x.npy"),
+                                  "--dropout", spec, "-o", str(tmp_path / "named.onnx")])
+    assert r.exit_code == 0, r.output
+    site = convs[0].output[0] if placement == "a" else convs[1].input[0]
+    vsonnx.fix(tmp_path / "stock.onnx", tmp_path / "x.npy", output=tmp_path / "tensor.onnx", dropout_sites={site: 0.5})
+    np.testing.assert_array_equal(logits(tmp_path / "named.onnx", xs), logits(tmp_path / "tensor.onnx", xs))
+    assert not np.allclose(logits(tmp_path / "named.onnx", xs), logits(tmp_path / "stock.onnx", xs))
+
+
+def test_torchscript_node_names_give_module_names(exports):
+    stock = load_model(exports / "stock.onnx")
+    conv2 = next(n for n in stock.graph.node if n.name == "/conv2/Conv")
+    assert resolve_sites(stock, {"conv2": 0.5}) == {conv2.input[0]: 0.5}
+    assert resolve_sites(stock, {conv2.input[0]: 0.3}) == {conv2.input[0]: 0.3}  # a tensor name wins

@@ -7,6 +7,7 @@ onnx-graphsurgeon in vsonnx.instrument.
 """
 from __future__ import annotations
 
+import ast
 from collections import defaultdict, deque
 from functools import cached_property
 
@@ -224,6 +225,32 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+def module_of(node: onnx.NodeProto) -> str | None:
+    """The PyTorch module a node was exported from, when the exporter said so: torch's default (dynamo)
+    exporter in the node's ``pkg.torch.onnx.name_scopes`` metadata (``['', 'layer1', 'layer1.0', 'layer1.0.bn',
+    '<op>']`` -> ``layer1.0.bn``; for a Conv a BN was folded into, that BN), the TorchScript exporter in the
+    node's name (``/layer1/layer1.0/bn/BatchNormalization`` -> ``layer1.0.bn``)."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    scopes = meta.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            names = [str(s) for s in ast.literal_eval(scopes)]
+        except (ValueError, SyntaxError):
+            names = []
+        return names[-2] if len(names) >= 2 and names[-2] else None
+    if node.name.startswith("/") and node.name.count("/") >= 2:
+        path = ""
+        for segment in node.name.strip("/").split("/")[:-1]:
+            path = segment if not path or segment.startswith(path + ".") else f"{path}.{segment}"
+        return path or None
+    return None
+
+
+def folded_by_exporter(node: onnx.NodeProto) -> bool:
+    """torch's default (dynamo) exporter marks a Conv/Gemm it folded a BN into in the node's metadata."""
+    return any(p.key == "pkg.onnxscript.rewriter.rule_name" and "FuseBatchNorm" in p.value for p in node.metadata_props)
 
 
 def check_structure(model: onnx.ModelProto, where: str = "the model") -> None:

@@ -21,13 +21,15 @@ Refuses: names that are not tensors or nodes of the graph; ratios outside [0, 1)
 """
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import json
 from pathlib import Path
 
 import onnx
 
 from .errors import VsonnxError
-from .graph import GraphIndex
+from .graph import WEIGHT_OPS, GraphIndex, folded_by_exporter, module_of
 from .instrument import insert_dropouts
 from .sites import looks_folded
 
@@ -57,21 +59,51 @@ def parse_dropout_specs(specs: list[str] | tuple[str, ...], sites_file: str | Pa
     return named
 
 
+def module_sites(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """PyTorch module name -> the tensors where a dropout acting on that module's input sits in the graph:
+    - a BatchNormalization module (placement a): the BN's input, or, when the exporter folded the BN into the
+      Conv/Gemm before it, that layer's output (the dropout then acted inside the fold);
+    - a Conv/Linear module (placement b): the layer's input. The layer is found by its module name in the
+      exporter's metadata or node name (vsonnx.graph.module_of), or by its weight's name ``MODULE.weight``,
+      which both exporters keep: this names a conv whose own metadata records only the BN folded into it."""
+    index = GraphIndex(model)
+    sites: dict[str, list[str]] = {}
+    for node in index.graph.node:
+        module = module_of(node)
+        if node.op_type == "BatchNormalization" and module:
+            sites.setdefault(module, []).append(node.input[0])
+        elif node.op_type in WEIGHT_OPS:
+            if module and folded_by_exporter(node):
+                sites.setdefault(module, []).append(node.output[0])
+            elif module:
+                sites.setdefault(module, []).append(node.input[0])
+            weight = node.input[1] if len(node.input) > 1 else ""
+            if weight.endswith(".weight") and weight in index.initializers:
+                sites.setdefault(weight[:-len(".weight")], []).append(node.input[0])
+    return {m: list(dict.fromkeys(ts)) for m, ts in sites.items()}
+
+
 def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> dict[str, float]:
-    """Map node names to their first input; every name must be a tensor or node of the graph."""
+    """{site tensor: ratio} from names: a tensor, a node (its first input) or a PyTorch module name pattern
+    (shell-style, ``*`` may cross dots; see module_sites). Tensor and node names win over a pattern matching
+    the same text; a name matching nothing is an error listing the closest names."""
     index = GraphIndex(model)
     nodes = index.by_name
     tensors = set(index.producer) | {i.name for i in model.graph.input}
+    modules = module_sites(model)
     resolved = {}
     for name, ratio in named.items():
         if name in tensors:
             resolved[name] = ratio
         elif name in nodes:
             resolved[nodes[name].input[0]] = ratio
+        elif matched := [m for m in modules if fnmatch.fnmatchcase(m, name)]:
+            resolved.update({t: ratio for m in matched for t in modules[m]})
         else:
-            close = sorted(t for t in tensors | set(nodes) if name.split("/")[-1] and name.split("/")[-1] in t)[:3]
-            raise VsonnxError(f"'{name}' is neither a tensor nor a node of the model.",
-                              "list names with `vsonnx scan MODEL --json` or netron" + (f"; similar: {close}" if close else "."))
+            close = difflib.get_close_matches(name, [*modules, *nodes, *tensors], n=5, cutoff=0.4)
+            raise VsonnxError(f"'{name}' is neither a tensor, a node nor a PyTorch module of the model.",
+                              "name a module ('layer1.0.bn2', 'layer*.bn2'), a node or a tensor"
+                              + (f"; closest: {', '.join(close)}." if close else "; list them with `vsonnx scan MODEL`."))
     return resolved
 
 

@@ -50,6 +50,10 @@ def render_scan(report) -> str:
     n_down = sum(1 for b in report.batchnorms if b.downstream_of_site and not b.site)
     out.append(f"{len(report.batchnorms)} BatchNormalization, {len(report.dropouts)} Dropout, "
                f"{n_sites} variance-shift site(s), {n_down} more BN downstream of a site.")
+    if report.folded_batchnorms:
+        out.append(table(["folded BN (module)", "into layer", "layer module"],
+                         [[f["batchnorm"] or "?", f["layer"], f["layer_module"] or "?"] for f in report.folded_batchnorms],
+                         "lll"))
     if report.subgraph_batchnorms:
         out.append("BatchNormalization inside If/Loop/Scan subgraphs, not analysed nor fixed: "
                    + ", ".join(report.subgraph_batchnorms))

@@ -23,13 +23,15 @@ import numpy as np
 import onnx
 
 from . import theory
-from .graph import MERGE_OPS, NONLINEAR_OPS, NORMALIZATION_OPS, SHAPE_OPS, WEIGHT_OPS, GraphIndex, attribute
+from .graph import (MERGE_OPS, NONLINEAR_OPS, NORMALIZATION_OPS, SHAPE_OPS, WEIGHT_OPS, GraphIndex, attribute,
+                    folded_by_exporter, module_of)
 from .model import default_opset, get_metadata
 
 PATH_ORDER = ("direct", "weight", "merge", "other")
 EXPORT_HINT = (
     "export with vsonnx.export(model, example_input, 'model.onnx'), which keeps Dropout and unfolded BN; "
-    "or name where dropout acted with `vsonnx fix --calib DATA --dropout TENSOR_OR_NODE=RATIO` (BNs kept in the "
+    "or name where dropout acted with `vsonnx fix --calib DATA --dropout NAME=RATIO`, NAME a tensor, a node or a "
+    "PyTorch module pattern such as 'layer*.bn2' (BNs kept in the "
     "graph are recalibrated, BNs folded into a Conv/Gemm are corrected in its weights; name the layer after the "
     "dropout, or, when the dropout sat between a conv and its folded BN, the conv's output tensor)."
 )
@@ -93,6 +95,9 @@ class ScanReport:
     warnings: list[str]
     calibration: dict | None = None  # set when measured on data (scan --calib)
     subgraph_batchnorms: list[str] = field(default_factory=list)  # 'If node/then_branch/BN name', not analysed
+    # BNs the exporter folded into a Conv/Gemm (its metadata says so): {batchnorm: module, layer: node name,
+    # layer_module: the conv/linear module, from its weight's name, or None}
+    folded_batchnorms: list[dict] = field(default_factory=list)
 
     @property
     def sites(self) -> list[BatchNormInfo]:
@@ -108,7 +113,8 @@ class ScanReport:
                     row.pop(key)
             rows.append(row)
         out = {"model": self.model, "batchnorms": rows, "dropouts": [asdict(d) for d in self.dropouts],
-               "subgraph_batchnorms": list(self.subgraph_batchnorms), "warnings": list(self.warnings)}
+               "subgraph_batchnorms": list(self.subgraph_batchnorms),
+               "folded_batchnorms": list(self.folded_batchnorms), "warnings": list(self.warnings)}
         if measured:
             out["calibration"] = self.calibration
         return out
@@ -273,11 +279,30 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
     for b in batchnorms:
         b.downstream_of_site = b.name in downstream
     warnings = _warnings(index, batchnorms, list(dropouts.values()))
+    folded = folded_batchnorms(index)
+    if folded:
+        warnings.append(f"the exporter folded {len(folded)} BatchNormalization into Conv/Gemm layers (modules "
+                        f"{', '.join(f['batchnorm'] or '?' for f in folded[:4])}{', ...' if len(folded) > 4 else ''}): "
+                        "fix corrects them in the weights once told where dropout acted: --dropout 'MODULE=RATIO' "
+                        "with the BN module for placement (a) (e.g. 'layer*.bn2=0.5'), the conv/linear module for "
+                        "placement (b); or re-export with vsonnx.export.")
     inner = subgraph_batchnorms(model.graph)
     if inner:
         warnings.append(f"{len(inner)} BatchNormalization inside If/Loop/Scan subgraphs ({', '.join(inner[:3])}"
                         f"{', ...' if len(inner) > 3 else ''}): vsonnx neither analyses nor recalibrates them.")
-    return ScanReport(model_name, batchnorms, list(dropouts.values()), warnings, subgraph_batchnorms=inner)
+    return ScanReport(model_name, batchnorms, list(dropouts.values()), warnings, subgraph_batchnorms=inner,
+                      folded_batchnorms=folded)
+
+
+def folded_batchnorms(index: GraphIndex) -> list[dict]:
+    """The BNs the exporter says it folded, with their module, the layer and that layer's own module."""
+    found = []
+    for node in index.nodes_of(*WEIGHT_OPS):
+        if folded_by_exporter(node):
+            weight = node.input[1] if len(node.input) > 1 else ""
+            found.append({"batchnorm": module_of(node), "layer": index.node_name(node),
+                          "layer_module": weight[:-len(".weight")] if weight.endswith(".weight") else None})
+    return found
 
 
 def subgraph_batchnorms(graph: onnx.GraphProto, prefix: str = "") -> list[str]:
@@ -311,11 +336,12 @@ def _classify(index, info: BatchNormInfo, node, reaching: dict[str, set[_Path]],
 
 def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list[DropoutInfo]) -> list[str]:
     warnings: list[str] = []
-    folded = [n for n in index.nodes_of(*WEIGHT_OPS) if looks_folded(index, n) or _fused_by_exporter(n)]
-    if folded and not dropouts:  # evidence of an eval-mode export, which also removes Dropout
+    folded = [n for n in index.nodes_of(*WEIGHT_OPS) if looks_folded(index, n)]
+    by_exporter = any(folded_by_exporter(n) for n in index.nodes_of(*WEIGHT_OPS))  # its own warning (find_sites)
+    if folded and not dropouts and not by_exporter:  # evidence of an eval-mode export, which also removes Dropout
         warnings.append(
             f"the graph has no Dropout, and {len(folded)} weight layer(s) such as '{index.node_name(folded[0])}' "
-            "look folded (a nonlinearity follows with no BatchNormalization, or the exporter's metadata says so): "
+            "look folded (a nonlinearity follows with no BatchNormalization): "
             "if the network was trained with dropout, the export removed it (torch.onnx.export in eval mode does); "
             + EXPORT_HINT
         )
@@ -343,11 +369,6 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
                 "eval mode does); " + EXPORT_HINT
             )
     return warnings
-
-
-def _fused_by_exporter(node: onnx.NodeProto) -> bool:
-    """torch's default (dynamo) exporter marks a Conv/Gemm it folded a BN into in the node's metadata."""
-    return any(p.key == "pkg.onnxscript.rewriter.rule_name" and "FuseBatchNorm" in p.value for p in node.metadata_props)
 
 
 def _unnormalised_weight_after(index: GraphIndex, tensor: str) -> str | None:
