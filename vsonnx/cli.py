@@ -157,11 +157,12 @@ def _provider_line(provider: str | None) -> None:
               help="No data: synthesise inputs from the BN statistics (needs torch) and correct every BN in scope.")
 @synthetic_option("With --data-free: synthetic inputs; 0 = closed-form formulas for the sites only (no torch).")
 @SYNTHETIC_STEPS
-@click.option("--dropout", "dropout_specs", multiple=True, metavar="TENSOR_OR_NODE=RATIO",
-              help="Where dropout acted in training, for exports that removed it (repeatable; a node stands for "
-                   "its input: for a folded Conv name the Conv).")
+@click.option("--dropout", "dropout_specs", multiple=True, metavar="NAME=RATIO",
+              help="Where dropout acted in training, for exports that removed it (repeatable). NAME: a PyTorch "
+                   "module pattern ('layer*.bn2': a BN for placement a, a conv/linear for placement b), a node "
+                   "(stands for its input) or a tensor.")
 @click.option("--sites", "sites_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help='JSON file {"dropout": {"TENSOR_OR_NODE": RATIO}}, the same as several --dropout.')
+              help='JSON file {"dropout": {"NAME": RATIO}}, the same as several --dropout.')
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output model [default: MODEL.fixed.onnx].")
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model.")
@@ -301,10 +302,10 @@ def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device,
 @click.option("--calib", default=None, help="Measure the shift on this data (model as deployed, dropout off).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --calib: write the paper's Fig. 1 (shift per BN layer) as a PNG; models overlaid.")
-@click.option("--dropout", "dropout_specs", multiple=True, metavar="TENSOR_OR_NODE=RATIO",
-              help="Analyse as if dropout acted here (exports that removed it); repeatable, as in fix.")
+@click.option("--dropout", "dropout_specs", multiple=True, metavar="NAME=RATIO",
+              help="Analyse as if dropout acted here (exports that removed it); repeatable, names as in fix.")
 @click.option("--sites", "sites_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help='JSON file {"dropout": {"TENSOR_OR_NODE": RATIO}}.')
+              help='JSON file {"dropout": {"NAME": RATIO}}.')
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (a list for several models).")
 @data_options
 @user_errors

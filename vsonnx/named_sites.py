@@ -1,9 +1,9 @@
 """Naming the dropout sites of models whose export erased them (DESIGN 3, 5.6): Dropout removed, BN
 possibly folded. The correction itself is the ``named_sites`` method (vsonnx.methods.named_sites).
 
-The user names where dropout acted in training: ``--dropout TENSOR_OR_NODE=RATIO`` (a node name stands
-for its first input: for a folded Conv, name the Conv) or ``--sites sites.json``
-(``{"dropout": {"TENSOR_OR_NODE": RATIO, ...}}``). Working copies then carry Dropout nodes there
+The user names where dropout acted in training: ``--dropout NAME=RATIO``, NAME a PyTorch module pattern
+(module_sites), a node (stands for its first input: for a folded Conv, name the Conv) or a tensor, or ``--sites sites.json``
+(``{"dropout": {"NAME": RATIO, ...}}``). Working copies then carry Dropout nodes there
 (training_mode false for analysis and test-time passes; true, seeded, to simulate training), so the site
 finder, the calibrator and the reports work unchanged.
 
@@ -44,7 +44,7 @@ def parse_dropout_specs(specs: list[str] | tuple[str, ...], sites_file: str | Pa
             named.update({str(k): float(v) for k, v in dict(entries).items()})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VsonnxError(f"cannot read sites file '{sites_file}' ({type(exc).__name__}).",
-                              'write {"dropout": {"TENSOR_OR_NODE": RATIO}}.') from None
+                              'write {"dropout": {"NAME": RATIO}}.') from None
     for spec in specs:
         name, sep, value = spec.rpartition("=")
         try:
