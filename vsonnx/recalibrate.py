@@ -153,7 +153,7 @@ def _nothing_to_do(job: _Job) -> str | None:
     if not job.scan.batchnorms:
         return "the model has no BatchNormalization: nothing to fix."
     return ("no Dropout->BatchNormalization site: nothing to fix (if the export removed Dropout, name where it "
-            "acted with --dropout TENSOR=RATIO; --all re-estimates every BN anyway).")
+            "acted with --dropout NAME=RATIO; --all re-estimates every BN anyway).")
 
 
 def _refuse_all(refused: dict[str, str]) -> None:
