@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from vsonnx.data import ArraySource
-from vsonnx.instrument import (activate_dropouts, bn_levels, bn_tap, insert_dropouts, measure_moments,
-                               to_model, working_copy, working_graph)
+from vsonnx.instrument import (bn_levels, bn_tap, insert_dropouts, measure_moments, simulate_dropouts, to_model,
+                               working_copy, working_graph)
 from vsonnx.graph import GraphIndex, tensor_shapes
 from vsonnx.model import get_metadata, set_metadata
 from vsonnx.runtime import make_session
@@ -32,14 +32,28 @@ def test_working_copy_switches_dropout_off():
     np.testing.assert_array_equal(outputs(working_copy(model)), X)
 
 
-def test_activated_dropout_drops_and_rescales():
+@pytest.mark.parametrize("optimize", [False, True])
+def test_simulated_dropout_drops_and_rescales_also_optimised(optimize):
+    """The explicit mask operations survive onnxruntime's graph optimisations (a Dropout node would not)."""
     model = dropout_model(training=False)
-    graph = working_graph(model, keep_dropout_modes=True)
-    activate_dropouts(graph, opset=17, seed=3)
-    y = outputs(to_model(graph, model))
+    graph = working_graph(model)
+    simulate_dropouts(graph, opset=17, dtypes={}, seed=3)
+    session = make_session(to_model(graph, model), device="cpu", optimize=optimize)
+    y, again = (session.run(None, {"x": X})[0] for _ in range(2))
     kept = y != 0
-    assert abs(kept.mean() - 0.5) < 0.03  # 2,048 values: 3 standard deviations of the kept fraction
+    assert abs(kept.mean() - 0.5) < 0.03  # 3,072 values: 3 standard deviations of the kept fraction
     np.testing.assert_allclose(y[kept], 2 * X[kept], rtol=1e-6)
+    assert not np.array_equal(y, again)  # a fresh mask every run
+
+
+def test_simulated_dropout_of_old_opsets_reads_the_ratio_attribute():
+    g = GraphBuilder(opset=11)
+    model = g.build(g.dropout("x", 0.25, "d", form="attribute"))
+    graph = working_graph(model)
+    simulate_dropouts(graph, opset=11, dtypes={})
+    y = make_session(to_model(graph, model), device="cpu").run(None, {"x": X})[0]
+    assert abs(np.mean(y == 0) - 0.25) < 0.03
+    np.testing.assert_allclose(y[y != 0], X[y != 0] / 0.75, rtol=1e-6)
 
 
 def test_tap_moments_equal_numpy():

@@ -110,21 +110,39 @@ def dropout_seeds(seed: int, count: int) -> list[int]:
     return [int(s) for s in np.random.default_rng(seed).integers(1, 2**31 - 1, count)]
 
 
-def activate_dropouts(graph: gs.Graph, opset: int, seed: int = DROPOUT_SEED) -> None:
-    """Set every Dropout of ``graph`` to training mode, each with its own seed drawn from ``seed``.
-    Refuses Dropout of opsets below 12 (no training mode to simulate)."""
+def simulate_dropouts(graph: gs.Graph, opset: int, dtypes: dict[str, int], seed: int = DROPOUT_SEED) -> None:
+    """Replace every Dropout of ``graph`` by explicit operations that drop as in training, with a fresh mask
+    per run from a seed of its own drawn from ``seed``:  y = x * (u >= r) / (1 - r),  u = RandomUniformLike(x).
+    onnxruntime removes Dropout nodes when graph optimisations are on, even in training mode; these operations
+    it keeps, so the passes that simulate training run optimised. Any opset (the ratio comes from the
+    attribute below opset 12). Refuses a constant ratio outside [0, 1)."""
     dropouts = [n for n in graph.nodes if n.op == "Dropout"]
-    if dropouts and opset < 12:
-        raise VsonnxError(f"Dropout of opset {opset} has no training mode to simulate.",
-                          "use --method batch or population.")
-    on, half = _const("vsonnx_dropout_on", True), _const("vsonnx_dropout_default_ratio", np.float32(0.5))
-    for node, node_seed in zip(dropouts, dropout_seeds(seed, len(dropouts))):
-        while len(node.inputs) < 3:
-            node.inputs.append(gs.Variable.empty())
-        if not node.inputs[1].name:
-            node.inputs[1] = half
-        node.inputs[2] = on
-        node.attrs["seed"] = int(node_seed)
+    for k, (node, node_seed) in enumerate(zip(dropouts, dropout_seeds(seed, len(dropouts)))):
+        x, prefix = node.inputs[0], f"vsonnx_drop{k}"
+        ratio = node.inputs[1] if opset >= 12 and len(node.inputs) > 1 and node.inputs[1].name else \
+            _const(f"{prefix}_ratio", np.float32(node.attrs.get("ratio", 0.5)))
+        if isinstance(ratio, gs.Constant) and not 0 <= float(np.asarray(ratio.values)) < 1:
+            raise VsonnxError(f"Dropout '{node_name(node)}' has ratio {float(np.asarray(ratio.values)):g}, outside "
+                              "[0, 1): its training cannot be simulated.", "use --method batch or population.")
+        x_type = helper.tensor_dtype_to_np_dtype(dtypes.get(x.name, TensorProto.FLOAT))
+
+        def op(name, kind, inputs, dtype=np.float32, **attrs):
+            out = gs.Variable(f"{prefix}_{name}", dtype=dtype)
+            graph.layer(op=kind, inputs=inputs, outputs=[out], attrs=attrs)
+            return out
+
+        r = op("r", "Cast", [ratio], to=TensorProto.FLOAT)
+        u = op("u", "RandomUniformLike", [x], dtype=TensorProto.FLOAT, seed=float(node_seed))
+        keep = op("keep", "Not", [op("drop", "Less", [u, r], dtype=bool)], dtype=bool)
+        scale = op("scale", "Div", [_const(f"{prefix}_one", np.float32(1)), op("p", "Sub", [_const(f"{prefix}_1", np.float32(1)), r])])
+        kept = op("kept", "Mul", [x, op("keepx", "Cast", [keep], x_type, to=int(dtypes.get(x.name, TensorProto.FLOAT)))], x_type)
+        outputs = list(node.outputs)
+        node.outputs.clear()
+        graph.layer(op="Mul", inputs=[kept, op("scalex", "Cast", [scale], x_type, to=int(dtypes.get(x.name, TensorProto.FLOAT)))],
+                    outputs=[outputs[0]])
+        if len(outputs) > 1 and outputs[1].name:  # the mask output, when the graph reads it
+            graph.layer(op="Identity", inputs=[keep], outputs=[outputs[1]])
+    graph.cleanup()
 
 
 def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training: bool, seed: int = DROPOUT_SEED,
@@ -319,12 +337,12 @@ def write_statistics(graph: gs.Graph, stats: dict[str, BnStatistics]) -> None:
 # instrumented copies and the pass that reads them
 # --------------------------------------------------------------------------------------------------
 def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active: bool = False):
-    """Working copy where each target BN normalises with its batch statistics (and every Dropout is in
-    training mode with ``dropout_active``); returns (model, {bn: (g1, g2, elements or Shape output)},
+    """Working copy where each target BN normalises with its batch statistics (and every Dropout drops as in
+    training with ``dropout_active``: simulate_dropouts); returns (model, {bn: (g1, g2, elements or Shape output)},
     {bn: shift})."""
     graph = working_graph(model, keep_dropout_modes=dropout_active)
     if dropout_active:
-        activate_dropouts(graph, default_opset(model) or 13)
+        simulate_dropouts(graph, default_opset(model) or 13, tensor_shapes(model).dtypes)
     index = GraphIndex(model)
     shapes = tensor_shapes(to_model(graph.copy(), model))
     bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)

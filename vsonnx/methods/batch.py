@@ -22,8 +22,7 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
 def batch_pass(request: EstimateRequest, dropout_active: bool) -> CalibrationResult:
     """One pass with batch-normalising BNs; Dropout simulated in training mode with ``dropout_active``."""
     work, outputs, shifts = instrument_batch(request.model, request.targets, dropout_active)
-    # onnxruntime's graph optimisations eliminate Dropout even in training mode: keep them off then
-    session = make_session(work, device=request.device, threads=request.threads, optimize=not dropout_active)
+    session = make_session(work, device=request.device, threads=request.threads)
     estimators: dict[str, BatchAverage] = {}
     values: dict[str, int] = {}  # values per channel seen, per BN
     notes: list[str] = []

@@ -1,11 +1,12 @@
 """``relative``: the change dropout makes, measured on the data, carried over to the stored statistics.
 
-Two ``batch`` passes over the same samples (decoded once), with Dropout active as in training (seeded,
-graph optimisations off; vsonnx.instrument.activate_dropouts) and off; per BN the stored (mean, var) move
+Two ``batch`` passes over the same samples (decoded once), with Dropout active as in training (explicit
+seeded mask operations that onnxruntime runs optimised; vsonnx.instrument.simulate_dropouts) and off; per
+BN the stored (mean, var) move
 as the measured ones moved (vsonnx.stats.transfer_change):
     var' = var * v_off / v_on,    mean' = mean + (m_off - m_on) * sqrt(var / v_on).
 What the stored statistics describe beyond the dropout noise (e.g. augmented training images) is kept.
-Refuses batch size 1 (registry rule) and Dropout of opsets below 12 (no training mode to simulate).
+Refuses batch size 1 (registry rule) and constant dropout ratios outside [0, 1).
 """
 from __future__ import annotations
 
