@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from onnx import helper as onnx_helper
 from onnx import numpy_helper
 
 import vsonnx
@@ -235,3 +236,30 @@ def test_float16_model(tmp_path):
     np.testing.assert_allclose(report.batchnorms[0]["new_var"], expected, rtol=1e-6)
     assert initializer(load_model(report.output), "v").dtype == np.float16
     assert vsonnx.fix(path, tmp_path / "x.npy", method="batch", batch_size=8, output=tmp_path / "b.onnx").written
+
+
+@pytest.mark.parametrize("method", ["batch", "population", "relative"])
+def test_written_model_keeps_what_the_fix_did_not_mean_to_change(tmp_path, method):
+    """Working copies go through onnx-graphsurgeon (which drops metadata and, for IR 3, the initializers
+    listed among the graph inputs); the written model is the input with new BN constants: same IR, opsets,
+    graph inputs (IR 3 initializers included), node order and metadata (model and node), plus provenance."""
+    from vsonnx.model import set_metadata
+
+    model = cnn_with_sites()
+    model.ir_version = 3
+    model.graph.input.extend(onnx_helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    set_metadata(model, {"author": "someone", "vsonnx.preprocess": "{}"})
+    note = model.graph.node[0].metadata_props.add()
+    note.key, note.value = "pkg.torch.onnx.name_scopes", "['', 'conv1']"
+    path = save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    report = vsonnx.fix(path, tmp_path / "x.npy", output=tmp_path / "o.onnx", method=method, batch_size=8)
+    fixed = load_model(report.output)
+    assert fixed.ir_version == 3 and list(fixed.opset_import) == list(model.opset_import)
+    assert [i.name for i in fixed.graph.input] == [i.name for i in model.graph.input]
+    assert [(n.name, n.op_type, list(n.input)) for n in fixed.graph.node] == \
+        [(n.name, n.op_type, list(n.input)) for n in model.graph.node]
+    assert list(fixed.graph.node[0].metadata_props) == list(model.graph.node[0].metadata_props)
+    meta = get_metadata(fixed)
+    assert meta["author"] == "someone" and meta["vsonnx.preprocess"] == "{}" and meta["vsonnx.method"] == method
