@@ -74,10 +74,22 @@ def main() -> None:
     print(f"model {args.model.name}: {len(names)} BN re-estimated, {source.size} samples, batch {args.batch_size}, "
           f"provider {session.get_providers()[0]}")
     print(f"plain onnxruntime inference         {base:7.3f} s   1.00x")
+    unfolded = make_session(working_copy(model), device=args.device, threads=args.threads,
+                            disabled_optimizers=["ConvBNFusion"])
+
+    def infer_unfolded():
+        for b in source.batches(args.batch_size):
+            unfolded.run([out], b.feeds)
+
+    infer_unfolded()
+    floor = best_of(args.repeat, infer_unfolded)
+    print(f"{'inference, BN unfolded (the floor)':35s} {floor:7.3f} s   {floor / base:.2f}x")
     for method in CALIBRATED:
         seconds = best_of(args.repeat, lambda: estimate(method, model, names, source, batch_size=args.batch_size,
                                                          device=args.device, threads=args.threads))
-        print(f"{'fix --method ' + method:35s} {seconds:7.3f} s   {seconds / base:.2f}x")
+        passes = 2 if method == "relative" else 1
+        print(f"{'fix --method ' + method:35s} {seconds:7.3f} s   {seconds / base:.2f}x   "
+              f"{seconds / (passes * floor):.2f}x of {passes} floor pass(es)")
     if not args.no_data_free:
         from vsonnx.methods.synthesized import synthetic_statistics
 

@@ -96,6 +96,7 @@ def working_graph(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> g
             tensor.shape, tensor.dtype = None, None
         elif tensor.shape is not None and len(tensor.shape) > 0:
             tensor.shape = [BATCH_DIM, *tensor.shape[1:]]
+    graph.cleanup()  # e.g. the Constant nodes that fed the training_mode inputs switched off above
     return graph
 
 

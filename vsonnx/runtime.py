@@ -93,7 +93,7 @@ def provider_name(device: str) -> str:
 
 
 def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, disabled_optimizers: list[str] | None = None):
     """An InferenceSession for an in-memory model (IR lowered to what the runtime reads).
 
     ``optimize=False`` disables graph optimisations (tests compare numerics that way: with them on,
@@ -110,7 +110,8 @@ def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool
         options.intra_op_num_threads = threads
     providers = [provider_name(resolved)] + (["CPUExecutionProvider"] if resolved == "cuda" else [])
     try:
-        return ort.InferenceSession(model_bytes(model), options, providers=providers)
+        return ort.InferenceSession(model_bytes(model), options, providers=providers,
+                                    disabled_optimizers=disabled_optimizers or [])
     except Exception as exc:
         raise VsonnxError(
             f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:200]}",
