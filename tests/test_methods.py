@@ -124,10 +124,19 @@ def test_population_does_not_depend_on_batch_size_or_order(exported):
             np.testing.assert_allclose(other.statistics[name].var, runs[0].statistics[name].var, rtol=1e-5)
 
 
-def test_batch_method_refuses_batch_size_one(exported):
+def test_batch_size_one_estimates_every_bn_that_sees_two_values_per_channel(exported, tmp_path):
+    """A batch of one sample still gives a 2-D BN H x W values per channel (models with a batch of 1 baked in
+    need it, as PyTorch's train-mode BN allows it); a BatchNorm1d sees one value: skipped with a note, and
+    refused by fix (rule 3: no statistics were measured)."""
     _, model, x = exported
-    with pytest.raises(vsonnx.VsonnxError, match="batch size"):
-        calibrate(model, ArraySource.from_arrays(model, x, None), scoped(model), method="batch", batch_size=1)
+    names = scoped(model)
+    result = calibrate(model, ArraySource.from_arrays(model, x[:8], None), names, method="batch", batch_size=1)
+    bn1d = next(n for n in names if "bn1d" in n)
+    assert set(result.statistics) == set(names) - {bn1d} and any(bn1d in note for note in result.notes)
+    np.save(tmp_path / "x.npy", x[:8])
+    vsonnx.export(__import__("nets_small").trained_like(), __import__("torch").randn(2, 3, 8, 8), tmp_path / "m.onnx")
+    report = vsonnx.fix(tmp_path / "m.onnx", tmp_path / "x.npy", output=tmp_path / "o.onnx", batch_size=1)
+    assert report.written and report.refused[bn1d].startswith("3:")
 
 
 def test_dropout_is_off_during_calibration(exported):

@@ -124,7 +124,7 @@ def test_fix_json_schema(setup):
     (["fix", "{m}", "--calib", "{t}/calib.npz", "-o", "{m}"], "never overwrites"),
     (["fix", "{m}", "--calib", "{t}/nothing"], "does not exist"),
     (["fix", "{m}", "--calib", "{t}/nan.npy"], "NaN"),
-    (["fix", "{m}", "--calib", "{t}/calib.npz", "--batch-size", "1"], "batch size"),
+    (["fix", "{m}", "--calib", "{t}/calib.npz", "--batch-size", "0"], "--batch-size must be"),
     (["fix", "{m}", "--calib", "{t}/calib.npz", "--mean", "a,b"], "comma-separated"),
 ])
 def test_cli_user_errors_exit_3_and_leave_no_output(setup, args, needle):

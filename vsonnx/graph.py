@@ -56,7 +56,8 @@ class GraphIndex:
         return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
 
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of tensor ``name`` if it is static: an initializer, a Constant node's output, or an
+        """The value of tensor ``name`` if it is static: an initializer, a Constant node's output, a
+        ConstantOfShape of a static shape (old Model Zoo exports build BN statistics that way), or an
         Identity/Cast of one. None when it depends on graph inputs (or the name is empty)."""
         if not name:
             return None
@@ -69,6 +70,11 @@ class GraphIndex:
             node = self.producer[name]
             if node.op_type == "Constant":
                 value = constant_node_value(node)
+            elif node.op_type == "ConstantOfShape" and node.input:
+                shape = self.constant(node.input[0])
+                fill = attribute(node, "value")
+                fill = numpy_helper.to_array(fill).reshape(-1)[:1] if fill is not None else np.zeros(1, np.float32)
+                value = None if shape is None else np.full(np.asarray(shape, np.int64).reshape(-1), fill[0], fill.dtype)
             elif node.op_type in ("Identity", "Cast") and node.input:
                 src = self.constant(node.input[0])
                 if src is not None and node.op_type == "Cast":

@@ -186,7 +186,7 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
                 old = GraphIndex(job.model).stored_statistics(job.names)
                 candidates += [Candidate(f"{m} x{PARTIAL:g}", blend(old, r.statistics, PARTIAL), r)
                                for m, r in results.items()]
-            _finish(job, candidates, {"calibration_source": str(calib)}, default=method)
+            _finish(job, candidates, {"calibration_source": str(calib)}, default=method, expected=job.names)
         else:
             job.report.message = reason
     job.report.warnings += caught
@@ -276,10 +276,12 @@ def fix(model_path, calib=None, *, method: str = "batch", data_free: bool = Fals
 # --------------------------------------------------------------------------------------------------
 # the shared tail: choose -> validate -> write
 # --------------------------------------------------------------------------------------------------
-def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], default: str | None) -> None:
+def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], default: str | None,
+            expected: list[str] = ()) -> None:
     """Write the chosen candidate (the first one without validation data), or explain why nothing was.
-    ``default``: the candidate written under ``force`` when the original wins (None: the first one)."""
-    screened = {c.name: _screened(c) for c in candidates}
+    ``default``: the candidate written under ``force`` when the original wins (None: the first one);
+    ``expected``: BNs a candidate must hold statistics for (rule 3 for the others)."""
+    screened = {c.name: _screened(c, expected) for c in candidates}
     candidates = [c for c, _ in screened.values()]
     report = job.report
     old = GraphIndex(job.model).stored_statistics(list(dict.fromkeys(n for c in candidates for n in c.stats)))
@@ -313,9 +315,11 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     _describe(report, winner, job.scan, old)
 
 
-def _screened(candidate: Candidate) -> tuple[Candidate, dict[str, str]]:
-    """The candidate without the statistics that must never be written (rewrite rules 5 and 6), and why."""
+def _screened(candidate: Candidate, expected: list[str] = ()) -> tuple[Candidate, dict[str, str]]:
+    """The candidate without the statistics that must never be written (rewrite rules 5 and 6), and why;
+    BNs of ``expected`` it has no statistics for are refused by rule 3."""
     bad = {n: reason for n, s in candidate.stats.items() if (reason := invalid_statistics(s))}
+    bad.update({n: "3: no statistics were measured for it (see the notes)" for n in expected if n not in candidate.stats})
     return replace(candidate, stats={n: s for n, s in candidate.stats.items() if n not in bad}), bad
 
 

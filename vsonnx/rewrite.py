@@ -3,7 +3,8 @@
 - find: ``targets(report, scope)``: the sites and every BN downstream of one (``scope="sites"``), or every
   BN (``scope="all"``), from the site finder `scan` uses;
 - check: ``refusal(index, node, info, stats)`` returns None or why a BN is not rewritten:
-  1. its running mean/var are not initializers (Identity nodes of initializers are followed)
+  1. its running mean/var are not constants (initializers, Identity nodes of them, or constant subgraphs
+     such as ConstantOfShape, which the written model then holds as initializers of this BN)
   2. it is in training mode  3. no statistics were measured
   4. its stored mean/var are not finite, or the variance is negative (the model is broken there; values
      computed downstream of it are not trusted either, and rule 5 catches them);
@@ -51,8 +52,8 @@ def targets(batchnorms: list[BatchNormInfo], scope: str) -> list[BatchNormInfo]:
 def refusal(index: GraphIndex, node: onnx.NodeProto, info: BatchNormInfo,
             stats: dict[str, BnStatistics] | None = None) -> str | None:
     """check: why this BN cannot be rewritten (None when it can); ``stats``, when given, must hold it."""
-    if len(node.input) < 5 or not all(index.initializer_behind(n) for n in node.input[3:5]):
-        return "1: running mean/var are not initializers (nor Identity nodes of initializers)"
+    if len(node.input) < 5 or any(index.constant(n) is None for n in node.input[3:5]):
+        return "1: running mean/var are computed from the data, not constants"
     if info.training_mode:
         return "2: BatchNormalization is in training mode"
     if stats is not None and info.name not in stats:
@@ -103,7 +104,12 @@ class RecalibrateBatchNorm:
         node = self.index.node(name)
         changed = False
         for slot, value in ((3, stats.mean), (4, stats.var)):
-            tensor = self.index.initializers[self.index.initializer_behind(node.input[slot])]
+            source = self.index.initializer_behind(node.input[slot])
+            if source is None:  # computed by a constant subgraph: folded into an initializer of its own
+                tensor = self._own_copy(node, slot, numpy_helper.from_array(
+                    np.asarray(self.index.constant(node.input[slot])), node.input[slot]))
+            else:
+                tensor = self.index.initializers[source]
             old = numpy_helper.to_array(tensor)
             new = np.asarray(value, dtype=old.dtype).reshape(old.shape)
             if np.array_equal(old, new):

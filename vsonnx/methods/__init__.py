@@ -7,12 +7,16 @@ benchmark and tools/reproduce.py all read it. Adding a method = one module here 
 
 | name         | data  | torch | passes            | batch rule | what it computes                               |
 |--------------|-------|-------|-------------------|------------|------------------------------------------------|
-| batch        | yes   | no    | 1                 | >= 2       | the paper's Adjust (PyTorch momentum=None)     |
+| batch        | yes   | no    | 1                 | >= 1 (*)   | the paper's Adjust (PyTorch momentum=None)     |
 | population   | yes   | no    | one per BN level  | >= 1       | exact inference statistics                     |
-| relative     | yes   | no    | 2                 | >= 2       | dropout-on -> off change carried to the stored |
+| relative     | yes   | no    | 2                 | >= 1 (*)   | dropout-on -> off change carried to the stored |
 | synthesized  | no    | yes   | synthesis steps   | -          | the same change, on inputs synthesised from BN |
 | closed_form  | no    | no    | 0                 | -          | the paper's formulas, sites only               |
 | named_sites  | yes   | no    | levels (+1)       | >= 1       | population with Dropout re-inserted by name    |
+
+(*) a batch must give each BN at least 2 values per channel (one sample does for a 2-D BN: H x W values,
+as PyTorch's train-mode BN allows; batches that do not are skipped with a note, and a BN left without
+statistics is refused by the rewrite pass, rule 3).
 
 Modules are imported when an estimator is first used, so reading the registry (``vsonnx --help``) is free.
 """
@@ -82,9 +86,9 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("batch", "batch", "batch", True, False, "1", 2),
+    Method("batch", "batch", "batch", True, False, "1", 1),
     Method("population", "population", "population", True, False, "one per BN level", 1),
-    Method("relative", "relative", "relative", True, False, "2", 2),
+    Method("relative", "relative", "relative", True, False, "2", 1),
     Method("synthesized", "data-free (synthetic inputs)", "synthesized", False, True, "synthesis steps", 0,
            selectable=False),
     Method("closed_form", "data-free (closed form)", "closed_form", False, False, "0", 0, selectable=False),

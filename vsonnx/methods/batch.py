@@ -4,8 +4,9 @@ Dropout off; every recalibrated BN normalises with its *batch* mean s + mean_n(g
 mean_n(g2) - mean_n(g1)^2 during the pass (the BN node is fed these computed statistics; vsonnx.instrument);
 new mean = average of batch means, new var = average of unbiased batch variances, equal weight per batch.
 Equals PyTorch (BN modules in train mode, Dropout in eval, momentum=None) on the same batches.
-Refuses batch size 1 (registry rule: the unbiased variance of one value is undefined); a final batch with
-fewer than 2 elements per channel is skipped with a note.
+A batch with fewer than 2 values per channel for a BN (the unbiased variance of one value is undefined:
+a BatchNorm1d with batch size 1, or a final batch of one sample) is skipped for that BN with a note; a
+2-D BN sees H x W values per sample, so batch size 1 works there (models with a batch of 1 baked in).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def batch_pass(request: EstimateRequest, dropout_active: bool) -> CalibrationRes
         for name, trio in outputs.items():
             elements, sample_mean, sample_m2 = per_sample(got, trio, n_samples)
             if n_samples * elements < 2:
-                notes.append(f"skipped a final batch of {n_samples} sample(s) for '{name}': fewer than 2 "
-                             "elements per channel")
+                notes.append(f"skipped batches of {n_samples} sample(s) for '{name}': fewer than 2 values per "
+                             "channel")
                 continue
             batch = ChannelMoments(sample_mean.shape[1])
             batch.update_samples(elements, sample_mean, sample_m2)

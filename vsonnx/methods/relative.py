@@ -6,7 +6,7 @@ BN the stored (mean, var) move
 as the measured ones moved (vsonnx.stats.transfer_change):
     var' = var * v_off / v_on,    mean' = mean + (m_off - m_on) * sqrt(var / v_on).
 What the stored statistics describe beyond the dropout noise (e.g. augmented training images) is kept.
-Refuses batch size 1 (registry rule) and constant dropout ratios outside [0, 1).
+Refuses constant dropout ratios outside [0, 1); batches as in ``batch``.
 """
 from __future__ import annotations
 
