@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +264,30 @@ def test_written_model_keeps_what_the_fix_did_not_mean_to_change(tmp_path, metho
     assert list(fixed.graph.node[0].metadata_props) == list(model.graph.node[0].metadata_props)
     meta = get_metadata(fixed)
     assert meta["author"] == "someone" and meta["vsonnx.preprocess"] == "{}" and meta["vsonnx.method"] == method
+
+
+ZOO = Path(onnx_helper.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+@pytest.mark.parametrize("name,bns", [
+    ("shufflenet", 49),
+    pytest.param("resnet50", 53, marks=pytest.mark.slow),
+    pytest.param("inception_v2", 69, marks=pytest.mark.slow),
+    pytest.param("densenet121", 121, marks=pytest.mark.slow),
+])
+@pytest.mark.parametrize("method", ["batch", "population", "relative"])
+def test_classic_model_zoo_models_fix_with_every_method(tmp_path, name, bns, method):
+    """IR 3 / opset 9, initializers listed as graph inputs, BN statistics from ConstantOfShape nodes, a batch
+    of 1 baked into Reshapes (the light copies onnx ships): every BN is recalibrated with batch size 1 and
+    the written model stays a valid IR 3 model whose BN statistics are initializers."""
+    path = ZOO / f"light_{name}.onnx"
+    if not path.exists():
+        pytest.skip("this onnx package ships no light Model Zoo copies")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32))
+    report = vsonnx.fix(path, tmp_path / "x.npy", output=tmp_path / "o.onnx", method=method, scope="all",
+                        batch_size=1)
+    assert report.written and len(report.batchnorms) == bns and not report.refused
+    fixed = load_model(tmp_path / "o.onnx")
+    inits = {t.name for t in fixed.graph.initializer}
+    assert fixed.ir_version == 3 and inits <= {i.name for i in fixed.graph.input}
+    assert all(set(n.input[3:5]) <= inits for n in fixed.graph.node if n.op_type == "BatchNormalization")

@@ -123,12 +123,21 @@ class RecalibrateBatchNorm:
     def _own_copy(self, node: onnx.NodeProto, slot: int, tensor: onnx.TensorProto) -> onnx.TensorProto:
         """A copy of a shared initializer for ``node`` alone."""
         name = f"{tensor.name}__vsonnx_{slot}_{len(self.model.graph.initializer)}"
-        new = self.model.graph.initializer.add()
-        new.CopyFrom(tensor)
-        new.name = name
+        new = add_initializer(self.model, tensor, name)
         self.index.initializers[new.name] = new
         node.input[slot] = new.name
         return new
+
+
+def add_initializer(model: onnx.ModelProto, tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    """A copy of ``tensor`` named ``name`` in the model's initializers; IR 3 models also list it among the
+    graph inputs, as that IR requires."""
+    new = model.graph.initializer.add()
+    new.CopyFrom(tensor)
+    new.name = name
+    if model.ir_version < 4:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    return new
 
 
 def with_statistics(model: onnx.ModelProto, stats: dict[str, BnStatistics]) -> onnx.ModelProto:
@@ -162,7 +171,7 @@ def apply_affine(model: onnx.ModelProto, corrections: dict[str, tuple[np.ndarray
         bias = np.broadcast_to(bias, a.shape) * a + b
         for slot, value, suffix in ((1, w, "w"), (2, bias, "b")):
             new_name = f"{name}__vsonnx_{suffix}"
-            out.graph.initializer.append(numpy_helper.from_array(value.astype(weight.dtype), new_name))
+            add_initializer(out, numpy_helper.from_array(value.astype(weight.dtype)), new_name)
             while len(node.input) <= slot:
                 node.input.append("")
             node.input[slot] = new_name
