@@ -61,12 +61,16 @@ def test_scan_shows_the_refusal_fix_would_make():
 
     g = GraphBuilder()
     h = g.bn(g.dropout("x", 0.5, "d"), 3, "bn_ok")
-    h = g.bn(h, 3, "bn_train", training_mode=1)
+    h = g.bn(h, 3, "bn_broken", var=[1.0, -1.0, 1.0])
     model = g.build(h)
     decisions = {d.name: d.refusal for d in plan(model, find_sites(model), "sites")}
-    assert decisions["bn_ok"] is None and decisions["bn_train"].startswith("2:")
+    assert decisions["bn_ok"] is None and decisions["bn_broken"].startswith("4:")
     rows = {b.name: b.fix for b in scan(model).batchnorms}
-    assert rows == {"bn_ok": "recalibrate", "bn_train": f"refused: {decisions['bn_train']}"}
+    assert rows == {"bn_ok": "recalibrate", "bn_broken": f"refused: {decisions['bn_broken']}"}
+    g = GraphBuilder()  # a BN in training mode: refused by the pass, which fix runs after inference_form
+    model = g.build(g.bn(g.dropout("x", 0.5, "d"), 3, "bn_train", training_mode=1))
+    assert plan(model, find_sites(model), "sites")[0].refusal.startswith("2:")
+    assert scan(model).batchnorms[0].fix == "recalibrate"
 
 
 def test_refusal_3_when_no_statistics_were_measured():
@@ -148,3 +152,64 @@ def test_statistics_from_constant_subgraphs_are_folded_into_initializers():
     expected = (x - stats.mean.reshape(1, 3, 1, 1)) / np.sqrt(stats.var.reshape(1, 3, 1, 1) + 1e-5)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     assert {model.graph.node[-1].input[3], model.graph.node[-1].input[4]} <= {t.name for t in model.graph.initializer}
+
+
+def test_training_mode_exports_are_fixed_in_inference_form(tmp_path):
+    """A TorchScript export with TrainingMode.TRAINING (BN training_mode=1 with running-statistic outputs,
+    Dropout training_mode=true): fix switches it to inference form, then gives the same statistics as the
+    fix of the eval-mode export of the same weights."""
+    import warnings
+
+    import torch
+
+    import vsonnx
+    from vsonnx.model import load_model
+    from vsonnx.rewrite import inference_form
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Dropout(0.5), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    net.train()
+    with torch.no_grad():
+        for _ in range(5):
+            net(torch.randn(32, 3, 8, 8) + 0.5)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(tmp_path / "train.onnx"), dynamo=False, input_names=["input"],
+                          training=torch.onnx.TrainingMode.TRAINING, dynamic_axes={"input": {0: "n"}})
+    vsonnx.export(net, x, tmp_path / "eval.onnx")
+    trained = load_model(tmp_path / "train.onnx")
+    assert any(len(n.output) == 3 for n in trained.graph.node if n.op_type == "BatchNormalization")
+    scanned = vsonnx.scan(trained)
+    assert all(b.fix == "recalibrate" for b in scanned.batchnorms if b.site)
+    assert any("fix first switches it" in w for w in scanned.warnings)
+    converted, notes = inference_form(trained)
+    assert notes and all(len(n.output) == 1 for n in converted.graph.node if n.op_type == "BatchNormalization")
+    assert inference_form(converted)[1] == []  # already in inference form: nothing to do
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    a = vsonnx.fix(tmp_path / "train.onnx", tmp_path / "x.npy", output=tmp_path / "a.onnx", method="population")
+    b = vsonnx.fix(tmp_path / "eval.onnx", tmp_path / "x.npy", output=tmp_path / "b.onnx", method="population")
+    assert any("training-mode export" in w for w in a.warnings)
+    rows_a, rows_b = ({r["name"]: r["new_var"] for r in r.batchnorms} for r in (a, b))
+    assert rows_a.keys() == rows_b.keys()
+    for name in rows_a:
+        np.testing.assert_allclose(rows_a[name], rows_b[name], rtol=1e-5)
+
+
+def test_a_graph_reading_running_statistic_outputs_is_refused():
+    import onnx
+
+    from vsonnx.errors import VsonnxError
+    from vsonnx.rewrite import inference_form
+
+    g = GraphBuilder()
+    h = g.bn(g.dropout("x", 0.5, "d"), 3, "bn", training_mode=1)
+    model = g.build(h)
+    bn = model.graph.node[-1]
+    bn.output.extend(["running_mean_out", "running_var_out"])
+    model.graph.output.append(onnx.helper.make_tensor_value_info("running_mean_out", onnx.TensorProto.FLOAT, None))
+    with pytest.raises(VsonnxError, match="reads its running statistics"):
+        inference_form(model)

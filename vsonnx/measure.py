@@ -35,7 +35,8 @@ from .graph import GraphIndex, tensor_shapes
 from .instrument import bn_tap, measure_moments, tensor_tap, working_copy
 from .model import atomic_write, check_output_path, load_model
 from .noise import noise_variance
-from .rewrite import plan
+from .errors import VsonnxError
+from .rewrite import inference_form, plan
 from .sites import ScanReport, find_sites
 
 
@@ -47,7 +48,11 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
 
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
-    decisions = {d.name: d for d in plan(proto, report, scope)}
+    try:  # fix first turns a training-mode export into inference form
+        converted, _ = inference_form(proto)
+    except VsonnxError:
+        converted = proto
+    decisions = {d.name: d for d in plan(converted, find_sites(converted), scope)}
     for b in report.batchnorms:
         d = decisions.get(b.name)
         b.fix = "unchanged" if d is None else ("recalibrate" if d.refusal is None else f"refused: {d.refusal}")

@@ -39,7 +39,7 @@ from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
 from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 from .model import check_output_path, load_model, save_model, same_file
-from .rewrite import apply_affine, invalid_statistics, plan, validate, with_statistics
+from .rewrite import apply_affine, inference_form, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
 from .stats import BnStatistics, CalibrationResult, blend
 
@@ -132,10 +132,10 @@ def default_output(model_path: Path) -> Path:
 def _start(model_path, options: FixOptions, method: str) -> _Job:
     """Load, check the output path, find the BNs in scope and what the rewrite refuses."""
     path = Path(model_path)
-    model = load_model(path)
+    model, converted = inference_form(load_model(path))
     out = check_output_path(options.output or default_output(path), path, options.in_place)
     scan = find_sites(model, str(path))
-    report = FixReport(str(path), method, 0, None, False, "", warnings=list(scan.warnings))
+    report = FixReport(str(path), method, 0, None, False, "", warnings=converted + list(scan.warnings))
     decisions = plan(model, scan, options.scope)
     report.refused = {d.name: d.refusal for d in decisions if d.refusal}
     report.refused.update({name: "7: inside an If/Loop/Scan subgraph, which vsonnx does not recalibrate"

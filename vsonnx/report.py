@@ -100,8 +100,7 @@ def render_fix(report) -> str:
     if report.written:
         summary += f" Wrote {report.output} ({report.method}, {fmt(report.seconds, 2)} s)."
     out.append(summary)
-    out += [f"warning: {w}" for w in report.warnings]
-    return "\n".join(out)
+    return "\n".join(out)  # the CLI prints report.warnings on stderr
 
 
 def render_eval(reports) -> str:

@@ -129,6 +129,47 @@ class RecalibrateBatchNorm:
         return new
 
 
+def inference_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of a training-mode export in inference form, and what changed: every BatchNormalization in
+    training mode (``training_mode=1``, running-statistic outputs) normalises with its stored statistics
+    (attribute 0, the extra outputs dropped), every Dropout whose ``training_mode`` is a constant true gets
+    false. Refuses (VsonnxError) a graph that reads a BN's running-statistic outputs or computes a Dropout's
+    training mode from the data. A model already in inference form comes back unchanged, with no notes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    index = GraphIndex(out)
+    read = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
+    bns = dropouts = 0
+    for node in out.graph.node:
+        if node.op_type == "BatchNormalization" and (attribute(node, "training_mode", 0) or len(node.output) > 1):
+            extra = [o for o in node.output[1:] if o in read]
+            if extra:
+                raise VsonnxError(f"BatchNormalization '{index.node_name(node)}' is in training mode and the graph "
+                                  f"reads its running statistics ('{extra[0]}').", "re-export the model in eval mode.")
+            del node.output[1:]
+            for a in [a for a in node.attribute if a.name in ("training_mode", "momentum")]:
+                node.attribute.remove(a)
+            bns += 1
+        elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            mode = index.constant(node.input[2])
+            if mode is None:
+                raise VsonnxError(f"Dropout '{index.node_name(node)}' computes its training mode from the data.",
+                                  "re-export the model in eval mode.")
+            if bool(np.asarray(mode).reshape(-1)[0]):
+                node.input[2] = _false(out)
+                dropouts += 1
+    notes = [f"converted from a training-mode export: {bns} BatchNormalization now use their stored statistics, "
+             f"{dropouts} Dropout switched to inference"] if bns or dropouts else []
+    return out, notes
+
+
+def _false(model: onnx.ModelProto) -> str:
+    name = "vsonnx_inference_mode"
+    if not any(t.name == name for t in model.graph.initializer):
+        add_initializer(model, numpy_helper.from_array(np.array(False)), name)
+    return name
+
+
 def add_initializer(model: onnx.ModelProto, tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
     """A copy of ``tensor`` named ``name`` in the model's initializers; IR 3 models also list it among the
     graph inputs, as that IR requires."""

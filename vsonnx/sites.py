@@ -349,7 +349,8 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
         if b.training_mode:
             warnings.append(
                 f"BatchNormalization '{b.name}' is in training mode (training_mode=1 or extra outputs): it "
-                "normalises with batch statistics at inference; re-export the model in eval mode."
+                "normalises with batch statistics at inference; fix first switches it to its stored statistics "
+                "(inference form), then corrects them."
             )
     for d in dropouts:
         if d.ratio is None:
@@ -360,7 +361,8 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
                             "its sites cannot be predicted or simulated.")
         if d.training_mode is None or d.training_mode:
             state = "is not a constant" if d.training_mode is None else "is true"
-            warnings.append(f"Dropout '{d.name}': training_mode {state}, so it may drop values at inference.")
+            warnings.append(f"Dropout '{d.name}': training_mode {state}, so it may drop values at inference"
+                            + ("; fix first switches it off." if d.training_mode else "."))
         folded = _unnormalised_weight_after(index, d.output)
         if folded:
             warnings.append(
