@@ -68,3 +68,32 @@ def test_stock_torch_export_erases_the_evidence(tmp_path):
     report = find_sites(onnx.load(str(path)))
     assert not any(n.op_type == "Dropout" for n in onnx.load(str(path)).graph.node)
     assert any("vsonnx.export" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("arch,options", [
+    ("preresnet", dict(depth=8)),
+    pytest.param("densenet", dict(depth=10, growth=4), marks=pytest.mark.slow),
+    pytest.param("resnext", dict(depth=11, cardinality=2, base_width=4), marks=pytest.mark.slow),
+    pytest.param("wrn", dict(depth=10, widen=1), marks=pytest.mark.slow),
+])
+def test_dynamo_export_keeps_the_same_sites(tmp_path, arch, options):
+    """exporter='dynamo' (torch's default exporter, unoptimised, Dropout as a translated custom op): onnxruntime
+    reproduces PyTorch to 1e-4 (checked inside export) and the sites equal the TorchScript export's."""
+    pytest.importorskip("onnxscript")
+    from vsonnx.nets import build
+
+    torch.manual_seed(0)
+    net = build(arch, num_classes=3, dropout=DropoutConfig("a", 0.5), **options).train()
+    with torch.no_grad():
+        net(torch.randn(16, 3, 16, 16))
+    net.eval()
+    x = torch.randn(2, 3, 16, 16)
+    script = vsonnx.export(net, x, tmp_path / "ts.onnx")
+    dynamo = vsonnx.export(net, x, tmp_path / "dy.onnx", exporter="dynamo")
+    a, b = find_sites(script), find_sites(dynamo)
+    assert len(b.sites) == len(a.sites) > 0 and len(b.batchnorms) == len(a.batchnorms)
+    assert sorted(s.path for s in b.sites) == sorted(s.path for s in a.sites)
+    assert [d.ratio for d in b.dropouts] == [d.ratio for d in a.dropouts]
+    assert "dynamo" in get_metadata(dynamo)["vsonnx.producer"]
+    with pytest.raises(vsonnx.VsonnxError, match="unknown exporter"):
+        vsonnx.export(net, x, tmp_path / "x.onnx", exporter="jit")

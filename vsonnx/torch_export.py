@@ -9,7 +9,9 @@ vsonnx re-estimates are then gone from the graph. ``export`` therefore:
    symbolic is ``Dropout(x, ratio, training_mode=false)``, so the node survives with its ratio and is still
    the identity for every runtime;
 2. exports with the TorchScript exporter in ``TrainingMode.PRESERVE`` on the eval-mode copy, which keeps
-   every BatchNormalization unfolded and in inference mode (one output, running statistics as inputs);
+   every BatchNormalization unfolded and in inference mode (one output, running statistics as inputs); or,
+   with ``exporter="dynamo"``, with torch's default exporter without its graph optimisation (which folds BN),
+   each Dropout being a custom op (``vsonnx::dropout``) translated to the same ONNX Dropout;
 3. gives every BN its own mean/var initializers (the exporter de-duplicates equal tensors through Identity
    nodes), makes the batch dimension dynamic, stores metadata (preprocessing, class names, dropout
    configuration, producer versions) and checks that onnxruntime reproduces ``model.eval()`` outputs.
@@ -50,11 +52,67 @@ def _dropout_function():
     return OnnxDropout
 
 
-def _exportable_copy(module):
-    """Eval-mode deep copy with each Dropout replaced; returns (copy, dropout descriptions in call order)."""
+def _torchscript_export(model, inputs, opset, input_names, output_names) -> onnx.ModelProto:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.onnx.export(model, inputs, buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+                      opset_version=opset, input_names=list(input_names), output_names=list(output_names),
+                      dynamic_axes={n: {0: "batch"} for n in (*input_names, *output_names)}, do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _dynamo_export(model, inputs, opset, input_names, output_names) -> onnx.ModelProto:
+    import contextlib
+
+    import torch
+
+    try:
+        from onnxscript import opset18 as op
+    except ImportError:
+        raise VsonnxError("exporter='dynamo' needs the onnxscript package.",
+                          "pip install onnxscript (or 'vsonnx[train]'), or use exporter='torchscript'.") from None
+
+    def onnx_dropout(x, ratio: float):
+        inference = op.Constant(value=onnx.helper.make_tensor("mode", onnx.TensorProto.BOOL, [], [False]))
+        y, _ = op.Dropout(x, op.Constant(value_float=ratio), inference)
+        return y
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        program = torch.onnx.export(
+            model, inputs, dynamo=True, optimize=False, opset_version=max(opset, 18), input_names=list(input_names),
+            output_names=list(output_names), dynamic_shapes=tuple({0: torch.export.Dim("batch")} for _ in inputs),
+            custom_translation_table={_dropout_op().default: onnx_dropout})
+    return program.model_proto
+
+
+_DROPOUT_OP = None
+
+
+def _dropout_op():
+    """torch.ops.vsonnx.dropout: the identity that torch.export keeps as one node (registered once)."""
+    global _DROPOUT_OP
+    if _DROPOUT_OP is None:
+        import torch
+
+        @torch.library.custom_op("vsonnx::dropout", mutates_args=(), schema="(Tensor x, float ratio) -> Tensor")
+        def dropout(x, ratio):
+            return x.clone()
+
+        @dropout.register_fake
+        def _(x, ratio):
+            return torch.empty_like(x)
+
+        _DROPOUT_OP = torch.ops.vsonnx.dropout
+    return _DROPOUT_OP
+
+
+def _exportable_copy(module, dynamo: bool = False):
+    """Eval-mode deep copy with each Dropout replaced (by an autograd function with an ONNX symbolic for the
+    TorchScript exporter, a custom op for dynamo); returns (copy, dropout descriptions, call order)."""
     import torch.nn as nn
 
-    function = _dropout_function()
+    function = _dropout_op() if dynamo else _dropout_function().apply
     calls: list[str] = []
     described: dict[str, dict] = {}
 
@@ -65,7 +123,7 @@ def _exportable_copy(module):
 
         def forward(self, x):
             calls.append(self.name)
-            return function.apply(x, self.p)
+            return function(x, self.p)
 
     model = copy.deepcopy(module).eval()
     kinds = {nn.Dropout: "dropout", nn.Dropout1d: "dropout1d", nn.Dropout2d: "dropout2d", nn.Dropout3d: "dropout3d"}
@@ -114,36 +172,36 @@ def export(
     output_names: tuple[str, ...] = ("output",),
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
+    exporter: str = "torchscript",
 ) -> onnx.ModelProto:
     """Export ``module`` to ``path`` keeping Dropout nodes and unfolded inference-mode BN.
 
     ``preprocess``: {"mean": [...], "std": [...], "size": [H, W], "layout": "nchw", "scale": 1/255}.
     Metadata is stored under ``vsonnx.*`` keys; ``metadata`` adds free-form entries (JSON-encoded if not
     str). With ``verify`` the ONNX outputs on ``example_input`` must match PyTorch to 1e-4 (max abs).
+    ``exporter``: ``"torchscript"`` (``TrainingMode.PRESERVE``) or ``"dynamo"`` (torch's default exporter,
+    without its graph optimisation, which would fold BN; each Dropout is a custom op translated to ONNX
+    Dropout(ratio, training_mode=false); needs the onnxscript package).
     """
     try:
         import torch
     except ImportError:
         raise VsonnxError("vsonnx.export needs PyTorch.", "pip install 'vsonnx[train]' (or torch).") from None
+    if exporter not in ("torchscript", "dynamo"):
+        raise VsonnxError(f"unknown exporter '{exporter}'.", "use exporter='torchscript' or 'dynamo'.")
 
-    model, described, calls = _exportable_copy(module)
+    model, described, calls = _exportable_copy(module, dynamo=exporter == "dynamo")
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     with torch.no_grad():
         expected = model(*inputs)  # the eval-mode copy: the user's module keeps its mode
     calls.clear()
-    dynamic = {n: {0: "batch"} for n in (*input_names, *output_names)}
-    buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, inputs, buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-            opset_version=opset, input_names=list(input_names), output_names=list(output_names),
-            dynamic_axes=dynamic, do_constant_folding=True,
-        )
-    onnx_model = onnx.load_from_string(buffer.getvalue())
+        onnx_model = (_dynamo_export if exporter == "dynamo" else _torchscript_export)(
+            model, inputs, opset, input_names, output_names)
     _untie_batchnorm_inputs(onnx_model)
 
-    set_metadata(onnx_model, _metadata(onnx_model, described, calls, preprocess, class_names, metadata))
+    set_metadata(onnx_model, _metadata(onnx_model, described, calls, preprocess, class_names, metadata, exporter))
     onnx.checker.check_model(onnx_model)
     if verify:
         _verify(onnx_model, inputs, expected, input_names)
@@ -152,7 +210,7 @@ def export(
 
 
 def _metadata(onnx_model: onnx.ModelProto, described: dict, calls: list, preprocess: dict | None,
-              class_names: list[str] | None, metadata: dict | None) -> dict[str, str]:
+              class_names: list[str] | None, metadata: dict | None, exporter: str) -> dict[str, str]:
     """The ``vsonnx.*`` metadata entries: each Dropout node with its module (when the modules were called once
     each, in graph order), the producer, preprocessing, class names and the caller's entries."""
     import torch
@@ -165,7 +223,8 @@ def _metadata(onnx_model: onnx.ModelProto, described: dict, calls: list, preproc
     entries = {
         "vsonnx.dropouts": json.dumps(records),
         "vsonnx.producer": json.dumps({"torch": torch.__version__, "onnx": onnx.__version__,
-                                       "exporter": "vsonnx.export (TorchScript, TrainingMode.PRESERVE)"}),
+                                       "exporter": "vsonnx.export (TorchScript, TrainingMode.PRESERVE)"
+                                       if exporter == "torchscript" else "vsonnx.export (dynamo, not optimised)"}),
     }
     if preprocess:
         entries["vsonnx.preprocess"] = json.dumps(preprocess)
