@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Time `vsonnx fix` against plain onnxruntime inference over the same samples, in the same run.
 
-    python tools/bench_fix.py --data ../shared/data/cifar10/train [--model models/preresnet20-a05.onnx]
+    python tools/bench_fix.py --data ../shared/data/cifar10/train [--model models/preresnet20-a05.onnx] [--threads N]
 
 Images are decoded once into memory first, so every timing below is onnxruntime work plus vsonnx's own
-overhead (graph rewriting, session creation, statistics), not JPEG decoding. Prints, for each method, the
-best of --repeat runs divided by the best plain-inference time (the target for the batch method is 1.10x).
-`fix --data-free` (synthesis of 64 inputs, 100 steps, in torch; once, as it is the slowest) is put on the
-same scale: its time over the plain inference of the --samples images.
+overhead (graph rewriting, session creation, statistics), not JPEG decoding. Prints, for each calibrated
+method of the registry, the best of --repeat runs over the best plain-inference time, over the floor (the
+same inference with every BN unfolded, what a pass normalising with batch statistics cannot beat; two of
+them for the relative method) and over PyTorch's own re-estimation of the same network (BN in train mode,
+momentum=None, dropout off; same samples, batch size and threads). `fix --data-free` (synthesis of 64
+inputs, 100 steps, in torch; once, as it is the slowest) is put on the same scale, and `eval`'s images/s
+from the image folder (decoding overlapped with inference) is compared with preloaded arrays.
 """
 from __future__ import annotations
 
