@@ -141,21 +141,11 @@ def measure(name: str, data: Path, threads: int | None, fixes: tuple[str, ...] =
     return card
 
 
-def folded_experiment(card: dict, data: Path, threads: int | None) -> dict | None:
-    """Stock torch.onnx.export of the same weights (Dropout removed, Conv+BN folded), fixed by naming the
-    dropout sites (`fix --dropout`), against the population fix of the vsonnx export. Placement b names the
-    layer after each dropout (its input); placement a names the output of the conv before it (the dropout
-    acted inside the conv+BN fold)."""
-    placement = card["dropout"]["placement"]
-    if placement not in ("a", "b"):
-        return None
-    import warnings
-
-    import onnx
+def reference_net(card: dict):
+    """The PyTorch network of a card with the weights of its vsonnx export (eval mode)."""
     import torch
     from onnx import numpy_helper
 
-    from vsonnx.graph import GraphIndex
     from vsonnx.nets import DropoutConfig, build
 
     kept = load_model(ROOT / card["onnx"])
@@ -166,31 +156,66 @@ def folded_experiment(card: dict, data: Path, threads: int | None) -> dict | Non
     state = net.state_dict()
     state.update({k: weights[k] for k in state if k in weights})
     net.load_state_dict(state)
+    return net, kept
+
+
+def dropout_sites(kept, placement: str, by_module: bool) -> dict[str, float]:
+    """Where the vsonnx export's Dropouts act, as a stock export would name them: placement b the layer after
+    each dropout, placement a the BN after it (folded by a stock export into the conv before it: by tensor
+    name, the conv's output, where the dropout acted inside the fold); ``by_module``: PyTorch module names."""
+    from vsonnx.graph import GraphIndex, module_of
+
     index = GraphIndex(kept)
-    dropouts = [d for d in kept.graph.node if d.op_type == "Dropout"]
-    if placement == "b":
-        sites = {index.node_name(c): float(index.constant(d.input[1])) for d in dropouts
-                 for c in index.consumers[d.output[0]]}
-    else:
-        sites = {index.producer[d.input[0]].output[0]: float(index.constant(d.input[1])) for d in dropouts}
+    sites = {}
+    for d in (n for n in kept.graph.node if n.op_type == "Dropout"):
+        ratio = float(index.constant(d.input[1]))
+        for consumer in index.consumers[d.output[0]]:
+            if by_module:
+                weight = consumer.input[1] if placement == "b" else ""
+                sites[weight[:-len(".weight")] if weight.endswith(".weight") else module_of(consumer)] = ratio
+            elif placement == "b":
+                sites[index.node_name(consumer)] = ratio
+            else:
+                sites[index.producer[d.input[0]].output[0]] = ratio
+    return sites
+
+
+def folded_experiment(card: dict, data: Path, threads: int | None, exporter: str = "torchscript") -> dict | None:
+    """Stock torch.onnx.export of the same weights (Dropout removed, Conv+BN folded; the TorchScript
+    exporter, sites named by tensor, or torch's default exporter, sites named by PyTorch module), fixed with
+    `fix --dropout`, against the population fix of the vsonnx export."""
+    placement = card["dropout"]["placement"]
+    if placement not in ("a", "b"):
+        return None
+    import contextlib
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    net, kept = reference_net(card)
+    sites = dropout_sites(kept, placement, by_module=exporter == "dynamo")
     pre = json.loads(dict((p.key, p.value) for p in kept.metadata_props)["vsonnx.preprocess"])
+    pre = {"mean": pre["mean"], "std": pre["std"]}
     with tempfile.TemporaryDirectory() as tmp:
         stock = Path(tmp) / "stock.onnx"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(stock), dynamo=False, input_names=["input"],
-                              dynamic_axes={"input": {0: "batch"}})
+            shapes = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if exporter == "dynamo" else \
+                {"dynamo": False, "dynamic_axes": {"input": {0: "batch"}}}
+            torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(stock), input_names=["input"], **shapes)
         folded_bn = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(stock)).graph.node)
-        calib = open_source(data / "train", load_model(stock), shuffle=True, seed=0, limit=CALIB_SAMPLES,
-                            preprocess={"mean": pre["mean"], "std": pre["std"]})
+        calib = open_source(data / "train", load_model(stock), shuffle=True, seed=0, limit=CALIB_SAMPLES, preprocess=pre)
         fixed = Path(tmp) / "stock.fixed.onnx"
         result = fix_named_sites(stock, calib, sites, FixOptions(output=fixed, threads=threads))
-        test = open_source(data / "test", load_model(stock), shuffle=False,
-                           preprocess={"mean": pre["mean"], "std": pre["std"]})
+        test = open_source(data / "test", load_model(stock), shuffle=False, preprocess=pre)
         reports = score_together({"stock": load_model(stock), "fixed": load_model(fixed)}, test, device="cpu",
                                  threads=threads)
         acc = {k: round(r.top1, 2) for k, r in reports.items()}
-    return {"stock_bn_left": folded_bn, "sites_named": len(sites), "folded_layers_corrected": len(result.notes),
+    return {"exporter": exporter, "stock_bn_left": folded_bn, "sites_named": len(sites),
+            "named_by": "PyTorch module" if exporter == "dynamo" else "tensor or node",
+            "folded_layers_corrected": len(result.notes),
             "stock_ort_test_acc": acc["stock"], "stock_fixed_ort_test_acc": acc["fixed"],
             "vsonnx_export_population_fix": card.get("ort_test_acc_fixed_population"),
             "difference_points": round(acc["fixed"] - card.get("ort_test_acc_fixed_population", float("nan")), 2)}
@@ -274,9 +299,10 @@ def results(cards: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows += [table3_row(c, twins.get(c["arch"])) for c in cards if c["dropout"]["placement"] != "none"]
     plots = [f"![{c['name']}]({c['shift_plot']})" for c in cards if "shift_plot" in c]
-    folded = [f"| {c['name']} | {c['folded']['stock_ort_test_acc']:.2f} | {c['folded']['stock_fixed_ort_test_acc']:.2f} | "
-              f"{c['folded']['vsonnx_export_population_fix']:.2f} | {c['folded']['difference_points']:+.2f} |"
-              for c in cards if c.get("folded")]
+    folded = [f"| {c['name']} | {f['exporter']} | {f['named_by']} | {f['stock_ort_test_acc']:.2f} | "
+              f"{f['stock_fixed_ort_test_acc']:.2f} | {f['vsonnx_export_population_fix']:.2f} | "
+              f"{f['difference_points']:+.2f} |"
+              for c in cards for f in (c.get("folded"), c.get("folded_default_exporter")) if f]
     errors = [f"- {c['name']}: median relative error of the predicted Var_test/Var_train at the sites "
               f"{c['median_prediction_error']}; median site shift {c['median_site_shift_before']} -> "
               f"{c['median_site_shift_after']} after the population fix" for c in cards if "shift_plot" in c]
@@ -300,8 +326,8 @@ def results(cards: list[dict]) -> str:
         "dropout sites, against the population fix of the `vsonnx.export` model (test accuracy %; target: within",
         "0.3 points):",
         "",
-        "| model | stock export | stock, fixed | vsonnx export, fixed | difference |",
-        "|---|---|---|---|---|",
+        "| model | exporter | sites named by | stock export | stock, fixed | vsonnx export, fixed | difference |",
+        "|---|---|---|---|---|---|---|",
         *folded,
         "",
         "Shift per BN layer, as trained and after the fix (the paper's Fig. 1 metric, measured on 2,000",
@@ -374,6 +400,7 @@ def main() -> None:
             card = json.loads(path.read_text())
         if "folded" in steps:
             card["folded"] = folded_experiment(card, args.data, args.threads)
+            card["folded_default_exporter"] = folded_experiment(card, args.data, args.threads, exporter="dynamo")
         (MODELS / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
         (MODELS / f"{name}.md").write_text(card_markdown(card))
         print(json.dumps({k: card[k] for k in card if "acc" in k}), name, flush=True)
