@@ -342,10 +342,10 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active:
     training with ``dropout_active``: simulate_dropouts); returns (model, {bn: (g1, g2, elements or Shape output)},
     {bn: shift})."""
     graph = working_graph(model, keep_dropout_modes=dropout_active)
+    shapes = tensor_shapes(to_model(graph.copy(), model))  # one shape inference; the simulation keeps the names
     if dropout_active:
-        simulate_dropouts(graph, default_opset(model) or 13, tensor_shapes(model).dtypes)
+        simulate_dropouts(graph, default_opset(model) or 13, shapes.dtypes)
     index = GraphIndex(model)
-    shapes = tensor_shapes(to_model(graph.copy(), model))
     bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)
     builder = StatisticBuilder(graph, default_opset(model) or 13)
     taps = {name: bn_tap(index, bn_nodes[name], shapes) for name in targets}

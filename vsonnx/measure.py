@@ -49,10 +49,10 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
     try:  # fix first turns a training-mode export into inference form
-        converted, _ = inference_form(proto)
+        converted, changed = inference_form(proto)
     except VsonnxError:
-        converted = proto
-    decisions = {d.name: d for d in plan(converted, find_sites(converted), scope)}
+        converted, changed = proto, []
+    decisions = {d.name: d for d in plan(converted, find_sites(converted) if changed else report, scope)}
     for b in report.batchnorms:
         d = decisions.get(b.name)
         b.fix = "unchanged" if d is None else ("recalibrate" if d.refusal is None else f"refused: {d.refusal}")
