@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vsonnx.data import open_source
+from vsonnx.data import ArraySource, open_source
 from vsonnx.errors import VsonnxError
 
-from conftest import cnn_with_sites
+from conftest import GraphBuilder, cnn_with_sites
 
 MODEL = cnn_with_sites()
 
@@ -156,3 +156,23 @@ def test_missing_normalisation_is_warned(tmp_path):
     write_images(tmp_path)
     with pytest.warns(UserWarning, match="no --mean/--std"):
         open_source(tmp_path, MODEL)
+
+
+def test_val_split_parts_are_disjoint_complete_seeded_and_keep_labels():
+    from vsonnx.data import split_source
+
+    x = np.arange(1000, dtype=np.float32).reshape(1000, 1)
+    y = np.arange(1000) % 7
+    g = GraphBuilder()
+    model = g.build(g.node("Identity", ["x"]), input_shape=("N", 1))
+    kept, held = split_source(ArraySource.from_arrays(model, x, y, shuffle=False), 0.2, seed=3)
+    got_kept = [b for b in kept.batches(64)]
+    got_held = [b for b in held.batches(64)]
+    a = np.concatenate([b.feeds["x"][:, 0] for b in got_kept])
+    h = np.concatenate([b.feeds["x"][:, 0] for b in got_held])
+    assert sorted(np.concatenate([a, h])) == list(range(1000)) and not set(a) & set(h)
+    assert 150 < len(h) < 250 and all(len(b) == 64 for b in got_kept[:-1])
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in got_held]), h.astype(int) % 7)
+    again = np.concatenate([b.feeds["x"][:, 0] for b in split_source(
+        ArraySource.from_arrays(model, x, y, shuffle=False), 0.2, seed=3)[1].batches(100)])
+    np.testing.assert_array_equal(again, h)  # same seed, same split, whatever the batch size

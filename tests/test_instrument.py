@@ -46,6 +46,19 @@ def test_simulated_dropout_drops_and_rescales_also_optimised(optimize):
     assert not np.array_equal(y, again)  # a fresh mask every run
 
 
+def test_simulated_channelwise_dropout_drops_whole_channels():
+    """Dropout2d: one draw per sample and channel (GlobalAveragePool gives the [N, C, 1, 1] shape to draw on)."""
+    g = GraphBuilder()
+    model = g.build(g.dropout("x", 0.5, "d"))
+    ones = np.ones((400, 3, 8, 8), np.float32)
+    graph = working_graph(model)
+    simulate_dropouts(graph, opset=17, dtypes={}, seed=5, channelwise=frozenset({"d"}))
+    y = make_session(to_model(graph, model), device="cpu").run(None, {"x": ones})[0]
+    assert (y.max((2, 3)) == y.min((2, 3))).all()  # whole channels kept (x2) or dropped
+    assert set(np.unique(y)) == {0.0, 2.0}
+    assert abs((y[:, :, 0, 0] == 0).mean() - 0.5) < 0.05  # 1,200 draws: 3.5 standard deviations
+
+
 def test_simulated_dropout_of_old_opsets_reads_the_ratio_attribute():
     g = GraphBuilder(opset=11)
     model = g.build(g.dropout("x", 0.25, "d", form="attribute"))

@@ -8,6 +8,7 @@ from onnx import numpy_helper
 
 import vsonnx
 from vsonnx.model import get_metadata, load_model
+from vsonnx.runtime import make_session
 
 from conftest import GraphBuilder, cnn_with_sites, run, save
 
@@ -89,7 +90,9 @@ def test_val_writes_the_best_candidate_and_names_it(site_net):
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 0 and report["written"]
     scores = {c["name"]: c["val_top1"] for c in report["candidates"]}
-    assert {"original", "batch", "population", "relative", "batch x0.5", "relative x0.5"} <= set(scores)
+    family = {f"{m} a={a:g}" for m in ("population", "relative") for a in (0.25, 0.5, 0.75, 0.875)}
+    assert set(scores) == {"original", "batch", "population", "relative", "distill"} | family
+    assert report["criterion"] == "top1"
     assert scores["original"] == pytest.approx(original_top1) and scores["relative"] == 100
     assert scores[report["chosen"]] == 100 and report["method"] == report["chosen"]
     assert get_metadata(load_model(report["output"]))["vsonnx.method"] == report["chosen"]
@@ -105,9 +108,47 @@ def test_val_writes_nothing_when_the_original_is_best(site_net):
             "-o", tmp / "out.onnx", "--json")
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 1 and not report["written"] and not (tmp / "out.onnx").exists()
-    assert report["candidates"][0] == {"name": "original", "val_top1": 100.0}
+    assert report["candidates"][0] == {"name": "original", "val_top1": 100.0, "val_kl": None}
     r = run("fix", model_path, "--calib", tmp / "val_orig.npz", "--val", tmp / "val_orig.npz", "--batch-size", 8)
     assert "validation data is the calibration data" in r.output
+
+
+def independent_kl(model, fixed, x, masks=400):
+    """KL(ensemble || model) with other masks than the fix used (seed 99) and many of them."""
+    from vsonnx.ensemble import DropoutEnsemble, divergence, scores_tensor
+
+    target = DropoutEnsemble(model, scores_tensor(model), seed=99, device="cpu").target({"input": x}, masks)
+    session = make_session(fixed, device="cpu", optimize=False)
+    return float(divergence(target, session.run(None, {"input": x})[0], "kl").mean())
+
+
+@pytest.mark.parametrize("how", ["unlabelled --val", "--val-split"])
+def test_label_free_choice_writes_the_candidate_closest_to_the_dropout_ensemble(site_net, how):
+    tmp, model_path = site_net
+    extra = ["--val", tmp / "val.npz"] if how == "unlabelled --val" else ["--val-split", "0.5"]
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", *extra, "--batch-size", 8, "--val-masks", 64,
+            "-o", tmp / "chosen.onnx", "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and report["written"] and report["criterion"] == "ensemble_kl"
+    kl = {c["name"]: c["val_kl"] for c in report["candidates"]}
+    assert all(c["val_top1"] is None for c in report["candidates"])
+    assert report["chosen"] == min(kl, key=kl.get) and kl[report["chosen"]] < kl["original"]
+    if how == "--val-split":
+        assert 12 <= report["samples"] <= 36  # about half of the 48 calibration samples
+    # on this random-weight net only the distillation gets closer to the ensemble than the original; the
+    # re-estimations move away from it (the ensemble, not the labels, is the reference here)
+    x = np.load(tmp / "val.npz")["x"]
+    model = load_model(model_path)
+    assert independent_kl(model, load_model(tmp / "chosen.onnx"), x) < independent_kl(model, model, x)
+
+
+def test_val_split_errors(site_net):
+    tmp, model_path = site_net
+    for args, needle in ((["--calib", tmp / "calib.npz", "--val-split", "1.5"], "between 0 and 1"),
+                         (["--data-free", "--val-split", "0.2"], "--val-split"),
+                         (["--calib", tmp / "calib.npz", "--val", tmp / "val.npz", "--val-masks", "0"], "--val-masks")):
+        r = run("fix", model_path, *args, "--batch-size", 8, "--steps", 2)
+        assert r.exit_code == 3 and needle in r.output, r.output
 
 
 def test_fix_json_schema(setup):
@@ -115,7 +156,8 @@ def test_fix_json_schema(setup):
     r = run("fix", model_path, "--calib", tmp / "calib.npz", "--batch-size", 8, "--json")
     report = json.loads(r.output[r.output.index("{"):])
     assert set(report) == {"schema_version", "model", "output", "written", "message", "method", "chosen", "samples",
-                           "provider", "seconds", "passes", "refused", "candidates", "batchnorms", "notes", "warnings"}
+                           "provider", "seconds", "passes", "refused", "candidates", "batchnorms", "notes", "warnings",
+                           "criterion"}
     assert report["schema_version"] == 1 and report["chosen"] == report["method"] == "batch"
 
 

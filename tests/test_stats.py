@@ -1,6 +1,6 @@
 import numpy as np
 
-from vsonnx.stats import BatchAverage, ChannelMoments
+from vsonnx.stats import BatchAverage, BnStatistics, ChannelMoments
 
 
 def data(seed=0):
@@ -56,3 +56,18 @@ def test_batch_average_is_equal_weight_of_unbiased_variances():
     np.testing.assert_allclose(avg.var, expected_var, rtol=1e-12)
     np.testing.assert_allclose(avg.mean, expected_mean, rtol=1e-12)
     assert avg.count == 2
+
+
+def test_interpolation_family_is_geometric_in_the_variance():
+    from vsonnx.stats import interpolate
+
+    old = {"bn": BnStatistics("bn", np.array([0.0, 1.0, 2.0]), np.array([4.0, 1.0, 0.0]), 1)}
+    new = {"bn": BnStatistics("bn", np.array([1.0, 1.0, 0.0]), np.array([1.0, 1.0, 2.0]), 5, 40)}
+    half = interpolate(old, new, 0.5)["bn"]
+    np.testing.assert_allclose(half.mean, [0.5, 1.0, 1.0])
+    np.testing.assert_allclose(half.var, [2.0, 1.0, 1.0])  # sqrt(4 * 1); a zero stored variance moves linearly
+    for a, want in ((0.0, old["bn"]), (1.0, new["bn"])):
+        got = interpolate(old, new, a)["bn"]
+        np.testing.assert_allclose(got.mean, want.mean)
+        np.testing.assert_allclose(got.var, want.var)
+    assert (half.count, half.values) == (5, 40)

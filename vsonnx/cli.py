@@ -169,17 +169,32 @@ def _provider_line(provider: str | None) -> None:
 @click.option("--method", type=click.Choice(CALIBRATED), default="batch",
               help="; ".join(f"{n}: {REGISTRY[n].passes} pass(es)" for n in CALIBRATED)
               + " (batch: the paper's Adjust; population: exact inference statistics; relative: the dropout-on -> off "
-                "change measured on the data carried over to the stored statistics).")
+                "change measured on the data carried over to the stored statistics; distill: BN constants fitted so "
+                "the network matches its own dropout ensemble, needs torch).")
 @click.option("--all", "scope_all", is_flag=True, help="Re-estimate every BN, not only sites and downstream.")
-@click.option("--val", default=None, help="Labelled validation data: evaluate candidates, write the best.")
+@click.option("--val", default=None, help="Validation data: evaluate candidates, write the best (by top-1 with "
+                                          "labels, by KL from the dropout ensemble without).")
 @click.option("--val-limit", type=int, default=None, help="Use the first N validation samples.")
+@click.option("--val-split", type=float, default=None, metavar="F",
+              help="Hold out a fraction F of --calib (seeded) and choose among candidates on it without labels.")
+@click.option("--val-masks", type=int, default=8, show_default=True,
+              help="Dropout masks averaged into the ensemble that label-free choosing compares with.")
 @click.option("--force", is_flag=True, help="With --val: write even when no candidate beats the original.")
+@click.option("--steps", "distill_steps", type=int, default=REGISTRY["distill"].settings["steps"], show_default=True,
+              help="distill: optimisation steps (one calibration batch each).")
+@click.option("--lr", "distill_lr", type=float, default=REGISTRY["distill"].settings["lr"], show_default=True,
+              help="distill: Adam learning rate (cosine decay).")
+@click.option("--scores", default=None, metavar="OUTPUT",
+              help="distill and label-free --val: the output compared with the dropout ensemble [default: the first].")
+@click.option("--loss", type=click.Choice(["kl", "mse"]), default=None,
+              help="distill and label-free --val: kl (softmax over axis 1) or mse; outputs that are not class "
+                   "scores [N, C] need --scores and --loss.")
 @JSON_OPTION
 @data_options
 @user_errors
 def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, sites_file, output, in_place, method,
-        scope_all, val, val_limit, force, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale,
-        device, threads):
+        scope_all, val, val_limit, val_split, val_masks, force, distill_steps, distill_lr, scores, loss, as_json,
+        batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device, threads):
     """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
     from . import recalibrate
     from .named_sites import parse_dropout_specs
@@ -190,8 +205,9 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
     options = recalibrate.FixOptions(
         output=output, scope="all" if scope_all else "sites", batch_size=batch_size, device=device, threads=threads,
         limit=limit, shuffle=shuffle, seed=seed, preprocess=_preprocess(calib, mean, std, size, layout, scale),
-        val=val, val_limit=val_limit, force=force, in_place=in_place, progress=not as_json, synthetic=synthetic,
-        synthetic_steps=synthetic_steps)
+        val=val, val_limit=val_limit, val_split=val_split, val_masks=val_masks, force=force, in_place=in_place,
+        progress=not as_json, synthetic=synthetic, synthetic_steps=synthetic_steps,
+        method_options={"distill": {"steps": distill_steps, "lr": distill_lr, "scores": scores, "loss": loss}})
     if named:
         report = recalibrate.fix_named_sites(model, calib, named, options)
     elif data_free:
@@ -204,7 +220,7 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
     else:
         click.echo(render_fix(report))
         _render_warnings(report.warnings)
-    if val is not None and not report.written and report.candidates:
+    if (val is not None or val_split is not None) and not report.written and report.candidates:
         sys.exit(1)
 
 
@@ -226,6 +242,9 @@ def _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, va
         warn("--all is ignored with --synthetic 0 (the formulas cover the sites only).")
     if named and val:
         warn("--val is ignored with --dropout/--sites.")
+    choosing = val is not None or on_command_line("val_split")
+    if method != "distill" and not choosing and on_command_line("distill_steps", "distill_lr", "scores", "loss"):
+        warn("--steps/--lr/--scores/--loss apply to --method distill and to choosing with --val/--val-split.")
 
 
 @main.command("eval", context_settings=CONTEXT)
@@ -282,17 +301,19 @@ def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, m
 @click.option("--threads", type=int, default=None)
 @synthetic_option("Synthetic inputs of the data-free fix (0: leave it out).")
 @SYNTHETIC_STEPS
+@click.option("--steps", "distill_steps", type=int, default=REGISTRY["distill"].settings["steps"], show_default=True,
+              help="Steps of the distill fix.")
 @JSON_OPTION
 @user_errors
 def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device, threads, synthetic, synthetic_steps,
-         as_json):
-    """Scan, fix (batch, population, relative, data-free) and evaluate a reference model on CIFAR-10."""
+         distill_steps, as_json):
+    """Scan, fix (batch, relative, distill, data-free) and evaluate a reference model on CIFAR-10."""
     from .demo import run_demo
     from .report import render_demo
 
     report = run_demo(data, model_path, calib_limit=calib_limit, test_limit=test_limit, batch_size=batch_size,
                       device=device, threads=threads, out_dir=out_dir, progress=not as_json, synthetic=synthetic,
-                      synthetic_steps=synthetic_steps)
+                      synthetic_steps=synthetic_steps, distill_steps=distill_steps)
     _provider_line(report.results[0].provider)
     emit_json(report.to_dict()) if as_json else click.echo(render_demo(report))
 

@@ -450,15 +450,7 @@ class ReaderSource(Source):
             yield from self._dicts()
 
     def _pop(self, buffer, labels, n) -> Batch:
-        feeds = {}
-        for name, chunks in buffer.items():
-            joined = np.concatenate(chunks)
-            feeds[name], buffer[name] = joined[:n], [joined[n:]]
-        lab = None
-        if self.has_labels:
-            joined = np.concatenate(labels)
-            lab, labels[:] = joined[:n], [joined[n:]]
-        return Batch(feeds, lab)
+        return _take(buffer, labels if self.has_labels else [], n)
 
 
 class ReplaySource(Source):
@@ -512,6 +504,63 @@ class ReplaySource(Source):
 
     def describe(self) -> str:
         return self.source.describe()
+
+
+class SplitSource(Source):
+    """One part of a seeded split of ``source`` (``--val-split F``): the i-th sample the source yields is held
+    out when u_i < F, u_i drawn from ``default_rng(seed)``; both parts read the same (replayed) source in
+    chunks of ``SPLIT_CHUNK`` and re-batch, so they are disjoint and together hold every sample."""
+
+    def __init__(self, source: Source, fraction: float, seed: int, held_out: bool):
+        self.source, self.fraction, self.seed, self.held_out = replayable(source), fraction, seed, held_out
+        self.has_labels = source.has_labels
+        self.spec = f"{source.describe()} ({'held-out' if held_out else 'kept'} part of a {fraction:g} split)"
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        rng = np.random.default_rng(self.seed)
+        feeds: dict[str, list] = {}
+        labels: list = []
+        held = 0
+        for batch in self.source.batches(SPLIT_CHUNK):
+            rows = (rng.random(len(batch)) < self.fraction) == self.held_out
+            for name, x in batch.feeds.items():
+                feeds.setdefault(name, []).append(x[rows])
+            if batch.labels is not None:
+                labels.append(batch.labels[rows])
+            held += int(rows.sum())
+            while held >= batch_size:
+                yield _take(feeds, labels, batch_size)
+                held -= batch_size
+        if held:
+            yield _take(feeds, labels, held)
+
+    def describe(self) -> str:
+        return self.spec
+
+
+SPLIT_CHUNK = 256
+
+
+def _take(feeds: dict[str, list], labels: list, n: int) -> Batch:
+    """The first ``n`` buffered samples as a Batch; the rest stay buffered."""
+    out = {}
+    for name, chunks in feeds.items():
+        joined = np.concatenate(chunks)
+        out[name], feeds[name] = joined[:n], [joined[n:]]
+    lab = None
+    if labels:
+        joined = np.concatenate(labels)
+        lab, labels[:] = joined[:n], [joined[n:]]
+    return Batch(out, lab)
+
+
+def split_source(source: Source, fraction: float, seed: int) -> tuple[Source, Source]:
+    """(kept, held out) parts of ``source`` (see SplitSource); a fraction outside (0, 1) is a user error."""
+    if not 0 < fraction < 1:
+        raise VsonnxError(f"--val-split must be between 0 and 1 (exclusive), got {fraction:g}.",
+                          "e.g. --val-split 0.2 holds out a fifth of the calibration data.")
+    source = replayable(source)
+    return SplitSource(source, fraction, seed, False), SplitSource(source, fraction, seed, True)
 
 
 def check_settings(*, batch_size: int | None = None, seed: int | None = None, threads: int | None = None) -> None:

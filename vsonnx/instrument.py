@@ -111,9 +111,12 @@ def dropout_seeds(seed: int, count: int) -> list[int]:
     return [int(s) for s in np.random.default_rng(seed).integers(1, 2**31 - 1, count)]
 
 
-def simulate_dropouts(graph: gs.Graph, opset: int, dtypes: dict[str, int], seed: int = DROPOUT_SEED) -> None:
+def simulate_dropouts(graph: gs.Graph, opset: int, dtypes: dict[str, int], seed: int = DROPOUT_SEED,
+                      channelwise: frozenset[str] = frozenset()) -> None:
     """Replace every Dropout of ``graph`` by explicit operations that drop as in training, with a fresh mask
-    per run from a seed of its own drawn from ``seed``:  y = x * (u >= r) / (1 - r),  u = RandomUniformLike(x).
+    per run from a seed of its own drawn from ``seed``:  y = x * (u >= r) / (1 - r),  u = RandomUniformLike(x);
+    Dropout nodes named in ``channelwise`` (Dropout1d/2d/3d, inputs of rank >= 3) drop whole channels:
+    u = RandomUniformLike(GlobalAveragePool(x)), one value per sample and channel, broadcast.
     onnxruntime removes Dropout nodes when graph optimisations are on, even in training mode; these operations
     it keeps, so the passes that simulate training run optimised. Any opset (the ratio comes from the
     attribute below opset 12). Refuses a constant ratio outside [0, 1)."""
@@ -133,7 +136,8 @@ def simulate_dropouts(graph: gs.Graph, opset: int, dtypes: dict[str, int], seed:
             return out
 
         r = op("r", "Cast", [ratio], to=TensorProto.FLOAT)
-        u = op("u", "RandomUniformLike", [x], dtype=TensorProto.FLOAT, seed=float(node_seed))
+        like = op("pooled", "GlobalAveragePool", [x], x_type) if node_name(node) in channelwise else x
+        u = op("u", "RandomUniformLike", [like], dtype=TensorProto.FLOAT, seed=float(node_seed))
         keep = op("keep", "Not", [op("drop", "Less", [u, r], dtype=bool)], dtype=bool)
         scale = op("scale", "Div", [_const(f"{prefix}_one", np.float32(1)), op("p", "Sub", [_const(f"{prefix}_1", np.float32(1)), r])])
         kept = op("kept", "Mul", [x, op("keepx", "Cast", [keep], x_type, to=int(dtypes.get(x.name, TensorProto.FLOAT)))], x_type)
@@ -337,14 +341,15 @@ def write_statistics(graph: gs.Graph, stats: dict[str, BnStatistics]) -> None:
 # --------------------------------------------------------------------------------------------------
 # instrumented copies and the pass that reads them
 # --------------------------------------------------------------------------------------------------
-def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active: bool = False):
+def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active: bool = False,
+                     channelwise: frozenset[str] = frozenset()):
     """Working copy where each target BN normalises with its batch statistics (and every Dropout drops as in
-    training with ``dropout_active``: simulate_dropouts); returns (model, {bn: (g1, g2, elements or Shape output)},
+    training with ``dropout_active``: simulate_dropouts, ``channelwise`` nodes by channel); returns (model, {bn: (g1, g2, elements or Shape output)},
     {bn: shift})."""
     graph = working_graph(model, keep_dropout_modes=dropout_active)
     shapes = tensor_shapes(to_model(graph.copy(), model))  # one shape inference; the simulation keeps the names
     if dropout_active:
-        simulate_dropouts(graph, default_opset(model) or 13, shapes.dtypes)
+        simulate_dropouts(graph, default_opset(model) or 13, shapes.dtypes, channelwise=channelwise)
     index = GraphIndex(model)
     bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)
     builder = StatisticBuilder(graph, default_opset(model) or 13)

@@ -3,9 +3,10 @@
 Three entry points over one ``FixOptions`` and one tail (choose a candidate -> validate -> write with
 provenance):
 - ``fix_calibrated(model, calib, method)``: a calibrated method of the registry (vsonnx.methods: batch,
-  population, relative). With ``val`` every calibrated method and its half-way blend (new statistics a
-  fraction 0.5 of the way from the stored ones) is a candidate next to the original; the best by validation
-  top-1 is written, nothing when the original is best (unless ``force``).
+  population, relative, distill). With ``val`` (or ``val_split``) every calibrated method is a candidate,
+  population and relative with their interpolation families (vsonnx.choose); the best by validation top-1
+  (labelled ``val``) or, without labels, by KL from the dropout ensemble is written, nothing when the
+  original is best (unless ``force``).
 - ``fix_data_free(model)``: ``synthesized`` (inputs synthesised from the BN statistics, every BN in scope),
   or with ``synthetic=0`` ``closed_form`` (the paper's formulas, sites only). With ``val`` the correction is
   written only when it beats the original.
@@ -19,7 +20,8 @@ Warnings raised while fixing (vsonnx.errors.warn) are collected into the report;
 JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever added):
   model, output (str|null), written (bool), message (str), method (label of the method whose constants were
   written, or that was asked for when nothing was), chosen (candidate written, or null), samples (int),
-  provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1}],
+  provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_kl}] (the score of
+  the criterion used, the other null), criterion ("top1", "ensemble_kl" or null),
   batchnorms [{name, site, old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str].
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 import onnx
 
 from ._version import __version__
-from .data import check_settings, open_source, replayable
+from .data import check_settings, open_source, replayable, split_source
 from .errors import VsonnxError, collected_warnings
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
@@ -41,9 +43,8 @@ from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 from .model import check_output_path, load_model, save_model, same_file
 from .rewrite import apply_affine, inference_form, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
-from .stats import BnStatistics, CalibrationResult, blend
+from .stats import BnStatistics, CalibrationResult
 
-PARTIAL = 0.5  # weight of the new statistics in the half-way candidates
 SCHEMA_VERSION = 1
 
 
@@ -62,11 +63,14 @@ class FixOptions:
     preprocess: dict | None = None
     val: str | Path | None = None
     val_limit: int | None = None
+    val_split: float | None = None  # hold out this fraction of the calibration data to choose without labels
+    val_masks: int = 8  # dropout masks averaged into the ensemble that label-free choosing compares with
     force: bool = False
     in_place: bool = False
     progress: bool = False
     synthetic: int = DEFAULT_SAMPLES
     synthetic_steps: int = DEFAULT_STEPS
+    method_options: dict = field(default_factory=dict)  # per registry method: e.g. {"distill": {"steps": 50}}
 
     def __post_init__(self):
         check_settings(batch_size=self.batch_size, seed=self.seed, threads=self.threads)
@@ -91,6 +95,7 @@ class FixReport:
     passes: int | None = None
     warnings: list[str] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
+    criterion: str | None = None
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -104,7 +109,7 @@ class Candidate:
     stats: dict[str, BnStatistics]
     result: CalibrationResult | None = None
     affine: dict = field(default_factory=dict)
-    top1: float | None = None
+    score: float | None = None  # by the ranking criterion (vsonnx.choose)
 
 
 @dataclass
@@ -118,11 +123,16 @@ class _Job:
     scan: ScanReport
     names: list[str]
     report: FixReport
+    val_source: object = None  # the held-out part of the calibration data (val_split)
 
-    def request(self, source=None, **method_options) -> EstimateRequest:
+    @property
+    def choosing(self) -> bool:
+        return self.options.val is not None or self.options.val_split is not None
+
+    def request(self, source=None, method: str | None = None, **method_options) -> EstimateRequest:
         o = self.options
         return EstimateRequest(self.model, self.names, self.scan, source, o.batch_size, o.device, o.threads,
-                               o.progress, o.seed, method_options)
+                               o.progress, o.seed, {**o.method_options.get(method, {}), **method_options})
 
 
 def default_output(model_path: Path) -> Path:
@@ -178,14 +188,9 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
                                            "candidates is biased.")
             source = open_source(calib, job.model, shuffle=options.shuffle, seed=options.seed, limit=options.limit,
                                  preprocess=options.preprocess)
-            methods = [method] if options.val is None else list(CALIBRATED)
-            source = source if len(methods) == 1 else replayable(source)
-            results = {m: REGISTRY[m].run(job.request(source)) for m in methods}
-            candidates = [Candidate(m, r.statistics, r) for m, r in results.items()]
-            if options.val is not None:
-                old = GraphIndex(job.model).stored_statistics(job.names)
-                candidates += [Candidate(f"{m} x{PARTIAL:g}", blend(old, r.statistics, PARTIAL), r)
-                               for m, r in results.items()]
+            if options.val_split is not None:
+                source, job.val_source = split_source(source, options.val_split, options.seed)
+            candidates = _calibrated_candidates(job, replayable(source) if job.choosing else source, method)
             _finish(job, candidates, {"calibration_source": str(calib)}, default=method, expected=job.names)
         else:
             job.report.message = reason
@@ -193,10 +198,25 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
     return job.report
 
 
+def _calibrated_candidates(job: _Job, source, method: str) -> list[Candidate]:
+    """``method``'s result, or when choosing every calibrated method with its family (vsonnx.choose)."""
+    from .choose import candidate_methods, family
+
+    if not job.choosing:
+        return [Candidate(method, (r := REGISTRY[method].run(job.request(source, method))).statistics, r)]
+    old = GraphIndex(job.model).stored_statistics(job.names)
+    candidates = []
+    for m in candidate_methods():
+        result = REGISTRY[m].run(job.request(source, m))
+        candidates += [Candidate(name, stats, result) for name, stats in family(m, old, result.statistics)]
+    return candidates
+
+
 def fix_data_free(model_path, options: FixOptions | None = None) -> FixReport:
     """Correct the BNs in scope without data: ``synthesized`` (every BN in scope), or with
     ``options.synthetic == 0`` ``closed_form`` (the sites only; per-site results reported either way)."""
     options = options or FixOptions()
+    _no_split(options, "--data-free")
     method = "synthesized" if options.synthetic > 0 else "closed_form"
     with collected_warnings() as caught:
         job = _start(model_path, options, REGISTRY[method].label)
@@ -227,6 +247,7 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
     from .named_sites import resolve_sites
 
     options = options or FixOptions()
+    _no_split(options, "--dropout/--sites")
     if calib is None:
         raise VsonnxError("--dropout/--sites need calibration data.", "add --calib DATA.")
     with collected_warnings() as caught:
@@ -252,6 +273,12 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
             job.report.message = "the named sites reach no BatchNormalization and no folded weight layer: nothing to fix."
     job.report.warnings += caught
     return job.report
+
+
+def _no_split(options: FixOptions, mode: str) -> None:
+    if options.val_split is not None:
+        raise VsonnxError(f"--val-split holds out calibration data of a calibrated fix; {mode} does not choose "
+                          "among calibrated candidates.", "pass --val DATA instead, or drop --val-split.")
 
 
 def fix(model_path, calib=None, *, method: str = "batch", data_free: bool = False,
@@ -287,7 +314,7 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     old = GraphIndex(job.model).stored_statistics(list(dict.fromkeys(n for c in candidates for n in c.stats)))
     fallback = next((c for c in candidates if c.name == default), candidates[0])
     winner = fallback
-    if job.options.val is not None:
+    if job.choosing:
         winner = _validate_candidates(job, candidates)
         if winner is None and not job.options.force:
             report.message = ("no candidate beats the original on the validation data: nothing written."
@@ -324,21 +351,27 @@ def _screened(candidate: Candidate, expected: list[str] = ()) -> tuple[Candidate
 
 
 def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | None:
-    """Score the original and every candidate on the validation data; the best candidate, or None when the
-    original is at least as good."""
-    from .accuracy import evaluate_candidates
+    """Rank the original and every candidate on the validation data (vsonnx.choose); the best candidate, or
+    None when the original is at least as good."""
+    from .choose import rank
 
     o = job.options
-    models = [job.model] + [with_statistics(apply_affine(job.model, c.affine) if c.affine else job.model, c.stats)
-                            for c in candidates]
-    scores = evaluate_candidates(job.model, models, o.val, batch_size=o.batch_size, device=o.device,
-                                 threads=o.threads, limit=o.val_limit, preprocess=o.preprocess)
-    for c, top1 in zip(candidates, scores[1:]):
-        c.top1 = top1
-    job.report.candidates = [{"name": "original", "val_top1": scores[0]}] + [
-        {"name": c.name, "val_top1": c.top1} for c in candidates]
-    best = max(candidates, key=lambda c: c.top1)
-    return best if best.top1 > scores[0] else None
+    source = job.val_source or open_source(o.val, job.model, shuffle=True, seed=0, limit=o.val_limit,
+                                           preprocess=o.preprocess)
+    models = [with_statistics(apply_affine(job.model, c.affine) if c.affine else job.model, c.stats)
+              for c in candidates]
+    distill = {**REGISTRY["distill"].settings, **o.method_options.get("distill", {})}
+    ranking = rank(job.model, models, source, label_free=o.val_split is not None, masks=o.val_masks, seed=o.seed,
+                   channelwise=job.scan.channelwise_dropouts, scores=(distill["scores"], distill["loss"]),
+                   batch_size=o.batch_size, device=o.device, threads=o.threads, progress=o.progress)
+    key, other = ("val_top1", "val_kl") if ranking.criterion == "top1" else ("val_kl", "val_top1")
+    job.report.criterion = ranking.criterion
+    job.report.candidates = [{"name": name, key: float(score), other: None} for name, score in
+                             zip(["original"] + [c.name for c in candidates], ranking.scores)]
+    for c, score in zip(candidates, ranking.scores[1:]):
+        c.score = score
+    best = ranking.best()
+    return None if best is None else candidates[best]
 
 
 def _label(candidate: Candidate) -> str:

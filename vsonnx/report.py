@@ -92,8 +92,9 @@ def render_fix(report) -> str:
     for name, note in report.notes.items():
         out.append(f"{name}: {note}")
     if report.candidates:
-        out.append(table(["candidate", "val top-1 %"], [[c["name"], fmt(c["val_top1"], 2)] for c in report.candidates],
-                         "lr"))
+        key, header, digits = (("val_top1", "val top-1 %", 2) if report.criterion == "top1" else
+                               ("val_kl", "KL from the dropout ensemble (lower is better)", 5))
+        out.append(table(["candidate", header], [[c["name"], fmt(c[key], digits)] for c in report.candidates], "lr"))
         if report.chosen:
             out.append(f"chosen: {report.chosen}")
     summary = report.message

@@ -88,6 +88,26 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def import_torch(purpose: str, hint: str):
+    """torch, or a user error saying that ``purpose`` needs it (with ``hint``)."""
+    try:
+        import torch
+    except ImportError:
+        raise VsonnxError(f"{purpose} needs torch, which is not installed.", hint) from None
+    return torch
+
+
+def torch_device(device: str) -> str:
+    """The torch device for a requested one ('auto' takes CUDA when torch sees it)."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise VsonnxError("--device cuda: torch sees no CUDA device.", "use --device cpu or auto.")
+    return "cpu"
+
+
 def provider_name(device: str) -> str:
     return {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
 

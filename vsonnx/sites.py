@@ -103,6 +103,11 @@ class ScanReport:
     def sites(self) -> list[BatchNormInfo]:
         return [b for b in self.batchnorms if b.site]
 
+    @property
+    def channelwise_dropouts(self) -> frozenset[str]:
+        """Dropout nodes that drop whole channels (Dropout1d/2d/3d, from vsonnx.export's metadata)."""
+        return frozenset(d.name for d in self.dropouts if d.channelwise)
+
     def to_dict(self) -> dict:
         measured = self.calibration is not None
         rows = []

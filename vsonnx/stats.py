@@ -5,6 +5,7 @@
   or how the data was split across processes.
 - ``BatchAverage``: PyTorch's ``momentum=None`` running statistics: the plain average over batches of the
   batch means and of the *unbiased* batch variances (equal weight per batch, whatever its size).
+- ``interpolate``: the family between stored and re-estimated statistics that ``--val`` chooses from.
 - ``transfer_change``: carry a change of statistics measured between two regimes on the same inputs over
   to stored statistics, relative to the spread.
 - ``BnStatistics`` / ``CalibrationResult``: what an estimator of vsonnx.methods returns.
@@ -139,7 +140,17 @@ def transfer_change(mean, var, on: tuple, off: tuple) -> tuple[np.ndarray, np.nd
     return mean + (np.asarray(m_off) - m_on) * np.sqrt(var / v_on), var * np.asarray(v_off) / v_on
 
 
-def blend(old: dict[str, BnStatistics], new: dict[str, BnStatistics], weight: float) -> dict[str, BnStatistics]:
-    """Statistics a fraction ``weight`` of the way from old to new (a partial correction)."""
-    return {n: BnStatistics(n, old[n].mean + weight * (s.mean - old[n].mean),
-                            old[n].var + weight * (s.var - old[n].var), s.count, s.values) for n, s in new.items()}
+def interpolate(old: dict[str, BnStatistics], new: dict[str, BnStatistics], a: float) -> dict[str, BnStatistics]:
+    """Statistics a fraction ``a`` of the way from the stored (m_s, v_s) to re-estimated (m_r, v_r) ones:
+    m = m_s + a (m_r - m_s),  v = v_s (v_r / v_s)^a  (geometric in the variance, so a scale correction is
+    taken a fraction a of the way in log scale; a = 1 gives the new statistics, a = 0 the stored ones).
+    A channel whose stored or new variance is not positive moves linearly."""
+    out = {}
+    for n, s in new.items():
+        m_s, v_s = np.asarray(old[n].mean, np.float64), np.asarray(old[n].var, np.float64)
+        m_r, v_r = np.asarray(s.mean, np.float64), np.asarray(s.var, np.float64)
+        positive = (v_s > 0) & (v_r > 0)
+        ratio = np.where(positive, v_r, 1.0) / np.where(positive, v_s, 1.0)
+        var = np.where(positive, v_s * ratio ** a, v_s + a * (v_r - v_s))
+        out[n] = BnStatistics(n, m_s + a * (m_r - m_s), var, s.count, s.values)
+    return out

@@ -1,6 +1,9 @@
 """Run an ONNX graph with torch operators, so that gradients reach its inputs (needs torch).
 
-Used by the data-free synthesis (vsonnx.methods.synthesized), which optimises inputs through the model. Covers the
+Used by the data-free synthesis (vsonnx.methods.synthesized), which optimises inputs through the model, and
+by the distillation (vsonnx.methods.distill), which fits BN constants through it. ``channels_last=True``
+stores 4-D float tensors (conv weights, image inputs) channels-last: oneDNN's convolutions run about 20%
+faster on CPU that way (same results up to float rounding). Covers the
 operators of exported CNN classifiers; any other operator (If/Loop/Scan with their subgraphs included) or a
 Conv with auto_pad is refused with a VsonnxError naming it. Float tensors are computed in float32 whatever the model's precision.
 
@@ -10,6 +13,8 @@ Two switches change what the graph computes, as in PyTorch's ``train()``:
   ``"stored"`` uses the model's running statistics.
 - ``dropout=True`` applies every Dropout with its ratio (inverted dropout: kept values scaled by 1/p);
   nodes named in ``channelwise`` drop whole channels.
+- ``affine={bn_name: (a, c)}`` makes those BatchNormalizations compute ``a * x + c`` per channel (the
+  inference BN written as one scale and shift; the distillation learns them).
 """
 from __future__ import annotations
 
@@ -46,16 +51,18 @@ def _ints(value) -> list[int]:
 
 
 class TorchGraph:
-    """Callable: ``graph(feeds) -> {output name: tensor}`` (see the module docstring for the switches)."""
+    """Callable: ``graph(feeds) -> {output name: tensor}`` (``fetch``: other tensors instead of the graph
+    outputs; see the module docstring for the switches)."""
 
-    def __init__(self, model: onnx.ModelProto, device: str = "cpu"):
+    def __init__(self, model: onnx.ModelProto, device: str = "cpu", channels_last: bool = False):
         index = GraphIndex(model)
-        self.device = device
+        self.device, self.channels_last = device, channels_last
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.nodes = list(index.topological_order)
         self.names = [index.node_name(n) for n in self.nodes]
         self.outputs = [o.name for o in model.graph.output]
-        self.constants = {t.name: _tensor(numpy_helper.to_array(t)).to(device) for t in model.graph.initializer}
+        self.constants = {t.name: self._layout(_tensor(numpy_helper.to_array(t)).to(device))
+                          for t in model.graph.initializer}
         for node in self.nodes:
             if node.op_type not in _OPS and node.op_type not in _UNARY and node.op_type not in _BINARY:
                 raise VsonnxError(f"the data-free synthesis cannot run operator {node.op_type} "
@@ -67,10 +74,12 @@ class TorchGraph:
 
     def __call__(self, feeds: dict[str, torch.Tensor], *, batch_norm: str = "stored", dropout: bool = False,
                  channelwise: frozenset[str] = frozenset(),
-                 observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+                 observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+                 affine: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 fetch: list[str] | None = None) -> dict[str, torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(self.constants)
-        env.update({k: v.to(self.device) for k, v in feeds.items()})
-        state = _State(batch_norm, dropout, channelwise, observe, self.opset)
+        env.update({k: self._layout(v.to(self.device)) for k, v in feeds.items()})
+        state = _State(batch_norm, dropout, channelwise, observe, self.opset, affine or {})
         for node, name in zip(self.nodes, self.names):
             args = [env[i] if i else None for i in node.input]
             if node.op_type in _UNARY:
@@ -83,15 +92,21 @@ class TorchGraph:
             for out, value in zip(node.output, results):
                 if out:
                     env[out] = value
-        return {o: env[o] for o in self.outputs}
+        return {o: env[o] for o in fetch or self.outputs}
+
+
+    def _layout(self, t: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and t.dim() == 4 and t.is_floating_point():
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
 
 
 class _State:
-    def __init__(self, batch_norm, dropout, channelwise, observe, opset):
+    def __init__(self, batch_norm, dropout, channelwise, observe, opset, affine):
         if batch_norm not in ("stored", "batch"):
             raise ValueError(f"batch_norm must be 'stored' or 'batch', not {batch_norm!r}")
         self.batch_norm, self.dropout, self.channelwise = batch_norm, dropout, channelwise
-        self.observe, self.opset = observe, opset
+        self.observe, self.opset, self.affine = observe, opset, affine
 
 
 def _conv(node, name, args, state):
@@ -108,6 +123,10 @@ def _conv(node, name, args, state):
 
 def _batch_norm(node, name, args, state):
     x, scale, bias, mean, var = args[:5]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if name in state.affine:
+        a, c = state.affine[name]
+        return x * a.reshape(shape) + c.reshape(shape)
     eps = attribute(node, "epsilon", 1e-5)
     if state.batch_norm == "batch":
         axes = [0] + list(range(2, x.dim()))
@@ -115,7 +134,6 @@ def _batch_norm(node, name, args, state):
         var = x.var(axes, unbiased=False)
         if state.observe is not None:
             state.observe(name, mean, var)
-    shape = [1, -1] + [1] * (x.dim() - 2)
     return (x - mean.reshape(shape)) * (scale / torch.sqrt(var + eps)).reshape(shape) + bias.reshape(shape)
 
 

@@ -10,6 +10,7 @@ benchmark and tools/reproduce.py all read it. Adding a method = one module here 
 | batch        | yes   | no    | 1                 | >= 1 (*)   | the paper's Adjust (PyTorch momentum=None)     |
 | population   | yes   | no    | one per BN level  | >= 1       | exact inference statistics                     |
 | relative     | yes   | no    | 2                 | >= 1 (*)   | dropout-on -> off change carried to the stored |
+| distill      | yes   | yes   | steps (default 200) | >= 1     | BN constants fitted to the dropout ensemble    |
 | synthesized  | no    | yes   | synthesis steps   | -          | the same change, on inputs synthesised from BN |
 | closed_form  | no    | no    | 0                 | -          | the paper's formulas, sites only               |
 | named_sites  | yes   | no    | levels (+1)       | >= 1       | population with Dropout re-inserted by name    |
@@ -64,6 +65,7 @@ class Method:
     passes: str
     min_batch: int
     selectable: bool = True  # a --method choice and a --val candidate (calibrated methods)
+    settings: dict[str, Any] = field(default_factory=dict)  # method options and their defaults (CLI, estimate)
 
     @property
     def estimate(self) -> Callable[[EstimateRequest], CalibrationResult]:
@@ -89,6 +91,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("batch", "batch", "batch", True, False, "1", 1),
     Method("population", "population", "population", True, False, "one per BN level", 1),
     Method("relative", "relative", "relative", True, False, "2", 1),
+    Method("distill", "distill", "distill", True, True, "distillation steps", 1,
+           settings={"steps": 200, "lr": 0.01, "scores": None, "loss": None}),
     Method("synthesized", "data-free (synthetic inputs)", "synthesized", False, True, "synthesis steps", 0,
            selectable=False),
     Method("closed_form", "data-free (closed form)", "closed_form", False, False, "0", 0, selectable=False),

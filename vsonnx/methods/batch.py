@@ -22,7 +22,8 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
 
 def batch_pass(request: EstimateRequest, dropout_active: bool) -> CalibrationResult:
     """One pass with batch-normalising BNs; Dropout simulated in training mode with ``dropout_active``."""
-    work, outputs, shifts = instrument_batch(request.model, request.targets, dropout_active)
+    work, outputs, shifts = instrument_batch(request.model, request.targets, dropout_active,
+                                             request.report.channelwise_dropouts)
     session = make_session(work, device=request.device, threads=request.threads)
     estimators: dict[str, BatchAverage] = {}
     values: dict[str, int] = {}  # values per channel seen, per BN

@@ -47,13 +47,10 @@ class SynthesisResult:
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise VsonnxError("the data-free synthesis needs torch, which is not installed.",
-                          "pip install 'vsonnx[train]' (or torch), or use --synthetic 0 for the closed-form "
-                          "correction of the sites only.") from None
-    return torch
+    from ..runtime import import_torch
+
+    return import_torch("the data-free synthesis", "pip install 'vsonnx[train]' (or torch), or use --synthetic 0 "
+                        "for the closed-form correction of the sites only.")
 
 
 def _input_shape(model: onnx.ModelProto, samples: int) -> tuple[str, tuple[int, ...]]:
@@ -75,20 +72,11 @@ def _input_shape(model: onnx.ModelProto, samples: int) -> tuple[str, tuple[int, 
     return inputs[0].name, (samples, *dims[1:])
 
 
-def pick_device(device: str) -> str:
-    torch = _torch()
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        raise VsonnxError("--device cuda: torch sees no CUDA device.", "use --device cpu or auto.")
-    return "cpu"
-
-
 def estimate(request: EstimateRequest) -> CalibrationResult:
     """Registry entry: ``request.options`` may set ``samples`` and ``steps``."""
     from ..stats import CalibrationResult
 
-    channelwise = frozenset(d.name for d in request.report.dropouts if d.channelwise)
+    channelwise = request.report.channelwise_dropouts
     result = synthetic_statistics(request.model, request.targets, samples=request.options.get("samples", DEFAULT_SAMPLES),
                                   steps=request.options.get("steps", DEFAULT_STEPS), seed=request.seed,
                                   device=request.device, channelwise=channelwise, progress=request.progress)
@@ -108,6 +96,7 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     import numpy as np
 
     from ..graph import GraphIndex
+    from ..runtime import torch_device
     from ..stats import BnStatistics, transfer_change
     from ..torch_graph import TorchGraph
 
@@ -115,7 +104,7 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
         raise VsonnxError("the synthesis needs at least 2 samples and 0 or more steps.",
                           "e.g. --synthetic 64 --synthetic-steps 100.")
     start = time.perf_counter()
-    device = pick_device(device)
+    device = torch_device(device)
     input_name, shape = _input_shape(model, samples)
     graph = TorchGraph(model, device)
     index = GraphIndex(model)

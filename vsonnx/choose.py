@@ -1,0 +1,80 @@
+"""What ``fix --val`` / ``--val-split`` chooses from, and how it ranks without labels.
+
+Candidates: every calibrated method of the registry (distill only where torch is installed); population and
+relative each give the interpolation family between the stored (m_s, v_s) and their re-estimated (m_r, v_r)
+statistics (vsonnx.stats.interpolate)
+
+    m = m_s + a (m_r - m_s),   v = v_s (v_r / v_s)^a,   a in INTERPOLATION,
+
+named ``population`` (a = 1) and ``population a=0.875`` etc. Ranking, against the original model:
+- ``top1``: top-1 on labelled validation data (``--val`` with labels);
+- ``ensemble_kl``: without labels (``--val`` data without labels, or ``--val-split F``: a seeded fraction of
+  ``--calib`` held out), the mean KL(dropout ensemble || candidate), the ensemble being the original model
+  with dropout on averaged over ``masks`` seeded masks (vsonnx.ensemble). Lower is better.
+A candidate that does not beat the original by the criterion is never written.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import onnx
+
+from .data import Source
+from .errors import warn
+from .methods import CALIBRATED, REGISTRY
+from .stats import BnStatistics, interpolate
+
+INTERPOLATION = (0.25, 0.5, 0.75, 0.875, 1.0)
+FAMILY_METHODS = ("population", "relative")
+
+
+def candidate_methods() -> list[str]:
+    """The calibrated methods that can run here (a warning names those skipped for want of torch)."""
+    torch_missing = importlib.util.find_spec("torch") is None
+    skipped = [m for m in CALIBRATED if REGISTRY[m].needs_torch and torch_missing]
+    if skipped:
+        warn(f"candidate(s) {', '.join(skipped)} skipped: torch is not installed (pip install 'vsonnx[train]').")
+    return [m for m in CALIBRATED if m not in skipped]
+
+
+def family(method: str, old: dict[str, BnStatistics], new: dict[str, BnStatistics]) -> list[tuple[str, dict]]:
+    """(candidate name, statistics) for ``method``'s result: the interpolation family or the result alone."""
+    if method not in FAMILY_METHODS:
+        return [(method, new)]
+    return [(method if a == 1 else f"{method} a={a:g}", interpolate(old, new, a)) for a in INTERPOLATION]
+
+
+@dataclass
+class Ranking:
+    """Scores of the original (first) and of every candidate, by ``criterion``."""
+
+    criterion: str  # "top1" (higher is better) or "ensemble_kl" (lower is better)
+    scores: list[float]
+
+    def best(self) -> int | None:
+        """Index (among the candidates, from 0) of the best candidate that beats the original, or None."""
+        sign = 1 if self.criterion == "top1" else -1
+        original, candidates = sign * self.scores[0], [sign * s for s in self.scores[1:]]
+        k = max(range(len(candidates)), key=candidates.__getitem__)
+        return k if candidates[k] > original else None
+
+
+def rank(model: onnx.ModelProto, candidates: list[onnx.ModelProto], source: Source, *, label_free: bool,
+         channelwise: frozenset[str] = frozenset(), masks: int = 8, seed: int = 0, scores: tuple = (None, None),
+         batch_size: int = 128, device: str = "auto", threads: int | None = None, progress: bool = False) -> Ranking:
+    """Rank ``model`` (first) and ``candidates`` on ``source``: by top-1 when it has labels and not
+    ``label_free``, else by divergence from the dropout ensemble (``scores``: (output, loss) overrides)."""
+    models = [model] + candidates
+    if source.has_labels and not label_free:
+        from .accuracy import score_together
+
+        reports = score_together({str(k): m for k, m in enumerate(models)}, source, batch_size=batch_size,
+                                 device=device, threads=threads, progress=progress)
+        return Ranking("top1", [r.top1 for r in reports.values()])
+    from .ensemble import ensemble_divergence, scores_tensor
+
+    divergences = ensemble_divergence(model, models, source, scores_tensor(model, *scores), masks=masks, seed=seed,
+                                      channelwise=channelwise, batch_size=batch_size, device=device,
+                                      threads=threads, progress=progress)
+    return Ranking("ensemble_kl", divergences)
