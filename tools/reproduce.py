@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vsonnx.accuracy import score_together  # noqa: E402
+from vsonnx.accuracy import paired_interval, run_scorers, score_together  # noqa: E402
 from vsonnx.data import open_source  # noqa: E402
 from vsonnx.measure import measure_shift, median_prediction_error, plot_shift  # noqa: E402
 from vsonnx.methods import CALIBRATED, REGISTRY  # noqa: E402
@@ -54,9 +54,13 @@ def reproducible_command(train_card: dict, name: str) -> str:
     return " ".join(w for w in words if w not in ("--no-progress",))
 
 
-# Card key of every method of the registry that the cards measure (the data-free ones under their CLI name).
+# Card key of every method of the registry that the cards measure (the data-free ones under their CLI name),
+# and the label-free choice (`fix --val-split`: candidates calibrated on 80% of the calibration images,
+# ranked by KL from the dropout ensemble on the other 20%).
 CARD_NAMES = {**{m: m for m in CALIBRATED}, "synthesized": "data-free", "closed_form": "data-free-closed-form"}
-FIXES = tuple(CARD_NAMES.values())
+LABEL_FREE = "label-free-choice"
+VAL_SPLIT = 0.2
+FIXES = (*CARD_NAMES.values(), LABEL_FREE)
 
 
 def new_card(name: str, report) -> dict:
@@ -75,9 +79,22 @@ def new_card(name: str, report) -> dict:
     }
 
 
+def label_free_choice(card: dict, path: Path, calib, tmp: Path, threads: int | None) -> Path:
+    """`fix --val-split`: the model the label-free choice leaves the user with (the original when it writes
+    nothing), with what it chose and its cost in the card."""
+    out = tmp / f"{card['name']}.{LABEL_FREE}.onnx"
+    t0 = time.perf_counter()
+    result = fix_calibrated(path, calib, "batch", FixOptions(output=out, threads=threads, val_split=VAL_SPLIT))
+    card[f"fix_{LABEL_FREE}_s"] = round(time.perf_counter() - t0, 1)
+    card["label_free_chosen"] = result.chosen if result.written else "original"
+    return out if result.written else path
+
+
 def run_fixes(card: dict, path: Path, calib, fixes: tuple[str, ...], tmp: Path, threads: int | None) -> dict:
     """Fix the model with every method whose card name is in ``fixes``; {card name: fixed model path}."""
     paths = {}
+    if LABEL_FREE in fixes:
+        paths[LABEL_FREE] = label_free_choice(card, path, calib, tmp, threads)
     for method, key in CARD_NAMES.items():
         if key not in fixes:
             continue
@@ -95,6 +112,30 @@ def run_fixes(card: dict, path: Path, calib, fixes: tuple[str, ...], tmp: Path, 
         card[f"recalibrated_{key}"] = len(result.batchnorms)
         paths[key] = out
     return paths
+
+
+def evaluate_fixed(card: dict, path: Path, paths: dict, data: Path, threads: int | None) -> None:
+    """Test accuracy of every model of ``paths`` on the same batches, and distill against relative on the
+    same images (paired 95% interval) when both are there."""
+    if not paths:
+        return
+    model = load_model(path)
+    test = open_source(data / "test", model, shuffle=False)
+    scorers = run_scorers({k: load_model(p) for k, p in paths.items()}, test, device="cpu", threads=threads)
+    for key, scorer in scorers.items():
+        r = scorer.report(key)
+        card["ort_test_acc" if key == "ort" else f"ort_test_acc_fixed_{key}"] = round(r.top1, 2)
+        card["test_samples"] = r.samples
+    if "distill" in scorers:
+        relative = scorers.get("relative")
+        if relative is None:  # re-evaluate the relative fix of the card's run on the same images
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "relative.onnx"
+                calib = open_source(data / "train", model, shuffle=True, seed=0, limit=CALIB_SAMPLES)
+                fix_calibrated(path, calib, "relative", FixOptions(output=out, threads=threads))
+                relative = run_scorers({"relative": load_model(out)}, test, device="cpu", threads=threads)["relative"]
+        delta, low, high = paired_interval(relative, scorers["distill"])
+        card["distill_minus_relative"] = {"points": round(delta, 2), "ci95": [round(low, 2), round(high, 2)]}
 
 
 def shift_plot(card: dict, path: Path, population_fixed: Path, data: Path, threads: int | None) -> None:
@@ -126,14 +167,11 @@ def measure(name: str, data: Path, threads: int | None, fixes: tuple[str, ...] =
             paths.update(run_fixes(card, path, calib, fixes, Path(tmp), threads))
         if report.sites and "population" in fixes:
             shift_plot(card, path, paths["population"], data, threads)
-        test = open_source(data / "test", model, shuffle=False)
-        reports = score_together({k: load_model(p) for k, p in paths.items()}, test, device="cpu",
-                                 threads=threads) if paths else {}
-        for key, r in reports.items():
-            card["ort_test_acc" if key == "ort" else f"ort_test_acc_fixed_{key}"] = round(r.top1, 2)
-            card["test_samples"] = r.samples
+        evaluate_fixed(card, path, paths, data, threads)
     card["fix_commands"] = [f"vsonnx fix models/{name}.onnx --calib ../shared/data/cifar10/train --limit {CALIB_SAMPLES} "
                             f"--method {m} -o {name}.{m}.onnx" for m in CALIBRATED]
+    card["fix_commands"].append(f"vsonnx fix models/{name}.onnx --calib ../shared/data/cifar10/train --limit "
+                                f"{CALIB_SAMPLES} --val-split {VAL_SPLIT} -o {name}.{LABEL_FREE}.onnx")
     card["fix_commands"].append(f"vsonnx fix models/{name}.onnx --data-free -o {name}.data-free.onnx")
     card["fix_commands"].append(f"vsonnx fix models/{name}.onnx --data-free --synthetic 0 "
                                 f"-o {name}.data-free-closed-form.onnx")
@@ -233,13 +271,19 @@ def card_markdown(c: dict) -> str:
         f"- onnxruntime test accuracy of the file: {c['ort_test_acc']:.2f}% ({c['test_samples']} images)",
     ]
     hows = {"data-free": "--data-free` (no data: 64 synthetic inputs",
-            "data-free-closed-form": "--data-free --synthetic 0` (no data: closed-form site formulas"}
+            "data-free-closed-form": "--data-free --synthetic 0` (no data: closed-form site formulas",
+            LABEL_FREE: f"--val-split {VAL_SPLIT}` (every method calibrated on {1 - VAL_SPLIT:.0%} of the calibration "
+                        f"images, chosen without labels on the rest: {c.get('label_free_chosen')}"}
     for m in FIXES:
         if f"ort_test_acc_fixed_{m}" in c:
             how = hows.get(m, f"--method {m}` ({c['calibration']}")
             lines.append(f"- after `vsonnx fix {how}, {c[f'fix_{m}_s']} s): "
                          f"{c[f'ort_test_acc_fixed_{m}']:.2f}% "
                          f"({c[f'ort_test_acc_fixed_{m}'] - c['ort_test_acc']:+.2f} points)")
+    if "distill_minus_relative" in c:
+        d = c["distill_minus_relative"]
+        lines.append(f"- distill - relative on the same test images: {d['points']:+.2f} points, paired 95% interval "
+                     f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
     if "shift_plot" in c:
         lines.append(f"- shift at the sites (median over sites of max(real/moving, moving/real)): "
                      f"{c['median_site_shift_before']} as trained, {c['median_site_shift_after']} after the "
@@ -268,8 +312,8 @@ def table3_row(c: dict, twin: dict | None) -> str:
     placement = c["dropout"]["placement"]
     err = {k: round(100 - c[f"ort_test_acc{s}"], 2) for k, s in
            (("before", ""), ("batch", "_fixed_batch"), ("population", "_fixed_population"),
-            ("relative", "_fixed_relative"), ("data-free", "_fixed_data-free"),
-            ("closed", "_fixed_data-free-closed-form"))
+            ("relative", "_fixed_relative"), ("distill", "_fixed_distill"), ("label-free", f"_fixed_{LABEL_FREE}"),
+            ("data-free", "_fixed_data-free"), ("closed", "_fixed_data-free-closed-form"))
            if f"ort_test_acc{s}" in c}
     population_gain = err["before"] - err.get("population", err["before"])
     relative = (f"{(err['before'] - err['data-free']) / population_gain:.0%}"
@@ -277,14 +321,16 @@ def table3_row(c: dict, twin: dict | None) -> str:
     if twin is not None and err["before"] > 100 - twin["ort_test_acc"]:
         gap = err["before"] - (100 - twin["ort_test_acc"])
         closed = " / ".join(f"{(err['before'] - err[k]) / gap:+.0%}" if k in err else "-"
-                            for k in ("batch", "population", "relative", "data-free"))
+                            for k in ("batch", "population", "relative", "distill", "data-free"))
     else:
         closed = "- (no no-dropout twin)" if twin is None else "- (no gap)"
     paper = PAPER.get(c["arch"], {})
     before, after = paper.get(placement, (None, None))
     paper_gap = f"{(before - after) / (before - paper['none']):+.0%}" if before and before > paper["none"] else "-"
+    chosen = f" ({c['label_free_chosen']})" if "label_free_chosen" in c else ""
     return (f"| {c['name']} | {placement} {c['dropout']['ratio']} | {err['before']:.2f} | {err.get('batch', '-')} | "
-            f"{err.get('population', '-')} | {err.get('relative', '-')} | {err.get('data-free', '-')} | "
+            f"{err.get('population', '-')} | {err.get('relative', '-')} | {err.get('distill', '-')} | "
+            f"{err.get('label-free', '-')}{chosen} | {err.get('data-free', '-')} | "
             f"{err.get('closed', '-')} | {closed} | "
             f"{relative} | {paper.get('net', '-')} | "
             f"{before} -> {after} | {paper_gap} |")
@@ -293,16 +339,21 @@ def table3_row(c: dict, twin: dict | None) -> str:
 def results(cards: list[dict]) -> str:
     """models/RESULTS.md: our test errors before/after next to the paper's Table 3."""
     twins = {c["arch"]: c for c in cards if c["dropout"]["placement"] == "none"}
-    rows = ["| model | placement | error % as trained | batch fix | population fix | relative fix | data-free fix | "
-            "data-free, closed form | gap closed (batch / population / relative / data-free) | data-free gain / "
-            "population gain | paper net | paper before -> Adjust | paper gap closed |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | placement | error % as trained | batch fix | population fix | relative fix | distill fix | "
+            "label-free choice (chosen) | data-free fix | data-free, closed form | gap closed (batch / population / "
+            "relative / distill / data-free) | data-free gain / population gain | paper net | paper before -> Adjust | "
+            "paper gap closed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows += [table3_row(c, twins.get(c["arch"])) for c in cards if c["dropout"]["placement"] != "none"]
     plots = [f"![{c['name']}]({c['shift_plot']})" for c in cards if "shift_plot" in c]
     folded = [f"| {c['name']} | {f['exporter']} | {f['named_by']} | {f['stock_ort_test_acc']:.2f} | "
               f"{f['stock_fixed_ort_test_acc']:.2f} | {f['vsonnx_export_population_fix']:.2f} | "
               f"{f['difference_points']:+.2f} |"
               for c in cards for f in (c.get("folded"), c.get("folded_default_exporter")) if f]
+    paired = [f"| {c['name']} | {c['ort_test_acc_fixed_relative']:.2f} | {c['ort_test_acc_fixed_distill']:.2f} | "
+              f"{c['distill_minus_relative']['points']:+.2f} | [{c['distill_minus_relative']['ci95'][0]:+.2f}, "
+              f"{c['distill_minus_relative']['ci95'][1]:+.2f}] |"
+              for c in cards if "distill_minus_relative" in c and "ort_test_acc_fixed_relative" in c]
     errors = [f"- {c['name']}: median relative error of the predicted Var_test/Var_train at the sites "
               f"{c['median_prediction_error']}; median site shift {c['median_site_shift_before']} -> "
               f"{c['median_site_shift_after']} after the population fix" for c in cards if "shift_plot" in c]
@@ -314,13 +365,24 @@ def results(cards: list[dict]) -> str:
         "shuffled training images; data-free fixes use none: `--data-free` synthesises 64 inputs from the BN",
         "statistics (100 steps, seed 0), `--synthetic 0` applies the closed-form site formulas only. The relative",
         "fix (`--method relative`) carries the dropout-on -> off change measured on the calibration images over to",
-        "the stored statistics instead of replacing them.",
+        "the stored statistics instead of replacing them. The distill fix (`--method distill`, 200 steps) fits the",
+        "BN constants so that the network with dropout off matches its own dropout ensemble (no labels). The",
+        f"label-free choice (`--val-split {VAL_SPLIT}`) calibrates every method on {1 - VAL_SPLIT:.0%} of the calibration images",
+        "and writes the candidate closest to the dropout ensemble (KL, 8 masks) on the other "
+        f"{VAL_SPLIT:.0%}, or nothing.",
         "\"Gap closed\" = (error before - error after) /",
         "(error before - error of the no-dropout twin trained with the same recipe); the paper's column uses its",
         "own no-dropout error. Our networks are small and short-trained (see the cards), the paper's are",
         "PreResNet-110 / WRN-28-10 trained for 160-300 epochs, so compare directions and fractions, not errors.",
         "",
         *rows,
+        "",
+        "Distill against relative on the same 10,000 test images (accuracy %; paired 95% interval of the",
+        "difference):",
+        "",
+        "| model | relative | distill | distill - relative | 95% interval |",
+        "|---|---|---|---|---|",
+        *paired,
         "",
         "Stock `torch.onnx.export` (Dropout removed, Conv+BN folded) fixed with `vsonnx fix --dropout` naming the",
         "dropout sites, against the population fix of the `vsonnx.export` model (test accuracy %; target: within",
@@ -342,8 +404,8 @@ def results(cards: list[dict]) -> str:
 
 def readme(cards: list[dict]) -> str:
     rows = ["| model | dropout | sites | PyTorch | ORT | fixed (batch) | fixed (population) | fixed (relative) | "
-            "fixed (data-free) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "fixed (distill) | label-free choice | fixed (data-free) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(value):
         return "-" if value is None else f"{value:.2f}"
@@ -355,6 +417,8 @@ def readme(cards: list[dict]) -> str:
         rows.append(f"| [{c['name']}]({c['name']}.md) | {d['placement']} {d['ratio']} | {c['sites']} | "
                     f"{pytorch} | {c['ort_test_acc']:.2f} | {cell(c.get('ort_test_acc_fixed_batch'))} | "
                     f"{cell(c.get('ort_test_acc_fixed_population'))} | {cell(c.get('ort_test_acc_fixed_relative'))} | "
+                    f"{cell(c.get('ort_test_acc_fixed_distill'))} | {cell(c.get(f'ort_test_acc_fixed_{LABEL_FREE}'))}"
+                    f"{' (' + c['label_free_chosen'] + ')' if 'label_free_chosen' in c else ''} | "
                     f"{cell(c.get('ort_test_acc_fixed_data-free'))} |")
     return "\n".join([
         "# Reference models",

@@ -41,6 +41,7 @@ class Scorer:
         self.seconds = 0.0
         self.correct1 = self.correct5 = self.samples = 0
         self.top5_ok = True
+        self.hits: list[np.ndarray] = []  # top-1 hit per sample, in order (paired comparisons)
 
     def run(self, feeds: dict, labels: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -48,7 +49,8 @@ class Scorer:
         self.seconds += time.perf_counter() - t0
         logits = logits.reshape(len(labels), -1)
         self.samples += len(labels)
-        self.correct1 += int((logits.argmax(1) == labels).sum())
+        self.hits.append(logits.argmax(1) == labels)
+        self.correct1 += int(self.hits[-1].sum())
         if logits.shape[1] >= 5:
             top5 = np.argpartition(-logits, 4, axis=1)[:, :5]
             self.correct5 += int((top5 == labels[:, None]).any(1).sum())
@@ -90,6 +92,13 @@ def evaluate(model, data, *, batch_size: int = 256, device: str = "auto", thread
 def score_together(models: dict[str, onnx.ModelProto], source: Source, *, batch_size: int = 256,
                    device: str = "auto", threads: int | None = None, progress: bool = False) -> dict[str, EvalReport]:
     """Evaluate several models on the same labelled batches (the data is decoded once)."""
+    scorers = run_scorers(models, source, batch_size=batch_size, device=device, threads=threads, progress=progress)
+    return {name: scorer.report(name) for name, scorer in scorers.items()}
+
+
+def run_scorers(models: dict[str, onnx.ModelProto], source: Source, *, batch_size: int = 256, device: str = "auto",
+                threads: int | None = None, progress: bool = False) -> dict[str, Scorer]:
+    """The Scorers of ``models`` after one pass over the labelled batches of ``source`` (decoded once)."""
     scorers = {name: Scorer(model, device, threads) for name, model in models.items()}
     with progress_bar("evaluating", source.size, progress) as bar:
         for batch in _labelled(source).batches(batch_size):
@@ -97,7 +106,15 @@ def score_together(models: dict[str, onnx.ModelProto], source: Source, *, batch_
             for scorer in scorers.values():
                 scorer.run(batch.feeds, batch.labels)
             bar.update(len(batch))
-    return {name: scorer.report(name) for name, scorer in scorers.items()}
+    return scorers
+
+
+def paired_interval(a: Scorer, b: Scorer) -> tuple[float, float, float]:
+    """Top-1 of b minus top-1 of a (points) on the same samples, with its paired 95% interval: the mean of
+    d_i = hit_b,i - hit_a,i  +- 1.96 * sd(d) / sqrt(n) (normal approximation, fine for thousands of samples)."""
+    d = np.concatenate(b.hits).astype(np.float64) - np.concatenate(a.hits).astype(np.float64)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return 100 * d.mean(), 100 * (d.mean() - half), 100 * (d.mean() + half)
 
 
 def evaluate_candidates(model: onnx.ModelProto, candidates: list[onnx.ModelProto], data, *, batch_size: int = 256,
@@ -117,17 +134,19 @@ class CompareReport:
     delta_top1: float
     agreement: float
     max_abs_diff: float
+    delta_top1_ci95: tuple[float, float] = (float("nan"), float("nan"))  # paired, same samples
 
     def to_dict(self) -> dict:
         return {"a": self.a.to_dict(), "b": self.b.to_dict(), "delta_top1": self.delta_top1,
-                "agreement": self.agreement, "max_abs_diff": self.max_abs_diff}
+                "delta_top1_ci95": list(self.delta_top1_ci95), "agreement": self.agreement,
+                "max_abs_diff": self.max_abs_diff}
 
 
 def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
             limit: int | None = None, shuffle: bool = True, seed: int = 0,
             preprocess: dict | None = None, progress: bool = False) -> CompareReport:
-    """Evaluate two models on the same batches: accuracies, delta_top1 = b - a, prediction agreement (%),
-    max |logit difference|. Preprocessing metadata is taken from model A."""
+    """Evaluate two models on the same batches: accuracies, delta_top1 = b - a with its paired 95% interval,
+    prediction agreement (%), max |logit difference|. Preprocessing metadata is taken from model A."""
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     a = load_model(model_a)
     b = load_model(model_b)
@@ -146,4 +165,5 @@ def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "aut
             max_diff = max(max_diff, float(np.max(np.abs(la - lb))) if la.size else 0.0)
             bar.update(len(batch))
     ra, rb = sa.report(str(model_a)), sb.report(str(model_b))
-    return CompareReport(ra, rb, rb.top1 - ra.top1, 100.0 * agree / ra.samples, max_diff)
+    _, low, high = paired_interval(sa, sb)
+    return CompareReport(ra, rb, rb.top1 - ra.top1, 100.0 * agree / ra.samples, max_diff, (low, high))

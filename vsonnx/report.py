@@ -111,9 +111,12 @@ def render_eval(reports) -> str:
 
 def render_compare(report) -> str:
     lines = [render_eval([report.a, report.b])]
-    verdict = "better" if report.delta_top1 > 0 else ("worse" if report.delta_top1 < 0 else "unchanged")
-    lines.append(f"delta top-1 (B - A): {report.delta_top1:+.2f} points ({verdict}); predictions agree on "
-                 f"{report.agreement:.2f}%; max |output difference| {report.max_abs_diff:.4g}")
+    low, high = report.delta_top1_ci95
+    verdict = ("B is better" if low > 0 else "B is worse" if high < 0 else
+               "no difference at 95%" if report.delta_top1 or high > low else "unchanged")
+    lines.append(f"delta top-1 (B - A): {report.delta_top1:+.2f} points, paired 95% interval [{low:+.2f}, {high:+.2f}] "
+                 f"({verdict}); predictions agree on {report.agreement:.2f}%; max |output difference| "
+                 f"{report.max_abs_diff:.4g}")
     return "\n".join(lines)
 
 
