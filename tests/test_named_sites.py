@@ -207,3 +207,22 @@ def test_torchscript_node_names_give_module_names(exports):
     conv2 = next(n for n in stock.graph.node if n.name == "/conv2/Conv")
     assert resolve_sites(stock, {"conv2": 0.5}) == {conv2.input[0]: 0.5}
     assert resolve_sites(stock, {conv2.input[0]: 0.3}) == {conv2.input[0]: 0.3}  # a tensor name wins
+
+
+def test_distill_with_named_sites_fits_folded_layers_towards_the_real_ensemble(tmp_path):
+    """`--dropout ... --method distill` on a stock export (placement a: the dropout inside conv1's fold): the
+    fixed model is closer to the dropout ensemble of the vsonnx export of the same weights, whose Dropout
+    nodes are the real ones (an independent teacher), than the stock export was."""
+    from vsonnx.ensemble import DropoutEnsemble, divergence, scores_tensor
+
+    xs = export_both_ways(lambda: TwoConvNet("a"), tmp_path)
+    conv1 = next(n for n in load_model(tmp_path / "stock.onnx").graph.node if n.op_type == "Conv")
+    report = vsonnx.fix(tmp_path / "stock.onnx", tmp_path / "x.npy", output=tmp_path / "stock.distilled.onnx",
+                        method="distill", dropout_sites={conv1.output[0]: 0.5},
+                        method_options={"distill": {"steps": 100, "lr": 0.05}})
+    assert report.written and report.method == "distill (named dropout sites)" and len(report.notes) == 2
+    kept = load_model(tmp_path / "kept.onnx")
+    target = DropoutEnsemble(kept, scores_tensor(kept), seed=7, device="cpu").target({"input": xs}, masks=200)
+    before = divergence(target, logits(tmp_path / "stock.onnx", xs), "kl").mean()
+    after = divergence(target, logits(tmp_path / "stock.distilled.onnx", xs), "kl").mean()
+    assert after < 0.7 * before, (before, after)

@@ -209,7 +209,8 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
         progress=not as_json, synthetic=synthetic, synthetic_steps=synthetic_steps,
         method_options={"distill": {"steps": distill_steps, "lr": distill_lr, "scores": scores, "loss": loss}})
     if named:
-        report = recalibrate.fix_named_sites(model, calib, named, options)
+        report = recalibrate.fix_named_sites(model, calib, named, options,
+                                             "distill" if method == "distill" else "named_sites")
     elif data_free:
         report = recalibrate.fix_data_free(model, options)
     else:
@@ -234,8 +235,10 @@ def _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, va
     named = on_command_line("dropout_specs", "sites_file")
     if data_free and calib:
         warn("--calib is ignored with --data-free.")
-    if (data_free or named) and on_command_line("method"):
-        warn("--method is ignored with --data-free and with --dropout/--sites (population semantics).")
+    if data_free and on_command_line("method"):
+        warn("--method is ignored with --data-free.")
+    if named and on_command_line("method") and method != "distill":
+        warn("--method is ignored with --dropout/--sites except distill (population semantics otherwise).")
     if not data_free and on_command_line("synthetic", "synthetic_steps"):
         warn("--synthetic/--synthetic-steps are ignored without --data-free.")
     if data_free and scope_all and synthetic == 0:

@@ -11,7 +11,7 @@ provenance):
   or with ``synthetic=0`` ``closed_form`` (the paper's formulas, sites only). With ``val`` the correction is
   written only when it beats the original.
 - ``fix_named_sites(model, calib, sites)``: exports that removed Dropout, perhaps folding BN into Conv/Gemm
-  (the ``named_sites`` method; folded layers get an affine correction of their weights).
+  (the ``named_sites`` method, or ``distill``; folded layers get an affine correction of their weights).
 ``fix(model, calib, ...)`` dispatches to them with the keyword arguments of the README.
 
 The rewrite itself is vsonnx.rewrite (find -> check -> apply); ``scan`` shows the same check per BN.
@@ -241,32 +241,39 @@ def fix_data_free(model_path, options: FixOptions | None = None) -> FixReport:
     return job.report
 
 
-def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOptions | None = None) -> FixReport:
+def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOptions | None = None,
+                    method: str = "named_sites") -> FixReport:
     """Exports that removed Dropout: ``sites`` {tensor or node: drop ratio} says where it acted in training;
-    BNs there and downstream are re-estimated, folded Conv/Gemm layers corrected in their weights."""
+    BNs there and downstream are re-estimated (``method`` "named_sites") or fitted ("distill"), folded
+    Conv/Gemm layers corrected in their weights."""
     from .named_sites import resolve_sites
 
+    if method not in ("named_sites", "distill"):
+        raise VsonnxError(f"--dropout/--sites work with the population or the distill method, not {method}.",
+                          "pass --method distill, or leave --method out.")
     options = options or FixOptions()
     _no_split(options, "--dropout/--sites")
     if calib is None:
         raise VsonnxError("--dropout/--sites need calibration data.", "add --calib DATA.")
     with collected_warnings() as caught:
-        job = _start(model_path, options, REGISTRY["named_sites"].label)
+        job = _start(model_path, options, REGISTRY[method].label)
         job.report.warnings = [w for w in job.report.warnings if "no Dropout" not in w and "folded" not in w]
         resolved = resolve_sites(job.model, sites)
         source = open_source(calib, job.model, shuffle=options.shuffle, seed=options.seed, limit=options.limit,
                              preprocess=options.preprocess)
-        result = REGISTRY["named_sites"].run(job.request(source, sites=resolved, scope=options.scope))
+        result = REGISTRY[method].run(job.request(source, method, sites=resolved, scope=options.scope))
         affine = result.details["affine"]
         job.scan = result.details["analysis"]
         job.report.refused.update(result.details["refused"])
         if result.statistics or affine:
             job.report.notes = {name: f"folded BN corrected in the weights: scale mean {np.mean(a):.3f}"
                                 for name, (a, _) in affine.items()}
-            _finish(job, [Candidate("population", result.statistics, result, affine)], {
+            name = "distill (named dropout sites)" if method == "distill" else "population"
+            _finish(job, [Candidate(name, result.statistics, result, affine)], {
                 "calibration_source": str(calib), "dropout_sites": json.dumps(resolved),
                 "folded_layers_corrected": json.dumps(list(affine))}, default=None)
-            job.report.message = (f"re-estimated {len(result.statistics)} BatchNormalization layer(s) and corrected "
+            job.report.message = (f"{'fitted' if method == 'distill' else 're-estimated'} {len(result.statistics)} "
+                                  f"BatchNormalization layer(s) and corrected "
                                   f"{len(affine)} folded weight layer(s) on {result.samples} samples, with dropout at "
                                   f"{len(resolved)} named site(s).")
         else:
@@ -294,7 +301,7 @@ def fix(model_path, calib=None, *, method: str = "batch", data_free: bool = Fals
         raise TypeError(f"fix() got unexpected keyword arguments {sorted(unknown)}")
     opts = FixOptions(**options)
     if dropout_sites:
-        return fix_named_sites(model_path, calib, dropout_sites, opts)
+        return fix_named_sites(model_path, calib, dropout_sites, opts, "distill" if method == "distill" else "named_sites")
     if data_free:
         return fix_data_free(model_path, opts)
     return fix_calibrated(model_path, calib, method, opts)

@@ -14,7 +14,8 @@ Two switches change what the graph computes, as in PyTorch's ``train()``:
 - ``dropout=True`` applies every Dropout with its ratio (inverted dropout: kept values scaled by 1/p);
   nodes named in ``channelwise`` drop whole channels.
 - ``affine={bn_name: (a, c)}`` makes those BatchNormalizations compute ``a * x + c`` per channel (the
-  inference BN written as one scale and shift; the distillation learns them).
+  inference BN written as one scale and shift; the distillation learns them); ``output_affine={node: (a, c)}``
+  maps the first output y of those nodes to ``a * y + c`` per channel (axis 1; folded Conv/Gemm layers).
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ class TorchGraph:
                  channelwise: frozenset[str] = frozenset(),
                  observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
                  affine: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 output_affine: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  fetch: list[str] | None = None) -> dict[str, torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(self.constants)
         env.update({k: self._layout(v.to(self.device)) for k, v in feeds.items()})
@@ -89,6 +91,10 @@ class TorchGraph:
             else:
                 result = _OPS[node.op_type](node, name, args, state)
             results = result if isinstance(result, tuple) else (result,)
+            if output_affine and name in output_affine:
+                a, c = output_affine[name]
+                shape = [1, -1] + [1] * (results[0].dim() - 2)
+                results = (results[0] * a.reshape(shape) + c.reshape(shape), *results[1:])
             for out, value in zip(node.output, results):
                 if out:
                     env[out] = value

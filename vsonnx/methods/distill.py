@@ -21,7 +21,11 @@ Two cases cannot be written that way and are kept out of the fit: a channel with
 beta whatever the statistics) keeps its stored statistics (b is frozen there); and the scale may grow at
 most to d_max = max(0, log((var + eps) / (2 eps)) / 2), which keeps var' >= eps (var' >= var when the
 stored var is below eps), so every BN fitted can be written. ``request.options``: steps, lr, scores (the
-output compared), loss (defaults: the registry's settings).
+output compared), loss (defaults: the registry's settings), sites.
+Exports that removed Dropout (``sites`` named with ``--dropout``, vsonnx.methods.named_sites): the teacher
+gets Dropout inserted at the sites in training mode (inside a folded Conv/Gemm: between product and bias),
+the student fits the BNs in scope and, for each folded layer, y -> exp(d) * y + b per output channel,
+written into the layer's weight and bias.
 """
 from __future__ import annotations
 
@@ -45,13 +49,14 @@ TORCH_HINT = "pip install 'vsonnx[train]' (or torch), or use another --method."
 
 
 class Student:
-    """The learnable constants (d, b) of the BNs ``names`` and their write-back (see the module docstring)."""
+    """The learnable constants (d, b) of the BNs ``names`` and their write-back (see the module docstring);
+    each folded Conv/Gemm of ``layers`` learns y -> exp(d) * y + b per output channel (written into its weights)."""
 
-    def __init__(self, model: onnx.ModelProto, names: list[str], device: str):
+    def __init__(self, model: onnx.ModelProto, names: list[str], device: str, layers: list[str] = ()):
         torch = import_torch("the distillation", TORCH_HINT)
         index = GraphIndex(model)
         stored = index.stored_statistics(names)
-        self.names, self.device = names, device
+        self.names, self.device, self.layers = names, device, list(layers)
         self.gamma, self.beta, self.eps, self.stored = {}, {}, {}, stored
         self.a0, self.c0, self.d_max, self.free, self.d, self.b = {}, {}, {}, {}, {}, {}
         for name, node in index.batchnorms(names).items():
@@ -69,9 +74,25 @@ class Student:
             self.free[name] = tensor(gamma != 0)
             self.d[name] = torch.zeros(len(gamma), device=device, requires_grad=True)
             self.b[name] = torch.zeros(len(gamma), device=device, requires_grad=True)
+        for name in self.layers:
+            node = index.node(name)
+            weight = index.constant(node.input[1])
+            channels = weight.shape[0] if node.op_type == "Conv" or attribute(node, "transB", 0) else weight.shape[1]
+            self.d[name] = torch.zeros(channels, device=device, requires_grad=True)
+            self.b[name] = torch.zeros(channels, device=device, requires_grad=True)
 
     def parameters(self) -> list:
-        return [p for name in self.names for p in (self.d[name], self.b[name])]
+        return [p for name in self.names + self.layers for p in (self.d[name], self.b[name])]
+
+    def output_affine(self) -> dict:
+        """{folded layer: (scale, shift)} for TorchGraph's ``output_affine``."""
+        import torch
+
+        return {n: (torch.exp(self.d[n]), self.b[n]) for n in self.layers}
+
+    def layer_corrections(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The folded layers' (a, b) for vsonnx.rewrite.apply_affine (float64)."""
+        return {n: tuple(t.detach().double().cpu().numpy() for t in ab) for n, ab in self.output_affine().items()}
 
     def affine(self) -> dict:
         """{bn: (a, c)} for vsonnx.torch_graph.TorchGraph."""
@@ -95,6 +116,8 @@ class Student:
 
 
 def estimate(request: EstimateRequest) -> CalibrationResult:
+    """``request.options['sites']`` (named dropout sites, vsonnx.methods.named_sites): the teacher gets Dropout
+    inserted there, the student also corrects the folded layers, and the result carries named_sites' details."""
     torch = import_torch("the distillation", TORCH_HINT)
     from ..torch_graph import TorchGraph
 
@@ -104,11 +127,19 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
         raise VsonnxError(f"the distillation needs --steps >= 1 and --lr > 0, got {steps} and {lr:g}.",
                           "e.g. --steps 200 --lr 0.01.")
     start = time.perf_counter()
+    teacher_model, names, layers, details = request.model, request.targets, [], {}
+    if options.get("sites"):
+        from .named_sites import analyse, training_copy
+
+        _, names, layers, details = analyse(request)
+        teacher_model = training_copy(request.model, options["sites"])
+        if not names and not layers:
+            return CalibrationResult("distill", 0, 0, {}, 0, 0.0, "", details=details)
     scores = scores_tensor(request.model, options["scores"], options["loss"])
-    teacher = DropoutEnsemble(request.model, scores, channelwise=request.report.channelwise_dropouts,
+    teacher = DropoutEnsemble(teacher_model, scores, channelwise=request.report.channelwise_dropouts,
                               seed=request.seed, device=request.device, threads=request.threads)
     device = torch_device(request.device)
-    student = Student(request.model, request.targets, device)
+    student = Student(request.model, names, device, layers)
     graph = TorchGraph(request.model, device, channels_last=True)
     previous_threads = torch.get_num_threads()
     if request.threads:
@@ -118,9 +149,10 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
     finally:
         torch.set_num_threads(previous_threads)
     window = max(1, min(10, len(losses)))
-    details = {"steps": steps, "lr": lr, "loss": scores.loss, "scores": scores.tensor,
-               "loss_first": float(np.mean(losses[:window])) if losses else float("nan"),
-               "loss_last": float(np.mean(losses[-window:])) if losses else float("nan")}
+    details.update({"steps": steps, "lr": lr, "loss": scores.loss, "scores": scores.tensor,
+                    "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:]))})
+    if layers:
+        details["affine"] = student.layer_corrections()
     return CalibrationResult("distill", samples, steps, student.statistics(samples), steps,
                              time.perf_counter() - start, f"{teacher.provider} + torch {device}", details=details)
 
@@ -145,7 +177,7 @@ def _fit(request: EstimateRequest, graph, teacher: DropoutEnsemble, student: Stu
                 feeds = {n: batch.feeds[n] for n in input_names}
                 target = torch.from_numpy(teacher.target(feeds).astype(np.float32)).to(student.device)
                 got = graph({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}, affine=student.affine(),
-                            fetch=[teacher.scores.tensor])[teacher.scores.tensor]
+                            output_affine=student.output_affine(), fetch=[teacher.scores.tensor])[teacher.scores.tensor]
                 loss = _loss(target, got, teacher.scores.loss)
                 optimizer.zero_grad()
                 loss.backward()

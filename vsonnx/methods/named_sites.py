@@ -12,6 +12,7 @@ folded-layer corrections {layer: (a, b)}, ``details['analysis']`` the scan repor
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from ..data import replayable
 from ..graph import GraphIndex, tensor_shapes
@@ -26,8 +27,7 @@ from . import EstimateRequest
 
 def _training_moments(request: EstimateRequest, source, folded: list[str], index: GraphIndex, shapes) -> dict:
     """Output moments of the folded layers with the dropouts simulated in training mode (original constants)."""
-    sites = request.options["sites"]
-    simulated = insert_dropouts(request.model, sites, training=True, before_bias=inside_folded(request.model, sites))
+    simulated = training_copy(request.model, request.options["sites"])
     taps = {f: tensor_tap(index.by_name[f].output[0], shapes) for f in folded}
     moments, *_ = measure_moments(simulated, source, taps, batch_size=request.batch_size, device=request.device,
                                   threads=request.threads, progress=request.progress,
@@ -35,15 +35,27 @@ def _training_moments(request: EstimateRequest, source, folded: list[str], index
     return moments
 
 
-def estimate(request: EstimateRequest) -> CalibrationResult:
+def analyse(request: EstimateRequest) -> tuple[onnx.ModelProto, list[str], list[str], dict]:
+    """The analysis copy (Dropout inserted at the named sites, off), the BNs in scope that the rewrite
+    accepts, the folded layers to correct, and the result details (empty ``affine``, ``analysis`` report,
+    ``refused``)."""
     sites = request.options["sites"]
-    source = replayable(request.source)
     analysis = insert_dropouts(request.model, sites, training=False)
     report = find_sites(analysis)
     decisions = plan(analysis, report, request.options.get("scope", "sites"))
     bns = [d.name for d in decisions if d.refusal is None]
-    folded = folded_layers(analysis, sites)
     details = {"affine": {}, "analysis": report, "refused": {d.name: d.refusal for d in decisions if d.refusal}}
+    return analysis, bns, folded_layers(analysis, sites), details
+
+
+def training_copy(model: onnx.ModelProto, sites: dict[str, float]) -> onnx.ModelProto:
+    """``model`` with Dropout in training mode at the named sites (inside a fold: before the bias)."""
+    return insert_dropouts(model, sites, training=True, before_bias=inside_folded(model, sites))
+
+
+def estimate(request: EstimateRequest) -> CalibrationResult:
+    source = replayable(request.source)
+    analysis, bns, folded, details = analyse(request)
     if not bns and not folded:
         return CalibrationResult("named_sites", 0, 0, {}, 0, 0.0, "", details=details)
     index = GraphIndex(analysis)
