@@ -82,6 +82,16 @@ class GraphBuilder:
         return model
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked heavy run only when the -m expression names them (python -m pytest -m heavy)."""
+    if "heavy" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="heavy: run with python -m pytest -m heavy")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def builder():
     return GraphBuilder()

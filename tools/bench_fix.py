@@ -8,7 +8,8 @@ overhead (graph rewriting, session creation, statistics), not JPEG decoding. Pri
 method of the registry, the best of --repeat runs over the best plain-inference time, over the floor (the
 same inference with every BN unfolded, what a pass normalising with batch statistics cannot beat; two of
 them for the relative method) and over PyTorch's own re-estimation of the same network (BN in train mode,
-momentum=None, dropout off; same samples, batch size and threads). `fix --data-free` (synthesis of 64
+momentum=None, dropout off; same samples, batch size and threads); the distillation (its default steps, once)
+over plain inference only. `fix --data-free` (synthesis of 64
 inputs, 100 steps, in torch; once, as it is the slowest) is put on the same scale, and `eval`'s images/s
 from the image folder (decoding overlapped with inference) is compared with preloaded arrays.
 """
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vsonnx.data import ArraySource, open_source  # noqa: E402
 from vsonnx.instrument import working_copy  # noqa: E402
-from vsonnx.methods import CALIBRATED, estimate  # noqa: E402
+from vsonnx.methods import CALIBRATED, REGISTRY, estimate  # noqa: E402
 from vsonnx.model import load_model  # noqa: E402
 from vsonnx.rewrite import targets  # noqa: E402
 from vsonnx.runtime import make_session  # noqa: E402
@@ -90,8 +91,14 @@ def main() -> None:
     eager = pytorch_recalibration(source, args)
     print(f"{'PyTorch eager recalibration':35s} {eager:7.3f} s   {eager / base:.2f}x")
     for method in CALIBRATED:
-        seconds = best_of(args.repeat, lambda: estimate(method, model, names, source, batch_size=args.batch_size,
-                                                         device=args.device, threads=args.threads))
+        repeat = 1 if REGISTRY[method].needs_torch else args.repeat  # the distillation: once, it is the slowest
+        seconds = best_of(repeat, lambda: estimate(method, model, names, source, batch_size=args.batch_size,
+                                                   device=args.device, threads=args.threads))
+        if method == "distill":
+            steps = REGISTRY["distill"].settings["steps"]
+            print(f"{'fix --method distill':35s} {seconds:7.3f} s   {seconds / base:.2f}x   ({steps} steps of "
+                  f"{args.batch_size} samples: teacher in onnxruntime, student forward and backward in torch)")
+            continue
         passes = 2 if method == "relative" else 1
         print(f"{'fix --method ' + method:35s} {seconds:7.3f} s   {seconds / base:.2f}x   "
               f"{seconds / (passes * floor):.2f}x of {passes} floor pass(es), {seconds / eager:.2f}x PyTorch")

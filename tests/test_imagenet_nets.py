@@ -1,0 +1,45 @@
+"""Networks of the size users deploy (vsonnx.nets.imagenet, after torchvision's architectures): the same
+parameter counts as torchvision, both exporters keep the expected sites, and fix runs on them. One small
+case runs always; the 224 x 224 cases are marked heavy (python -m pytest -m heavy)."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import vsonnx
+from vsonnx.nets.imagenet import IMAGENET_ARCHITECTURES, IMAGENET_SITES, build_imagenet
+from vsonnx.sites import find_sites
+
+TORCHVISION_PARAMETERS = {"resnet50": 25_557_032, "mobilenet_v2": 3_504_872, "efficientnet_b0": 5_288_548,
+                          "densenet121": 7_978_856}  # torchvision's published models
+
+
+@pytest.mark.parametrize("arch", sorted(IMAGENET_ARCHITECTURES))
+def test_parameter_counts_equal_torchvision(arch):
+    assert sum(p.numel() for p in build_imagenet(arch).parameters()) == TORCHVISION_PARAMETERS[arch]
+
+
+def export_and_fix(tmp_path, arch: str, exporter: str, size: int, samples: int, methods=("batch",)):
+    torch.manual_seed(0)
+    net = build_imagenet(arch, num_classes=10)
+    path = tmp_path / f"{arch}.{exporter}.onnx"
+    vsonnx.export(net, torch.randn(2, 3, size, size), path, exporter=exporter)  # checks ORT == PyTorch to 1e-4
+    report = find_sites(onnx.load(str(path)))
+    assert len(report.sites) == IMAGENET_SITES[arch]
+    x = np.random.default_rng(0).standard_normal((samples, 3, size, size)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    for method in methods:
+        fixed = vsonnx.fix(path, tmp_path / "x.npy", method=method, batch_size=8, output=tmp_path / f"{method}.onnx")
+        assert fixed.written and len(fixed.batchnorms) >= IMAGENET_SITES[arch], method
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_small_mobilenet_v2_exports_both_ways_and_fixes(tmp_path, exporter):
+    export_and_fix(tmp_path, "mobilenet_v2", exporter, size=32, samples=16)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("arch", sorted(IMAGENET_ARCHITECTURES))
+def test_224_networks_export_both_ways_and_fix_with_every_method(tmp_path, arch, exporter):
+    export_and_fix(tmp_path, arch, exporter, size=224, samples=32, methods=("batch", "population", "relative"))
