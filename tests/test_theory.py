@@ -66,3 +66,24 @@ def test_weight_cos2_matches_definition():
     rows = w.reshape(4, -1)
     assert d == 18 and cos2 == pytest.approx(np.mean(rows.sum(1) ** 2 / (18 * (rows ** 2).sum(1))))
     assert theory.weight_cos2(np.ones((6, 4)), "Gemm", trans_b=True) == (4, pytest.approx(1.0))
+
+
+def test_stochastic_depth_train_variance_monte_carlo():
+    """Per-sample drops of a residual branch (torchvision StochasticDepth "row" mode), correlated s and y:
+    the BN after the Add sees (1/p - 1) E[y^2] more variance than at test time, per unit."""
+    import torch
+
+    from vsonnx.nets import StochasticDepth
+
+    torch.manual_seed(0)
+    n, p = 200_000, 0.7  # retain probability (drop 0.3)
+    s = torch.randn(n, 3, 2, 2) * torch.tensor([1.0, 0.5, 2.0]).view(1, 3, 1, 1) + 0.3
+    y = 0.6 * s + torch.randn(n, 3, 2, 2) + torch.tensor([0.5, -1.0, 0.0]).view(1, 3, 1, 1)
+    depth = StochasticDepth(1 - p).train()
+    z = s + depth(y)
+    per_channel = lambda t: t.transpose(0, 1).reshape(3, -1).double()  # noqa: E731
+    measured = per_channel(z).var(1).numpy()
+    predicted = theory.residual_train_var(per_channel(s + y).var(1).numpy(), (per_channel(y) ** 2).mean(1).numpy(), p)
+    np.testing.assert_allclose(measured, predicted, rtol=0.02)
+    kept = depth(torch.ones(1000, 3, 2, 2))
+    assert (kept.amax((1, 2, 3)) == kept.amin((1, 2, 3))).all()  # whole samples kept or dropped

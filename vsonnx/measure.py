@@ -91,9 +91,9 @@ def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = Tru
     shapes = tensor_shapes(working_copy(proto))
     bn_nodes = index.batchnorms()
     taps = {f"bn:{b.name}": bn_tap(index, bn_nodes[b.name], shapes) for b in report.batchnorms}
-    reaching = {d.name for b in report.sites for d in b.dropouts}
-    for d in reaching:
-        tap = tensor_tap(index.by_name[d].input[0], shapes)
+    reaching = {d.name: d for b in report.sites for d in b.dropouts}
+    for d, info in reaching.items():
+        tap = tensor_tap(info.acts_on, shapes)
         if tap is not None:
             taps[f"drop:{d}"] = tap
     source = open_source(calib, proto, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess)

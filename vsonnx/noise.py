@@ -1,13 +1,16 @@
 """Training-time dropout noise reaching a BN input, per channel: shared by `scan --calib` (with measured
 E[x^2]) and `fix --data-free` (with E[x^2] derived from the constants).
 
-For a BN whose dropout paths are all additive (see sites._Path.additive), with retain probability p:
+For a BN whose dropout paths are all additive (see sites._Path.additive), with retain probability p
+(element-wise, channel-wise or per-sample masks alike on a direct path: each unit is kept with probability
+p and scaled by 1/p, whatever else shares its mask):
   direct path:       noise_o = (1/p - 1) * E[x_o^2]
   through weights W: noise_o = (1/p - 1) * sum_(i, taps) W[o, i, tap]^2 * frac(tap) * E[x_i^2]
 where frac(tap) is the fraction of output positions at which the tap reads inside the input (zero padding;
 1 for Gemm/MatMul). Exact for element-wise masks whatever the correlation of x, given E[x_i^2] constant over
 positions. Refuses (None): channel-wise dropout behind a weight layer (masks shared across taps), unknown
-ratios, ConvTranspose or non-constant weights, channel counts that do not line up.
+ratios, ConvTranspose or non-constant weights, channel counts that do not line up; per-sample masks
+(stochastic depth) behind a weight layer, for the same reason.
 """
 from __future__ import annotations
 
@@ -69,8 +72,8 @@ def noise_variance(index: GraphIndex, bn: BatchNormInfo, dropouts: dict[str, Dro
                 return None, f"'{drop_name}' and the BN have different channel counts"
             total += scale * ex2
             continue
-        if drop.channelwise:
-            return None, f"'{drop_name}' is channel-wise (Dropout2d) and a weight layer follows it"
+        if drop.channelwise or drop.per_sample:
+            return None, f"'{drop_name}' drops whole {'samples' if drop.per_sample else 'channels'} and a weight layer follows it"
         w2 = squared_weight_rows(index, nodes[weight_name], shapes)
         if w2 is None or w2.shape[0] != bn.channels or ex2.size % w2.shape[1]:
             return None, f"weight layer '{weight_name}' is not a Conv/Gemm/MatMul with a constant weight"

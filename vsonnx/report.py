@@ -28,7 +28,8 @@ def render_scan(report) -> str:
     measured = report.calibration is not None
     rows = []
     for i, b in enumerate(report.batchnorms):
-        drops = ", ".join(f"{d.name}({fmt(d.ratio, 2)}{', ch' if d.channelwise else ''})" for d in b.dropouts)
+        drops = ", ".join(f"{d.name}({fmt(d.ratio, 2)}{', ' + d.noise if d.noise != 'element' else ''})"
+                      for d in b.dropouts)
         weight = f"{b.weight.op} d={b.weight.fan_in} cos2={fmt(b.weight.cos2)}" if b.weight else ""
         status = "SITE" if b.site else ("downstream" if b.downstream_of_site else "")
         row = [i, b.name, b.channels, status, b.path or "", drops, weight, b.fix or ""]

@@ -10,6 +10,10 @@ Dropout output without crossing another normalisation. The path from each Dropou
 - ``other``: anything else (activation, pooling, two weight layers, ...).
 When several dropouts or paths reach one BN the most general class wins (other > merge > weight > direct).
 
+Stochastic depth (a residual branch dropped per sample in training) is recognised by its structure, as
+vsonnx.export writes it: ``Mul(branch, Dropout(ones[N, 1, ...]))`` (``stochastic_depth_branch``); its noise
+(kind ``sample``) starts at the Mul's output, usually reaching the next block's BN through the Add.
+
 Every BN is reported, sites or not, with whether it lies downstream of a site (its statistics change once
 a site is fixed). ``find_sites`` is pure: it reads the model and never changes it.
 """
@@ -44,6 +48,13 @@ class DropoutInfo:
     ratio: float | None  # drop probability r (retain p = 1 - r); None when not statically known
     training_mode: bool | None  # None when not statically known
     channelwise: bool = False  # Dropout1d/2d/3d (from vsonnx.export metadata)
+    per_sample: bool = False  # stochastic depth: the Dropout drops a tensor of ones that scales a branch
+    acts_on: str = ""  # the tensor the noise multiplies (the Dropout's input; for stochastic depth the branch)
+
+    @property
+    def noise(self) -> str:
+        """'sample' (stochastic depth), 'channel' (Dropout1d/2d/3d) or 'element'."""
+        return "sample" if self.per_sample else "channel" if self.channelwise else "element"
 
 
 @dataclass
@@ -175,7 +186,42 @@ def dropout_info(index: GraphIndex, node: onnx.NodeProto, channelwise: set[str])
         if len(node.input) > 2 and node.input[2]:
             value = index.constant(node.input[2])
             training = None if value is None else bool(np.asarray(value).reshape(-1)[0])
-    return DropoutInfo(name, node.output[0], ratio, training, name in channelwise)
+    branch = stochastic_depth_branch(index, node)
+    return DropoutInfo(name, node.output[0], ratio, training, name in channelwise, branch is not None,
+                       branch[1] if branch else node.input[0])
+
+
+def stochastic_depth_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
+    """(the Mul, the branch tensor) when Dropout ``node`` is stochastic depth as vsonnx.export writes it:
+    it drops a tensor of ones ([N, 1, ...]: per sample) and its only consumer is a Mul scaling a dynamic
+    branch by it. At inference that is the identity; the form needs no metadata to be recognised."""
+    users = index.consumers.get(node.output[0], [])
+    if not node.input or not _all_ones(index, node.input[0]) or len(users) != 1 or users[0].op_type != "Mul":
+        return None
+    mul = users[0]
+    others = [i for i in mul.input if i != node.output[0]]
+    if len(others) != 1 or index.is_constant(others[0]):
+        return None
+    return mul, others[0]
+
+
+def _all_ones(index: GraphIndex, tensor: str) -> bool:
+    """True when ``tensor`` is 1 everywhere whatever the input: a constant of ones, ConstantOfShape(1), or
+    Expand of a constant 1 (through Cast/CastLike/Identity)."""
+    for _ in range(8):
+        value = index.constant(tensor)
+        if value is not None:
+            return bool(np.size(value)) and bool(np.all(np.asarray(value) == 1))
+        node = index.producer.get(tensor)
+        if node is None:
+            return False
+        if node.op_type == "ConstantOfShape":
+            filled = attribute(node, "value")
+            return filled is not None and bool(np.all(onnx.numpy_helper.to_array(filled) == 1))
+        if node.op_type not in ("Cast", "CastLike", "Identity", "Expand"):
+            return False
+        tensor = node.input[0]
+    return False
 
 
 def _bn_info(index: GraphIndex, node: onnx.NodeProto) -> BatchNormInfo:
@@ -248,6 +294,7 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
     index = GraphIndex(model)
     channelwise = _channelwise_dropouts(model)
     dropouts = {index.node_name(n): dropout_info(index, n, channelwise) for n in index.nodes_of("Dropout")}
+    scaled_by = {index.node_name(index.consumers[d.output][0]): name for name, d in dropouts.items() if d.per_sample}
     paths: dict[str, dict[str, set[_Path]]] = {}  # tensor -> dropout name -> paths reaching it
     batchnorms: list[BatchNormInfo] = []
     bn_nodes: dict[str, onnx.NodeProto] = {}
@@ -265,6 +312,8 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
             continue
         if node.op_type in NORMALIZATION_OPS:
             continue
+        if node.op_type == "Dropout" and dropouts[index.node_name(node)].per_sample:
+            continue  # its noise starts at the Mul it feeds
         if node.op_type == "Dropout":
             outgoing = {d: set(ps) for d, ps in incoming.items()}
             if dropouts[index.node_name(node)].ratio != 0:  # a ratio-0 Dropout is the identity even in training
@@ -272,9 +321,12 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
             if outgoing:
                 paths[node.output[0]] = outgoing
             continue
-        kind = _step_kind(index, node)
         name = index.node_name(node)
+        depth = scaled_by.get(name)
+        kind = "shape" if depth else _step_kind(index, node)  # the Mul scales its branch by 1 at inference
         outgoing = {d: {p.through(kind, name) for p in ps} for d, ps in incoming.items()}
+        if depth and dropouts[depth].ratio != 0:
+            outgoing.setdefault(depth, set()).add(_Path(0, None, False, False))
         if outgoing:
             for out in node.output:
                 if out:

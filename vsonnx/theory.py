@@ -30,6 +30,15 @@ def test_var_from_train_direct(mean, train_var, p):
     return p * (np.asarray(train_var, np.float64) + mean * mean) - mean * mean
 
 
+def residual_train_var(skip_branch_var, branch_second_moment, p):
+    """Stochastic depth before a BN: z = s + m * y / p with m ~ Bernoulli(p) drawn per *sample* (the branch y
+    dropped whole, kept ones scaled by 1/p; s the identity path). Per unit m^2 = m, so
+        Var_train(z) = Var(s + y) + (1/p - 1) * E[y^2],
+    the same as an element-wise dropout on y (the masks' correlation across units does not enter a
+    per-unit moment): a BN after the Add sees Var_test = Var_train - (1/p - 1) E[y^2]."""
+    return np.asarray(skip_branch_var, np.float64) + (1.0 / p - 1.0) * np.asarray(branch_second_moment, np.float64)
+
+
 def weight_cos2(weight: np.ndarray, op: str, trans_b: bool = False, group: int = 1) -> tuple[int, float]:
     """Fan-in d and the mean over output units of cos^2(theta) = (sum_i w_i)^2 / (d * sum_i w_i^2).
 

@@ -125,17 +125,49 @@ def _exportable_copy(module, dynamo: bool = False):
             calls.append(self.name)
             return function(x, self.p)
 
+    class KeptStochasticDepth(KeptDropout):
+        """x * Dropout(ones of shape [N, 1, ...]): the identity at inference, per-sample drops in training."""
+
+        def __init__(self, name: str, p: float, per_sample: bool):
+            super().__init__(name, p)
+            self.per_sample = per_sample
+
+        def forward(self, x):
+            calls.append(self.name)
+            ones = x.new_ones(((x.shape[0],) if self.per_sample else (1,)) + (1,) * (x.dim() - 1))
+            return x * function(ones, self.p)
+
     model = copy.deepcopy(module).eval()
     kinds = {nn.Dropout: "dropout", nn.Dropout1d: "dropout1d", nn.Dropout2d: "dropout2d", nn.Dropout3d: "dropout3d"}
     for name, child in list(model.named_modules()):
         kind = kinds.get(type(child))
-        if kind is None:
+        depth = _stochastic_depth(child) if kind is None else None
+        if kind is None and depth is None:
             continue
-        described[name] = {"module": name, "ratio": float(child.p), "kind": kind, "channelwise": kind != "dropout"}
+        ratio = float(child.p) if depth is None else depth[0]
+        described[name] = {"module": name, "ratio": ratio, "kind": kind or "stochastic_depth",
+                           "channelwise": kind not in (None, "dropout")}
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, KeptDropout(name, float(child.p)))
+        setattr(parent, attr, KeptDropout(name, ratio) if depth is None else KeptStochasticDepth(name, *depth))
     return model, described, calls
+
+
+def _stochastic_depth(module) -> tuple[float, bool] | None:
+    """(drop probability, per sample) of a stochastic-depth module (vsonnx.nets', torchvision's
+    StochasticDepth, timm's DropPath, recognised by class name and attributes), else None."""
+    kind = type(module).__name__
+    if kind == "StochasticDepth" and hasattr(module, "p"):
+        mode = getattr(module, "mode", "row")
+        if mode not in ("row", "batch"):
+            raise VsonnxError(f"StochasticDepth mode '{mode}' is not supported.", "use mode 'row' or 'batch'.")
+        return float(module.p), mode == "row"
+    if kind == "DropPath" and hasattr(module, "drop_prob"):
+        if not getattr(module, "scale_by_keep", True) and module.drop_prob:
+            raise VsonnxError("DropPath(scale_by_keep=False) shifts the mean in training as well; vsonnx models the "
+                              "inverted scaling only.", "train with scale_by_keep=True (timm's default).")
+        return float(module.drop_prob or 0.0), True
+    return None
 
 
 def _untie_batchnorm_inputs(model: onnx.ModelProto) -> None:

@@ -255,6 +255,16 @@ def _gather(node, name, args, state):
     return picked.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
 
 
+def _constant_of_shape(node, name, args, state):
+    filled = attribute(node, "value")
+    value = _tensor(numpy_helper.to_array(filled)) if filled is not None else torch.zeros(1)
+    return torch.full(_ints(args[0]), value.reshape(-1)[0].item(), dtype=value.dtype, device=args[0].device)
+
+
+def _expand(node, name, args, state):
+    return args[0].expand(torch.broadcast_shapes(tuple(args[0].shape), tuple(_ints(args[1]))))
+
+
 def _cast(node, name, args, state):
     return args[0].to(_DTYPES.get(attribute(node, "to"), torch.float32))
 
@@ -278,6 +288,9 @@ _OPS = {
     "Shape": lambda n, _, a, s: torch.tensor(a[0].shape, dtype=torch.int64, device=a[0].device),
     "Gather": _gather,
     "Cast": _cast,
+    "CastLike": lambda n, _, a, s: a[0].to(a[1].dtype),
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": _expand,
     "Constant": _constant,
     "GlobalAveragePool": lambda n, _, a, s: a[0].mean(dim=list(range(2, a[0].dim())), keepdim=True),
     "GlobalMaxPool": lambda n, _, a, s: a[0].amax(dim=list(range(2, a[0].dim())), keepdim=True),

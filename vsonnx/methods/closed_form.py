@@ -52,8 +52,7 @@ def _activation_window(index: GraphIndex, node: onnx.NodeProto) -> tuple[float, 
 
 def dropout_input_second_moment(index: GraphIndex, drop: DropoutInfo) -> np.ndarray | None:
     """E[x^2] per channel of the dropout's input when it is BN -> [ReLU | ReLU6 | nothing] -> (shape ops)."""
-    node = index.by_name[drop.name]
-    tensor, window = node.input[0], (-np.inf, np.inf)
+    tensor, window = drop.acts_on, (-np.inf, np.inf)
     producer = index.producer.get(tensor)
     while producer is not None and producer.op_type in SHAPE_OPS:
         producer = index.producer.get(producer.input[0])

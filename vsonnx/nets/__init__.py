@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from .common import NOISES, PLACEMENTS, DropoutConfig, Uout
+from .common import NOISES, PLACEMENTS, DropoutConfig, StochasticDepth, Uout
 from .densenet import DenseNetBC, densenet
 from .preresnet import PreActResNet, preresnet, wide_resnet
 from .resnext import ResNeXt, resnext
@@ -12,7 +12,7 @@ from .resnext import ResNeXt, resnext
 ARCHITECTURES = {"preresnet": preresnet, "wrn": wide_resnet, "resnext": resnext, "densenet": densenet}
 
 __all__ = ["ARCHITECTURES", "NOISES", "PLACEMENTS", "DenseNetBC", "DropoutConfig", "PreActResNet", "ResNeXt",
-           "Uout", "build"]
+           "StochasticDepth", "Uout", "build"]
 
 
 def build(arch: str, depth: int, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(), **options):
@@ -20,4 +20,6 @@ def build(arch: str, depth: int, num_classes: int = 10, dropout: DropoutConfig =
     growth)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+    if dropout.placement == "depth" and arch not in ("preresnet", "wrn"):
+        raise ValueError("stochastic depth (placement depth) is built into preresnet and wrn only")
     return ARCHITECTURES[arch](depth=depth, num_classes=num_classes, dropout=dropout, **options)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-PLACEMENTS = ("none", "a", "b", "final")
+PLACEMENTS = ("none", "a", "b", "final", "depth")
 NOISES = ("dropout", "uout")
 
 
@@ -17,7 +17,9 @@ class DropoutConfig:
     Args:
         placement: ``none``; ``a`` right before the last BN of every block (the paper's Dropout-(a));
             ``b`` before the last conv of every block (Dropout-(b), Wide ResNet's own position);
-            ``final`` one dropout after all BN layers, before the classifier.
+            ``final`` one dropout after all BN layers, before the classifier; ``depth`` stochastic depth
+            (Huang et al. 2016): each block's residual branch dropped per sample before the Add, so the
+            next block's first BN sees the noise.
         ratio: drop probability (dropout) or beta (uout).
         noise: ``dropout`` (inverted Bernoulli) or ``uout`` (X = x + x*r, r ~ U(-beta, beta)).
     """
@@ -33,15 +35,35 @@ class DropoutConfig:
             raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.placement == "depth" and self.noise != "dropout":
+            raise ValueError("stochastic depth (placement depth) drops branches: noise must be dropout")
 
     def layer(self, where: str) -> nn.Module:
-        """The noise layer for position ``where`` (``a``, ``b`` or ``final``), Identity elsewhere."""
+        """The noise layer for position ``where`` (``a``, ``b``, ``final`` or ``depth``), Identity elsewhere."""
         if self.placement != where or self.ratio == 0:
             return nn.Identity()
+        if where == "depth":
+            return StochasticDepth(self.ratio)
         return nn.Dropout(self.ratio) if self.noise == "dropout" else Uout(self.ratio)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class StochasticDepth(nn.Module):
+    """torchvision.ops.StochasticDepth(p, mode="row") / timm's DropPath: in training, each sample's input is
+    zeroed with probability p and kept ones are scaled by 1/(1-p); the identity in eval mode."""
+
+    def __init__(self, p: float, mode: str = "row"):
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1) if self.mode == "row" else (1,) * x.dim()
+        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
 
 
 class Uout(nn.Module):

@@ -28,6 +28,7 @@ class BasicBlock(nn.Module):
         self.drop_b = dropout.layer("b")
         self.conv2 = conv3x3(width, cout)
         self.shortcut = conv1x1(cin, cout, stride) if stride != 1 or cin != cout else None
+        self.drop_path = dropout.layer("depth")
 
     def forward(self, x):
         out = self.bn1(x)
@@ -39,7 +40,7 @@ class BasicBlock(nn.Module):
         out = self.relu2(out)
         out = self.drop_b(out)
         out = self.conv2(out)
-        return out + shortcut
+        return self.drop_path(out) + shortcut
 
 
 class Bottleneck(nn.Module):
@@ -62,6 +63,7 @@ class Bottleneck(nn.Module):
         self.drop_b = dropout.layer("b")
         self.conv3 = conv1x1(width, cout)
         self.shortcut = conv1x1(cin, cout, stride) if stride != 1 or cin != cout else None
+        self.drop_path = dropout.layer("depth")
 
     def forward(self, x):
         out = self.bn1(x)
@@ -76,11 +78,12 @@ class Bottleneck(nn.Module):
         out = self.relu3(out)
         out = self.drop_b(out)
         out = self.conv3(out)
-        return out + shortcut
+        return self.drop_path(out) + shortcut
 
 
 class PreActResNet(nn.Module):
-    """CIFAR pre-activation ResNet: conv3x3(16) -> 3 stages (stride 1, 2, 2) -> BN-ReLU -> pool -> [final] -> fc.
+    """CIFAR pre-activation ResNet: conv3x3(16) -> 3 stages (stride 1, 2, 2) -> BN-ReLU -> pool -> [final] -> fc;
+    with placement ``depth`` each block's residual branch goes through stochastic depth before the Add.
 
     Args:
         depth: 6n+2 for basic blocks (20, 32, 56, 110), 9n+2 for bottlenecks (164); 6n+4 for Wide ResNets.
