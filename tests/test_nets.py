@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vsonnx
-from vsonnx.nets import PLACEMENTS, DropoutConfig, Uout, build
+from vsonnx.nets import PLACEMENTS, DropoutConfig, StochasticDepth, Uout, build
 
 SMALL = {
     "preresnet": dict(depth=8),
@@ -18,6 +18,10 @@ SMALL = {
 @pytest.mark.parametrize("arch", sorted(SMALL))
 def test_every_architecture_and_placement_trains_and_exports(tmp_path, arch, placement):
     torch.manual_seed(0)
+    if placement == "depth" and arch not in ("preresnet", "wrn"):  # stochastic depth needs residual branches
+        with pytest.raises(ValueError, match="stochastic depth"):
+            build(arch, num_classes=3, dropout=DropoutConfig(placement, 0.5), **SMALL[arch])
+        return
     net = build(arch, num_classes=3, dropout=DropoutConfig(placement, 0.5), **SMALL[arch])
     x = torch.randn(4, 3, 16, 16)
     net.train()
@@ -31,9 +35,9 @@ def test_every_architecture_and_placement_trains_and_exports(tmp_path, arch, pla
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": xs})[0]
     assert np.abs(got - expected).max() <= 1e-4
     report = vsonnx.scan(path)
-    n_drop = sum(isinstance(m, torch.nn.Dropout) for m in net.modules())
+    n_drop = sum(isinstance(m, torch.nn.Dropout | StochasticDepth) for m in net.modules())
     assert len(report.dropouts) == n_drop
-    assert bool(report.sites) == (placement in ("a", "b"))
+    assert bool(report.sites) == (placement in ("a", "b", "depth"))
 
 
 def test_uout_noise_is_identity_in_eval_and_scaled_in_train():

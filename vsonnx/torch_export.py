@@ -7,7 +7,10 @@ vsonnx re-estimates are then gone from the graph. ``export`` therefore:
 
 1. replaces every ``nn.Dropout``/``Dropout1d/2d/3d`` (in a copy of the module) by an identity whose ONNX
    symbolic is ``Dropout(x, ratio, training_mode=false)``, so the node survives with its ratio and is still
-   the identity for every runtime;
+   the identity for every runtime; stochastic depth (vsonnx.nets.StochasticDepth, torchvision's
+   ``StochasticDepth``, timm's ``DropPath``, recognised by class name and attributes) becomes
+   ``x * Dropout(ones[N, 1, ...], p)``: the identity at inference, a per-sample drop once the Dropout is
+   simulated, and a form vsonnx.sites recognises without metadata (``mode="batch"``: ones[1, 1, ...]);
 2. exports with the TorchScript exporter in ``TrainingMode.PRESERVE`` on the eval-mode copy, which keeps
    every BatchNormalization unfolded and in inference mode (one output, running statistics as inputs); or,
    with ``exporter="dynamo"``, with torch's default exporter without its graph optimisation (which folds BN),
