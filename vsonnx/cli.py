@@ -167,7 +167,7 @@ def _provider_line(provider: str | None) -> None:
               help="Output model [default: MODEL.fixed.onnx].")
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input model.")
 @click.option("--method", type=click.Choice(CALIBRATED), default="batch",
-              help="; ".join(f"{n}: {REGISTRY[n].passes} pass(es)" for n in CALIBRATED)
+              help="; ".join(f"{n}: {REGISTRY[n].passes}" for n in CALIBRATED)
               + " (batch: the paper's Adjust; population: exact inference statistics; relative: the dropout-on -> off "
                 "change measured on the data carried over to the stored statistics; distill: BN constants fitted so "
                 "the network matches its own dropout ensemble, needs torch).")

@@ -88,10 +88,10 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("batch", "batch", "batch", True, False, "1", 1),
-    Method("population", "population", "population", True, False, "one per BN level", 1),
-    Method("relative", "relative", "relative", True, False, "2", 1),
-    Method("distill", "distill", "distill", True, True, "distillation steps", 1,
+    Method("batch", "batch", "batch", True, False, "1 pass", 1),
+    Method("population", "population", "population", True, False, "one pass per BN level", 1),
+    Method("relative", "relative", "relative", True, False, "2 passes", 1),
+    Method("distill", "distill", "distill", True, True, "a teacher pass and a student step per batch", 1,
            settings={"steps": 200, "lr": 0.01, "scores": None, "loss": None}),
     Method("synthesized", "data-free (synthetic inputs)", "synthesized", False, True, "synthesis steps", 0,
            selectable=False),
