@@ -10,7 +10,7 @@ benchmark and tools/reproduce.py all read it. Adding a method = one module here 
 | batch        | yes   | no    | 1                 | >= 1 (*)   | the paper's Adjust (PyTorch momentum=None)     |
 | population   | yes   | no    | one per BN level  | >= 1       | exact inference statistics                     |
 | relative     | yes   | no    | 2                 | >= 1 (*)   | dropout-on -> off change carried to the stored |
-| distill      | yes   | yes   | steps (default 200) | >= 1     | BN constants fitted to the dropout ensemble    |
+| distill      | yes   | yes   | 200 steps         | >= 1       | BN constants fitted to the dropout ensemble    |
 | synthesized  | no    | yes   | synthesis steps   | -          | the same change, on inputs synthesised from BN |
 | closed_form  | no    | no    | 0                 | -          | the paper's formulas, sites only               |
 | named_sites  | yes   | no    | levels (+1)       | >= 1       | population with Dropout re-inserted by name    |
