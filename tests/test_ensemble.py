@@ -52,7 +52,7 @@ def test_ensemble_average_matches_pytorch_dropout_ensemble(tmp_path):
     PyTorch's (Dropout modules in train mode, BN in eval) give the same mean probabilities."""
     net = trained_like(seed=2)
     path = tmp_path / "net.onnx"
-    vsonnx.export(net, torch.randn(2, 3, 8, 8), path)
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), path, exporter="torchscript")
     model = load_model(path)
     x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
     ensemble = DropoutEnsemble(model, scores_tensor(model), channelwise=frozenset(

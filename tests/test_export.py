@@ -48,11 +48,12 @@ def test_round_trip_keeps_dropout_and_bn(tmp_path, placement, kind):
     meta = get_metadata(model)
     assert json.loads(meta["vsonnx.preprocess"])["mean"] == [0.5] * 3
     assert len(json.loads(meta["vsonnx.class_names"])) == 10
+    assert "dynamo" in meta["vsonnx.producer"]  # the default, as PyTorch recommends
 
 
 def test_channelwise_dropout_is_marked(tmp_path):
     net = trained_like()
-    vsonnx.export(net, torch.randn(2, 3, 8, 8), tmp_path / "n.onnx")
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), tmp_path / "n.onnx", exporter="torchscript")
     records = json.loads(get_metadata(onnx.load(str(tmp_path / "n.onnx")))["vsonnx.dropouts"])
     kinds = {r["module"]: (r["kind"], r["channelwise"]) for r in records}
     assert kinds["drop_c"] == ("dropout2d", True) and kinds["drop_a"] == ("dropout", False)
@@ -88,7 +89,7 @@ def test_dynamo_export_keeps_the_same_sites(tmp_path, arch, options):
         net(torch.randn(16, 3, 16, 16))
     net.eval()
     x = torch.randn(2, 3, 16, 16)
-    script = vsonnx.export(net, x, tmp_path / "ts.onnx")
+    script = vsonnx.export(net, x, tmp_path / "ts.onnx", exporter="torchscript")
     dynamo = vsonnx.export(net, x, tmp_path / "dy.onnx", exporter="dynamo")
     a, b = find_sites(script), find_sites(dynamo)
     assert len(b.sites) == len(a.sites) > 0 and len(b.batchnorms) == len(a.batchnorms)

@@ -21,7 +21,7 @@ from nets_small import module_name, trained_like
 def exported(tmp_path_factory):
     net = trained_like()
     path = tmp_path_factory.mktemp("m") / "net.onnx"
-    vsonnx.export(net, torch.randn(2, 3, 8, 8), path)
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), path, exporter="torchscript")
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((96, 3, 8, 8)) * 2 + 0.5).astype(np.float32)
     return net, load_model(path), x
@@ -134,7 +134,7 @@ def test_batch_size_one_estimates_every_bn_that_sees_two_values_per_channel(expo
     bn1d = next(n for n in names if "bn1d" in n)
     assert set(result.statistics) == set(names) - {bn1d} and any(bn1d in note for note in result.notes)
     np.save(tmp_path / "x.npy", x[:8])
-    vsonnx.export(__import__("nets_small").trained_like(), __import__("torch").randn(2, 3, 8, 8), tmp_path / "m.onnx")
+    vsonnx.export(__import__("nets_small").trained_like(), __import__("torch").randn(2, 3, 8, 8), tmp_path / "m.onnx", exporter="torchscript")
     report = vsonnx.fix(tmp_path / "m.onnx", tmp_path / "x.npy", output=tmp_path / "o.onnx", batch_size=1)
     assert report.written and report.refused[bn1d].startswith("3:")
 
@@ -158,7 +158,7 @@ def test_staged_population_equals_per_level_passes(tmp_path, arch, options):
     net = build(arch, num_classes=3, dropout=DropoutConfig("a", 0.5), **options).train()
     with torch.no_grad():
         net(torch.randn(64, 3, 16, 16))
-    vsonnx.export(net, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+    vsonnx.export(net, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", exporter="torchscript")
     model = load_model(tmp_path / "m.onnx")
     x = np.random.default_rng(0).standard_normal((50, 3, 16, 16)).astype(np.float32)
     names = scoped(model, "all")

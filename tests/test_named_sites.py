@@ -72,7 +72,7 @@ def export_both_ways(net_class, folder, default_exporter: bool = False) -> np.nd
         for _ in range(30):
             net(x)
     net.eval()
-    vsonnx.export(net, x[:2], folder / "kept.onnx")
+    vsonnx.export(net, x[:2], folder / "kept.onnx", exporter="torchscript")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if default_exporter:

@@ -28,7 +28,7 @@ def test_every_architecture_and_placement_trains_and_exports(tmp_path, arch, pla
     net(x).sum().backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     path = tmp_path / "m.onnx"
-    vsonnx.export(net, x, path)
+    vsonnx.export(net, x, path, exporter="torchscript")
     xs = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
         expected = net.eval()(torch.from_numpy(xs)).numpy()

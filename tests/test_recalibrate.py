@@ -67,7 +67,7 @@ def site_net(tmp_path):
 
     from nets_small import trained_like
 
-    vsonnx.export(trained_like(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
+    vsonnx.export(trained_like(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", exporter="torchscript")
     x = (np.random.default_rng(1).standard_normal((96, 3, 8, 8)) * 2 + 0.5).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x[:48])
     np.savez(tmp_path / "val.npz", x=x[48:])

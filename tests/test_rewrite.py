@@ -176,7 +176,7 @@ def test_training_mode_exports_are_fixed_in_inference_form(tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (x,), str(tmp_path / "train.onnx"), dynamo=False, input_names=["input"],
                           training=torch.onnx.TrainingMode.TRAINING, dynamic_axes={"input": {0: "n"}})
-    vsonnx.export(net, x, tmp_path / "eval.onnx")
+    vsonnx.export(net, x, tmp_path / "eval.onnx", exporter="torchscript")
     trained = load_model(tmp_path / "train.onnx")
     assert any(len(n.output) == 3 for n in trained.graph.node if n.op_type == "BatchNormalization")
     scanned = vsonnx.scan(trained)

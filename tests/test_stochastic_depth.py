@@ -44,7 +44,7 @@ def trained_net(seed: int = 0) -> torch.nn.Module:
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd")
     net = trained_net()
-    vsonnx.export(net, torch.randn(2, 3, 8, 8), tmp / "sd.onnx")
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), tmp / "sd.onnx", exporter="torchscript")
     return net, load_model(tmp / "sd.onnx"), tmp
 
 
@@ -134,7 +134,7 @@ def test_export_refuses_droppath_without_inverted_scaling(tmp_path):
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), DropPath(), torch.nn.BatchNorm2d(4)).eval()
     with pytest.raises(vsonnx.VsonnxError, match="scale_by_keep"):
-        vsonnx.export(net, torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
+        vsonnx.export(net, torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", exporter="torchscript")
     assert not (tmp_path / "m.onnx").exists()
     assert onnx  # noqa: the module is used by the fixture's loader
 

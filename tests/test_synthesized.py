@@ -59,7 +59,7 @@ def test_torch_graph_train_regime_matches_pytorch(tmp_path):
     """batch_norm='batch' is PyTorch's train-mode BN; dropout=True drops the ratio and keeps the mean."""
     net = trained_like(seed=3)
     path = tmp_path / "net.onnx"
-    vsonnx.export(net, torch.randn(2, 3, 8, 8), path)
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), path, exporter="torchscript")
     model = onnx.load(str(path))
     graph = TorchGraph(model)
     x = torch.randn(64, 3, 8, 8) * 2 + 0.5
@@ -130,7 +130,7 @@ def test_synthetic_correction_tracks_the_reestimation_downstream(tmp_path):
     test_regime = reestimated(net, make_input, dropout_on=False)
     train_regime = reestimated(net, make_input, dropout_on=True)  # what the exported model stores
     path = tmp_path / "net.onnx"
-    vsonnx.export(net, torch.randn(2, 3, 8, 8), path)
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), path, exporter="torchscript")
     model = onnx.load(str(path))
     report = find_sites(model)
     names = [b.name for b in targets(report.batchnorms, "sites")]
@@ -151,7 +151,7 @@ def test_synthetic_correction_tracks_the_reestimation_downstream(tmp_path):
 def test_cli_data_free_synthetic_writes_every_bn_in_scope(tmp_path):
     net = trained_like(seed=0)
     path = tmp_path / "net.onnx"
-    vsonnx.export(net, torch.randn(2, 3, 8, 8), path)
+    vsonnx.export(net, torch.randn(2, 3, 8, 8), path, exporter="torchscript")
     before = path.read_bytes()
     r = CliRunner().invoke(main, ["fix", str(path), "--data-free", "--synthetic", "16", "--synthetic-steps", "5",
                                   "--json"])

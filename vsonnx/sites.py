@@ -224,6 +224,18 @@ def _all_ones(index: GraphIndex, tensor: str) -> bool:
     return False
 
 
+# inputs whose values never reach the output: only their type or shape does (e.g. torch's default exporter
+# gives a bias-free Conv a zero bias Expand(CastLike(0, x), C), which reads x for its element type only)
+_TYPE_OR_SHAPE_INPUTS = {"CastLike": (1,), "Shape": (0,), "Size": (0,), "ConstantOfShape": (0,), "Expand": (1,),
+                         "EyeLike": (0,), "RandomUniformLike": (0,), "RandomNormalLike": (0,)}
+
+
+def _value_inputs(index: GraphIndex, node: onnx.NodeProto) -> list[str]:
+    """The dynamic inputs of ``node`` whose values (not just type or shape) flow into its outputs."""
+    skip = _TYPE_OR_SHAPE_INPUTS.get(node.op_type, ())
+    return [t for k, t in enumerate(node.input) if t and k not in skip and t in index.dynamic_inputs(node)]
+
+
 def _bn_info(index: GraphIndex, node: onnx.NodeProto) -> BatchNormInfo:
     channels = 0
     for i in node.input[1:5]:
@@ -239,13 +251,15 @@ def _bn_info(index: GraphIndex, node: onnx.NodeProto) -> BatchNormInfo:
     )
 
 
-def _step_kind(index: GraphIndex, node: onnx.NodeProto) -> str:
-    """How a node changes a dropout path: 'shape', 'weight', 'merge' or 'other'."""
+def _step_kind(index: GraphIndex, node: onnx.NodeProto, noisy=lambda tensor: True) -> str:
+    """How a node changes a dropout path: 'shape', 'weight', 'merge' or 'other'. ``noisy(tensor)``: whether
+    dropout noise reaches that tensor (a computed but noise-free bias keeps a weight layer a 'weight' step)."""
     dynamic = index.dynamic_inputs(node)
     op = node.op_type
     if op in SHAPE_OPS or (op in ("Add", "Sub") and len(dynamic) == 1):
         return "shape"
-    if op in WEIGHT_OPS and len(dynamic) == 1 and len(node.input) > 1 and index.is_constant(node.input[1]):
+    if (op in WEIGHT_OPS and len(node.input) > 1 and index.is_constant(node.input[1])
+            and not any(noisy(t) for t in dynamic if t != node.input[0])):
         return "weight"
     if op in MERGE_OPS and len(dynamic) > 1:
         return "concat" if op == "Concat" else "merge"
@@ -300,7 +314,7 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
     bn_nodes: dict[str, onnx.NodeProto] = {}
     for node in index.topological_order:
         incoming: dict[str, set[_Path]] = {}
-        for t in index.dynamic_inputs(node):
+        for t in _value_inputs(index, node):
             for d, ps in paths.get(t, {}).items():
                 incoming.setdefault(d, set()).update(ps)
         if node.op_type == "BatchNormalization":
@@ -323,7 +337,7 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
             continue
         name = index.node_name(node)
         depth = scaled_by.get(name)
-        kind = "shape" if depth else _step_kind(index, node)  # the Mul scales its branch by 1 at inference
+        kind = "shape" if depth else _step_kind(index, node, lambda t: t in paths)  # SD: the Mul scales by 1
         outgoing = {d: {p.through(kind, name) for p in ps} for d, ps in incoming.items()}
         if depth and dropouts[depth].ratio != 0:
             outgoing.setdefault(depth, set()).add(_Path(0, None, False, False))

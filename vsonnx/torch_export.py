@@ -11,10 +11,11 @@ vsonnx re-estimates are then gone from the graph. ``export`` therefore:
    ``StochasticDepth``, timm's ``DropPath``, recognised by class name and attributes) becomes
    ``x * Dropout(ones[N, 1, ...], p)``: the identity at inference, a per-sample drop once the Dropout is
    simulated, and a form vsonnx.sites recognises without metadata (``mode="batch"``: ones[1, 1, ...]);
-2. exports with the TorchScript exporter in ``TrainingMode.PRESERVE`` on the eval-mode copy, which keeps
-   every BatchNormalization unfolded and in inference mode (one output, running statistics as inputs); or,
-   with ``exporter="dynamo"``, with torch's default exporter without its graph optimisation (which folds BN),
-   each Dropout being a custom op (``vsonnx::dropout``) translated to the same ONNX Dropout;
+2. exports with torch's default exporter (``exporter="dynamo"``, the default) without its graph optimisation
+   (which folds BN), each Dropout being a custom op (``vsonnx::dropout``) translated to ONNX Dropout; or with
+   the TorchScript exporter (``exporter="torchscript"``) in ``TrainingMode.PRESERVE`` on the eval-mode copy;
+   both keep every BatchNormalization unfolded and in inference mode (one output, running statistics as
+   inputs);
 3. gives every BN its own mean/var initializers (the exporter de-duplicates equal tensors through Identity
    nodes), makes the batch dimension dynamic, stores metadata (preprocessing, class names, dropout
    configuration, producer versions) and checks that onnxruntime reproduces ``model.eval()`` outputs.
@@ -207,16 +208,17 @@ def export(
     output_names: tuple[str, ...] = ("output",),
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
-    exporter: str = "torchscript",
+    exporter: str = "dynamo",
 ) -> onnx.ModelProto:
     """Export ``module`` to ``path`` keeping Dropout nodes and unfolded inference-mode BN.
 
     ``preprocess``: {"mean": [...], "std": [...], "size": [H, W], "layout": "nchw", "scale": 1/255}.
     Metadata is stored under ``vsonnx.*`` keys; ``metadata`` adds free-form entries (JSON-encoded if not
     str). With ``verify`` the ONNX outputs on ``example_input`` must match PyTorch to 1e-4 (max abs).
-    ``exporter``: ``"torchscript"`` (``TrainingMode.PRESERVE``) or ``"dynamo"`` (torch's default exporter,
-    without its graph optimisation, which would fold BN; each Dropout is a custom op translated to ONNX
-    Dropout(ratio, training_mode=false); needs the onnxscript package).
+    ``exporter``: ``"dynamo"`` (the default, as for ``torch.onnx.export``: torch's default exporter without
+    its graph optimisation, which would fold BN; each Dropout is a custom op translated to ONNX
+    Dropout(ratio, training_mode=false); needs the onnxscript package) or ``"torchscript"`` (the deprecated
+    exporter, ``TrainingMode.PRESERVE``; faster, and names nodes after module scopes).
     """
     try:
         import torch
