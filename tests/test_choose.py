@@ -8,8 +8,8 @@ from vsonnx.stats import BnStatistics
 def test_ranking_picks_the_best_candidate_only_when_it_beats_the_original():
     assert Ranking("top1", [80.0, 79.0, 82.0, 81.0]).best() == 1
     assert Ranking("top1", [80.0, 80.0, 79.0]).best() is None  # a tie keeps the original
-    assert Ranking("ensemble_kl", [0.10, 0.12, 0.08, 0.09]).best() == 1  # lower is better
-    assert Ranking("ensemble_kl", [0.05, 0.06, 0.07]).best() is None
+    assert Ranking("ensemble_ce", [0.10, 0.12, 0.08, 0.09]).best() == 1  # lower is better
+    assert Ranking("ensemble_mse", [0.05, 0.06, 0.07]).best() is None
 
 
 def test_population_and_relative_give_the_interpolation_family():

@@ -17,18 +17,18 @@ def test_fix_report_lists_refusals_candidates_and_what_was_written():
                        batchnorms=[{"name": "bn", "site": "direct", "old_mean": [0.0], "old_var": [2.0],
                                     "new_mean": [0.0], "new_var": [1.0]}],
                        refused={"bn2": "2: BatchNormalization is in training mode"},
-                       candidates=[{"name": "original", "val_top1": 50.0, "val_kl": None},
-                                   {"name": "relative", "val_top1": 75.0, "val_kl": None}],
+                       candidates=[{"name": "original", "val_top1": 50.0, "val_ensemble": None},
+                                   {"name": "relative", "val_top1": 75.0, "val_ensemble": None}],
                        chosen="relative", seconds=1.25, criterion="top1")
     text = render_fix(report)
     assert "refused bn2: 2: BatchNormalization is in training mode" in text
     assert "chosen: relative" in text and "Wrote m.fixed.onnx (relative, 1.25 s)" in text
     assert "0.500" in text and "75.00" in text  # new/old variance, the winner's top-1
-    report.criterion = "ensemble_kl"
-    report.candidates = [{"name": "original", "val_top1": None, "val_kl": 0.0123}, {"name": "relative",
-                                                                                   "val_top1": None, "val_kl": 0.01}]
+    report.criterion = "ensemble_ce"
+    report.candidates = [{"name": "original", "val_top1": None, "val_ensemble": 0.0123},
+                         {"name": "relative", "val_top1": None, "val_ensemble": 0.01}]
     text = render_fix(report)
-    assert "KL from the dropout ensemble" in text and "0.01230" in text
+    assert "cross-entropy vs the dropout ensemble" in text and "0.01230" in text
 
 
 def test_scan_shows_what_fix_would_do():

@@ -56,7 +56,7 @@ def reproducible_command(train_card: dict, name: str) -> str:
 
 # Card key of every method of the registry that the cards measure (the data-free ones under their CLI name),
 # and the label-free choice (`fix --val-split`: candidates calibrated on 80% of the calibration images,
-# ranked by KL from the dropout ensemble on the other 20%).
+# ranked by cross-entropy against the dropout ensemble's classes on the other 20%).
 CARD_NAMES = {**{m: m for m in CALIBRATED}, "synthesized": "data-free", "closed_form": "data-free-closed-form"}
 LABEL_FREE = "label-free-choice"
 VAL_SPLIT = 0.2
@@ -347,7 +347,7 @@ RESULTS_INTRO = [
     "the stored statistics instead of replacing them. The distill fix (`--method distill`, 200 steps) fits the",
     "BN constants so that the network with dropout off matches its own dropout ensemble (no labels). The",
     f"label-free choice (`--val-split {VAL_SPLIT}`) calibrates every method on {1 - VAL_SPLIT:.0%} of the calibration images",
-    "and writes the candidate closest to the dropout ensemble (KL, 8 masks) on the other "
+    "and writes the candidate closest to the dropout ensemble (cross-entropy against its classes, 8 masks) on the other "
     f"{VAL_SPLIT:.0%}, or nothing.",
     "\"Gap closed\" = (error before - error after) /",
     "(error before - error of the no-dropout twin trained with the same recipe); the paper's column uses its",

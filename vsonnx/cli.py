@@ -173,7 +173,7 @@ def _provider_line(provider: str | None) -> None:
                 "the network matches its own dropout ensemble, needs torch).")
 @click.option("--all", "scope_all", is_flag=True, help="Re-estimate every BN, not only sites and downstream.")
 @click.option("--val", default=None, help="Validation data: evaluate candidates, write the best (by top-1 with "
-                                          "labels, by KL from the dropout ensemble without).")
+                                          "labels, by agreement with the dropout ensemble without).")
 @click.option("--val-limit", type=int, default=None, help="Use the first N validation samples.")
 @click.option("--val-split", type=float, default=None, metavar="F",
               help="Hold out a fraction F of --calib (seeded) and choose among candidates on it without labels.")

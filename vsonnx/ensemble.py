@@ -10,7 +10,8 @@
   fetching the scores; ``probabilities(feeds, masks)`` averages softmax(scores) over ``masks`` runs.
 - ``ensemble_divergence``: how far each candidate model is from the ensemble on data without labels.
 - ``divergence``: per-sample KL(p || softmax(scores)) = sum_c p_c (log p_c - log q_c) (softmax over axis 1,
-  summed over it and averaged over any further axes), or the mean squared difference for ``mse``.
+  summed over it and averaged over any further axes), the cross-entropy against the ensemble's class
+  -log q_(argmax p) (``ce``), or the mean squared difference for ``mse``.
 """
 from __future__ import annotations
 
@@ -70,11 +71,15 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def divergence(target: np.ndarray, scores: np.ndarray, loss: str) -> np.ndarray:
-    """Per-sample loss of ``scores`` against ``target`` (probabilities for kl, scores for mse), float64."""
+    """Per-sample loss of ``scores`` against ``target`` (probabilities for kl and ce, scores for mse), float64;
+    ``ce``: the cross-entropy against the target's most probable class, -log softmax(scores)[argmax target]."""
     scores = np.asarray(scores, np.float64).reshape(len(scores), scores.shape[1] if scores.ndim > 1 else 1, -1)
     target = np.asarray(target, np.float64).reshape(scores.shape)
     if loss == "mse":
         return ((scores - target) ** 2).mean(axis=(1, 2))
+    if loss == "ce":
+        picked = np.take_along_axis(log_softmax(scores), target.argmax(axis=1)[:, None], axis=1)
+        return -picked[:, 0].mean(axis=1)
     terms = target * (np.log(np.maximum(target, 1e-30)) - log_softmax(scores))
     return terms.sum(axis=1).mean(axis=1)
 
@@ -122,9 +127,10 @@ class DropoutEnsemble:
 def ensemble_divergence(model: onnx.ModelProto, models: list[onnx.ModelProto], source: Source, scores: Scores, *,
                         masks: int = 8, seed: int = 0, channelwise: frozenset[str] = frozenset(),
                         batch_size: int = 128, device: str = "auto", threads: int | None = None,
-                        progress: bool = False) -> list[float]:
-    """Mean per-sample divergence of each of ``models`` (dropout off) from the dropout ensemble of ``model``
-    (``masks`` runs per batch), all on the same batches of ``source`` (labels unused)."""
+                        progress: bool = False, loss: str | None = None) -> list[float]:
+    """Mean per-sample divergence (``loss``, default the scores' own) of each of ``models`` (dropout off) from
+    the dropout ensemble of ``model`` (``masks`` runs per batch), all on the same batches of ``source``
+    (labels unused)."""
     if masks < 1:
         raise VsonnxError(f"--val-masks must be at least 1, got {masks}.", "e.g. --val-masks 8.")
     ensemble = DropoutEnsemble(model, scores, channelwise=channelwise, seed=seed, device=device, threads=threads)
@@ -137,7 +143,7 @@ def ensemble_divergence(model: onnx.ModelProto, models: list[onnx.ModelProto], s
             feeds = {n: batch.feeds[n] for n in names}
             target = ensemble.target(feeds, masks)
             for k, session in enumerate(sessions):
-                totals[k] += divergence(target, run(session, [scores.tensor], feeds)[0], scores.loss).sum()
+                totals[k] += divergence(target, run(session, [scores.tensor], feeds)[0], loss or scores.loss).sum()
             samples += len(batch)
             bar.update(len(batch))
     if samples == 0:

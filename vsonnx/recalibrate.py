@@ -5,7 +5,7 @@ provenance):
 - ``fix_calibrated(model, calib, method)``: a calibrated method of the registry (vsonnx.methods: batch,
   population, relative, distill). With ``val`` (or ``val_split``) every calibrated method is a candidate,
   population and relative with their interpolation families (vsonnx.choose); the best by validation top-1
-  (labelled ``val``) or, without labels, by KL from the dropout ensemble is written, nothing when the
+  (labelled ``val``) or, without labels, by cross-entropy against the dropout ensemble's classes is written, nothing when the
   original is best (unless ``force``).
 - ``fix_data_free(model)``: ``synthesized`` (inputs synthesised from the BN statistics, every BN in scope),
   or with ``synthetic=0`` ``closed_form`` (the paper's formulas, sites only). With ``val`` the correction is
@@ -20,8 +20,8 @@ Warnings raised while fixing (vsonnx.errors.warn) are collected into the report;
 JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever added):
   model, output (str|null), written (bool), message (str), method (label of the method whose constants were
   written, or that was asked for when nothing was), chosen (candidate written, or null), samples (int),
-  provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_kl}] (the score of
-  the criterion used, the other null), criterion ("top1", "ensemble_kl" or null),
+  provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_ensemble}] (the score
+  of the criterion used, the other null), criterion ("top1", "ensemble_ce", "ensemble_mse" or null),
   batchnorms [{name, site, old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str].
 """
 from __future__ import annotations
@@ -371,7 +371,7 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
     ranking = rank(job.model, models, source, label_free=o.val_split is not None, masks=o.val_masks, seed=o.seed,
                    channelwise=job.scan.channelwise_dropouts, scores=(distill["scores"], distill["loss"]),
                    batch_size=o.batch_size, device=o.device, threads=o.threads, progress=o.progress)
-    key, other = ("val_top1", "val_kl") if ranking.criterion == "top1" else ("val_kl", "val_top1")
+    key, other = ("val_top1", "val_ensemble") if ranking.criterion == "top1" else ("val_ensemble", "val_top1")
     job.report.criterion = ranking.criterion
     job.report.candidates = [{"name": name, key: float(score), other: None} for name, score in
                              zip(["original"] + [c.name for c in candidates], ranking.scores)]

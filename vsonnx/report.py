@@ -94,7 +94,9 @@ def render_fix(report) -> str:
         out.append(f"{name}: {note}")
     if report.candidates:
         key, header, digits = (("val_top1", "val top-1 %", 2) if report.criterion == "top1" else
-                               ("val_kl", "KL from the dropout ensemble (lower is better)", 5))
+                               ("val_ensemble", "cross-entropy vs the dropout ensemble (lower is better)"
+                                if report.criterion == "ensemble_ce" else
+                                "distance from the dropout ensemble (lower is better)", 5))
         out.append(table(["candidate", header], [[c["name"], fmt(c[key], digits)] for c in report.candidates], "lr"))
         if report.chosen:
             out.append(f"chosen: {report.chosen}")
