@@ -22,7 +22,6 @@ A candidate that does not beat the original by the criterion is never written.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import onnx
@@ -38,8 +37,7 @@ FAMILY_METHODS = ("population", "relative")
 
 def candidate_methods() -> list[str]:
     """The calibrated methods that can run here (a warning names those skipped for want of torch)."""
-    torch_missing = importlib.util.find_spec("torch") is None
-    skipped = [m for m in CALIBRATED if REGISTRY[m].needs_torch and torch_missing]
+    skipped = [m for m in CALIBRATED if not REGISTRY[m].available]
     if skipped:
         warn(f"candidate(s) {', '.join(skipped)} skipped: torch is not installed (pip install 'vsonnx[train]').")
     return [m for m in CALIBRATED if m not in skipped]

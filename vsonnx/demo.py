@@ -6,7 +6,6 @@ models on the test images (decoded once, all models on the same batches).
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -87,14 +86,13 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
         options = FixOptions(batch_size=batch_size, device=device, threads=threads, progress=progress, seed=seed,
                              synthetic=synthetic, synthetic_steps=synthetic_steps,
                              method_options={"distill": {"steps": distill_steps}})
-        torch_missing = importlib.util.find_spec("torch") is None
         notes = [f"{m} fix skipped: torch is not installed (pip install 'vsonnx[train]')."
-                 for m in DEMO_METHODS if REGISTRY[m].needs_torch and torch_missing]
-        for method in [m for m in DEMO_METHODS if m in CALIBRATED and not (REGISTRY[m].needs_torch and torch_missing)]:
+                 for m in DEMO_METHODS if not REGISTRY[m].available]
+        for method in [m for m in DEMO_METHODS if m in CALIBRATED and REGISTRY[m].available]:
             out = folder / f"{model_path.stem}.{method}.onnx"
             report = fix_calibrated(model_path, calib, method, replace(options, output=out))
             fixed[method], seconds[method] = out, round(report.seconds or 0.0, 2)
-        if synthetic > 0 and torch_missing:
+        if synthetic > 0 and not REGISTRY["synthesized"].available:
             notes.append("data-free fix skipped: torch is not installed (pip install 'vsonnx[train]').")
         elif synthetic > 0:
             out = folder / f"{model_path.stem}.data-free.onnx"

@@ -68,6 +68,13 @@ class Method:
     settings: dict[str, Any] = field(default_factory=dict)  # method options and their defaults (CLI, estimate)
 
     @property
+    def available(self) -> bool:
+        """False when the method needs torch and torch is not installed."""
+        import importlib.util
+
+        return not self.needs_torch or importlib.util.find_spec("torch") is not None
+
+    @property
     def estimate(self) -> Callable[[EstimateRequest], CalibrationResult]:
         return importlib.import_module(f"{__name__}.{self.module}").estimate
 
