@@ -232,8 +232,8 @@ _TYPE_OR_SHAPE_INPUTS = {"CastLike": (1,), "Shape": (0,), "Size": (0,), "Constan
 
 def _value_inputs(index: GraphIndex, node: onnx.NodeProto) -> list[str]:
     """The dynamic inputs of ``node`` whose values (not just type or shape) flow into its outputs."""
-    skip = _TYPE_OR_SHAPE_INPUTS.get(node.op_type, ())
-    return [t for k, t in enumerate(node.input) if t and k not in skip and t in index.dynamic_inputs(node)]
+    skip, dynamic = _TYPE_OR_SHAPE_INPUTS.get(node.op_type, ()), set(index.dynamic_inputs(node))
+    return [t for k, t in enumerate(node.input) if t in dynamic and k not in skip]
 
 
 def _bn_info(index: GraphIndex, node: onnx.NodeProto) -> BatchNormInfo:
