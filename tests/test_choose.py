@@ -12,11 +12,28 @@ def test_ranking_picks_the_best_candidate_only_when_it_beats_the_original():
     assert Ranking("ensemble_mse", [0.05, 0.06, 0.07]).best() is None
 
 
+def test_label_free_ranking_keeps_the_anchor_unless_the_best_is_better_with_a_paired_test():
+    rng = np.random.default_rng(0)
+    base = rng.exponential(0.3, 2000)
+    original, anchor = base + 0.05, base
+    noise = base + rng.normal(0, 0.05, 2000) - 0.001  # lower mean, not significantly
+    clear = base - 0.02 + rng.normal(0, 0.01, 2000)  # lower by 0.02, the interval far below zero
+    ranking = Ranking("ensemble_ce", [float(x.mean()) for x in (original, anchor, noise)], [original, anchor, noise])
+    assert ranking.best() == 1 and ranking.best(anchor=0) == 0
+    low, high = ranking.paired_gain(0, 1)
+    assert low < 0 < high  # independent check: the interval of the gain holds zero
+    ranking = Ranking("ensemble_ce", [float(x.mean()) for x in (original, anchor, clear)], [original, anchor, clear])
+    assert ranking.best(anchor=0) == 1 and ranking.paired_gain(0, 1)[0] > 0.015
+    worse = [original, original + 0.01, original + 0.02]  # nothing beats the original: nothing is chosen
+    assert Ranking("ensemble_ce", [float(x.mean()) for x in worse], worse).best(anchor=0) is None
+
+
 def test_population_and_relative_give_the_interpolation_family():
     old = {"bn": BnStatistics("bn", np.zeros(2), np.ones(2), 1)}
     new = {"bn": BnStatistics("bn", np.ones(2), 4 * np.ones(2), 1)}
-    names = [name for name, _ in family("relative", old, new)]
+    names = [name for name, _, _ in family("relative", old, new)]
     assert names == ["relative a=0.25", "relative a=0.5", "relative a=0.75", "relative a=0.875", "relative"]
     assert len(INTERPOLATION) == 5 and INTERPOLATION[-1] == 1.0
-    assert [name for name, _ in family("batch", old, new)] == ["batch"]
-    assert family("distill", old, new)[0][1] is new
+    assert [a for _, a, _ in family("relative", old, new)] == list(INTERPOLATION)
+    assert [name for name, _, _ in family("batch", old, new)] == ["batch"]
+    assert family("distill", old, new)[0][2] is new

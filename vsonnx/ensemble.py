@@ -127,25 +127,24 @@ class DropoutEnsemble:
 def ensemble_divergence(model: onnx.ModelProto, models: list[onnx.ModelProto], source: Source, scores: Scores, *,
                         masks: int = 8, seed: int = 0, channelwise: frozenset[str] = frozenset(),
                         batch_size: int = 128, device: str = "auto", threads: int | None = None,
-                        progress: bool = False, loss: str | None = None) -> list[float]:
-    """Mean per-sample divergence (``loss``, default the scores' own) of each of ``models`` (dropout off) from
-    the dropout ensemble of ``model`` (``masks`` runs per batch), all on the same batches of ``source``
-    (labels unused)."""
+                        progress: bool = False, loss: str | None = None) -> list[np.ndarray]:
+    """Per-sample divergence (``loss``, default the scores' own) of each of ``models`` (dropout off) from the
+    dropout ensemble of ``model`` (``masks`` runs per batch), all on the same batches of ``source`` in the
+    same order (labels unused)."""
     if masks < 1:
         raise VsonnxError(f"--val-masks must be at least 1, got {masks}.", "e.g. --val-masks 8.")
     ensemble = DropoutEnsemble(model, scores, channelwise=channelwise, seed=seed, device=device, threads=threads)
     sessions = [scores_session(m, scores, device=device, threads=threads) for m in models]
     names = [i.name for i in ensemble.session.get_inputs()]
-    totals, samples = np.zeros(len(models)), 0
+    losses: list[list[np.ndarray]] = [[] for _ in models]
     with progress_bar("ranking against the dropout ensemble", source.size, progress) as bar:
         for batch in source.batches(batch_size):
             check_finite(batch, source)
             feeds = {n: batch.feeds[n] for n in names}
             target = ensemble.target(feeds, masks)
             for k, session in enumerate(sessions):
-                totals[k] += divergence(target, run(session, [scores.tensor], feeds)[0], loss or scores.loss).sum()
-            samples += len(batch)
+                losses[k].append(divergence(target, run(session, [scores.tensor], feeds)[0], loss or scores.loss))
             bar.update(len(batch))
-    if samples == 0:
+    if not losses[0]:
         raise VsonnxError(f"data source '{source.describe()}' yielded no samples.", "check the validation data.")
-    return list(totals / samples)
+    return [np.concatenate(parts) for parts in losses]

@@ -110,6 +110,7 @@ class Candidate:
     result: CalibrationResult | None = None
     affine: dict = field(default_factory=dict)
     score: float | None = None  # by the ranking criterion (vsonnx.choose)
+    strength: float = 1.0  # a of the interpolation family (vsonnx.choose.family)
 
 
 @dataclass
@@ -124,6 +125,7 @@ class _Job:
     names: list[str]
     report: FixReport
     val_source: object = None  # the held-out part of the calibration data (val_split)
+    val_samples: int = 0  # samples the candidates were ranked on
 
     @property
     def choosing(self) -> bool:
@@ -188,10 +190,14 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
                                            "candidates is biased.")
             source = open_source(calib, job.model, shuffle=options.shuffle, seed=options.seed, limit=options.limit,
                                  preprocess=options.preprocess)
+            refit = None
             if options.val_split is not None:
-                source, job.val_source = split_source(source, options.val_split, options.seed)
+                whole = replayable(source)
+                source, job.val_source = split_source(whole, options.val_split, options.seed)
+                refit = lambda winner: _refit(job, winner, whole)  # noqa: E731
             candidates = _calibrated_candidates(job, replayable(source) if job.choosing else source, method)
-            _finish(job, candidates, {"calibration_source": str(calib)}, default=method, expected=job.names)
+            _finish(job, candidates, {"calibration_source": str(calib)}, default=method, expected=job.names,
+                    refit=refit)
         else:
             job.report.message = reason
     job.report.warnings += caught
@@ -208,8 +214,19 @@ def _calibrated_candidates(job: _Job, source, method: str) -> list[Candidate]:
     candidates = []
     for m in candidate_methods():
         result = REGISTRY[m].run(job.request(source, m))
-        candidates += [Candidate(name, stats, result) for name, stats in family(m, old, result.statistics)]
+        candidates += [Candidate(name, stats, result, strength=a) for name, a, stats in family(m, old, result.statistics)]
     return candidates
+
+
+def _refit(job: _Job, winner: Candidate, source) -> Candidate:
+    """The method (and strength a) chosen on the held-out part, run again on all of ``source``."""
+    from .stats import interpolate
+
+    result = REGISTRY[winner.result.method].run(job.request(source, winner.result.method))
+    stats = result.statistics
+    if winner.strength != 1:
+        stats = interpolate(GraphIndex(job.model).stored_statistics(list(stats)), stats, winner.strength)
+    return replace(winner, stats=stats, result=result)
 
 
 def fix_data_free(model_path, options: FixOptions | None = None) -> FixReport:
@@ -311,10 +328,11 @@ def fix(model_path, calib=None, *, method: str = "batch", data_free: bool = Fals
 # the shared tail: choose -> validate -> write
 # --------------------------------------------------------------------------------------------------
 def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], default: str | None,
-            expected: list[str] = ()) -> None:
+            expected: list[str] = (), refit=None) -> None:
     """Write the chosen candidate (the first one without validation data), or explain why nothing was.
     ``default``: the candidate written under ``force`` when the original wins (None: the first one);
-    ``expected``: BNs a candidate must hold statistics for (rule 3 for the others)."""
+    ``expected``: BNs a candidate must hold statistics for (rule 3 for the others); ``refit``: Candidate ->
+    Candidate applied to the chosen one before it is written (--val-split: re-run on all the data)."""
     screened = {c.name: _screened(c, expected) for c in candidates}
     candidates = [c for c, _ in screened.values()]
     report = job.report
@@ -332,6 +350,13 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
             _describe(report, fallback, job.scan, old)
             return
         winner = winner or fallback
+        if refit is not None:
+            chosen_on = winner.result.samples
+            winner, refused = _screened(refit(winner), expected)
+            screened[winner.name] = (winner, refused)
+            report.message = (f"chose {winner.name} on {job.val_samples} held-out samples "
+                              f"(candidates calibrated on {chosen_on}), then re-estimated it on all "
+                              f"{winner.result.samples} samples.")
     report.refused.update(screened[winner.name][1])
     if not winner.stats and not winner.affine:
         _refuse_all(report.refused)
@@ -360,7 +385,7 @@ def _screened(candidate: Candidate, expected: list[str] = ()) -> tuple[Candidate
 def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | None:
     """Rank the original and every candidate on the validation data (vsonnx.choose); the best candidate, or
     None when the original is at least as good."""
-    from .choose import rank
+    from .choose import ANCHOR, rank
 
     o = job.options
     source = job.val_source or open_source(o.val, job.model, shuffle=True, seed=0, limit=o.val_limit,
@@ -377,7 +402,10 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
                              zip(["original"] + [c.name for c in candidates], ranking.scores)]
     for c, score in zip(candidates, ranking.scores[1:]):
         c.score = score
-    best = ranking.best()
+    job.val_samples = len(ranking.per_sample[0]) if ranking.per_sample else 0
+    names = [c.name for c in candidates]
+    anchor = names.index(ANCHOR) if ranking.criterion != "top1" and ANCHOR in names else None
+    best = ranking.best(anchor)
     return None if best is None else candidates[best]
 
 
