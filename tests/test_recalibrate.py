@@ -159,7 +159,7 @@ def test_val_split_writes_the_chosen_method_re_run_on_all_the_calibration_data(s
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 0 and report["written"], r.output
     method, _, a = report["chosen"].partition(" a=")
-    alone = vsonnx.fix(model_path, tmp / "calib.npz", method=method, batch_size=8, output=tmp / "alone.onnx",
+    vsonnx.fix(model_path, tmp / "calib.npz", method=method, batch_size=8, output=tmp / "alone.onnx",
                        method_options={"distill": {"steps": 20}})
     names = [b["name"] for b in report["batchnorms"]]
     written = GraphIndex(load_model(tmp / "chosen.onnx")).stored_statistics(names)

@@ -6,7 +6,7 @@
   over axis 1, the class axis) for class scores [N, C]; other outputs (detection, segmentation,
   regression) must name the output and the loss (``kl`` or ``mse``), else they are refused.
 - ``DropoutEnsemble``: an onnxruntime session of the working copy with the dropouts simulated in training
-  mode (vsonnx.instrument.simulate_dropouts: seeded masks, a fresh one per run, channel-wise for Dropout1d/2d/3d),
+  mode (vsonnx.instrument.simulated_graph: seeded masks, a fresh one per run, channel-wise for Dropout1d/2d/3d),
   fetching the scores; ``probabilities(feeds, masks)`` averages softmax(scores) over ``masks`` runs.
 - ``ensemble_divergence``: how far each candidate model is from the ensemble on data without labels.
 - ``divergence``: per-sample KL(p || softmax(scores)) = sum_c p_c (log p_c - log q_c) (softmax over axis 1,
@@ -24,8 +24,7 @@ from onnx import helper
 from .data import Source, check_finite
 from .errors import VsonnxError
 from .graph import GraphIndex, tensor_shapes
-from .instrument import simulate_dropouts, to_model, working_graph
-from .model import default_opset
+from .instrument import simulated_graph, to_model
 from .runtime import make_session, progress_bar, run
 
 LOSSES = ("kl", "mse")
@@ -88,10 +87,8 @@ def scores_session(model: onnx.ModelProto, scores: Scores, *, dropout: bool = Fa
                    channelwise: frozenset[str] = frozenset(), device: str = "auto", threads: int | None = None):
     """An onnxruntime session of the working copy that outputs the scores tensor, with the dropouts off, or
     simulated in training mode with ``dropout`` (seeded; ``channelwise`` nodes by channel)."""
-    graph = working_graph(model, keep_dropout_modes=dropout)
-    dtypes = tensor_shapes(to_model(graph.copy(), model)).dtypes
-    if dropout:
-        simulate_dropouts(graph, default_opset(model) or 13, dtypes, seed=seed, channelwise=channelwise)
+    graph, shapes = simulated_graph(model, dropout, seed=seed, channelwise=channelwise)
+    dtypes = shapes.dtypes
     out = graph.tensors()[scores.tensor]
     out.dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(scores.tensor, onnx.TensorProto.FLOAT))
     graph.outputs = [out]

@@ -105,6 +105,18 @@ def working_copy(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> on
     return to_model(working_graph(model, keep_dropout_modes), model)
 
 
+def simulated_graph(model: onnx.ModelProto, dropout: bool, *, seed: int = DROPOUT_SEED,
+                    channelwise: frozenset[str] = frozenset()) -> tuple[gs.Graph, TensorShapes]:
+    """``working_graph`` with dropout off, or with ``dropout`` every Dropout simulated in training mode
+    (simulate_dropouts), and the shapes of the working copy before the simulation (one shape inference;
+    the simulation keeps every tensor name)."""
+    graph = working_graph(model, keep_dropout_modes=dropout)
+    shapes = tensor_shapes(to_model(graph.copy(), model))
+    if dropout:
+        simulate_dropouts(graph, default_opset(model) or 13, shapes.dtypes, seed=seed, channelwise=channelwise)
+    return graph, shapes
+
+
 def dropout_seeds(seed: int, count: int) -> list[int]:
     """Seeds for ``count`` simulated Dropout nodes, drawn from ``seed``: onnxruntime's masks for nearby seeds
     (0, 1, ...) are correlated (measured: 6% less simulated noise two dropouts apart)."""
@@ -346,10 +358,7 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active:
     """Working copy where each target BN normalises with its batch statistics (and every Dropout drops as in
     training with ``dropout_active``: simulate_dropouts, ``channelwise`` nodes by channel); returns (model, {bn: (g1, g2, elements or Shape output)},
     {bn: shift})."""
-    graph = working_graph(model, keep_dropout_modes=dropout_active)
-    shapes = tensor_shapes(to_model(graph.copy(), model))  # one shape inference; the simulation keeps the names
-    if dropout_active:
-        simulate_dropouts(graph, default_opset(model) or 13, shapes.dtypes, channelwise=channelwise)
+    graph, shapes = simulated_graph(model, dropout_active, channelwise=channelwise)
     index = GraphIndex(model)
     bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)
     builder = StatisticBuilder(graph, default_opset(model) or 13)
