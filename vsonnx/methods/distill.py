@@ -30,6 +30,7 @@ written into the layer's weight and bias.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -158,38 +159,66 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
 
 
 def _fit(request: EstimateRequest, graph, teacher: DropoutEnsemble, student: Student, steps: int, lr: float):
-    """Adam with cosine decay for ``steps`` batches (the source cycled); returns (losses, samples seen)."""
+    """Adam with cosine decay for ``steps`` batches (the source cycled); returns (losses, samples seen). The
+    teacher runs one step ahead on a second thread (onnxruntime releases the GIL), overlapping the student's
+    torch pass; it still runs its batches in order, so the masks and the result do not change."""
     import torch
 
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-    source = replayable(request.source)
-    input_names = [i.name for i in teacher.session.get_inputs()]
     losses: list[float] = []
-    per_pass: list[int] = []  # samples of each pass over the source
-    with progress_bar("distilling", steps, request.progress, unit="step") as bar:
-        while len(losses) < steps:
-            per_pass.append(0)
-            for batch in source.batches(request.batch_size):
-                if len(losses) == steps:
-                    break
-                check_finite(batch, source)
-                feeds = {n: batch.feeds[n] for n in input_names}
-                target = torch.from_numpy(teacher.target(feeds).astype(np.float32)).to(student.device)
-                got = graph({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}, affine=student.affine(),
-                            output_affine=student.output_affine(), fetch=[teacher.scores.tensor])[teacher.scores.tensor]
-                loss = _loss(target, got, teacher.scores.loss)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(float(loss.detach()))
-                per_pass[-1] += len(batch)
+    with ThreadPoolExecutor(1) as ahead, progress_bar("distilling", steps, request.progress, unit="step") as bar:
+        pending, feeds_of_steps = None, _StepFeeds(request, [i.name for i in teacher.session.get_inputs()], steps)
+        for feeds in feeds_of_steps:
+            submitted = ahead.submit(teacher.target, feeds)
+            if pending is not None:
+                losses.append(_step(graph, student, optimizer, schedule, teacher, *pending))
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
                 bar.update(1)
-            if per_pass[-1] == 0 and len(losses) < steps:
-                raise VsonnxError(f"data source '{source.describe()}' yielded no samples.", "check the source and --limit.")
-    return losses, max(per_pass)  # distinct samples: a full pass, or what the steps reached
+            pending = (feeds, submitted)
+        losses.append(_step(graph, student, optimizer, schedule, teacher, *pending))
+        bar.update(1)
+    return losses, feeds_of_steps.samples
+
+
+def _step(graph, student: Student, optimizer, schedule, teacher: DropoutEnsemble, feeds: dict, target) -> float:
+    """One Adam step of the student towards the teacher's ``target`` (a future) on ``feeds``."""
+    import torch
+
+    target = torch.from_numpy(target.result().astype(np.float32)).to(student.device)
+    got = graph({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}, affine=student.affine(),
+                output_affine=student.output_affine(), fetch=[teacher.scores.tensor])[teacher.scores.tensor]
+    loss = _loss(target, got, teacher.scores.loss)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return float(loss.detach())
+
+
+class _StepFeeds:
+    """The feeds of ``steps`` batches, cycling through the source (decoded once); ``samples``: the distinct
+    samples seen so far (a full pass, or what the steps reached)."""
+
+    def __init__(self, request: EstimateRequest, input_names: list[str], steps: int):
+        self.source, self.batch_size = replayable(request.source), request.batch_size
+        self.input_names, self.steps, self.samples = input_names, steps, 0
+
+    def __iter__(self):
+        done = 0
+        while done < self.steps:
+            seen = 0
+            for batch in self.source.batches(self.batch_size):
+                if done == self.steps:
+                    break
+                check_finite(batch, self.source)
+                seen += len(batch)
+                done += 1
+                self.samples = max(self.samples, seen)
+                yield {n: batch.feeds[n] for n in self.input_names}
+            if seen == 0:
+                raise VsonnxError(f"data source '{self.source.describe()}' yielded no samples.",
+                                  "check the source and --limit.")
 
 
 def _loss(target, scores, loss: str):
