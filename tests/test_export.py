@@ -96,5 +96,11 @@ def test_dynamo_export_keeps_the_same_sites(tmp_path, arch, options):
     assert sorted(s.path for s in b.sites) == sorted(s.path for s in a.sites)
     assert [d.ratio for d in b.dropouts] == [d.ratio for d in a.dropouts]
     assert "dynamo" in get_metadata(dynamo)["vsonnx.producer"]
+    # the torch interpreter that distill and the synthesis run on reads this export too (Shape(weight, end=1)
+    # feeding a zero conv bias, CastLike, Expand) and equals PyTorch
+    from vsonnx.torch_graph import TorchGraph
+
+    got = TorchGraph(dynamo)({"input": x})
+    np.testing.assert_allclose(next(iter(got.values())).detach().numpy(), net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(vsonnx.VsonnxError, match="unknown exporter"):
         vsonnx.export(net, x, tmp_path / "x.onnx", exporter="jit")

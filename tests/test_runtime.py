@@ -4,7 +4,8 @@ import pytest
 
 from vsonnx.data import ArraySource, Source
 from vsonnx.errors import VsonnxError
-from vsonnx.runtime import cuda_works, make_session, progress_bar, resolve_device, run, run_pass
+from vsonnx.runtime import (cuda_works, make_session, progress_bar, resolve_device, run, run_pass, run_passes,
+                            split_threads)
 
 from conftest import GraphBuilder
 
@@ -22,6 +23,30 @@ def test_run_pass_streams_every_batch():
     samples, batches = run_pass(session, ArraySource.from_arrays(model, x, None, shuffle=False), 4, ["r_out"],
                                 "test", False, lambda b, n, got: seen.append((b, n, got["r_out"].shape[0])))
     assert (samples, batches) == (10, 3) and seen == [(0, 4, 4), (1, 4, 4), (2, 2, 2)]
+
+
+def test_run_passes_gives_every_session_every_batch_in_order():
+    """Two sessions side by side (one a seeded random stream, whose masks depend on the order of its runs)
+    give exactly what each gives alone, and the consumers see the batches in order."""
+    g = GraphBuilder()
+    noisy = g.build(g.node("Mul", ["x", g.node("RandomUniformLike", ["x"], "u", seed=3.0)], "y"))
+    model = relu_model()
+    x = np.random.default_rng(0).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    source = ArraySource.from_arrays(model, x, None, shuffle=False)
+    alone = {}
+    for m, fetch in ((model, "r_out"), (noisy, "y_out")):
+        alone[fetch] = []
+        run_pass(make_session(m, device="cpu"), source, 4, [fetch], "test", False,
+                 lambda b, n, got, f=fetch: alone[f].append(got[f]))
+    together = {"r_out": [], "y_out": []}
+    runs = [(make_session(m, device="cpu", threads=1), [f], lambda b, n, got, f=f: together[f].append((b, got[f])))
+            for m, f in ((model, "r_out"), (noisy, "y_out"))]
+    assert run_passes(runs, source, 4, "test", False) == (10, 3)
+    for f in together:
+        assert [b for b, _ in together[f]] == [0, 1, 2]
+        for (_, a), b in zip(together[f], alone[f]):
+            np.testing.assert_array_equal(a, b)
+    assert split_threads(4, 2) == 2 and split_threads(1, 2) == 1 and split_threads(None, 2) >= 1
 
 
 def test_empty_source_is_a_user_error():

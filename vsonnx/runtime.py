@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import onnx
 
@@ -165,15 +166,34 @@ def run_pass(session, source: Source, batch_size: int, fetch: list[str], label: 
     """Run ``session`` on every batch and hand ``consume(batch_index, n_samples, {name: value})`` the fetched
     outputs; ``feeds(batch_index, batch)`` builds the inputs (default: the batch's own feeds).
     Returns (samples, batches); a source that yields nothing is a user error."""
+    return run_passes([(session, fetch, consume)], source, batch_size, label, progress, feeds)
+
+
+def run_passes(runs: list[tuple], source: Source, batch_size: int, label: str, progress: bool,
+               feeds=None) -> tuple[int, int]:
+    """``run_pass`` for several (session, fetch, consume) at once: one pass over the source, every session
+    run on each batch concurrently (onnxruntime releases the GIL; give each session its share of the threads,
+    ``split_threads``), then each ``consume`` in order. Every session still sees the batches in order."""
     samples = batches = 0
-    with progress_bar(label, source.size, progress) as bar:
+    with ThreadPoolExecutor(max(1, len(runs) - 1)) as pool, progress_bar(label, source.size, progress) as bar:
         for b, batch in enumerate(source.batches(batch_size)):
             check_finite(batch, source)
-            values = run(session, fetch, batch.feeds if feeds is None else feeds(b, batch))
-            consume(b, len(batch), dict(zip(fetch, values)))
+            inputs = batch.feeds if feeds is None else feeds(b, batch)
+            others = [pool.submit(run, session, fetch, inputs) for session, fetch, _ in runs[1:]]
+            values = [run(runs[0][0], runs[0][1], inputs)] + [f.result() for f in others]
+            for (_, fetch, consume), got in zip(runs, values):
+                consume(b, len(batch), dict(zip(fetch, got)))
             samples += len(batch)
             batches += 1
             bar.update(len(batch))
     if samples == 0:
         raise VsonnxError(f"data source '{source.describe()}' yielded no samples.", "check the source and --limit.")
     return samples, batches
+
+
+def split_threads(threads: int | None, parts: int) -> int:
+    """Intra-op threads for each of ``parts`` sessions run concurrently: an equal share of ``threads``
+    (default: the cores this process may use), at least 1."""
+    if not threads:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, threads // parts)

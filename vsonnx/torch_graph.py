@@ -261,6 +261,13 @@ def _constant_of_shape(node, name, args, state):
     return torch.full(_ints(args[0]), value.reshape(-1)[0].item(), dtype=value.dtype, device=args[0].device)
 
 
+def _shape(node, name, args, state):
+    """Shape, with opset 15's start/end (torch's default exporter writes Shape(weight, end=1))."""
+    dims = list(args[0].shape)
+    start, end = attribute(node, "start", 0), attribute(node, "end", None)
+    return torch.tensor(dims[start:end], dtype=torch.int64, device=args[0].device)
+
+
 def _expand(node, name, args, state):
     return args[0].expand(torch.broadcast_shapes(tuple(args[0].shape), tuple(_ints(args[1]))))
 
@@ -285,7 +292,7 @@ _OPS = {
     "Transpose": lambda n, _, a, s: a[0].permute(attribute(n, "perm", list(reversed(range(a[0].dim()))))),
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
-    "Shape": lambda n, _, a, s: torch.tensor(a[0].shape, dtype=torch.int64, device=a[0].device),
+    "Shape": _shape,
     "Gather": _gather,
     "Cast": _cast,
     "CastLike": lambda n, _, a, s: a[0].to(a[1].dtype),

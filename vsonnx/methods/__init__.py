@@ -9,7 +9,7 @@ benchmark and tools/reproduce.py all read it. Adding a method = one module here 
 |--------------|-------|-------|-------------------|------------|------------------------------------------------|
 | batch        | yes   | no    | 1                 | >= 1 (*)   | the paper's Adjust (PyTorch momentum=None)     |
 | population   | yes   | no    | one per BN level  | >= 1       | exact inference statistics                     |
-| relative     | yes   | no    | 2                 | >= 1 (*)   | dropout-on -> off change carried to the stored |
+| relative     | yes   | no    | 1 (2 sessions)    | >= 1 (*)   | dropout-on -> off change carried to the stored |
 | distill      | yes   | yes   | 200 steps         | >= 1       | BN constants fitted to the dropout ensemble    |
 | synthesized  | no    | yes   | synthesis steps   | -          | the same change, on inputs synthesised from BN |
 | closed_form  | no    | no    | 0                 | -          | the paper's formulas, sites only               |
@@ -97,7 +97,7 @@ class Method:
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("batch", "batch", "batch", True, False, "1 pass", 1),
     Method("population", "population", "population", True, False, "one pass per BN level", 1),
-    Method("relative", "relative", "relative", True, False, "2 passes", 1),
+    Method("relative", "relative", "relative", True, False, "1 pass, dropout on and off side by side", 1),
     Method("distill", "distill", "distill", True, True, "a teacher pass and a student step per batch", 1,
            settings={"steps": 200, "lr": 0.01, "scores": None, "loss": None}),
     Method("synthesized", "data-free (synthetic inputs)", "synthesized", False, True, "synthesis steps", 0,

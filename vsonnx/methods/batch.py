@@ -22,28 +22,42 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
 
 def batch_pass(request: EstimateRequest, dropout_active: bool) -> CalibrationResult:
     """One pass with batch-normalising BNs; Dropout simulated in training mode with ``dropout_active``."""
-    work, outputs, shifts = instrument_batch(request.model, request.targets, dropout_active,
-                                             request.report.channelwise_dropouts)
-    session = make_session(work, device=request.device, threads=request.threads)
-    estimators: dict[str, BatchAverage] = {}
-    values: dict[str, int] = {}  # values per channel seen, per BN
-    notes: list[str] = []
+    batch = BatchPass(request, dropout_active)
+    samples, batches = run_pass(batch.session, request.source, request.batch_size, batch.fetch, batch.label,
+                                request.progress, batch.consume)
+    return batch.result(samples, batches)
 
-    def consume(b, n_samples, got):
-        for name, trio in outputs.items():
+
+class BatchPass:
+    """The session of one batch pass (``threads``: onnxruntime's, default the request's) and what it
+    accumulates; ``consume`` takes each batch's fetched outputs, ``result`` gives the statistics. Several
+    passes can share one pass over the data (vsonnx.runtime.run_passes)."""
+
+    def __init__(self, request: EstimateRequest, dropout_active: bool, threads: int | None = None):
+        work, self.outputs, self.shifts = instrument_batch(request.model, request.targets, dropout_active,
+                                                           request.report.channelwise_dropouts)
+        self.session = make_session(work, device=request.device, threads=threads or request.threads)
+        self.fetch = fetch_names(self.outputs)
+        self.label = "calibrating (batch, dropout on)" if dropout_active else "calibrating (batch)"
+        self.estimators: dict[str, BatchAverage] = {}
+        self.values: dict[str, int] = {}  # values per channel seen, per BN
+        self.notes: list[str] = []
+
+    def consume(self, b: int, n_samples: int, got: dict) -> None:
+        for name, trio in self.outputs.items():
             elements, sample_mean, sample_m2 = per_sample(got, trio, n_samples)
             if n_samples * elements < 2:
-                notes.append(f"skipped batches of {n_samples} sample(s) for '{name}': fewer than 2 values per "
-                             "channel")
+                self.notes.append(f"skipped batches of {n_samples} sample(s) for '{name}': fewer than 2 values "
+                                  "per channel")
                 continue
             batch = ChannelMoments(sample_mean.shape[1])
             batch.update_samples(elements, sample_mean, sample_m2)
-            estimators.setdefault(name, BatchAverage(batch.mean.size)).update(
-                batch.count, batch.mean + shifts[name], batch.var)
-            values[name] = values.get(name, 0) + batch.count
+            self.estimators.setdefault(name, BatchAverage(batch.mean.size)).update(
+                batch.count, batch.mean + self.shifts[name], batch.var)
+            self.values[name] = self.values.get(name, 0) + batch.count
 
-    label = "calibrating (batch, dropout on)" if dropout_active else "calibrating (batch)"
-    samples, batches = run_pass(session, request.source, request.batch_size, fetch_names(outputs), label,
-                                request.progress, consume)
-    stats = {name: BnStatistics(name, e.mean, e.var, e.count, values[name]) for name, e in estimators.items()}
-    return CalibrationResult("batch", samples, batches, stats, 1, 0.0, session.get_providers()[0], sorted(set(notes)))
+    def result(self, samples: int, batches: int) -> CalibrationResult:
+        stats = {name: BnStatistics(name, e.mean, e.var, e.count, self.values[name])
+                 for name, e in self.estimators.items()}
+        return CalibrationResult("batch", samples, batches, stats, 1, 0.0, self.session.get_providers()[0],
+                                 sorted(set(self.notes)))
