@@ -146,7 +146,7 @@ def write_readme(runs: dict, args) -> None:
         f"{args.device.upper()}, nothing else running (`{command}`), time over plain onnxruntime inference of the "
         f"same images in the same run ({counts} threads): batch fix {ratios('batch')}, population "
         f"{ratios('population')}, relative {ratios('relative')} ({ratios('relative', 'floor', 2)} of two floor "
-        f"passes), distill {ratios('distill')} (200 steps of 128 images), data-free synthesis {ratios('data-free')}. Inference with every BN "
+        f"passes), distill {ratios('distill')} ({REGISTRY['distill'].settings['steps']} steps of {args.batch_size} images), data-free synthesis {ratios('data-free')}. Inference with every BN "
         f"unfolded (the floor of a pass that normalises with batch statistics) costs {ratios('floor')}. PyTorch's "
         f"own re-estimation of the same network (BN in train mode, momentum=None, dropout off) takes "
         f"{ratios('pytorch')}: the batch fix needs {ratios('batch', 'pytorch')} of its time, population "
