@@ -9,13 +9,15 @@ Fast path (``staged``): the graph is cut into stages at the recalibrated BNs. Pa
 stage k (those whose inputs depend on exactly k levels of recalibrated BNs; a recalibrated BN itself runs in
 the stage after its level, once its new statistics are known) and reads the tensors it needs from earlier
 stages back from a spill folder on disk, where earlier passes wrote them batch by batch (``np.save``; the
-page cache keeps this cheap). Every node is computed once per sample, the statistics are the same
+page cache keeps this cheap; writes and the next batch's reads run on background threads while onnxruntime
+computes). Every node is computed once per sample, the statistics are the same
 per-sample moments (so the answer is the same), and no activation is held in memory beyond one batch.
 Falls back to one pruned pass per level for graphs with subgraphs (If/Loop/Scan read outer tensors
 implicitly), and when the spill would exceed ``MAX_SPILL_BYTES`` or cannot be written.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,28 +190,53 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
 def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, outputs: dict, spill_out: list[str],
                spill: Path):
     """One pass of the staged method: graph inputs from the batch, earlier stages from the spill; taps
-    accumulated, tensors of later passes spilled. Returns (moments, samples, batches)."""
+    accumulated, tensors of later passes spilled. Spill files are written and the next batch's read on
+    background threads while onnxruntime runs (it releases the GIL). Returns (moments, samples, batches)."""
     needed = [i.name for i in session.get_inputs()]
     graph_inputs = {i.name for i in request.model.graph.input}
+    spilled_in = [n for n in needed if n not in graph_inputs]
     moments = {t: ChannelMoments(tap.channels) for t, tap in plan.taps.get(k, {}).items()}
 
-    def feeds(b, batch):
-        return {n: batch.feeds[n] if n in graph_inputs else np.load(spill / f"{_file(n)}.{b}.npy") for n in needed}
+    def read(b, prefetch=False):
+        paths = {n: spill / f"{_file(n)}.{b}.npy" for n in spilled_in}
+        if prefetch and not all(p.exists() for p in paths.values()):
+            return None  # past the last batch
+        return {n: np.load(p) for n, p in paths.items()}
 
-    def consume(b, n_samples, got):
-        accumulate_moments(moments, outputs, got, n_samples)
-        try:
-            for t in spill_out:
-                np.save(spill / f"{_file(t)}.{b}.npy", got[t])
-        except OSError:  # disk full or not writable: the per-level passes need no spill
-            raise _SpillTooLarge from None
-        if spill_out and (b + 1) * sum(got[t].nbytes for t in spill_out) > MAX_SPILL_BYTES:
-            raise _SpillTooLarge
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        ahead: dict[int, object] = {}
+        writes: list = []
 
-    samples, batches = run_pass(session, source, request.batch_size, fetch_names(outputs) + spill_out,
-                                f"calibrating (population, stage {k + 1}/{plan.count})", request.progress,
-                                consume, feeds)
+        def feeds(b, batch):
+            loaded = (ahead.pop(b).result() if b in ahead else None) if spilled_in else {}
+            if loaded is None:
+                loaded = read(b)
+            if spilled_in:
+                ahead[b + 1] = reader.submit(read, b + 1, True)
+            return {n: batch.feeds[n] if n in graph_inputs else loaded[n] for n in needed}
+
+        def consume(b, n_samples, got):
+            accumulate_moments(moments, outputs, got, n_samples)
+            writes.extend(writer.submit(np.save, spill / f"{_file(t)}.{b}.npy", got[t]) for t in spill_out)
+            while len(writes) > 2 * len(spill_out):  # at most two batches waiting to be written
+                _written(writes.pop(0))
+            if spill_out and (b + 1) * sum(got[t].nbytes for t in spill_out) > MAX_SPILL_BYTES:
+                raise _SpillTooLarge
+
+        samples, batches = run_pass(session, source, request.batch_size, fetch_names(outputs) + spill_out,
+                                    f"calibrating (population, stage {k + 1}/{plan.count})", request.progress,
+                                    consume, feeds)
+        for w in writes:
+            _written(w)
     return moments, samples, batches
+
+
+def _written(write) -> None:
+    """Wait for a spill write; disk full or not writable: the per-level passes need no spill."""
+    try:
+        write.result()
+    except OSError:
+        raise _SpillTooLarge from None
 
 
 def _file(tensor: str) -> str:
