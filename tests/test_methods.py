@@ -189,6 +189,24 @@ def test_staged_falls_back_when_the_spill_is_too_large(exported, monkeypatch):
         np.testing.assert_allclose(fallback.statistics[n].var, reference.statistics[n].var, rtol=1e-5)
 
 
+def test_staged_falls_back_when_the_spill_cannot_be_written(exported, monkeypatch):
+    """A spill write that fails on the background writer (disk full) ends the staged pass; population then
+    runs its per-level passes and gives the same statistics."""
+    _, model, x = exported
+    names = scoped(model)
+    reference = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population", device="cpu")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(population.np, "save", disk_full)
+    with pytest.raises(population._SpillTooLarge):
+        population._staged(request(model, None, names, batch_size=32, device="cpu"), ArraySource.from_arrays(model, x, None))
+    fallback = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population", device="cpu")
+    for n in names:
+        np.testing.assert_allclose(fallback.statistics[n].var, reference.statistics[n].var, rtol=1e-5)
+
+
 def test_relative_method_equals_pytorch_transfer(exported):
     """relative = stored statistics moved by the change PyTorch's batch re-estimation shows between dropout
     on and off on the same batches (drop_c is a Dropout2d: simulated channel-wise, from the export's metadata)."""
