@@ -71,9 +71,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the rows as JSON (models/bench_nets.json: tools/reproduce.py puts them in RESULTS.md)")
     args = p.parse_args()
-    print("| network | exporter | BN | sites (expected) | export s | method | s per 100 images | peak MB | BN written |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = folder / "x.npy"
@@ -83,15 +85,31 @@ def main() -> None:
                 path = folder / f"{arch}.{exporter}.onnx"
                 seconds = export(arch, exporter, path)
                 scan = find_sites(load_model(path))
-                head = (f"| {arch} | {exporter} | {len(scan.batchnorms)} | {len(scan.sites)} ({IMAGENET_SITES[arch]}) | "
-                        f"{seconds:.0f} |")
                 for method in METHODS:
                     r = fix_in_child(path, data, method, args.batch_size, args.threads, folder / "fixed.onnx")
-                    if "error" in r:
-                        print(f"{head} {method} | failed: {r['error']} | | |", flush=True)
-                        continue
-                    print(f"{head} {method} | {100 * r['seconds'] / r['samples']:.1f} | {r['peak_mb']:.0f} | "
-                          f"{r['recalibrated']} |", flush=True)
+                    row = {"network": arch, "exporter": exporter, "batchnorms": len(scan.batchnorms),
+                           "sites": len(scan.sites), "expected_sites": IMAGENET_SITES[arch],
+                           "export_s": round(seconds, 1), "method": method, **r}
+                    rows.append(row)
+                    print(table_row(row), flush=True)
+    if args.out:
+        command = "python tools/bench_nets.py" + "".join(
+            f" --{k.replace('_', '-')} {v}" for k, v in (("samples", args.samples), ("batch_size", args.batch_size),
+                                                          ("threads", args.threads)) if v is not None)
+        args.out.write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+
+
+TABLE_HEAD = ("| network | exporter | BN | sites (expected) | export s | method | s per 100 images | peak MB | BN written |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(row: dict) -> str:
+    """One markdown row of the table (also rendered by tools/reproduce.py from models/bench_nets.json)."""
+    head = (f"| {row['network']} | {row['exporter']} | {row['batchnorms']} | {row['sites']} ({row['expected_sites']}) | "
+            f"{row['export_s']:.0f} | {row['method']} |")
+    if "error" in row:
+        return f"{head} failed: {row['error']} | | |"
+    return f"{head} {100 * row['seconds'] / row['samples']:.1f} | {row['peak_mb']:.0f} | {row['recalibrated']} |"
 
 
 if __name__ == "__main__":
