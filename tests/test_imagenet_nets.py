@@ -38,6 +38,13 @@ def test_small_mobilenet_v2_exports_both_ways_and_fixes(tmp_path, exporter):
     export_and_fix(tmp_path, "mobilenet_v2", exporter, size=32, samples=16)
 
 
+def test_small_efficientnet_b0_from_the_default_exporter_fixes(tmp_path):
+    """torch's default exporter computes the squeeze-excitation's ReduceMean axes from constants (a Reshape)
+    and writes the shapes as value_info only: the working copies fold such nodes, else every BN after the
+    first squeeze-excitation has an unknown rank and the fix is refused (found by tools/bench_nets.py)."""
+    export_and_fix(tmp_path, "efficientnet_b0", "dynamo", size=32, samples=16)
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("arch", sorted(IMAGENET_ARCHITECTURES))

@@ -97,7 +97,27 @@ def working_graph(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> g
         elif tensor.shape is not None and len(tensor.shape) > 0:
             tensor.shape = [BATCH_DIM, *tensor.shape[1:]]
     graph.cleanup()  # e.g. the Constant nodes that fed the training_mode inputs switched off above
+    _fold_constant_nodes(graph)
     return graph
+
+
+RANDOM_OPS = ("Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli",
+              "Multinomial")
+
+
+def _fold_constant_nodes(graph: gs.Graph) -> None:
+    """Fold nodes computed from constants only (e.g. torch's default exporter computes ReduceMean axes with a
+    Reshape of constants, and zero conv biases as Expand(Shape(weight))): with the intermediate shapes
+    cleared, shape inference cannot see through them, and every tensor after them would have an unknown rank.
+    Random ops are never folded (a folded Dropout in training mode would freeze one mask)."""
+    def foldable(node: gs.Node) -> bool:
+        return (node.op not in RANDOM_OPS and bool(node.inputs)
+                and all(isinstance(t, gs.Constant) or not t.name for t in node.inputs))
+
+    if any(foldable(n) for n in graph.nodes):
+        graph.fold_constants(should_exclude_node=lambda n: n.op in RANDOM_OPS, size_threshold=1 << 24,
+                             error_ok=True)
+        graph.cleanup()
 
 
 def working_copy(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> onnx.ModelProto:
