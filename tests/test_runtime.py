@@ -38,15 +38,17 @@ def test_run_passes_gives_every_session_every_batch_in_order():
         alone[fetch] = []
         run_pass(make_session(m, device="cpu"), source, 4, [fetch], "test", False,
                  lambda b, n, got, f=fetch: alone[f].append(got[f]))
-    together = {"r_out": [], "y_out": []}
-    runs = [(make_session(m, device="cpu", threads=1), [f], lambda b, n, got, f=f: together[f].append((b, got[f])))
-            for m, f in ((model, "r_out"), (noisy, "y_out"))]
-    assert run_passes(runs, source, 4, "test", False) == (10, 3)
-    for f in together:
-        assert [b for b, _ in together[f]] == [0, 1, 2]
-        for (_, a), b in zip(together[f], alone[f]):
-            np.testing.assert_array_equal(a, b)
-    assert split_threads(4, 2) == 2 and split_threads(1, 2) == 1 and split_threads(None, 2) >= 1
+    for concurrent in (True, False):
+        runs = [(make_session(m, device="cpu", threads=1), [f], lambda b, n, got, f=f: together[f].append((b, got[f])))
+                for m, f in ((model, "r_out"), (noisy, "y_out"))]  # fresh sessions: the random stream restarts
+        together = {"r_out": [], "y_out": []}
+        assert run_passes(runs, source, 4, "test", False, concurrent=concurrent) == (10, 3)
+        for f in together:
+            assert [b for b, _ in together[f]] == [0, 1, 2]
+            for (_, a), b in zip(together[f], alone[f]):
+                np.testing.assert_array_equal(a, b)
+    # never more threads than asked for: one thread runs the sessions in turn
+    assert split_threads(4, 2) == (2, True) and split_threads(1, 2) == (1, False) and split_threads(None, 2)[0] >= 1
 
 
 def test_empty_source_is_a_user_error():

@@ -170,17 +170,21 @@ def run_pass(session, source: Source, batch_size: int, fetch: list[str], label: 
 
 
 def run_passes(runs: list[tuple], source: Source, batch_size: int, label: str, progress: bool,
-               feeds=None) -> tuple[int, int]:
+               feeds=None, concurrent: bool = True) -> tuple[int, int]:
     """``run_pass`` for several (session, fetch, consume) at once: one pass over the source, every session
-    run on each batch concurrently (onnxruntime releases the GIL; give each session its share of the threads,
-    ``split_threads``), then each ``consume`` in order. Every session still sees the batches in order."""
+    run on each batch (``concurrent``: side by side, onnxruntime releasing the GIL, each session with its
+    share of the threads, ``split_threads``; else one after the other), then each ``consume`` in order.
+    Every session still sees the batches in order."""
     samples = batches = 0
     with ThreadPoolExecutor(max(1, len(runs) - 1)) as pool, progress_bar(label, source.size, progress) as bar:
         for b, batch in enumerate(source.batches(batch_size)):
             check_finite(batch, source)
             inputs = batch.feeds if feeds is None else feeds(b, batch)
-            others = [pool.submit(run, session, fetch, inputs) for session, fetch, _ in runs[1:]]
-            values = [run(runs[0][0], runs[0][1], inputs)] + [f.result() for f in others]
+            if concurrent:
+                others = [pool.submit(run, session, fetch, inputs) for session, fetch, _ in runs[1:]]
+                values = [run(runs[0][0], runs[0][1], inputs)] + [f.result() for f in others]
+            else:
+                values = [run(session, fetch, inputs) for session, fetch, _ in runs]
             for (_, fetch, consume), got in zip(runs, values):
                 consume(b, len(batch), dict(zip(fetch, got)))
             samples += len(batch)
@@ -191,9 +195,10 @@ def run_passes(runs: list[tuple], source: Source, batch_size: int, label: str, p
     return samples, batches
 
 
-def split_threads(threads: int | None, parts: int) -> int:
-    """Intra-op threads for each of ``parts`` sessions run concurrently: an equal share of ``threads``
-    (default: the cores this process may use), at least 1."""
+def split_threads(threads: int | None, parts: int) -> tuple[int, bool]:
+    """(intra-op threads per session, whether ``parts`` sessions may run side by side): an equal share of
+    ``threads`` (default: the cores this process may use) when it gives each at least one, else all of them
+    to each session in turn, so that a run never uses more threads than asked for."""
     if not threads:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, threads // parts)
+    return (threads // parts, True) if threads >= parts else (threads, False)

@@ -30,7 +30,6 @@ written into the layer's weight and bias.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,7 +38,7 @@ from ..data import check_finite, replayable
 from ..ensemble import DropoutEnsemble, scores_tensor
 from ..errors import VsonnxError
 from ..graph import GraphIndex, attribute
-from ..runtime import import_torch, progress_bar, split_threads, torch_device
+from ..runtime import import_torch, progress_bar, torch_device
 from ..stats import BnStatistics, CalibrationResult
 from . import REGISTRY, EstimateRequest
 
@@ -137,14 +136,14 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
         if not names and not layers:
             return CalibrationResult("distill", 0, 0, {}, 0, 0.0, "", details=details)
     scores = scores_tensor(request.model, options["scores"], options["loss"])
-    share = split_threads(request.threads, 2)  # teacher and student run side by side (see _fit)
     teacher = DropoutEnsemble(teacher_model, scores, channelwise=request.report.channelwise_dropouts,
-                              seed=request.seed, device=request.device, threads=share)
+                              seed=request.seed, device=request.device, threads=request.threads)
     device = torch_device(request.device)
     student = Student(request.model, names, device, layers)
     graph = TorchGraph(request.model, device, channels_last=True)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(share)
+    if request.threads:
+        torch.set_num_threads(request.threads)
     try:
         losses, samples = _fit(request, graph, teacher, student, steps, lr)
     finally:
@@ -159,68 +158,38 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
 
 
 def _fit(request: EstimateRequest, graph, teacher: DropoutEnsemble, student: Student, steps: int, lr: float):
-    """Adam with cosine decay for ``steps`` batches (the source cycled); returns (losses, samples seen). The
-    teacher runs one step ahead on a second thread (onnxruntime releases the GIL), overlapping the student's
-    torch pass, each with half the threads (both with all of them oversubscribe the cores: 2 threads each on
-    2 cores took 79.6 s against 61.9 s for 1 each); it still runs its batches in order, so the masks and the
-    result do not change."""
+    """Adam with cosine decay for ``steps`` batches (the source cycled); returns (losses, samples seen)."""
     import torch
 
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    source = replayable(request.source)
+    input_names = [i.name for i in teacher.session.get_inputs()]
     losses: list[float] = []
-    with ThreadPoolExecutor(1) as ahead, progress_bar("distilling", steps, request.progress, unit="step") as bar:
-        pending, feeds_of_steps = None, _StepFeeds(request, [i.name for i in teacher.session.get_inputs()], steps)
-        for feeds in feeds_of_steps:
-            submitted = ahead.submit(teacher.target, feeds)
-            if pending is not None:
-                losses.append(_step(graph, student, optimizer, schedule, teacher, *pending))
+    per_pass: list[int] = []  # samples of each pass over the source
+    with progress_bar("distilling", steps, request.progress, unit="step") as bar:
+        while len(losses) < steps:
+            per_pass.append(0)
+            for batch in source.batches(request.batch_size):
+                if len(losses) == steps:
+                    break
+                check_finite(batch, source)
+                feeds = {n: batch.feeds[n] for n in input_names}
+                target = torch.from_numpy(teacher.target(feeds).astype(np.float32)).to(student.device)
+                got = graph({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}, affine=student.affine(),
+                            output_affine=student.output_affine(), fetch=[teacher.scores.tensor])[teacher.scores.tensor]
+                loss = _loss(target, got, teacher.scores.loss)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+                per_pass[-1] += len(batch)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
                 bar.update(1)
-            pending = (feeds, submitted)
-        losses.append(_step(graph, student, optimizer, schedule, teacher, *pending))
-        bar.update(1)
-    return losses, feeds_of_steps.samples
-
-
-def _step(graph, student: Student, optimizer, schedule, teacher: DropoutEnsemble, feeds: dict, target) -> float:
-    """One Adam step of the student towards the teacher's ``target`` (a future) on ``feeds``."""
-    import torch
-
-    target = torch.from_numpy(target.result().astype(np.float32)).to(student.device)
-    got = graph({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}, affine=student.affine(),
-                output_affine=student.output_affine(), fetch=[teacher.scores.tensor])[teacher.scores.tensor]
-    loss = _loss(target, got, teacher.scores.loss)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    schedule.step()
-    return float(loss.detach())
-
-
-class _StepFeeds:
-    """The feeds of ``steps`` batches, cycling through the source (decoded once); ``samples``: the distinct
-    samples seen so far (a full pass, or what the steps reached)."""
-
-    def __init__(self, request: EstimateRequest, input_names: list[str], steps: int):
-        self.source, self.batch_size = replayable(request.source), request.batch_size
-        self.input_names, self.steps, self.samples = input_names, steps, 0
-
-    def __iter__(self):
-        done = 0
-        while done < self.steps:
-            seen = 0
-            for batch in self.source.batches(self.batch_size):
-                if done == self.steps:
-                    break
-                check_finite(batch, self.source)
-                seen += len(batch)
-                done += 1
-                self.samples = max(self.samples, seen)
-                yield {n: batch.feeds[n] for n in self.input_names}
-            if seen == 0:
-                raise VsonnxError(f"data source '{self.source.describe()}' yielded no samples.",
-                                  "check the source and --limit.")
+            if per_pass[-1] == 0 and len(losses) < steps:
+                raise VsonnxError(f"data source '{source.describe()}' yielded no samples.", "check the source and --limit.")
+    return losses, max(per_pass)  # distinct samples: a full pass, or what the steps reached
 
 
 def _loss(target, scores, loss: str):

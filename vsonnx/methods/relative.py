@@ -1,7 +1,7 @@
 """``relative``: the change dropout makes, measured on the data, carried over to the stored statistics.
 
-Two ``batch`` passes over the same batches, run side by side in one pass over the data (each session with
-half the threads), with Dropout active as in training (explicit seeded mask operations that onnxruntime
+Two ``batch`` passes over the same batches in one pass over the data, side by side (each session with half
+the threads; one after the other with a single thread), with Dropout active as in training (explicit seeded mask operations that onnxruntime
 runs optimised; vsonnx.instrument.simulate_dropouts) and off; per
 BN the stored (mean, var) move
 as the measured ones moved (vsonnx.stats.transfer_change):
@@ -19,11 +19,12 @@ from .batch import BatchPass
 
 
 def estimate(request: EstimateRequest) -> CalibrationResult:
-    threads = split_threads(request.threads, 2)
+    threads, side_by_side = split_threads(request.threads, 2)
     passes = [BatchPass(request, dropout_active=True, threads=threads),
               BatchPass(request, dropout_active=False, threads=threads)]
     samples, batches = run_passes([(p.session, p.fetch, p.consume) for p in passes], request.source,
-                                  request.batch_size, "calibrating (relative: dropout on and off)", request.progress)
+                                  request.batch_size, "calibrating (relative: dropout on and off)", request.progress,
+                                  concurrent=side_by_side)
     on, off = (p.result(samples, batches) for p in passes)
     stats = {}
     for name, stored in GraphIndex(request.model).stored_statistics(list(off.statistics)).items():
