@@ -496,7 +496,7 @@ def main() -> None:
         (MODELS / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
         (MODELS / f"{name}.md").write_text(card_markdown(card))
         print(json.dumps({k: card[k] for k in card if "acc" in k}), name, flush=True)
-    cards = [json.loads(p.read_text()) for p in sorted(MODELS.glob("*.json"))]
+    cards = [json.loads(p.read_text()) for p in sorted(MODELS.glob("*.json")) if p.with_suffix(".onnx").exists()]
     (MODELS / "README.md").write_text(readme(cards))
     (MODELS / "RESULTS.md").write_text(results(cards))
 
