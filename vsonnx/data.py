@@ -574,8 +574,9 @@ def check_settings(*, batch_size: int | None = None, seed: int | None = None, th
 
 
 def replayable(source: Source) -> Source:
-    """``source`` wrapped for several passes (decoded once), unless it already is."""
-    return source if isinstance(source, ReplaySource) else ReplaySource(source)
+    """``source`` wrapped for several passes (decoded once), unless it already is (a replay, or a part of a
+    split, which reads a replay)."""
+    return source if isinstance(source, (ReplaySource, SplitSource)) else ReplaySource(source)
 
 
 def _load_callable(spec: str):

@@ -26,6 +26,7 @@ JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, fields, replace
@@ -43,7 +44,7 @@ from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 from .model import check_output_path, load_model, save_model, same_file
 from .rewrite import apply_affine, inference_form, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
-from .stats import BnStatistics, CalibrationResult
+from .stats import BnStatistics, CalibrationResult, interpolate
 
 SCHEMA_VERSION = 1
 
@@ -194,7 +195,7 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
             if options.val_split is not None:
                 whole = replayable(source)
                 source, job.val_source = split_source(whole, options.val_split, options.seed)
-                refit = lambda winner: _refit(job, winner, whole)  # noqa: E731
+                refit = functools.partial(_refit, job, source=whole)
             candidates = _calibrated_candidates(job, replayable(source) if job.choosing else source, method)
             _finish(job, candidates, {"calibration_source": str(calib)}, default=method, expected=job.names,
                     refit=refit)
@@ -220,8 +221,6 @@ def _calibrated_candidates(job: _Job, source, method: str) -> list[Candidate]:
 
 def _refit(job: _Job, winner: Candidate, source) -> Candidate:
     """The method (and strength a) chosen on the held-out part, run again on all of ``source``."""
-    from .stats import interpolate
-
     result = REGISTRY[winner.result.method].run(job.request(source, winner.result.method))
     stats = result.statistics
     if winner.strength != 1:

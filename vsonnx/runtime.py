@@ -9,6 +9,7 @@ ETA on stderr, only when asked for and stderr is a terminal); ``progress_bar`` s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -176,7 +177,9 @@ def run_passes(runs: list[tuple], source: Source, batch_size: int, label: str, p
     share of the threads, ``split_threads``; else one after the other), then each ``consume`` in order.
     Every session still sees the batches in order."""
     samples = batches = 0
-    with ThreadPoolExecutor(max(1, len(runs) - 1)) as pool, progress_bar(label, source.size, progress) as bar:
+    concurrent = concurrent and len(runs) > 1
+    pool = ThreadPoolExecutor(len(runs) - 1) if concurrent else contextlib.nullcontext()
+    with pool, progress_bar(label, source.size, progress) as bar:
         for b, batch in enumerate(source.batches(batch_size)):
             check_finite(batch, source)
             inputs = batch.feeds if feeds is None else feeds(b, batch)

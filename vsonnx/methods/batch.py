@@ -17,12 +17,8 @@ from . import EstimateRequest
 
 
 def estimate(request: EstimateRequest) -> CalibrationResult:
-    return batch_pass(request, dropout_active=False)
-
-
-def batch_pass(request: EstimateRequest, dropout_active: bool) -> CalibrationResult:
-    """One pass with batch-normalising BNs; Dropout simulated in training mode with ``dropout_active``."""
-    batch = BatchPass(request, dropout_active)
+    """One pass with batch-normalising BNs, dropout off."""
+    batch = BatchPass(request, dropout_active=False)
     samples, batches = run_pass(batch.session, request.source, request.batch_size, batch.fetch, batch.label,
                                 request.progress, batch.consume)
     return batch.result(samples, batches)

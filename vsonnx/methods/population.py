@@ -208,10 +208,10 @@ def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, o
         writes: list = []
 
         def feeds(b, batch):
-            loaded = (ahead.pop(b).result() if b in ahead else None) if spilled_in else {}
-            if loaded is None:
-                loaded = read(b)
+            loaded = {}
             if spilled_in:
+                prefetched = ahead.pop(b, None)
+                loaded = (prefetched.result() if prefetched else None) or read(b)
                 ahead[b + 1] = reader.submit(read, b + 1, True)
             return {n: batch.feeds[n] if n in graph_inputs else loaded[n] for n in needed}
 
