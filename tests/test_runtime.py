@@ -89,3 +89,15 @@ def test_progress_is_quiet_when_not_asked_or_not_a_terminal():
         assert bar.disable
     with progress_bar("x", 10, enabled=True) as bar:  # pytest captures stderr: not a terminal
         assert bar.disable
+
+
+def test_a_session_without_spinning_sleeps_between_runs_and_computes_the_same():
+    """spinning=False (the distillation's teacher, which alternates with torch on the same cores) is set in the
+    session's options; results do not depend on it."""
+    model = relu_model()
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    quiet, default = make_session(model, device="cpu", spinning=False), make_session(model, device="cpu")
+    assert quiet.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(Exception, match="allow_spinning"):  # not set: onnxruntime's default (spin)
+        default.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    np.testing.assert_array_equal(run(quiet, ["r_out"], {"x": x})[0], run(default, ["r_out"], {"x": x})[0])

@@ -84,26 +84,28 @@ def divergence(target: np.ndarray, scores: np.ndarray, loss: str) -> np.ndarray:
 
 
 def scores_session(model: onnx.ModelProto, scores: Scores, *, dropout: bool = False, seed: int = 0,
-                   channelwise: frozenset[str] = frozenset(), device: str = "auto", threads: int | None = None):
+                   channelwise: frozenset[str] = frozenset(), device: str = "auto", threads: int | None = None,
+                   spinning: bool = True):
     """An onnxruntime session of the working copy that outputs the scores tensor, with the dropouts off, or
-    simulated in training mode with ``dropout`` (seeded; ``channelwise`` nodes by channel)."""
+    simulated in training mode with ``dropout`` (seeded; ``channelwise`` nodes by channel); ``spinning``: see
+    vsonnx.runtime.make_session."""
     graph, shapes = simulated_graph(model, dropout, seed=seed, channelwise=channelwise)
     dtypes = shapes.dtypes
     out = graph.tensors()[scores.tensor]
     out.dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(scores.tensor, onnx.TensorProto.FLOAT))
     graph.outputs = [out]
     graph.cleanup()
-    return make_session(to_model(graph, model), device=device, threads=threads)
+    return make_session(to_model(graph, model), device=device, threads=threads, spinning=spinning)
 
 
 class DropoutEnsemble:
     """Runs the model with dropout on (see the module docstring); ``seed`` fixes the sequence of masks."""
 
     def __init__(self, model: onnx.ModelProto, scores: Scores, *, channelwise: frozenset[str] = frozenset(),
-                 seed: int = 0, device: str = "auto", threads: int | None = None):
+                 seed: int = 0, device: str = "auto", threads: int | None = None, spinning: bool = True):
         self.scores = scores
         self.session = scores_session(model, scores, dropout=True, seed=seed, channelwise=channelwise,
-                                      device=device, threads=threads)
+                                      device=device, threads=threads, spinning=spinning)
         self.provider = self.session.get_providers()[0]
 
     def sample(self, feeds: dict) -> np.ndarray:

@@ -115,11 +115,14 @@ def provider_name(device: str) -> str:
 
 
 def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool = True,
-                 threads: int | None = None, disabled_optimizers: list[str] | None = None):
+                 threads: int | None = None, disabled_optimizers: list[str] | None = None,
+                 spinning: bool = True):
     """An InferenceSession for an in-memory model (IR lowered to what the runtime reads).
 
     ``optimize=False`` disables graph optimisations (tests compare numerics that way: with them on,
-    onnxruntime fuses Conv+BN and would hide a wrong rewrite)."""
+    onnxruntime fuses Conv+BN and would hide a wrong rewrite). ``spinning=False`` lets onnxruntime's
+    threads sleep as soon as a run ends instead of spinning for the next one: for a session that alternates
+    with torch work on the same cores (the distillation's teacher), spinning steals those cores."""
     import onnxruntime as ort
 
     resolved = resolve_device(device)
@@ -130,6 +133,8 @@ def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool
     )
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [provider_name(resolved)] + (["CPUExecutionProvider"] if resolved == "cuda" else [])
     try:
         return ort.InferenceSession(model_bytes(model), options, providers=providers,

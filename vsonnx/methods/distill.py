@@ -137,7 +137,8 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
             return CalibrationResult("distill", 0, 0, {}, 0, 0.0, "", details=details)
     scores = scores_tensor(request.model, options["scores"], options["loss"])
     teacher = DropoutEnsemble(teacher_model, scores, channelwise=request.report.channelwise_dropouts,
-                              seed=request.seed, device=request.device, threads=request.threads)
+                              seed=request.seed, device=request.device, threads=request.threads,
+                              spinning=False)  # it alternates with torch on the same cores (-18% time)
     device = torch_device(request.device)
     student = Student(request.model, names, device, layers)
     graph = TorchGraph(request.model, device, channels_last=True)
