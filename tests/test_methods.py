@@ -84,7 +84,12 @@ def test_targets_cover_every_site_kind(exported):
 
 
 @pytest.mark.parametrize("batch_size", [16, 40])
-def test_batch_method_equals_pytorch(exported, batch_size):
+@pytest.mark.parametrize("native", [True, False], ids=["native-bn", "taps"])
+def test_batch_method_equals_pytorch(exported, batch_size, native, monkeypatch):
+    """Both ways a batch pass gets its statistics: onnxruntime's training-mode BN (CPU provider, opset >= 14)
+    and the moment taps (the CUDA provider, older opsets, other float types)."""
+    if not native:
+        monkeypatch.setattr("vsonnx.methods.batch.resolve_device", lambda device: "cuda")
     net, model, x = exported
     names = scoped(model)
     source = ArraySource.from_arrays(model, x, None, shuffle=False)

@@ -373,32 +373,79 @@ def write_statistics(graph: gs.Graph, stats: dict[str, BnStatistics]) -> None:
 # --------------------------------------------------------------------------------------------------
 # instrumented copies and the pass that reads them
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchOutputs:
+    """Where a batch-pass copy puts one BN's batch statistics: onnxruntime's own BatchNormalization in training
+    mode (``native``: outputs the batch mean and biased variance it normalised with), or the per-sample
+    moment taps (g1, g2 of x - shift, combined on the host)."""
+
+    first: str  # the batch mean (native) or g1
+    second: str  # the biased batch variance (native) or g2
+    size: int | str  # elements per sample and channel, or a Shape(x) output
+    shift: np.ndarray  # float64; zeros when native
+    native: bool
+
+    def fetch(self) -> list[str]:
+        return [self.first, self.second] + ([self.size] if isinstance(self.size, str) else [])
+
+    def batch(self, got: dict, n_samples: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(values per channel in the batch, batch mean, biased batch variance), float64."""
+        if not self.native:
+            elements, sample_mean, sample_m2 = per_sample(got, (self.first, self.second, self.size), n_samples)
+            moments = ChannelMoments(sample_mean.shape[1])
+            moments.update_samples(elements, sample_mean, sample_m2)
+            return moments.count, moments.mean + self.shift, moments.var
+        elements = self.size if isinstance(self.size, int) else int(np.prod(got[self.size][2:]))
+        return (n_samples * elements, np.asarray(got[self.first], np.float64).reshape(-1),
+                np.asarray(got[self.second], np.float64).reshape(-1))
+
+
 def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active: bool = False,
-                     channelwise: frozenset[str] = frozenset()):
-    """Working copy where each target BN normalises with its batch statistics (and every Dropout drops as in
-    training with ``dropout_active``: simulate_dropouts, ``channelwise`` nodes by channel); returns (model, {bn: (g1, g2, elements or Shape output)},
-    {bn: shift})."""
+                     channelwise: frozenset[str] = frozenset(), native: bool = True):
+    """Working copy where each target BN normalises with its batch statistics and outputs them (every Dropout
+    drops as in training with ``dropout_active``: simulate_dropouts, ``channelwise`` nodes by channel);
+    returns (model, {bn: BatchOutputs}).
+
+    With ``native`` (onnxruntime's CPU provider), a float32 BN of opset >= 14 runs in training mode with
+    momentum 0: one kernel normalises and outputs the batch mean and biased variance, and onnxruntime keeps
+    the rest of the graph optimised (measured on PreResNet-20: the batch pass 1.48x -> 1.14x plain inference at
+    1 thread). Other BNs (older opsets, other float types, the CUDA provider) are fed statistics computed by
+    taps: mean = s + mean_n(g1), var = mean_n(g2) - mean_n(g1)^2 (module docstring)."""
     graph, shapes = simulated_graph(model, dropout_active, channelwise=channelwise)
     index = GraphIndex(model)
     bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)
-    builder = StatisticBuilder(graph, default_opset(model) or 13)
+    opset = default_opset(model) or 13
+    builder = StatisticBuilder(graph, opset)
     taps = {name: bn_tap(index, bn_nodes[name], shapes) for name in targets}
-    outputs = builder.add_taps(taps, "vsonnx_s")
+    outputs: dict[str, BatchOutputs] = {}
     for k, name in enumerate(targets):
-        prefix, tap = f"vsonnx_s{k}", taps[name]
-        g1, g2 = builder.created[outputs[name][0]], builder.created[outputs[name][1]]
+        prefix, tap, node = f"vsonnx_s{k}", taps[name], nodes[name]
+        stat_type = shapes.dtypes.get(bn_nodes[name].input[3], TensorProto.FLOAT)
+        if native and opset >= 14 and tap.dtype == stat_type == TensorProto.FLOAT:
+            mean, var = (gs.Variable(f"{prefix}_{what}", dtype=np.float32) for what in ("mean", "var"))
+            node.attrs.update(training_mode=1, momentum=0.0)  # running outputs = the batch's own statistics
+            node.outputs = [node.outputs[0], mean, var]
+            size = tap.elements if tap.elements is not None else \
+                builder.node("Shape", [builder.tensors[tap.tensor]], f"{prefix}_shape", np.int64)
+            builder.fetch += [t for t in (mean, var, size) if isinstance(t, gs.Variable)]
+            outputs[name] = BatchOutputs(mean.name, var.name, size if isinstance(size, int) else size.name,
+                                         np.zeros(tap.channels), True)
+            continue
+        g1, g2, size = builder.sample_moments(tap, prefix)
+        builder.fetch += [t for t in (g1, g2, size) if isinstance(t, gs.Variable)]
         axes = [a for a in range(tap.rank) if a != 1]
         m = builder.reduce_mean(g1, f"{prefix}_m", axes)
         q = builder.reduce_mean(g2, f"{prefix}_q", axes)
         var = builder.node("Sub", [q, builder.node("Mul", [m, m], f"{prefix}_m2")], f"{prefix}_var")
         mean = builder.node("Add", [m, _const(f"{prefix}_shift1", tap.shift.astype(np.float32))], f"{prefix}_mean")
-        stat_type = shapes.dtypes.get(bn_nodes[name].input[3], TensorProto.FLOAT)
         if stat_type != TensorProto.FLOAT:  # the BN's mean/var type
             mean = builder.node("Cast", [mean], f"{prefix}_mean_t", to=stat_type)
             var = builder.node("Cast", [var], f"{prefix}_var_t", to=stat_type)
-        nodes[name].inputs[3], nodes[name].inputs[4] = mean, var  # the BN now normalises with batch statistics
+        node.inputs[3], node.inputs[4] = mean, var  # the BN now normalises with batch statistics
+        outputs[name] = BatchOutputs(g1.name, g2.name, size if isinstance(size, int) else size.name,
+                                     tap.shift.astype(np.float64), False)
     builder.finish()
-    return to_model(graph, model), outputs, {name: tap.shift.astype(np.float64) for name, tap in taps.items()}
+    return to_model(graph, model), outputs
 
 
 def instrument_moments(model: onnx.ModelProto, taps: dict[str, Tap], new_stats: dict[str, BnStatistics],
