@@ -204,7 +204,7 @@ def test_staged_falls_back_when_the_spill_cannot_be_written(exported, monkeypatc
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(population.np, "save", disk_full)
+    monkeypatch.setattr("vsonnx.spill.os.pwrite", disk_full)
     with pytest.raises(population._SpillTooLarge):
         population._staged(request(model, None, names, batch_size=32, device="cpu"), ArraySource.from_arrays(model, x, None))
     fallback = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population", device="cpu")

@@ -8,9 +8,10 @@ depend on batch size or order.
 Fast path (``staged``): the graph is cut into stages at the recalibrated BNs. Pass k runs only the nodes of
 stage k (those whose inputs depend on exactly k levels of recalibrated BNs; a recalibrated BN itself runs in
 the stage after its level, once its new statistics are known) and reads the tensors it needs from earlier
-stages back from a spill folder on disk, where earlier passes wrote them batch by batch (``np.save``; the
-page cache keeps this cheap; writes and the next batch's reads run on background threads while onnxruntime
-computes). Every node is computed once per sample, the statistics are the same
+stages back from a spill folder on disk, where earlier passes wrote them batch by batch (vsonnx.spill: files
+of tensors no later pass reads are rewritten in place rather than deleted, which is many times cheaper than
+writing fresh file space; the page cache keeps reads cheap; writes and the next batch's reads run on
+background threads while onnxruntime computes). Every node is computed once per sample, the statistics are the same
 per-sample moments (so the answer is the same), and no activation is held in memory beyond one batch.
 Falls back to one pruned pass per level for graphs with subgraphs (If/Loop/Scan read outer tensors
 implicitly), and when the spill would exceed ``MAX_SPILL_BYTES`` or cannot be written.
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
@@ -33,6 +32,7 @@ from ..instrument import (StatisticBuilder, Tap, accumulate_moments, bn_levels, 
                           working_graph, write_statistics)
 from ..model import default_opset, scratch_folder
 from ..runtime import make_session, run_pass
+from ..spill import Spill
 from ..stats import BnStatistics, CalibrationResult, ChannelMoments
 from . import EstimateRequest
 
@@ -167,7 +167,8 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
     new_stats: dict[str, BnStatistics] = {}
     samples = batches = 0
     provider = ""
-    with scratch_folder("stages") as spill:
+    with scratch_folder("stages") as folder:
+        spill = Spill(folder)
         for k in range(plan.count):
             staged = _stage_graph(work, plan, k, new_stats)
             if staged is None:
@@ -181,14 +182,12 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
             moments, samples, batches = _run_stage(session, source, request, plan, k, outputs, spill_out, spill)
             new_stats.update({t: BnStatistics(t, m.mean, m.var, m.count, m.count)
                               for t, m in unshift(moments, plan.taps.get(k, {})).items()})
-            for f in spill.iterdir():  # drop what no later pass reads
-                if plan.last_use.get(_unfile(f.name.rsplit(".", 2)[0]), -1) <= k:
-                    f.unlink()
+            spill.release([key for key in spill.keys() if plan.last_use.get(key[0], -1) <= k])  # no later pass reads
     return CalibrationResult("population", samples, batches, new_stats, plan.count, 0.0, provider)
 
 
 def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, outputs: dict, spill_out: list[str],
-               spill: Path):
+               spill: Spill):
     """One pass of the staged method: graph inputs from the batch, earlier stages from the spill; taps
     accumulated, tensors of later passes spilled. Spill files are written and the next batch's read on
     background threads while onnxruntime runs (it releases the GIL). Returns (moments, samples, batches)."""
@@ -198,10 +197,9 @@ def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, o
     moments = {t: ChannelMoments(tap.channels) for t, tap in plan.taps.get(k, {}).items()}
 
     def read(b, prefetch=False):
-        paths = {n: spill / f"{_file(n)}.{b}.npy" for n in spilled_in}
-        if prefetch and not all(p.exists() for p in paths.values()):
+        if prefetch and not all((n, b) in spill for n in spilled_in):
             return None  # past the last batch
-        return {n: np.load(p) for n, p in paths.items()}
+        return {n: spill.get((n, b)) for n in spilled_in}
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         ahead: dict[int, object] = {}
@@ -217,7 +215,7 @@ def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, o
 
         def consume(b, n_samples, got):
             accumulate_moments(moments, outputs, got, n_samples)
-            writes.extend(writer.submit(np.save, spill / f"{_file(t)}.{b}.npy", got[t]) for t in spill_out)
+            writes.extend(writer.submit(spill.put, (t, b), got[t]) for t in spill_out)
             while len(writes) > 2 * len(spill_out):  # at most two batches waiting to be written
                 _written(writes.pop(0))
             if spill_out and (b + 1) * sum(got[t].nbytes for t in spill_out) > MAX_SPILL_BYTES:
@@ -238,10 +236,3 @@ def _written(write) -> None:
     except OSError:
         raise _SpillTooLarge from None
 
-
-def _file(tensor: str) -> str:
-    return tensor.encode().hex()
-
-
-def _unfile(stem: str) -> str:
-    return bytes.fromhex(stem).decode()
