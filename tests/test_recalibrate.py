@@ -140,8 +140,9 @@ def test_label_free_choice_writes_the_candidate_closest_to_the_dropout_ensemble(
     # the lowest loss, or relative when the lowest is not better than it with a paired test
     assert report["chosen"] in (min(ce, key=ce.get), "relative") and ce[report["chosen"]] < ce["original"]
     if how == "--val-split":  # chosen on about half of the 48 calibration samples, then re-run on all of them
-        held_out = int(report["message"].split(" on ")[1].split()[0])
-        assert 12 <= held_out <= 36 and report["samples"] == 48
+        assert 12 <= report["val_samples"] <= 36 and report["samples"] == 48
+    else:
+        assert report["val_samples"] == len(np.load(tmp / "val.npz")["x"])
     x = np.load(tmp / "val.npz")["x"]
     model = load_model(model_path)
     assert independent_ce(model, load_model(tmp / "chosen.onnx"), x) < independent_ce(model, model, x)
@@ -186,7 +187,7 @@ def test_fix_json_schema(setup):
     report = json.loads(r.output[r.output.index("{"):])
     assert set(report) == {"schema_version", "model", "output", "written", "message", "method", "chosen", "samples",
                            "provider", "seconds", "passes", "refused", "candidates", "batchnorms", "notes", "warnings",
-                           "criterion"}
+                           "criterion", "val_samples"}
     assert report["schema_version"] == 1 and report["chosen"] == report["method"] == "batch"
 
 

@@ -67,6 +67,7 @@ class Ranking:
     criterion: str  # "top1" (higher is better), "ensemble_ce" or "ensemble_mse" (lower is better)
     scores: list[float]
     per_sample: list[np.ndarray] | None = None  # the per-image losses behind ``scores`` (label-free criteria)
+    samples: int = 0  # images ranked on
 
     def best(self, anchor: int | None = None) -> int | None:
         """Index (among the candidates, from 0) of the best candidate that beats the original, or None. With
@@ -99,7 +100,7 @@ def rank(model: onnx.ModelProto, candidates: list[onnx.ModelProto], source: Sour
 
         reports = score_together({str(k): m for k, m in enumerate(models)}, source, batch_size=batch_size,
                                  device=device, threads=threads, progress=progress)
-        return Ranking("top1", [r.top1 for r in reports.values()])
+        return Ranking("top1", [r.top1 for r in reports.values()], samples=next(iter(reports.values())).samples)
     from .ensemble import ensemble_divergence, scores_tensor
 
     compared = scores_tensor(model, *scores)
@@ -107,4 +108,4 @@ def rank(model: onnx.ModelProto, candidates: list[onnx.ModelProto], source: Sour
     per_sample = ensemble_divergence(model, models, source, compared, masks=masks, seed=seed,
                                      channelwise=channelwise, batch_size=batch_size, device=device,
                                      threads=threads, progress=progress, loss=loss)
-    return Ranking(f"ensemble_{loss}", [float(d.mean()) for d in per_sample], per_sample)
+    return Ranking(f"ensemble_{loss}", [float(d.mean()) for d in per_sample], per_sample, len(per_sample[0]))

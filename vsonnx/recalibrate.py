@@ -22,6 +22,7 @@ JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever
   written, or that was asked for when nothing was), chosen (candidate written, or null), samples (int),
   provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_ensemble}] (the score
   of the criterion used, the other null), criterion ("top1", "ensemble_ce", "ensemble_mse" or null),
+  val_samples (images the candidates were ranked on, or null),
   batchnorms [{name, site, old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str].
 """
 from __future__ import annotations
@@ -97,6 +98,7 @@ class FixReport:
     warnings: list[str] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
     criterion: str | None = None
+    val_samples: int | None = None
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -126,7 +128,6 @@ class _Job:
     names: list[str]
     report: FixReport
     val_source: object = None  # the held-out part of the calibration data (val_split)
-    val_samples: int = 0  # samples the candidates were ranked on
 
     @property
     def choosing(self) -> bool:
@@ -353,7 +354,7 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
             chosen_on = winner.result.samples
             winner, refused = _screened(refit(winner), expected)
             screened[winner.name] = (winner, refused)
-            report.message = (f"chose {winner.name} on {job.val_samples} held-out samples "
+            report.message = (f"chose {winner.name} on {report.val_samples} held-out samples "
                               f"(candidates calibrated on {chosen_on}), then re-estimated it on all "
                               f"{winner.result.samples} samples.")
     report.refused.update(screened[winner.name][1])
@@ -401,7 +402,7 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
                              zip(["original"] + [c.name for c in candidates], ranking.scores)]
     for c, score in zip(candidates, ranking.scores[1:]):
         c.score = score
-    job.val_samples = len(ranking.per_sample[0]) if ranking.per_sample else 0
+    job.report.val_samples = ranking.samples
     names = [c.name for c in candidates]
     anchor = names.index(ANCHOR) if ranking.criterion != "top1" and ANCHOR in names else None
     best = ranking.best(anchor)
