@@ -176,3 +176,20 @@ def test_val_split_parts_are_disjoint_complete_seeded_and_keep_labels():
     again = np.concatenate([b.feeds["x"][:, 0] for b in split_source(
         ArraySource.from_arrays(model, x, y, shuffle=False), 0.2, seed=3)[1].batches(100)])
     np.testing.assert_array_equal(again, h)  # same seed, same split, whatever the batch size
+
+
+def test_arrays_are_passed_over_again_rather_than_replayed(tmp_path):
+    """Preprocessed arrays (in memory or a memory-mapped .npy) already give the same batches on every pass:
+    replayable() keeps them as they are instead of copying them into a replay."""
+    from vsonnx.data import ArraySource, ReplaySource, Source, SplitSource, replayable
+
+    x, _ = arrays(30)
+    np.save(tmp_path / "x.npy", x)
+    for source in (ArraySource.from_arrays(MODEL, x, None, seed=3), open_source(tmp_path / "x.npy", MODEL, seed=3)):
+        assert replayable(source) is source
+        first, second = collect(source, 8), collect(source, 8)
+        np.testing.assert_array_equal(first[0], second[0])
+    assert isinstance(replayable(Source()), ReplaySource)  # e.g. images to decode, or a user's reader
+    split = SplitSource(ArraySource.from_arrays(MODEL, x, None), 0.5, 0, held_out=True)
+    assert replayable(split) is split
+

@@ -177,6 +177,7 @@ class Source:
     has_labels: bool = False
     spec: str = ""
     size: int | None = None  # samples it will yield, when known in advance
+    replays: bool = False  # every pass yields the same batches, cheaply (no decoding, no user code)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -289,6 +290,8 @@ class ImageFolderSource(Source):
 
 class ArraySource(Source):
     """Preprocessed arrays: .npy (memory-mapped), .npz, or a folder of them, concatenated in name order."""
+
+    replays = True  # the order is drawn once; a pass only gathers rows
 
     def __init__(self, files: list[Path], inputs: list[InputSpec], *, shuffle: bool, seed: int,
                  limit: int | None, spec: str, parts: list | None = None):
@@ -460,6 +463,8 @@ class ReplaySource(Source):
     the size of the data set. These are model inputs, not activations. A pass that stops early keeps
     nothing; another batch size reads the wrapped source again."""
 
+    replays = True
+
     def __init__(self, source: Source, memory: int = 64 << 20):
         self.source, self.memory = source, memory
         self.has_labels, self.spec, self.size = source.has_labels, source.spec, source.size
@@ -510,6 +515,8 @@ class SplitSource(Source):
     """One part of a seeded split of ``source`` (``--val-split F``): the i-th sample the source yields is held
     out when u_i < F, u_i drawn from ``default_rng(seed)``; both parts read the same (replayed) source in
     chunks of ``SPLIT_CHUNK`` and re-batch, so they are disjoint and together hold every sample."""
+
+    replays = True
 
     def __init__(self, source: Source, fraction: float, seed: int, held_out: bool):
         self.source, self.fraction, self.seed, self.held_out = replayable(source), fraction, seed, held_out
@@ -574,9 +581,9 @@ def check_settings(*, batch_size: int | None = None, seed: int | None = None, th
 
 
 def replayable(source: Source) -> Source:
-    """``source`` wrapped for several passes (decoded once), unless it already is (a replay, or a part of a
-    split, which reads a replay)."""
-    return source if isinstance(source, (ReplaySource, SplitSource)) else ReplaySource(source)
+    """``source`` wrapped for several passes (decoded once), unless its passes already replay (arrays, a
+    replay, or a part of a split, which reads one)."""
+    return source if source.replays else ReplaySource(source)
 
 
 def _load_callable(spec: str):
