@@ -81,40 +81,28 @@ def main() -> None:
 def bench(args, threads: int | None) -> dict:
     """Time every step at ``threads``; print each line, return {name: seconds or ratio}."""
     model, source, names = load_samples(args.model, args.data, args.samples)
-    session = make_session(working_copy(model), device=args.device, threads=threads)
-    out = session.get_outputs()[0].name
-
-    def infer():
-        for b in source.batches(args.batch_size):
-            session.run([out], b.feeds)
-
-    infer()  # warm-up
-    base = best_of(args.repeat, infer)
-    got = {"base": base, "samples": source.size, "bns": len(names)}
+    sessions = {  # plain inference; BN unfolded (the floor); the batch pass's graph, only the scores fetched
+        "base": make_session(working_copy(model), device=args.device, threads=threads),
+        "floor": make_session(working_copy(model), device=args.device, threads=threads,
+                              disabled_optimizers=["ConvBNFusion"]),
+        "batch-mode": make_session(instrument_batch(model, names, native=args.device == "cpu")[0],
+                                   device=args.device, threads=threads)}
+    out = sessions["base"].get_outputs()[0].name
+    got = {"samples": source.size, "bns": len(names)}
     print(f"model {args.model.name}: {len(names)} BN re-estimated, {source.size} samples, batch {args.batch_size}, "
-          f"provider {session.get_providers()[0]}")
-    print(f"plain onnxruntime inference         {base:7.3f} s   1.00x")
-    unfolded = make_session(working_copy(model), device=args.device, threads=threads,
-                            disabled_optimizers=["ConvBNFusion"])
+          f"provider {sessions['base'].get_providers()[0]}")
+    labels = {"base": "plain onnxruntime inference", "floor": "inference, BN unfolded (the floor)",
+              "batch-mode": "inference, BN on batch statistics"}
+    for key, session in sessions.items():
+        def infer(session=session):
+            for b in source.batches(args.batch_size):
+                session.run([out], b.feeds)
 
-    def infer_unfolded():
-        for b in source.batches(args.batch_size):
-            unfolded.run([out], b.feeds)
-
-    infer_unfolded()
-    floor = got["floor"] = best_of(args.repeat, infer_unfolded)
-    print(f"{'inference, BN unfolded (the floor)':35s} {floor:7.3f} s   {floor / base:.2f}x")
-    work, _ = instrument_batch(model, names, native=args.device == "cpu")
-    batch_mode = make_session(work, device=args.device, threads=threads)
-
-    def infer_batch_mode():
-        for b in source.batches(args.batch_size):
-            batch_mode.run([out], b.feeds)
-
-    infer_batch_mode()
-    normalising = got["batch-mode"] = best_of(args.repeat, infer_batch_mode)
-    print(f"{'inference, BN on batch statistics':35s} {normalising:7.3f} s   {normalising / base:.2f}x   "
-          f"(the batch pass's graph, only the class scores fetched)")
+        infer()  # warm-up
+        got[key] = best_of(args.repeat, infer)
+        print(f"{labels[key]:35s} {got[key]:7.3f} s   {got[key] / got['base']:.2f}x"
+              + ("   (the batch pass's graph, only the class scores fetched)" if key == "batch-mode" else ""))
+    base, floor = got["base"], got["floor"]
     eager = got["pytorch"] = pytorch_recalibration(source, args, threads)
     print(f"{'PyTorch eager recalibration':35s} {eager:7.3f} s   {eager / base:.2f}x")
     for method in [m for m in args.methods.split(",") if m]:
