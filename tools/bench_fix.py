@@ -152,7 +152,7 @@ def write_readme(runs: dict, args) -> None:
         f"{ratios('distill', 'base', 5000 / first['samples'])} of plain inference of 5,000 images), data-free synthesis {ratios('data-free')}. Inference with every BN "
         f"unfolded (the floor of a pass that normalises with batch statistics) costs {ratios('floor')}; the batch "
         f"pass's own graph (the re-estimated BNs in training mode, normalising with the statistics they compute, "
-        f"which takes extra passes over each BN input) costs {ratios('batch-mode')} with only the class scores fetched, so "
+        f"which onnxruntime does on one thread, with layout conversions around the BN) costs {ratios('batch-mode')} with only the class scores fetched, so "
         f"what the batch fix adds beyond it (working copy, session, fetching and averaging the statistics) is "
         f"{ratios('batch', 'batch-mode')}. PyTorch's "
         f"own re-estimation of the same network (BN in train mode, momentum=None, dropout off) takes "
