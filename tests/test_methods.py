@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vsonnx
-from vsonnx.data import ArraySource
+from vsonnx.data import ArraySource, Source
 from vsonnx.errors import VsonnxError
 from vsonnx.instrument import bn_levels
 from vsonnx.methods import EstimateRequest, estimate, population
@@ -175,6 +175,30 @@ def test_staged_population_equals_per_level_passes(tmp_path, arch, options):
     for n in names:
         np.testing.assert_allclose(b.statistics[n].mean, a.statistics[n].mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b.statistics[n].var, a.statistics[n].var, rtol=1e-5)
+
+
+def test_staged_population_reads_the_data_once(exported):
+    """Stages after the first read only the spill: they get batches of the recorded sizes, not the data again
+    (no rows gathered, decoded or checked per stage); the statistics are those of the per-level passes."""
+    _, model, x = exported
+    names = scoped(model, "all")
+    arrays = ArraySource.from_arrays(model, x, None, shuffle=False)
+
+    class Counting(Source):
+        replays, has_labels, spec, size = True, False, "counting", len(x)
+        reads = 0
+
+        def batches(self, batch_size):
+            self.reads += 1
+            return arrays.batches(batch_size)
+
+    source = Counting()
+    staged = population._staged(request(model, None, names, batch_size=40, device="cpu"), source)
+    per_level = population._per_level(request(model, None, names, batch_size=40, device="cpu"), arrays)
+    assert staged.passes > 1 and source.reads == 1
+    assert (staged.samples, staged.batches) == (len(x), 3)
+    for n in names:
+        np.testing.assert_allclose(staged.statistics[n].var, per_level.statistics[n].var, rtol=1e-5)
 
 
 def test_staged_falls_back_when_the_spill_is_too_large(exported, monkeypatch):

@@ -166,9 +166,10 @@ def _checked(key: str, value, origin: str):
 class Batch:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None
+    samples: int | None = None  # for a batch without feeds (vsonnx.methods.population's later stages)
 
     def __len__(self) -> int:
-        return len(next(iter(self.feeds.values())))
+        return self.samples if self.samples is not None else len(next(iter(self.feeds.values())))
 
 
 class Source:

@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from ..data import replayable
+from ..data import Batch, Source, replayable
 from ..graph import GraphIndex, has_subgraphs, tensor_shapes
 from ..instrument import (StatisticBuilder, Tap, accumulate_moments, bn_levels, bn_tap, fetch_names,
                           measure_moments, node_name, to_model, unshift, working_copy,
@@ -167,6 +167,8 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
     new_stats: dict[str, BnStatistics] = {}
     samples = batches = 0
     provider = ""
+    sizes: list[int] = []  # samples per batch, recorded by the first pass that reads the data
+    graph_inputs = {i.name for i in request.model.graph.input}
     with scratch_folder("stages") as folder:
         spill = Spill(folder)
         for k in range(plan.count):
@@ -179,7 +181,10 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
                     tensor.dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(tensor.name, TensorProto.FLOAT))
             session = make_session(to_model(graph, work), device=request.device, threads=request.threads)
             provider = session.get_providers()[0]
-            moments, samples, batches = _run_stage(session, source, request, plan, k, outputs, spill_out, spill)
+            reads_data = not sizes or any(i.name in graph_inputs for i in session.get_inputs())
+            moments, sizes = _run_stage(session, source if reads_data else _Sizes(sizes, source), request, plan, k,
+                                        outputs, spill_out, spill)
+            samples, batches = sum(sizes), len(sizes)
             new_stats.update({t: BnStatistics(t, m.mean, m.var, m.count, m.count)
                               for t, m in unshift(moments, plan.taps.get(k, {})).items()})
             spill.release([key for key in spill.keys() if plan.last_use.get(key[0], -1) <= k])  # no later pass reads
@@ -190,11 +195,12 @@ def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, o
                spill: Spill):
     """One pass of the staged method: graph inputs from the batch, earlier stages from the spill; taps
     accumulated, tensors of later passes spilled. Spill files are written and the next batch's read on
-    background threads while onnxruntime runs (it releases the GIL). Returns (moments, samples, batches)."""
+    background threads while onnxruntime runs (it releases the GIL). Returns (moments, samples per batch)."""
     needed = [i.name for i in session.get_inputs()]
     graph_inputs = {i.name for i in request.model.graph.input}
     spilled_in = [n for n in needed if n not in graph_inputs]
     moments = {t: ChannelMoments(tap.channels) for t, tap in plan.taps.get(k, {}).items()}
+    sizes: list[int] = []
 
     def read(b, prefetch=False):
         if prefetch and not all((n, b) in spill for n in spilled_in):
@@ -214,6 +220,7 @@ def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, o
             return {n: batch.feeds[n] if n in graph_inputs else loaded[n] for n in needed}
 
         def consume(b, n_samples, got):
+            sizes.append(n_samples)
             accumulate_moments(moments, outputs, got, n_samples)
             writes.extend(writer.submit(spill.put, (t, b), got[t]) for t in spill_out)
             while len(writes) > 2 * len(spill_out):  # at most two batches waiting to be written
@@ -221,12 +228,24 @@ def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, o
             if spill_out and (b + 1) * sum(got[t].nbytes for t in spill_out) > MAX_SPILL_BYTES:
                 raise _SpillTooLarge
 
-        samples, batches = run_pass(session, source, request.batch_size, fetch_names(outputs) + spill_out,
-                                    f"calibrating (population, stage {k + 1}/{plan.count})", request.progress,
-                                    consume, feeds)
+        run_pass(session, source, request.batch_size, fetch_names(outputs) + spill_out,
+                 f"calibrating (population, stage {k + 1}/{plan.count})", request.progress, consume, feeds)
         for w in writes:
             _written(w)
-    return moments, samples, batches
+    return moments, sizes
+
+
+class _Sizes(Source):
+    """The data as a later stage that reads only the spill sees it: batches without feeds, of the sizes the
+    first pass saw (no rows gathered, decoded or checked again)."""
+
+    replays = True
+
+    def __init__(self, sizes: list[int], data: Source):
+        self.sizes, self.spec, self.size = sizes, data.spec, sum(sizes)
+
+    def batches(self, batch_size: int):
+        return (Batch({}, None, n) for n in self.sizes)
 
 
 def _written(write) -> None:
