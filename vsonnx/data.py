@@ -252,7 +252,7 @@ class ImageFolderSource(Source):
             raise VsonnxError("the model's input size is not static and no size was given.",
                               "pass --size H,W (and --mean/--std/--layout if the model expects them).")
         order = _order(len(files), shuffle, seed, limit)
-        self.files = [files[i] for i in order]
+        self.files = [str(files[i]) for i in order]  # str: a third of the memory of a Path per image
         self.labels = np.asarray(labels, np.int64)[order] if self.has_labels else None
         self.size = len(self.files)
         self.input, self.pre, self.workers = inputs[0], pre, workers
@@ -261,7 +261,7 @@ class ImageFolderSource(Source):
         self.classes = classes
         _check_channels(self.input, 3, pre.layout, f"images in '{root}' (RGB)")
 
-    def _load(self, files: list[Path]) -> np.ndarray:
+    def _load(self, files: list[str]) -> np.ndarray:
         h, w = self.pre.size
         out = np.empty((len(files), h, w, 3), np.uint8)
         for i, f in enumerate(files):
