@@ -406,11 +406,11 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active:
     drops as in training with ``dropout_active``: simulate_dropouts, ``channelwise`` nodes by channel);
     returns (model, {bn: BatchOutputs}).
 
-    With ``native`` (onnxruntime's CPU provider), a float32 BN of opset >= 14 runs in training mode with
-    momentum 0: one kernel normalises and outputs the batch mean and biased variance, and onnxruntime keeps
-    the rest of the graph optimised (measured on PreResNet-20: the batch pass 1.48x -> 1.14x plain inference at
-    1 thread). Other BNs (older opsets, other float types, the CUDA provider) are fed statistics computed by
-    taps: mean = s + mean_n(g1), var = mean_n(g2) - mean_n(g1)^2 (module docstring)."""
+    With ``native`` (onnxruntime's CPU provider), a float32 BN of opset >= 14 with one output runs in training
+    mode with momentum 0: one kernel normalises and outputs the batch mean and biased variance, and onnxruntime
+    keeps the rest of the graph optimised (tools/bench_fix.py, PreResNet-20: the batch fix 1.43x -> 1.16x plain
+    inference at 1 thread). Other BNs (older opsets, other float types, the CUDA provider) are fed statistics
+    computed by taps: mean = s + mean_n(g1), var = mean_n(g2) - mean_n(g1)^2 (module docstring)."""
     graph, shapes = simulated_graph(model, dropout_active, channelwise=channelwise)
     index = GraphIndex(model)
     bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)
@@ -421,7 +421,7 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active:
     for k, name in enumerate(targets):
         prefix, tap, node = f"vsonnx_s{k}", taps[name], nodes[name]
         stat_type = shapes.dtypes.get(bn_nodes[name].input[3], TensorProto.FLOAT)
-        if native and opset >= 14 and tap.dtype == stat_type == TensorProto.FLOAT:
+        if native and opset >= 14 and tap.dtype == stat_type == TensorProto.FLOAT and len(node.outputs) == 1:
             mean, var = (gs.Variable(f"{prefix}_{what}", dtype=np.float32) for what in ("mean", "var"))
             node.attrs.update(training_mode=1, momentum=0.0)  # running outputs = the batch's own statistics
             node.outputs = [node.outputs[0], mean, var]
