@@ -11,8 +11,10 @@ the stage after its level, once its new statistics are known) and reads the tens
 stages back from a spill folder on disk, where earlier passes wrote them batch by batch (vsonnx.spill: files
 of tensors no later pass reads are rewritten in place rather than deleted, which is many times cheaper than
 writing fresh file space; the page cache keeps reads cheap; writes and the next batch's reads run on
-background threads while onnxruntime computes). Every node is computed once per sample, the statistics are the same
-per-sample moments (so the answer is the same), and no activation is held in memory beyond one batch.
+background threads while onnxruntime computes). Only passes that need the graph inputs read the data; the
+others get batches of the sizes the first pass saw. Every node is computed once per sample, the statistics
+are the same per-sample moments (so the answer is the same), and no activation is held in memory beyond one
+batch.
 Falls back to one pruned pass per level for graphs with subgraphs (If/Loop/Scan read outer tensors
 implicitly), and when the spill would exceed ``MAX_SPILL_BYTES`` or cannot be written.
 """
