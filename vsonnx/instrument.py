@@ -292,10 +292,16 @@ class StatisticBuilder:
             return self.node("ReduceMean", [x, _const(f"{out}_axes", np.array(axes, np.int64))], out, keepdims=0)
         return self.node("ReduceMean", [x], out, axes=axes, keepdims=0)
 
+    def elements(self, tap: Tap, prefix: str):
+        """Elements per sample and channel of the tapped tensor: an int when static, else a Shape(x) tensor
+        (only then: a Shape node on x would force onnxruntime to convert x out of its blocked layout)."""
+        if tap.elements is not None:
+            return tap.elements
+        return self.node("Shape", [self.tensors[tap.tensor]], f"{prefix}_shape", np.int64)
+
     def sample_moments(self, tap: Tap, prefix: str) -> tuple:
         """(g1, g2, size): per-sample means of y = x - shift and of y^2 ([N, C, 1...] tensors) and the
-        elements per sample and channel: an int when static, else a Shape(x) tensor (a Shape node on x
-        would force onnxruntime to convert x out of its blocked layout)."""
+        elements per sample and channel (``elements``)."""
         x, rank = self.tensors[tap.tensor], tap.rank
         np_dtype = helper.tensor_dtype_to_np_dtype(tap.dtype)
         shift = _const(f"{prefix}_shift", np.asarray(tap.shift, np_dtype).reshape([1, tap.channels] + [1] * (rank - 2)))
@@ -305,9 +311,8 @@ class StatisticBuilder:
         yy = self.node("Mul", [y, y], f"{prefix}_yy")
         if rank == 2:
             return y, yy, 1
-        size = tap.elements if tap.elements is not None else self.node("Shape", [x], f"{prefix}_shape", np.int64)
         return (self.node("GlobalAveragePool", [y], f"{prefix}_g1"),
-                self.node("GlobalAveragePool", [yy], f"{prefix}_g2"), size)
+                self.node("GlobalAveragePool", [yy], f"{prefix}_g2"), self.elements(tap, prefix))
 
     def add_taps(self, taps: dict[str, Tap], prefix: str) -> dict[str, tuple]:
         """Moments of every tap: {key: (g1 name, g2 name, elements or Shape output name)}; marks them fetched."""
@@ -332,11 +337,16 @@ def fetch_names(outputs: dict[str, tuple]) -> list[str]:
     return [t for trio in outputs.values() for t in trio if isinstance(t, str)]
 
 
+def fetched_elements(got: dict, size: int | str) -> int:
+    """Elements per sample and channel: ``size`` itself when static, else from its fetched Shape(x)."""
+    return size if isinstance(size, int) else int(np.prod(got[size][2:]))
+
+
 def per_sample(got: dict, trio: tuple, n_samples: int):
     """(elements per sample and channel, per-sample means [N, C], per-sample sums of squared deviations
     [N, C]) in float64 from the fetched g1/g2 outputs (moments of x - shift)."""
-    g1, g2, size = got[trio[0]], got[trio[1]], trio[2]
-    elements = size if isinstance(size, int) else int(np.prod(got[size][2:]))
+    g1, g2 = got[trio[0]], got[trio[1]]
+    elements = fetched_elements(got, trio[2])
     mean = g1.reshape(n_samples, -1).astype(np.float64)
     m2 = np.maximum(g2.reshape(n_samples, -1).astype(np.float64) - mean * mean, 0.0) * elements
     return elements, mean, m2
@@ -382,8 +392,11 @@ class BatchOutputs:
     first: str  # the batch mean (native) or g1
     second: str  # the biased batch variance (native) or g2
     size: int | str  # elements per sample and channel, or a Shape(x) output
-    shift: np.ndarray  # float64; zeros when native
-    native: bool
+    shift: np.ndarray | None = None  # float64, the taps' shift; None when native
+
+    @property
+    def native(self) -> bool:
+        return self.shift is None
 
     def fetch(self) -> list[str]:
         return [self.first, self.second] + ([self.size] if isinstance(self.size, str) else [])
@@ -395,9 +408,8 @@ class BatchOutputs:
             moments = ChannelMoments(sample_mean.shape[1])
             moments.update_samples(elements, sample_mean, sample_m2)
             return moments.count, moments.mean + self.shift, moments.var
-        elements = self.size if isinstance(self.size, int) else int(np.prod(got[self.size][2:]))
-        return (n_samples * elements, np.asarray(got[self.first], np.float64).reshape(-1),
-                np.asarray(got[self.second], np.float64).reshape(-1))
+        mean, var = (np.asarray(got[t], np.float64).reshape(-1) for t in (self.first, self.second))
+        return n_samples * fetched_elements(got, self.size), mean, var
 
 
 def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active: bool = False,
@@ -422,30 +434,33 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active:
         prefix, tap, node = f"vsonnx_s{k}", taps[name], nodes[name]
         stat_type = shapes.dtypes.get(bn_nodes[name].input[3], TensorProto.FLOAT)
         if native and opset >= 14 and tap.dtype == stat_type == TensorProto.FLOAT and len(node.outputs) == 1:
-            mean, var = (gs.Variable(f"{prefix}_{what}", dtype=np.float32) for what in ("mean", "var"))
+            first, second = (gs.Variable(f"{prefix}_{what}", dtype=np.float32) for what in ("mean", "var"))
             node.attrs.update(training_mode=1, momentum=0.0)  # running outputs = the batch's own statistics
-            node.outputs = [node.outputs[0], mean, var]
-            size = tap.elements if tap.elements is not None else \
-                builder.node("Shape", [builder.tensors[tap.tensor]], f"{prefix}_shape", np.int64)
-            builder.fetch += [t for t in (mean, var, size) if isinstance(t, gs.Variable)]
-            outputs[name] = BatchOutputs(mean.name, var.name, size if isinstance(size, int) else size.name,
-                                         np.zeros(tap.channels), True)
-            continue
-        g1, g2, size = builder.sample_moments(tap, prefix)
-        builder.fetch += [t for t in (g1, g2, size) if isinstance(t, gs.Variable)]
-        axes = [a for a in range(tap.rank) if a != 1]
-        m = builder.reduce_mean(g1, f"{prefix}_m", axes)
-        q = builder.reduce_mean(g2, f"{prefix}_q", axes)
-        var = builder.node("Sub", [q, builder.node("Mul", [m, m], f"{prefix}_m2")], f"{prefix}_var")
-        mean = builder.node("Add", [m, _const(f"{prefix}_shift1", tap.shift.astype(np.float32))], f"{prefix}_mean")
-        if stat_type != TensorProto.FLOAT:  # the BN's mean/var type
-            mean = builder.node("Cast", [mean], f"{prefix}_mean_t", to=stat_type)
-            var = builder.node("Cast", [var], f"{prefix}_var_t", to=stat_type)
-        node.inputs[3], node.inputs[4] = mean, var  # the BN now normalises with batch statistics
-        outputs[name] = BatchOutputs(g1.name, g2.name, size if isinstance(size, int) else size.name,
-                                     tap.shift.astype(np.float64), False)
+            node.outputs = [node.outputs[0], first, second]
+            size, shift = builder.elements(tap, prefix), None
+        else:
+            first, second, size = builder.sample_moments(tap, prefix)  # g1, g2
+            _feed_batch_statistics(builder, node, tap, first, second, prefix, stat_type)
+            shift = tap.shift.astype(np.float64)
+        builder.fetch += [t for t in (first, second, size) if isinstance(t, gs.Variable)]
+        outputs[name] = BatchOutputs(first.name, second.name, size if isinstance(size, int) else size.name, shift)
     builder.finish()
     return to_model(graph, model), outputs
+
+
+def _feed_batch_statistics(builder: StatisticBuilder, node: gs.Node, tap: Tap, g1, g2, prefix: str,
+                           stat_type: int) -> None:
+    """Make ``node`` normalise with the batch statistics of its tapped input: mean = s + mean_n(g1),
+    var = mean_n(g2) - mean_n(g1)^2, in the BN's statistic type."""
+    axes = [a for a in range(tap.rank) if a != 1]
+    m = builder.reduce_mean(g1, f"{prefix}_m", axes)
+    q = builder.reduce_mean(g2, f"{prefix}_q", axes)
+    var = builder.node("Sub", [q, builder.node("Mul", [m, m], f"{prefix}_m2")], f"{prefix}_var")
+    mean = builder.node("Add", [m, _const(f"{prefix}_shift1", tap.shift.astype(np.float32))], f"{prefix}_mean")
+    if stat_type != TensorProto.FLOAT:  # the BN's mean/var type
+        mean = builder.node("Cast", [mean], f"{prefix}_mean_t", to=stat_type)
+        var = builder.node("Cast", [var], f"{prefix}_var_t", to=stat_type)
+    node.inputs[3], node.inputs[4] = mean, var
 
 
 def instrument_moments(model: onnx.ModelProto, taps: dict[str, Tap], new_stats: dict[str, BnStatistics],
