@@ -169,8 +169,7 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
     new_stats: dict[str, BnStatistics] = {}
     samples = batches = 0
     provider = ""
-    sizes: list[int] = []  # samples per batch, recorded by the first pass that reads the data
-    graph_inputs = {i.name for i in request.model.graph.input}
+    sizes: list[int] = []  # samples per batch, recorded by the first pass
     with scratch_folder("stages") as folder:
         spill = Spill(folder)
         for k in range(plan.count):
@@ -183,9 +182,7 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
                     tensor.dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(tensor.name, TensorProto.FLOAT))
             session = make_session(to_model(graph, work), device=request.device, threads=request.threads)
             provider = session.get_providers()[0]
-            reads_data = not sizes or any(i.name in graph_inputs for i in session.get_inputs())
-            moments, sizes = _run_stage(session, source if reads_data else _Sizes(sizes, source), request, plan, k,
-                                        outputs, spill_out, spill)
+            moments, sizes = _run_stage(session, source, sizes, request, plan, k, outputs, spill_out, spill)
             samples, batches = sum(sizes), len(sizes)
             new_stats.update({t: BnStatistics(t, m.mean, m.var, m.count, m.count)
                               for t, m in unshift(moments, plan.taps.get(k, {})).items()})
@@ -193,14 +190,18 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
     return CalibrationResult("population", samples, batches, new_stats, plan.count, 0.0, provider)
 
 
-def _run_stage(session, source, request: EstimateRequest, plan: _Plan, k: int, outputs: dict, spill_out: list[str],
-               spill: Spill):
+def _run_stage(session, source, seen: list[int], request: EstimateRequest, plan: _Plan, k: int, outputs: dict,
+               spill_out: list[str], spill: Spill):
     """One pass of the staged method: graph inputs from the batch, earlier stages from the spill; taps
     accumulated, tensors of later passes spilled. Spill files are written and the next batch's read on
-    background threads while onnxruntime runs (it releases the GIL). Returns (moments, samples per batch)."""
+    background threads while onnxruntime runs (it releases the GIL). A pass after the first (``seen``: the first's
+    samples per batch) that reads no graph input does not read the data again. Returns (moments, samples per
+    batch)."""
     needed = [i.name for i in session.get_inputs()]
     graph_inputs = {i.name for i in request.model.graph.input}
     spilled_in = [n for n in needed if n not in graph_inputs]
+    if seen and len(spilled_in) == len(needed):
+        source = _Sizes(seen, source)
     moments = {t: ChannelMoments(tap.channels) for t, tap in plan.taps.get(k, {}).items()}
     sizes: list[int] = []
 
