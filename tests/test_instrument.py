@@ -5,8 +5,8 @@ import onnx
 import pytest
 
 from vsonnx.data import ArraySource
-from vsonnx.instrument import (bn_levels, bn_tap, insert_dropouts, instrument_batch, measure_moments, simulate_dropouts, to_model,
-                               working_copy, working_graph)
+from vsonnx.instrument import (bn_levels, bn_tap, insert_dropouts, instrument_batch, measure_moments,
+                               simulate_dropouts, to_model, working_copy, working_graph)
 from vsonnx.graph import GraphIndex, tensor_shapes
 from vsonnx.model import get_metadata, set_metadata
 from vsonnx.runtime import make_session
@@ -96,6 +96,20 @@ def test_batch_statistics_equal_numpy_from_the_native_bn_and_from_the_taps(opset
     flat = g.node("Flatten", [g.node("GlobalAveragePool", [conv], "gap")], "flat")
     model = g.build(g.bn(flat, 4, "bn2"), input_shape=("N", 3, 8, 8) if spatial == "static" else ("N", 3, "H", "W"))
     init = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    conv = make_session(model_output(model, "conv1_out"), device="cpu")
+    expected = {}  # per batch: {bn: (values per channel, mean, var)} and the normalised output, numpy float64
+    for x in (X[:5], X[:1]):
+        stats, h = {}, conv.run(None, {"x": x})[0].astype(np.float64)
+        for name, axes in (("bn4", (0, 2, 3)), ("bn2", (0,))):
+            mean, var = h.mean(axes), h.var(axes)
+            stats[name] = (len(x) * (64 if name == "bn4" else 1), mean, var)
+            shape = (1, -1, 1, 1) if name == "bn4" else (1, -1)
+            eps = 1e-3 if name == "bn4" else 1e-5
+            h = (h - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * init[f"{name}_scale"].reshape(shape) \
+                + init[f"{name}_bias"].reshape(shape)
+            if name == "bn4":
+                h = h.mean((2, 3))
+        expected[len(x)] = (stats, h)
     for native in (True, False):
         work, outputs = instrument_batch(model, ["bn4", "bn2"], native=native)
         assert [o.native for o in outputs.values()] == [native and opset >= 14] * 2
@@ -103,18 +117,8 @@ def test_batch_statistics_equal_numpy_from_the_native_bn_and_from_the_taps(opset
         fetch = [o.name for o in session.get_outputs()]
         for x in (X[:5], X[:1]):
             got = dict(zip(fetch, session.run(fetch, {"x": x})))
-            conv_x = make_session(model_output(model, "conv1_out"), device="cpu").run(None, {"x": x})[0]
-            expected, h = {}, conv_x.astype(np.float64)
-            for name, axes in (("bn4", (0, 2, 3)), ("bn2", (0,))):
-                mean, var = h.mean(axes), h.var(axes)
-                expected[name] = (len(x) * (64 if name == "bn4" else 1), mean, var)
-                shape = (1, -1, 1, 1) if name == "bn4" else (1, -1)
-                eps = 1e-3 if name == "bn4" else 1e-5
-                h = (h - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * init[f"{name}_scale"].reshape(shape) \
-                    + init[f"{name}_bias"].reshape(shape)
-                if name == "bn4":
-                    h = h.mean((2, 3))
-            for name, (count, mean, var) in expected.items():
+            stats, h = expected[len(x)]
+            for name, (count, mean, var) in stats.items():
                 got_count, got_mean, got_var = outputs[name].batch(got, len(x))
                 assert got_count == count
                 np.testing.assert_allclose(got_mean, mean, rtol=1e-5, atol=1e-6)
