@@ -95,7 +95,7 @@ def scores_session(model: onnx.ModelProto, scores: Scores, *, dropout: bool = Fa
     out.dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(scores.tensor, onnx.TensorProto.FLOAT))
     graph.outputs = [out]
     graph.cleanup()
-    return make_session(to_model(graph, model), device=device, threads=threads, spinning=spinning)
+    return make_session(to_model(graph, model), device=device, threads=threads, spinning=spinning, seed=seed)
 
 
 class DropoutEnsemble:

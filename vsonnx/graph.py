@@ -181,11 +181,13 @@ class GraphIndex:
 
 
 class TensorShapes(dict):
-    """tensor name -> shape (None for unknown dims); ``dtypes``: tensor name -> ONNX element type."""
+    """tensor name -> shape (None for unknown dims); ``dtypes``: tensor name -> ONNX element type;
+    ``symbols``: tensor name -> the symbolic name of each dim (None where it has none)."""
 
     def __init__(self):
         super().__init__()
         self.dtypes: dict[str, int] = {}
+        self.symbols: dict[str, tuple[str | None, ...]] = {}
 
 
 def tensor_shapes(model: onnx.ModelProto) -> TensorShapes:
@@ -201,6 +203,7 @@ def tensor_shapes(model: onnx.ModelProto) -> TensorShapes:
             shapes.dtypes[value.name] = t.elem_type
         if t.HasField("shape"):
             shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+            shapes.symbols[value.name] = tuple(d.dim_param if d.HasField("dim_param") else None for d in t.shape.dim)
     return shapes
 
 

@@ -20,6 +20,7 @@ import onnx
 from .data import Source, check_finite
 from .errors import VsonnxError
 from .model import model_bytes
+from .random_feeds import DROPOUT_SEED, RANDOM_PREFIX, RandomFeeding
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -116,13 +117,14 @@ def provider_name(device: str) -> str:
 
 def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool = True,
                  threads: int | None = None, disabled_optimizers: list[str] | None = None,
-                 spinning: bool = True):
+                 spinning: bool = True, seed: int = DROPOUT_SEED):
     """An InferenceSession for an in-memory model (IR lowered to what the runtime reads).
 
     ``optimize=False`` disables graph optimisations (tests compare numerics that way: with them on,
     onnxruntime fuses Conv+BN and would hide a wrong rewrite). ``spinning=False`` lets onnxruntime's
     threads sleep as soon as a run ends instead of spinning for the next one: for a session that alternates
-    with torch work on the same cores (the distillation's teacher), spinning steals those cores."""
+    with torch work on the same cores (the distillation's teacher), spinning steals those cores. A graph that
+    reads random draws as inputs (simulated dropout) gets a RandomFeeding session drawing them from ``seed``."""
     import onnxruntime as ort
 
     resolved = resolve_device(device)
@@ -137,13 +139,16 @@ def make_session(model: onnx.ModelProto, *, device: str = "auto", optimize: bool
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [provider_name(resolved)] + (["CPUExecutionProvider"] if resolved == "cuda" else [])
     try:
-        return ort.InferenceSession(model_bytes(model), options, providers=providers,
-                                    disabled_optimizers=disabled_optimizers or [])
+        session = ort.InferenceSession(model_bytes(model), options, providers=providers,
+                                       disabled_optimizers=disabled_optimizers or [])
     except Exception as exc:
         raise VsonnxError(
             f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:200]}",
             "check the model with `python -m onnx.checker MODEL`; it may use ops this runtime lacks.",
         ) from None
+    if any(i.name.startswith(RANDOM_PREFIX) for i in session.get_inputs()):
+        return RandomFeeding(session, seed)
+    return session
 
 
 def run(session, fetch: list[str] | None, feeds: dict):
