@@ -5,7 +5,8 @@ dropout-on PreResNet-20 batch of 128 at 2 threads (onnxruntime's profiler). nump
 draws at about 0.6 ns per value. So a simulated Dropout (vsonnx.instrument.simulate_dropouts) whose input
 shape is known up to the batch reads its draws from a graph input named ``RANDOM_PREFIX<k>`` (uint16, shape
 [batch, ...]) instead of drawing them itself, and drops where u < 65536 * ratio: P(drop) = ceil(65536 r) /
-65536, exact for ratios such as 0.5 and 0.25 and within 1.5e-5 of r otherwise (0.3 -> 0.300003).
+65536, exact for ratios such as 0.5 and 0.25 and within 1.5e-5 of r otherwise (0.3 -> 0.300003; ratios above
+65535/65536 drop with probability 65535/65536).
 
 ``make_session`` wraps a session whose graph has such inputs in ``RandomFeeding``: each run draws fresh
 values for all of them from one generator seeded once (deterministic for a seed and a sequence of batch
