@@ -9,6 +9,7 @@ from vsonnx.instrument import (bn_levels, bn_tap, insert_dropouts, instrument_ba
                                simulate_dropouts, to_model, working_copy, working_graph)
 from vsonnx.graph import GraphIndex, tensor_shapes
 from vsonnx.model import get_metadata, set_metadata
+from vsonnx.random_feeds import RANDOM_PREFIX
 from vsonnx.runtime import make_session
 
 from conftest import GraphBuilder, cnn_with_sites
@@ -198,3 +199,12 @@ def test_round_trip_keeps_opsets_and_model_metadata():
     assert list(copy.opset_import) == list(model.opset_import)
     assert copy.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "vsonnx_batch"
     np.testing.assert_allclose(outputs(copy), outputs(model), rtol=1e-6)
+
+
+def test_the_cuda_provider_keeps_its_draws_in_the_graph():
+    """Fed draws are for onnxruntime's CPU provider (``native``); elsewhere RandomUniformLike stays (on the GPU)."""
+    model = cnn_with_sites()
+    for native, fed in ((True, True), (False, False)):
+        work, _ = instrument_batch(model, ["bn_direct", "bn_weight"], dropout_active=True, native=native)
+        assert any(i.name.startswith(RANDOM_PREFIX) for i in work.graph.input) == fed
+        assert any(n.op_type == "RandomUniformLike" for n in work.graph.node) != fed

@@ -126,15 +126,16 @@ def working_copy(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> on
 
 
 def simulated_graph(model: onnx.ModelProto, dropout: bool, *, seed: int = DROPOUT_SEED,
-                    channelwise: frozenset[str] = frozenset()) -> tuple[gs.Graph, TensorShapes]:
+                    channelwise: frozenset[str] = frozenset(), fed: bool = True) -> tuple[gs.Graph, TensorShapes]:
     """``working_graph`` with dropout off, or with ``dropout`` every Dropout simulated in training mode
-    (simulate_dropouts), and the shapes of the working copy before the simulation (one shape inference;
-    the simulation keeps every tensor name)."""
+    (simulate_dropouts; ``fed``: with fed draws where shapes allow, for onnxruntime's CPU provider, else every
+    draw by RandomUniformLike, which the CUDA provider runs on the GPU), and the shapes of the working copy
+    before the simulation (one shape inference; the simulation keeps every tensor name)."""
     graph = working_graph(model, keep_dropout_modes=dropout)
     shapes = tensor_shapes(to_model(graph.copy(), model))
     if dropout:
         simulate_dropouts(graph, default_opset(model) or 13, shapes.dtypes, seed=seed, channelwise=channelwise,
-                          shapes=shapes)
+                          shapes=shapes if fed else None)
     return graph, shapes
 
 
@@ -448,8 +449,9 @@ def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active:
     mode with momentum 0: one kernel normalises and outputs the batch mean and biased variance, and onnxruntime
     keeps the rest of the graph optimised (tools/bench_fix.py, PreResNet-20: the batch fix 1.43x -> 1.16x plain
     inference at 1 thread). Other BNs (older opsets, other float types, the CUDA provider) are fed statistics
-    computed by taps: mean = s + mean_n(g1), var = mean_n(g2) - mean_n(g1)^2 (module docstring)."""
-    graph, shapes = simulated_graph(model, dropout_active, channelwise=channelwise)
+    computed by taps: mean = s + mean_n(g1), var = mean_n(g2) - mean_n(g1)^2 (module docstring). ``native``
+    also lets simulated dropouts read fed draws (simulated_graph)."""
+    graph, shapes = simulated_graph(model, dropout_active, channelwise=channelwise, fed=native)
     index = GraphIndex(model)
     bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)
     opset = default_opset(model) or 13
