@@ -4,15 +4,16 @@
     python tools/bench_fix.py --data ../shared/data/cifar10/train [--model models/preresnet20-a05.onnx] [--threads N]
 
 Images are decoded once into memory first, so every timing below is onnxruntime work plus vsonnx's own
-overhead (graph rewriting, session creation, statistics), not JPEG decoding. Prints, for each calibrated
-method of the registry, the best of --repeat runs over the best plain-inference time, over the floor (the
-same inference with every BN unfolded, what a pass normalising with batch statistics cannot beat; two of
-them for the relative method; beside it, the batch pass's own session with only the class scores fetched, to
-show what vsonnx's host-side work adds) and over PyTorch's own re-estimation of the same network (BN in
-train mode, momentum=None, dropout off; same samples, batch size and threads); the distillation (its default
-steps, once) over plain inference only. `fix --data-free` (synthesis of 64
-inputs, 100 steps, in torch; once, as it is the slowest) is put on the same scale, and `eval`'s images/s
-from the image folder (decoding overlapped with inference) is compared with preloaded arrays.
+overhead (graph rewriting, session creation, statistics), not JPEG decoding. Every time is the best of
+--repeat runs, each run alternating with a plain-inference run, and is put over the best of those (the
+machine's speed drifts: see ``paired``). Prints, for each calibrated method of the registry, that ratio,
+its ratio to the floor (the same inference with every BN unfolded, what a pass normalising with batch
+statistics cannot beat; two of them for the relative method; beside it, the batch pass's own session with
+only the class scores fetched, to show what vsonnx's host-side work adds) and to PyTorch's own
+re-estimation of the same network (BN in train mode, momentum=None, dropout off; same samples, batch size
+and threads); the distillation (its default steps, once) over plain inference only. `fix --data-free`
+(synthesis of 64 inputs, 100 steps, in torch; once, as it is the slowest) is put on the same scale, and
+`eval`'s images/s from the image folder (decoding overlapped with inference) is compared with preloaded arrays.
 """
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def best_of(repeat: int, fn) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def paired(repeat: int, fn, base) -> tuple[float, float]:
+    """(best time of ``fn``, best time of ``base``) over ``repeat`` rounds that run one after the other, so
+    that both see the same machine: this 2-core VM's speed drifts by 20-35% within a minute (the same session
+    over the same images measured 2.0 s, then 2.7 s, in one process with nothing else running)."""
+    fn_times, base_times = [], []
+    for _ in range(repeat):
+        base_times.append(best_of(1, base))
+        fn_times.append(best_of(1, fn))
+    return min(fn_times), min(base_times)
 
 
 def load_samples(model_path: Path, data: str, samples: int):
@@ -81,7 +93,8 @@ def main() -> None:
 
 
 def bench(args, threads: int | None) -> dict:
-    """Time every step at ``threads``; print each line, return {name: seconds or ratio}."""
+    """Time every step at ``threads``, each paired with plain inference (``paired``); print each line, return
+    {name: time over plain inference} (and the images/s of eval)."""
     model, source, names = load_samples(args.model, args.data, args.samples)
     sessions = {  # plain inference; BN unfolded (the floor); the batch pass's graph, only the scores fetched
         "base": make_session(working_copy(model), device=args.device, threads=threads),
@@ -90,37 +103,44 @@ def bench(args, threads: int | None) -> dict:
         "batch-mode": BatchPass(EstimateRequest(model, names, find_sites(model), source, args.batch_size,
                                                 args.device, threads), dropout_active=False).session}
     out = sessions["base"].get_outputs()[0].name
-    got = {"samples": source.size, "bns": len(names)}
     print(f"model {args.model.name}: {len(names)} BN re-estimated, {source.size} samples, batch {args.batch_size}, "
           f"provider {sessions['base'].get_providers()[0]}")
-    labels = {"base": "plain onnxruntime inference", "floor": "inference, BN unfolded (the floor)",
-              "batch-mode": "inference, BN on batch statistics"}
-    for key, session in sessions.items():
-        def infer(session=session):
+
+    def inference(session):
+        def infer():
             for b in source.batches(args.batch_size):
                 session.run([out], b.feeds)
+        return infer
 
-        infer()  # warm-up
-        got[key] = best_of(args.repeat, infer)
-        print(f"{labels[key]:35s} {got[key]:7.3f} s   {got[key] / got['base']:.2f}x"
-              + ("   (the batch pass's graph, only the class scores fetched)" if key == "batch-mode" else ""))
-    base, floor = got["base"], got["floor"]
-    eager = got["pytorch"] = pytorch_recalibration(source, args, threads)
-    print(f"{'PyTorch eager recalibration':35s} {eager:7.3f} s   {eager / base:.2f}x")
+    base = inference(sessions["base"])
+    for session in sessions.values():
+        inference(session)()  # warm-up
+    got = {"samples": source.size, "bns": len(names), "base": 1.0}
+
+    def measure(key, label, fn, repeat=args.repeat, note=""):
+        seconds, base_seconds = paired(repeat, fn, base)
+        got[key] = seconds / base_seconds
+        print(f"{label:35s} {seconds:7.3f} s   {got[key]:.2f}x{note(got[key]) if callable(note) else note}")
+
+    print(f"{'plain onnxruntime inference':35s} {best_of(args.repeat, base):7.3f} s   1.00x   (each line below: "
+          "over the plain inference runs alternating with its own)")
+    measure("floor", "inference, BN unfolded (the floor)", inference(sessions["floor"]))
+    measure("batch-mode", "inference, BN on batch statistics", inference(sessions["batch-mode"]),
+            note="   (the batch pass's graph, only the class scores fetched)")
+    measure("pytorch", "PyTorch eager recalibration", pytorch_recalibration(source, args, threads))
     for method in [m for m in args.methods.split(",") if m]:
-        repeat = 1 if REGISTRY[method].needs_torch else args.repeat  # the distillation: once, it is the slowest
-        seconds = got[method] = best_of(repeat, lambda: estimate(method, model, names, source, batch_size=args.batch_size,
-                                                                 device=args.device, threads=threads))
-        if method == "distill":
+        def fix(method=method):
+            estimate(method, model, names, source, batch_size=args.batch_size, device=args.device, threads=threads)
+
+        if method == "distill":  # once: it is the slowest; its time does not grow with the calibration set
             steps = REGISTRY["distill"].settings["steps"]
-            per_image = base / source.size  # distill's time does not grow with the calibration set; inference does
-            print(f"{'fix --method distill':35s} {seconds:7.3f} s   {seconds / base:.2f}x   ({steps} steps of "
-                  f"{args.batch_size} samples: teacher in onnxruntime, student forward and backward in torch; "
-                  f"{seconds / (per_image * 5000):.2f}x plain inference of 5,000 images)")
+            measure(method, "fix --method distill", fix, repeat=1, note=lambda r: (
+                f"   ({steps} steps of {args.batch_size} samples: teacher in onnxruntime, student forward and "
+                f"backward in torch; {r * source.size / 5000:.2f}x plain inference of 5,000 images)"))
             continue
         passes = 2 if method == "relative" else 1
-        print(f"{'fix --method ' + method:35s} {seconds:7.3f} s   {seconds / base:.2f}x   "
-              f"{seconds / (passes * floor):.2f}x of {passes} floor pass(es), {seconds / eager:.2f}x PyTorch")
+        measure(method, f"fix --method {method}", fix, note=lambda r: (
+            f"   {r / (passes * got['floor']):.2f}x of {passes} floor pass(es), {r / got['pytorch']:.2f}x PyTorch"))
     if not args.no_data_free:
         from vsonnx.methods.synthesized import synthetic_statistics
 
@@ -128,8 +148,8 @@ def bench(args, threads: int | None) -> dict:
             import torch
 
             torch.set_num_threads(threads)
-        seconds = got["data-free"] = best_of(1, lambda: synthetic_statistics(model, names, device=args.device, seed=0))
-        print(f"{'fix --data-free (torch)':35s} {seconds:7.3f} s   {seconds / base:.2f}x")
+        measure("data-free", "fix --data-free (torch)", lambda: synthetic_statistics(model, names, device=args.device,
+                                                                                     seed=0), repeat=1)
     if not args.no_eval:
         got["folder"], got["arrays"] = eval_rates(model, args, threads)
     return got
@@ -148,7 +168,8 @@ def write_readme(runs: dict, args) -> None:
     lines = [
         f"- Measured on {args.model.stem}, {first['samples']:,} decoded images, batch {args.batch_size}, "
         f"{args.device.upper()}, nothing else running (`{command}`), time over plain onnxruntime inference of the "
-        f"same images in the same run ({counts} threads): batch fix {ratios('batch')}, population "
+        f"same images, run alternately with each measurement ({counts} threads): batch fix {ratios('batch')}, "
+        f"population "
         f"{ratios('population')}, relative {ratios('relative')} ({ratios('relative', 'floor', 2)} of two floor "
         f"passes), distill {ratios('distill')} ({REGISTRY['distill'].settings['steps']} steps of {args.batch_size} images; "
         f"{ratios('distill', 'base', 5000 / first['samples'])} of plain inference of 5,000 images), data-free synthesis {ratios('data-free')}. Inference with every BN "
@@ -165,10 +186,10 @@ def write_readme(runs: dict, args) -> None:
     replace_block(BENCH_START, BENCH_END, [wrap(line) for line in lines])
 
 
-def pytorch_recalibration(source, args, threads: int | None) -> float:
-    """Best time of PyTorch's own BN re-estimation of the same network (vsonnx.nets PreResNet-20 with dropout
-    (a) 0.5, random weights): BN modules in train mode with momentum=None, Dropout in eval mode, the same
-    samples, batch size and threads, no gradients."""
+def pytorch_recalibration(source, args, threads: int | None):
+    """PyTorch's own BN re-estimation of the same network, as a callable (vsonnx.nets PreResNet-20 with
+    dropout (a) 0.5, random weights): BN modules in train mode with momentum=None, Dropout in eval mode, the
+    same samples, batch size and threads, no gradients."""
     import torch
 
     from vsonnx.nets import DropoutConfig, build
@@ -189,7 +210,7 @@ def pytorch_recalibration(source, args, threads: int | None) -> float:
                 net(x)
 
     recalibrate()  # warm-up
-    return best_of(args.repeat, recalibrate)
+    return recalibrate
 
 
 def eval_rates(model, args, threads: int | None) -> tuple[float, float]:
