@@ -96,12 +96,7 @@ def bench(args, threads: int | None) -> dict:
     """Time every step at ``threads``, each paired with plain inference (``paired``); print each line, return
     {name: time over plain inference} (and the images/s of eval)."""
     model, source, names = load_samples(args.model, args.data, args.samples)
-    sessions = {  # plain inference; BN unfolded (the floor); the batch pass's graph, only the scores fetched
-        "base": make_session(working_copy(model), device=args.device, threads=threads),
-        "floor": make_session(working_copy(model), device=args.device, threads=threads,
-                              disabled_optimizers=["ConvBNFusion"]),
-        "batch-mode": BatchPass(EstimateRequest(model, names, find_sites(model), source, args.batch_size,
-                                                args.device, threads), dropout_active=False).session}
+    sessions = inference_sessions(model, names, source, args, threads)
     out = sessions["base"].get_outputs()[0].name
     print(f"model {args.model.name}: {len(names)} BN re-estimated, {source.size} samples, batch {args.batch_size}, "
           f"provider {sessions['base'].get_providers()[0]}")
@@ -153,6 +148,15 @@ def bench(args, threads: int | None) -> dict:
     if not args.no_eval:
         got["folder"], got["arrays"] = eval_rates(model, args, threads)
     return got
+
+
+def inference_sessions(model, names, source, args, threads: int | None) -> dict:
+    """Plain inference; BN unfolded (the floor); the batch pass's graph (only the scores are fetched from it)."""
+    return {"base": make_session(working_copy(model), device=args.device, threads=threads),
+            "floor": make_session(working_copy(model), device=args.device, threads=threads,
+                                  disabled_optimizers=["ConvBNFusion"]),
+            "batch-mode": BatchPass(EstimateRequest(model, names, find_sites(model), source, args.batch_size,
+                                                    args.device, threads), dropout_active=False).session}
 
 
 def write_readme(runs: dict, args) -> None:
