@@ -89,7 +89,7 @@ def test_batch_method_equals_pytorch(exported, batch_size, native, monkeypatch):
     """Both ways a batch pass gets its statistics: onnxruntime's training-mode BN (CPU provider, opset >= 14)
     and the moment taps (the CUDA provider, older opsets, other float types)."""
     if not native:
-        monkeypatch.setattr("vsonnx.methods.batch.resolve_device", lambda device: "cuda")
+        monkeypatch.setattr("vsonnx.methods.batch.cpu_provider", lambda device: False)
     net, model, x = exported
     names = scoped(model)
     source = ArraySource.from_arrays(model, x, None, shuffle=False)

@@ -25,7 +25,7 @@ from .data import Source, check_finite
 from .errors import VsonnxError
 from .graph import GraphIndex, tensor_shapes
 from .instrument import simulated_graph, to_model
-from .runtime import make_session, progress_bar, resolve_device, run
+from .runtime import cpu_provider, make_session, progress_bar, run
 
 LOSSES = ("kl", "mse")
 
@@ -90,7 +90,7 @@ def scores_session(model: onnx.ModelProto, scores: Scores, *, dropout: bool = Fa
     simulated in training mode with ``dropout`` (seeded; ``channelwise`` nodes by channel); ``spinning``: see
     vsonnx.runtime.make_session."""
     graph, shapes = simulated_graph(model, dropout, seed=seed, channelwise=channelwise,
-                                    fed=resolve_device(device) == "cpu")
+                                    fed=cpu_provider(device))
     dtypes = shapes.dtypes
     out = graph.tensors()[scores.tensor]
     out.dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(scores.tensor, onnx.TensorProto.FLOAT))

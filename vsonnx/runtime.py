@@ -91,6 +91,13 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def cpu_provider(device: str) -> bool:
+    """Whether sessions for ``device`` run on onnxruntime's CPU provider: the only one the batch passes'
+    training-mode BN and the fed dropout draws (uint16 comparisons) were tested on (no GPU here); on the
+    CUDA provider they keep the moment taps and RandomUniformLike."""
+    return resolve_device(device) == "cpu"
+
+
 def import_torch(purpose: str, hint: str):
     """torch, or a user error saying that ``purpose`` needs it (with ``hint``)."""
     try:

@@ -12,7 +12,7 @@ a BatchNorm1d with batch size 1, or a final batch of one sample) is skipped for 
 from __future__ import annotations
 
 from ..instrument import instrument_batch
-from ..runtime import make_session, resolve_device, run_pass
+from ..runtime import cpu_provider, make_session, run_pass
 from ..stats import BatchAverage, BnStatistics, CalibrationResult
 from . import EstimateRequest
 
@@ -31,9 +31,8 @@ class BatchPass:
     passes can share one pass over the data (vsonnx.runtime.run_passes)."""
 
     def __init__(self, request: EstimateRequest, dropout_active: bool, threads: int | None = None):
-        native = resolve_device(request.device) == "cpu"  # the CUDA provider's training-mode BN is untested
         work, self.outputs = instrument_batch(request.model, request.targets, dropout_active,
-                                              request.report.channelwise_dropouts, native)
+                                              request.report.channelwise_dropouts, cpu_provider(request.device))
         self.session = make_session(work, device=request.device, threads=threads or request.threads)
         self.fetch = [name for out in self.outputs.values() for name in out.fetch()]
         self.label = "calibrating (batch, dropout on)" if dropout_active else "calibrating (batch)"
