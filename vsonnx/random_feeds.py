@@ -28,6 +28,18 @@ def uniform16(bits: np.random.PCG64, count: int) -> np.ndarray:
     return bits.random_raw(-(-count // 4)).view(np.uint16)[:count]
 
 
+def drop_threshold(ratio: float) -> int:
+    """Draws below this are dropped: ceil(65536 r), at most 65535."""
+    return min(int(np.ceil(LEVELS * ratio)), LEVELS - 1)
+
+
+def scaled_keep_mask(bits: np.random.PCG64, shape: tuple, ratio: float) -> np.ndarray:
+    """Inverted-dropout multipliers of ``shape``: 1 / (1 - r) where a uint16 draw is kept, 0 where dropped
+    (float32, one pass from the draws)."""
+    draws = uniform16(bits, int(np.prod(shape))).reshape(shape)
+    return np.multiply(draws >= drop_threshold(ratio), np.float32(1 / (1 - ratio)), dtype=np.float32)
+
+
 class RandomFeeding:
     """An onnxruntime session whose ``RANDOM_PREFIX`` inputs are drawn afresh on every run (module docstring)."""
 

@@ -106,7 +106,7 @@ def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: i
     start = time.perf_counter()
     device = torch_device(device)
     input_name, shape = _input_shape(model, samples)
-    graph = TorchGraph(model, device)
+    graph = TorchGraph(model, device, channels_last=True)
     index = GraphIndex(model)
     stored = index.stored_statistics([name for name, n in index.batchnorms().items()
                                       if all(index.is_constant(i) for i in n.input[3:5])])
