@@ -121,11 +121,12 @@ def test_tap_moments_equal_numpy():
 
 @pytest.mark.parametrize("opset", [17, 13])
 @pytest.mark.parametrize("spatial", ["static", "dynamic"])
-def test_batch_statistics_equal_numpy_from_the_native_bn_and_from_the_taps(opset, spatial):
+def test_batch_statistics_equal_numpy_from_the_native_bn_and_from_the_graph(opset, spatial):
     """A batch pass reports each batch's mean and biased variance per channel, whether onnxruntime's BN in
-    training mode computes them (opset >= 14) or the taps do (older opsets; ``native=False``), for a 4-D BN
-    (static or unknown spatial size) and a 2-D one, also for a batch of one sample; and the BNs normalise
-    with them (the graph output equals numpy's batch normalisation)."""
+    training mode computes them (CPU, one thread, opset >= 14) or operators in the graph do (older opsets,
+    more threads, other providers), for a 4-D BN (static or unknown spatial size) and a 2-D one, also for a
+    batch of one sample; and the BNs normalise with them (the graph output equals numpy's batch
+    normalisation)."""
     g = GraphBuilder(opset=opset)
     conv = g.bn(g.conv("x", 3, 4), 4, "bn4", epsilon=1e-3)
     flat = g.node("Flatten", [g.node("GlobalAveragePool", [conv], "gap")], "flat")
@@ -145,10 +146,11 @@ def test_batch_statistics_equal_numpy_from_the_native_bn_and_from_the_taps(opset
             if name == "bn4":
                 h = h.mean((2, 3))
         expected[len(x)] = (stats, h)
-    for native in (True, False):
-        work, outputs = instrument_batch(model, ["bn4", "bn2"], native=native)
-        assert [o.native for o in outputs.values()] == [native and opset >= 14] * 2
-        session = make_session(work, device="cpu")
+    for cpu, threads in ((True, 1), (True, 2), (False, 1)):
+        work, outputs = instrument_batch(model, ["bn4", "bn2"], cpu=cpu, threads=threads)
+        training_mode = [n for n in work.graph.node if n.op_type == "BatchNormalization"]
+        assert len(training_mode) == (2 if cpu and threads == 1 and opset >= 14 else 0)
+        session = make_session(work, device="cpu", threads=threads)
         fetch = [o.name for o in session.get_outputs()]
         for x in (X[:5], X[:1]):
             got = dict(zip(fetch, session.run(fetch, {"x": x})))
@@ -202,9 +204,9 @@ def test_round_trip_keeps_opsets_and_model_metadata():
 
 
 def test_the_cuda_provider_keeps_its_draws_in_the_graph():
-    """Fed draws are for onnxruntime's CPU provider (``native``); elsewhere RandomUniformLike stays (on the GPU)."""
+    """Fed draws are for onnxruntime's CPU provider (``cpu``); elsewhere RandomUniformLike stays (on the GPU)."""
     model = cnn_with_sites()
-    for native, fed in ((True, True), (False, False)):
-        work, _ = instrument_batch(model, ["bn_direct", "bn_weight"], dropout_active=True, native=native)
+    for cpu, fed in ((True, True), (False, False)):
+        work, _ = instrument_batch(model, ["bn_direct", "bn_weight"], dropout_active=True, cpu=cpu)
         assert any(i.name.startswith(RANDOM_PREFIX) for i in work.graph.input) == fed
         assert any(n.op_type == "RandomUniformLike" for n in work.graph.node) != fed

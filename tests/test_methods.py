@@ -84,16 +84,17 @@ def test_targets_cover_every_site_kind(exported):
 
 
 @pytest.mark.parametrize("batch_size", [16, 40])
-@pytest.mark.parametrize("native", [True, False], ids=["native-bn", "taps"])
-def test_batch_method_equals_pytorch(exported, batch_size, native, monkeypatch):
-    """Both ways a batch pass gets its statistics: onnxruntime's training-mode BN (CPU provider, opset >= 14)
-    and the moment taps (the CUDA provider, older opsets, other float types)."""
-    if not native:
+@pytest.mark.parametrize("way", ["native-bn", "graph", "graph-other-provider"])
+def test_batch_method_equals_pytorch(exported, batch_size, way, monkeypatch):
+    """Both ways a batch pass gets its statistics: onnxruntime's training-mode BN (CPU provider, one thread,
+    opset >= 14) and operators in the graph (more threads, the CUDA provider, older opsets, other float types)."""
+    if way == "graph-other-provider":
         monkeypatch.setattr("vsonnx.methods.batch.cpu_provider", lambda device: False)
     net, model, x = exported
     names = scoped(model)
     source = ArraySource.from_arrays(model, x, None, shuffle=False)
-    result = calibrate(model, source, names, method="batch", batch_size=batch_size, device="cpu")
+    result = calibrate(model, source, names, method="batch", batch_size=batch_size, device="cpu",
+                       threads=1 if way == "native-bn" else 2)
     ref = torch_batch_reference(net, x, batch_size, names)
     for name in names:
         got = result.statistics[name]

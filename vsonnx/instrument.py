@@ -314,10 +314,11 @@ class StatisticBuilder:
         self.created[out] = output
         return output
 
-    def reduce_mean(self, x: gs.Tensor, out: str, axes: list[int]) -> gs.Variable:
+    def reduce_mean(self, x: gs.Tensor, out: str, axes: list[int], keepdims: int = 0) -> gs.Variable:
         if self.opset >= 18:
-            return self.node("ReduceMean", [x, _const(f"{out}_axes", np.array(axes, np.int64))], out, keepdims=0)
-        return self.node("ReduceMean", [x], out, axes=axes, keepdims=0)
+            return self.node("ReduceMean", [x, _const(f"{out}_axes", np.array(axes, np.int64))], out,
+                             keepdims=keepdims)
+        return self.node("ReduceMean", [x], out, axes=axes, keepdims=keepdims)
 
     def elements(self, tap: Tap, prefix: str):
         """Elements per sample and channel of the tapped tensor: an int when static, else a Shape(x) tensor
@@ -412,83 +413,102 @@ def write_statistics(graph: gs.Graph, stats: dict[str, BnStatistics]) -> None:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BatchOutputs:
-    """Where a batch-pass copy puts one BN's batch statistics: onnxruntime's own BatchNormalization in training
-    mode (``native``: outputs the batch mean and biased variance it normalised with), or the per-sample
-    moment taps (g1, g2 of x - shift, combined on the host)."""
+    """Where a batch-pass copy puts one BN's batch mean and biased batch variance (float32, C values each) and
+    the elements per sample and channel (an int, or a Shape(x) output when the spatial size is not static)."""
 
-    first: str  # the batch mean (native) or g1
-    second: str  # the biased batch variance (native) or g2
-    size: int | str  # elements per sample and channel, or a Shape(x) output
-    shift: np.ndarray | None = None  # float64, the taps' shift; None when native
-
-    @property
-    def native(self) -> bool:
-        return self.shift is None
+    mean: str
+    var: str
+    size: int | str
 
     def fetch(self) -> list[str]:
-        return [self.first, self.second] + ([self.size] if isinstance(self.size, str) else [])
+        return [self.mean, self.var] + ([self.size] if isinstance(self.size, str) else [])
 
     def batch(self, got: dict, n_samples: int) -> tuple[int, np.ndarray, np.ndarray]:
         """(values per channel in the batch, batch mean, biased batch variance), float64."""
-        if not self.native:
-            elements, sample_mean, sample_m2 = per_sample(got, (self.first, self.second, self.size), n_samples)
-            moments = ChannelMoments(sample_mean.shape[1])
-            moments.update_samples(elements, sample_mean, sample_m2)
-            return moments.count, moments.mean + self.shift, moments.var
-        mean, var = (np.asarray(got[t], np.float64).reshape(-1) for t in (self.first, self.second))
+        mean, var = (np.asarray(got[t], np.float64).reshape(-1) for t in (self.mean, self.var))
         return n_samples * fetched_elements(got, self.size), mean, var
 
 
 def instrument_batch(model: onnx.ModelProto, targets: list[str], dropout_active: bool = False,
-                     channelwise: frozenset[str] = frozenset(), native: bool = True):
+                     channelwise: frozenset[str] = frozenset(), cpu: bool = True, threads: int = 1):
     """Working copy where each target BN normalises with its batch statistics and outputs them (every Dropout
     drops as in training with ``dropout_active``: simulate_dropouts, ``channelwise`` nodes by channel);
-    returns (model, {bn: BatchOutputs}).
+    returns (model, {bn: BatchOutputs}). Two ways to compute them, same maths:
 
-    With ``native`` (onnxruntime's CPU provider), a float32 BN of opset >= 14 with one output runs in training
-    mode with momentum 0: one kernel normalises and outputs the batch mean and biased variance, and onnxruntime
-    keeps the rest of the graph optimised (tools/bench_fix.py, PreResNet-20: the batch fix 1.43x -> 1.16x plain
-    inference at 1 thread). Other BNs (older opsets, other float types, the CUDA provider) are fed statistics
-    computed by taps: mean = s + mean_n(g1), var = mean_n(g2) - mean_n(g1)^2 (module docstring). ``native``
-    also lets simulated dropouts read fed draws (simulated_graph)."""
-    graph, shapes = simulated_graph(model, dropout_active, channelwise=channelwise, fed=native)
+    - onnxruntime's own kernel (``cpu``: its CPU provider, and a session of one thread): a float32 BN of opset
+      >= 14 with one output runs in training mode with momentum 0, normalises and outputs the batch mean and
+      biased variance (tools/bench_fix.py, PreResNet-20 at 1 thread: 1.20x plain inference; the taps this
+      replaced, 1.41x). That kernel runs on one thread whatever the session has.
+    - pooled in the graph (``_pooled_batch_statistics``, every other case): mean = mean_n(GAP(x)),
+      var = mean_n(GAP((x - mean)^2)), y = (x - mean) * gamma / sqrt(var + eps) + beta in float32 with
+      operators onnxruntime spreads over all threads (2 threads: 1.37x plain where the kernel took 1.66x on
+      this VM's slow phase, about equal in its fast one; 1 thread: 1.33x).
+    ``cpu`` also lets simulated dropouts read fed draws (simulated_graph)."""
+    graph, shapes = simulated_graph(model, dropout_active, channelwise=channelwise, fed=cpu)
     index = GraphIndex(model)
     bn_nodes, nodes = index.batchnorms(targets), nodes_by_name(graph)
     opset = default_opset(model) or 13
     builder = StatisticBuilder(graph, opset)
-    taps = {name: bn_tap(index, bn_nodes[name], shapes) for name in targets}
     outputs: dict[str, BatchOutputs] = {}
     for k, name in enumerate(targets):
-        prefix, tap, node = f"vsonnx_s{k}", taps[name], nodes[name]
+        prefix, tap, node = f"vsonnx_s{k}", bn_tap(index, bn_nodes[name], shapes), nodes[name]
         stat_type = shapes.dtypes.get(bn_nodes[name].input[3], TensorProto.FLOAT)
-        if native and opset >= 14 and tap.dtype == stat_type == TensorProto.FLOAT and len(node.outputs) == 1:
-            first, second = (gs.Variable(f"{prefix}_{what}", dtype=np.float32) for what in ("mean", "var"))
+        if cpu and threads == 1 and opset >= 14 and tap.dtype == stat_type == TensorProto.FLOAT \
+                and len(node.outputs) == 1:
+            mean, var = (gs.Variable(f"{prefix}_{what}", dtype=np.float32) for what in ("mean", "var"))
             node.attrs.update(training_mode=1, momentum=0.0)  # running outputs = the batch's own statistics
-            node.outputs = [node.outputs[0], first, second]
-            size, shift = builder.elements(tap, prefix), None
+            node.outputs = [node.outputs[0], mean, var]
         else:
-            first, second, size = builder.sample_moments(tap, prefix)  # g1, g2
-            _feed_batch_statistics(builder, node, tap, first, second, prefix, stat_type)
-            shift = tap.shift.astype(np.float64)
-        builder.fetch += [t for t in (first, second, size) if isinstance(t, gs.Variable)]
-        outputs[name] = BatchOutputs(first.name, second.name, size if isinstance(size, int) else size.name, shift)
+            mean, var = _pooled_batch_statistics(builder, node, tap, prefix, stat_type)
+        size = builder.elements(tap, prefix)
+        builder.fetch += [t for t in (mean, var, size) if isinstance(t, gs.Variable)]
+        outputs[name] = BatchOutputs(mean.name, var.name, size if isinstance(size, int) else size.name)
     builder.finish()
+    graph.cleanup()  # the replaced BN nodes
     return to_model(graph, model), outputs
 
 
-def _feed_batch_statistics(builder: StatisticBuilder, node: gs.Node, tap: Tap, g1, g2, prefix: str,
-                           stat_type: int) -> None:
-    """Make ``node`` normalise with the batch statistics of its tapped input: mean = s + mean_n(g1),
-    var = mean_n(g2) - mean_n(g1)^2, in the BN's statistic type."""
-    axes = [a for a in range(tap.rank) if a != 1]
-    m = builder.reduce_mean(g1, f"{prefix}_m", axes)
-    q = builder.reduce_mean(g2, f"{prefix}_q", axes)
-    var = builder.node("Sub", [q, builder.node("Mul", [m, m], f"{prefix}_m2")], f"{prefix}_var")
-    mean = builder.node("Add", [m, _const(f"{prefix}_shift1", tap.shift.astype(np.float32))], f"{prefix}_mean")
-    if stat_type != TensorProto.FLOAT:  # the BN's mean/var type
-        mean = builder.node("Cast", [mean], f"{prefix}_mean_t", to=stat_type)
-        var = builder.node("Cast", [var], f"{prefix}_var_t", to=stat_type)
-    node.inputs[3], node.inputs[4] = mean, var
+def _pooled_batch_statistics(builder: StatisticBuilder, node: gs.Node, tap: Tap, prefix: str, stat_type: int):
+    """Make ``node`` normalise with the batch statistics of its input computed in the graph (instrument_batch);
+    returns their tensors ([1, C, 1, ...], float32). The BN node is replaced by the operators, except one
+    whose other outputs the graph reads: it is fed the statistics instead."""
+    x = builder.tensors[tap.tensor]
+    if tap.dtype != TensorProto.FLOAT:  # float16/bfloat16/double: statistics and normalisation in float32
+        x = builder.node("Cast", [x], f"{prefix}_x32", to=TensorProto.FLOAT)
+
+    def pooled(t, what):  # per-sample means over the spatial axes, then over the batch
+        per_sample = builder.node("GlobalAveragePool", [t], f"{prefix}_{what}_n") if tap.rank > 2 else t
+        return builder.reduce_mean(per_sample, f"{prefix}_{what}", [0], keepdims=1)
+
+    mean = pooled(x, "mean")
+    centred = builder.node("Sub", [x, mean], f"{prefix}_centred")
+    var = pooled(builder.node("Mul", [centred, centred], f"{prefix}_squares"), "var")
+    if len(node.outputs) > 1:
+        flat = _const(f"{prefix}_flat", np.array([-1], np.int64))
+        for slot, stat in ((3, mean), (4, var)):
+            stat = builder.node("Reshape", [stat, flat], f"{stat.name}_flat")
+            if stat_type != TensorProto.FLOAT:
+                stat = builder.node("Cast", [stat], f"{stat.name}_t", to=stat_type)
+            node.inputs[slot] = stat
+        return mean, var
+    view = _const(f"{prefix}_view", np.array([1, -1] + [1] * (tap.rank - 2), np.int64))
+
+    def per_channel(t, what):  # gamma, beta (of any float type) as [1, C, 1, ...] float32
+        shaped = builder.node("Reshape", [t, view], f"{prefix}_{what}", dtype=None)
+        return builder.node("Cast", [shaped], f"{prefix}_{what}32", to=TensorProto.FLOAT)
+
+    eps = _const(f"{prefix}_eps", np.float32(node.attrs.get("epsilon", 1e-5)))
+    std = builder.node("Sqrt", [builder.node("Add", [var, eps], f"{prefix}_var_eps")], f"{prefix}_std")
+    scale = builder.node("Div", [per_channel(node.inputs[1], "gamma"), std], f"{prefix}_scale")
+    scaled = builder.node("Mul", [centred, scale], f"{prefix}_scaled")
+    y, beta = node.outputs[0], per_channel(node.inputs[2], "beta")
+    node.outputs.clear()
+    if tap.dtype == TensorProto.FLOAT:
+        builder.graph.layer(op="Add", inputs=[scaled, beta], outputs=[y])
+    else:
+        builder.graph.layer(op="Cast", inputs=[builder.node("Add", [scaled, beta], f"{prefix}_y32")], outputs=[y],
+                            attrs={"to": tap.dtype})
+    return mean, var
 
 
 def instrument_moments(model: onnx.ModelProto, taps: dict[str, Tap], new_stats: dict[str, BnStatistics],

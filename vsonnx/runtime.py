@@ -94,7 +94,7 @@ def resolve_device(device: str) -> str:
 def cpu_provider(device: str) -> bool:
     """Whether sessions for ``device`` run on onnxruntime's CPU provider: the only one the batch passes'
     training-mode BN and the fed dropout draws (uint16 comparisons) were tested on (no GPU here); on the
-    CUDA provider they keep the moment taps and RandomUniformLike."""
+    CUDA provider the batch statistics are computed by operators in the graph and RandomUniformLike stays."""
     return resolve_device(device) == "cpu"
 
 

@@ -1,8 +1,8 @@
 """``batch``: the paper's "Adjust", PyTorch-equivalent (DESIGN 5.2).
 
 Dropout off; every recalibrated BN normalises with its *batch* mean and biased variance during the pass
-(onnxruntime's BN in training mode outputs them; or, where it cannot, the BN is fed s + mean_n(g1) and
-mean_n(g2) - mean_n(g1)^2 computed by taps: vsonnx.instrument.instrument_batch);
+(onnxruntime's BN in training mode outputs them, or operators in the graph compute them:
+vsonnx.instrument.instrument_batch);
 new mean = average of batch means, new var = average of unbiased batch variances, equal weight per batch.
 Equals PyTorch (BN modules in train mode, Dropout in eval, momentum=None) on the same batches.
 A batch with fewer than 2 values per channel for a BN (the unbiased variance of one value is undefined:
@@ -12,7 +12,7 @@ a BatchNorm1d with batch size 1, or a final batch of one sample) is skipped for 
 from __future__ import annotations
 
 from ..instrument import instrument_batch
-from ..runtime import cpu_provider, make_session, run_pass
+from ..runtime import cpu_provider, make_session, run_pass, split_threads
 from ..stats import BatchAverage, BnStatistics, CalibrationResult
 from . import EstimateRequest
 
@@ -31,9 +31,11 @@ class BatchPass:
     passes can share one pass over the data (vsonnx.runtime.run_passes)."""
 
     def __init__(self, request: EstimateRequest, dropout_active: bool, threads: int | None = None):
+        threads = threads or request.threads
         work, self.outputs = instrument_batch(request.model, request.targets, dropout_active,
-                                              request.report.channelwise_dropouts, cpu_provider(request.device))
-        self.session = make_session(work, device=request.device, threads=threads or request.threads)
+                                              request.report.channelwise_dropouts, cpu_provider(request.device),
+                                              split_threads(threads, 1)[0])
+        self.session = make_session(work, device=request.device, threads=threads)
         self.fetch = [name for out in self.outputs.values() for name in out.fetch()]
         self.label = "calibrating (batch, dropout on)" if dropout_active else "calibrating (batch)"
         self.estimators: dict[str, BatchAverage] = {}
