@@ -3,16 +3,18 @@
 Used by the data-free synthesis (vsonnx.methods.synthesized), which optimises inputs through the model, and
 by the distillation (vsonnx.methods.distill), which fits BN constants through it. ``channels_last=True``
 stores 4-D float tensors (conv weights, image inputs) channels-last: oneDNN's convolutions run about 20%
-faster on CPU that way (same results up to float rounding). Covers the
+faster on CPU that way (same results up to float rounding; the synthesis and the distillation use it). Covers the
 operators of exported CNN classifiers; any other operator (If/Loop/Scan with their subgraphs included) or a
 Conv with auto_pad is refused with a VsonnxError naming it. Float tensors are computed in float32 whatever the model's precision.
 
 Two switches change what the graph computes, as in PyTorch's ``train()``:
 - ``batch_norm="batch"`` normalises every BatchNormalization with the statistics of the batch it sees
-  (mean and biased variance over all axes but 1) and reports them to ``observe(bn_name, mean, var)``;
+  (mean and biased variance over all axes but 1; torch's fused kernel, with those statistics
+  differentiable: ``_BatchNormWithStatistics``) and reports them to ``observe(bn_name, mean, var)``;
   ``"stored"`` uses the model's running statistics.
 - ``dropout=True`` applies every Dropout with its ratio (inverted dropout: kept values scaled by 1/p);
-  nodes named in ``channelwise`` drop whole channels.
+  nodes named in ``channelwise`` drop whole channels. On the CPU the masks come from numpy's 16-bit draws
+  (as onnxruntime's simulation, vsonnx.random_feeds) seeded from torch's generator.
 - ``affine={bn_name: (a, c)}`` makes those BatchNormalizations compute ``a * x + c`` per channel (the
   inference BN written as one scale and shift; the distillation learns them); ``output_affine={node: (a, c)}``
   maps the first output y of those nodes to ``a * y + c`` per channel (axis 1; folded Conv/Gemm layers).
