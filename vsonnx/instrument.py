@@ -175,7 +175,8 @@ def simulate_dropouts(graph: gs.Graph, opset: int, dtypes: dict[str, int], seed:
 
         r = op("r", "Cast", [ratio], to=TensorProto.FLOAT)
         fed_shape = _random_input_shape(shapes, x.name, by_channel) if shapes is not None else None
-        if fed_shape is not None:  # drop where u < ceil(65536 r), compared as uint16 (at most 65535)
+        if fed_shape is not None:  # drop where u < ceil(65536 r), at most 65535, compared as uint16: the rule of
+            # random_feeds.drop_threshold, computed here in the graph because r may be a tensor
             u = gs.Variable(f"{RANDOM_PREFIX}{k}", dtype=np.uint16, shape=fed_shape)
             graph.inputs.append(u)
             levels = op("levels", "Ceil", [op("r_levels", "Mul", [r, _const(f"{prefix}_65536", np.float32(LEVELS))])])

@@ -186,8 +186,12 @@ class _BatchNormWithStatistics(torch.autograd.Function):
 
 
 def _memory_format(x: torch.Tensor):
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 4-D tensor stored channels-last (not one that is both, e.g. with C = 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _dropout(node, name, args, state):
@@ -200,7 +204,7 @@ def _dropout(node, name, args, state):
         return x
     if name in state.channelwise and x.dim() > 2:
         return x * state.keep_mask((*x.shape[:2], *[1] * (x.dim() - 2)), ratio, x.device)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _channels_last(x):
         n, c, h, w = x.shape  # the mask in x's layout: drawn as [N, H, W, C]
         return x * state.keep_mask((n, h, w, c), ratio, x.device).permute(0, 3, 1, 2)
     return x * state.keep_mask(tuple(x.shape), ratio, x.device)
