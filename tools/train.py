@@ -44,6 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cardinality", type=int, default=8, help="ResNeXt groups")
     p.add_argument("--base-width", type=int, default=64, help="ResNeXt width per group")
     p.add_argument("--growth", type=int, default=12, help="DenseNet growth rate k")
+    p.add_argument("--width", type=int, default=None,
+                   help="stem / first-stage channels: plain CNN (default 32), ResNeXt (default 64)")
+    p.add_argument("--head", choices=("linear", "mlp"), default="linear",
+                   help="plain CNN: classifier head (mlp: Linear -> [a] -> BatchNorm1d -> ReLU -> fc)")
+    p.add_argument("--bn-momentum", type=bn_momentum, default=0.1,
+                   help="BN running-statistics momentum, or 'cumulative' (the plain average of every batch)")
     p.add_argument("--dropout", type=float, default=0.0, help="drop ratio (or Uout beta)")
     p.add_argument("--placement", choices=PLACEMENTS, default="none")
     p.add_argument("--noise", choices=NOISES, default="dropout")
@@ -51,10 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="image folder tree (train/, test/) or python release")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="pad-4 random crop and horizontal flip")
     p.add_argument("--schedule", choices=("cosine", "step", "onecycle"), default="cosine")
     p.add_argument("--milestones", default="0.5,0.75", help="step schedule: fractions of training, x0.1 each")
     p.add_argument("--warmup-epochs", type=float, default=0.0)
@@ -72,6 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-export", action="store_true")
     return p.parse_args(argv)
+
+
+def bn_momentum(text: str) -> float | None:
+    """``--bn-momentum``: a number in (0, 1], or ``cumulative`` (PyTorch's momentum=None)."""
+    if text == "cumulative":
+        return None
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"BN momentum must be in (0, 1] or 'cumulative', got {text}")
+    return value
 
 
 def setup_distributed(device_kind: str):
@@ -170,9 +189,12 @@ def build_network(run: Run, num_classes: int):
     args = run.args
     dropout = DropoutConfig(args.placement, args.dropout if args.placement != "none" else 0.0, args.noise)
     options = {"widen": args.widen, "cardinality": args.cardinality, "base_width": args.base_width,
-               "growth": args.growth}
+               "growth": args.growth, "width": args.width, "head": args.head}
     torch.manual_seed(args.seed)
     model = build(args.arch, args.depth, num_classes, dropout, **options).to(run.device)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = args.bn_momentum
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if run.world > 1 and args.sync_bn:
@@ -188,13 +210,15 @@ def build_network(run: Run, num_classes: int):
 
 
 def make_optimizer(model, args) -> torch.optim.Optimizer:
-    """SGD with weight decay on weights of rank >= 2 only (not on BN parameters and biases)."""
+    """SGD (or Adam, with decoupled weight decay: AdamW) with weight decay on weights of rank >= 2 only (not on
+    BN parameters and biases)."""
     decay, no_decay = [], []
     for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
-    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=args.lr)
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
 
 
 def train_epoch(run: Run, net, optimizer, aug, data, order, generator, epoch: int, steps_per_epoch: int) -> dict:
@@ -210,7 +234,8 @@ def train_epoch(run: Run, net, optimizer, aug, data, order, generator, epoch: in
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             if len(idx) < 2:
                 continue
-            xb = aug.train(train_x[idx.to(train_x.device)], generator)
+            raw = train_x[idx.to(train_x.device)]
+            xb = aug.train(raw, generator) if args.augment else aug.normalise(raw)
             yb = train_y[idx].to(run.device, non_blocking=True)
             if run.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -233,8 +258,9 @@ def run_config(run: Run, argv, num_classes: int, dropout) -> dict:
     """Every choice of the run, as config.json records it."""
     return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
             "world_size": run.world, "device_kind": run.device_kind, "num_classes": num_classes,
-            "dropout_config": dropout.to_dict(), "optimizer": "SGD", "loss": "cross-entropy",
-            "augmentation": "pad 4 + random crop 32, horizontal flip, per-channel normalisation",
+            "dropout_config": dropout.to_dict(), "optimizer": "AdamW" if run.args.optimizer == "adam" else "SGD",
+            "loss": "cross-entropy", "augmentation": ("pad 4 + random crop 32, horizontal flip, " if run.args.augment
+                                                      else "") + "per-channel normalisation",
             "command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
 
 
@@ -298,7 +324,10 @@ def finish(run: Run, model, aug, test, data, config: dict, elapsed: float, dropo
               "train_wall_s": round(elapsed, 1), "epochs": args.epochs, "seed": args.seed, "command": config["command"],
               "arch": args.arch, "depth": args.depth, "dropout": dropout.to_dict(), "dataset": args.dataset,
               "test_samples": len(test_x), "train_samples": len(data["train"][0]), "device": str(run.device),
-              "world_size": run.world}
+              "world_size": run.world,
+              "recipe": {k: getattr(args, k) for k in ("optimizer", "lr", "bn_momentum", "augment", "batch_size",
+                                                       "weight_decay", "schedule", "width", "head", "widen",
+                                                       "growth", "cardinality", "base_width")}}
     if not args.no_export:
         export_model(model, args, data["classes"], result)
     (args.out / "card.json").write_text(json.dumps(result, indent=2))

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 from .common import NOISES, PLACEMENTS, DropoutConfig, StochasticDepth, Uout
 from .densenet import DenseNetBC, densenet
+from .plain import PlainCNN, plain_cnn
 from .preresnet import PreActResNet, preresnet, wide_resnet
 from .resnext import ResNeXt, resnext
 
-ARCHITECTURES = {"preresnet": preresnet, "wrn": wide_resnet, "resnext": resnext, "densenet": densenet}
+ARCHITECTURES = {"preresnet": preresnet, "wrn": wide_resnet, "resnext": resnext, "densenet": densenet,
+                 "plain": plain_cnn}
 
-__all__ = ["ARCHITECTURES", "NOISES", "PLACEMENTS", "DenseNetBC", "DropoutConfig", "PreActResNet", "ResNeXt",
+__all__ = ["ARCHITECTURES", "NOISES", "PLACEMENTS", "DenseNetBC", "DropoutConfig", "PlainCNN", "PreActResNet", "ResNeXt",
            "StochasticDepth", "Uout", "build"]
 
 
 def build(arch: str, depth: int, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(), **options):
     """Build a reference network; ``options`` are architecture specific (widen, cardinality, base_width,
-    growth)."""
+    growth, width, head)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
     if dropout.placement == "depth" and arch not in ("preresnet", "wrn"):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 PLACEMENTS = ("none", "a", "b", "final", "depth")
-NOISES = ("dropout", "uout")
+NOISES = ("dropout", "dropout2d", "uout")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class DropoutConfig:
             (Huang et al. 2016): each block's residual branch dropped per sample before the Add, so the
             next block's first BN sees the noise.
         ratio: drop probability (dropout) or beta (uout).
-        noise: ``dropout`` (inverted Bernoulli) or ``uout`` (X = x + x*r, r ~ U(-beta, beta)).
+        noise: ``dropout`` (inverted Bernoulli), ``dropout2d`` (whole channels of a feature map; elementwise
+            on a flat (N, C) input) or ``uout`` (X = x + x*r, r ~ U(-beta, beta)).
     """
 
     placement: str = "none"
@@ -35,16 +36,19 @@ class DropoutConfig:
             raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.placement == "depth" and self.noise != "dropout":
+        if self.placement == "depth" and self.noise not in ("dropout", "dropout2d"):
             raise ValueError("stochastic depth (placement depth) drops branches: noise must be dropout")
 
-    def layer(self, where: str) -> nn.Module:
-        """The noise layer for position ``where`` (``a``, ``b``, ``final`` or ``depth``), Identity elsewhere."""
+    def layer(self, where: str, feature_map: bool = True) -> nn.Module:
+        """The noise layer for position ``where`` (``a``, ``b``, ``final`` or ``depth``), Identity elsewhere;
+        ``feature_map`` False for a flat (N, C) input, where channel dropout is elementwise dropout."""
         if self.placement != where or self.ratio == 0:
             return nn.Identity()
         if where == "depth":
             return StochasticDepth(self.ratio)
-        return nn.Dropout(self.ratio) if self.noise == "dropout" else Uout(self.ratio)
+        if self.noise == "uout":
+            return Uout(self.ratio)
+        return nn.Dropout2d(self.ratio) if self.noise == "dropout2d" and feature_map else nn.Dropout(self.ratio)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -114,7 +114,7 @@ class PreActResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.drop_final = dropout.layer("final")
+        self.drop_final = dropout.layer("final", feature_map=False)
         self.fc = nn.Linear(cin, num_classes)
         init_weights(self)
 

@@ -48,28 +48,29 @@ class ResNeXt(nn.Module):
         cardinality: groups C of the 3x3 convolution (8 in ResNeXt-29 8x64d).
         base_width: width per group W in the first stage (64); doubles each stage.
         dropout: where and how noise is injected.
+        width: stem channels (64); the stages output 4, 8 and 16 times it.
     """
 
     def __init__(self, depth: int = 29, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(),
-                 cardinality: int = 8, base_width: int = 64):
+                 cardinality: int = 8, base_width: int = 64, width: int = 64):
         super().__init__()
         if (depth - 2) % 9:
             raise ValueError(f"ResNeXt depth must be 9n+2, got {depth}")
         n = (depth - 2) // 9
-        self.conv = conv3x3(3, 64)
-        self.bn = nn.BatchNorm2d(64)
+        self.conv = conv3x3(3, width)
+        self.bn = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        layers, cin = [], 64
+        layers, cin = [], width
         for stage in range(3):
             inner = cardinality * base_width * 2**stage
-            cout = 256 * 2**stage
+            cout = 4 * width * 2**stage
             for i in range(n):
                 layers.append(ResNeXtBlock(cin, cout, inner, cardinality, 2 if stage > 0 and i == 0 else 1, dropout))
                 cin = cout
         self.blocks = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.drop_final = dropout.layer("final")
+        self.drop_final = dropout.layer("final", feature_map=False)
         self.fc = nn.Linear(cin, num_classes)
         init_weights(self)
 
@@ -85,5 +86,5 @@ class ResNeXt(nn.Module):
 
 
 def resnext(depth: int = 29, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(),
-            cardinality: int = 8, base_width: int = 64, **_) -> ResNeXt:
-    return ResNeXt(depth, num_classes, dropout, cardinality, base_width)
+            cardinality: int = 8, base_width: int = 64, width: int | None = None, **_) -> ResNeXt:
+    return ResNeXt(depth, num_classes, dropout, cardinality, base_width, width or 64)

@@ -1,0 +1,81 @@
+"""The variance-shift suite (issue 23): small CIFAR-10 networks chosen to vary what decides which correction
+wins — architecture, placement, rate, noise, augmentation, BN momentum, training length, optimiser — each
+trainable on 2 CPU cores in minutes, plus no-dropout twins.
+
+``MEMBERS`` maps a name to its ``tools/train.py`` arguments; ``halves(seed)`` is the seeded design/check
+assignment (stratified by architecture: each architecture's members are shuffled and dealt alternately), fixed
+before any rule is tuned and written to ``models/suite/halves.json`` by ``python tools/suite.py assign``.
+"""
+from __future__ import annotations
+
+import random
+
+HALVES_SEED = 20261203
+TRAIN_THREADS = 1
+
+_PRE8 = ["--arch", "preresnet", "--depth", "8"]
+_PRE14 = ["--arch", "preresnet", "--depth", "14"]
+_PLAIN = ["--arch", "plain", "--depth", "6", "--width", "16"]
+_DENSE = ["--arch", "densenet", "--depth", "10", "--growth", "12"]
+_WRN = ["--arch", "wrn", "--depth", "10", "--widen", "2", "--limit-train", "25000"]
+_RESNEXT = ["--arch", "resnext", "--depth", "11", "--cardinality", "4", "--base-width", "4", "--width", "16",
+            "--limit-train", "20000"]
+
+
+def _drop(placement: str, rate: float, *extra: str) -> list[str]:
+    return ["--placement", placement, "--dropout", str(rate), *extra]
+
+
+MEMBERS: dict[str, list[str]] = {
+    "pre8-a05": [*_PRE8, *_drop("a", 0.5), "--epochs", "3"],
+    "plain6-a03": [*_PLAIN, *_drop("a", 0.3), "--epochs", "4"],
+    "dense10-a03": [*_DENSE, *_drop("a", 0.3), "--epochs", "2"],
+    "pre8-b05": [*_PRE8, *_drop("b", 0.5), "--epochs", "3"],
+    "plain6mlp-a05": [*_PLAIN, "--head", "mlp", *_drop("a", 0.5), "--epochs", "4"],
+    "pre8-sd02": [*_PRE8, *_drop("depth", 0.2), "--epochs", "3"],
+    "resnext11-a03": [*_RESNEXT, *_drop("a", 0.3), "--epochs", "2"],
+    "wrn10-2-b03": [*_WRN, *_drop("b", 0.3), "--epochs", "2"],
+    "pre8-a03-bnm001": [*_PRE8, *_drop("a", 0.3), "--bn-momentum", "0.01", "--epochs", "3"],
+    "plain6-2d-a02": [*_PLAIN, *_drop("a", 0.2, "--noise", "dropout2d"), "--epochs", "4"],
+    "pre8-a03-cumulative": [*_PRE8, *_drop("a", 0.3), "--bn-momentum", "cumulative", "--epochs", "3"],
+    "dense10-b02": [*_DENSE, *_drop("b", 0.2), "--epochs", "2"],
+    "pre8-a04-adam": [*_PRE8, *_drop("a", 0.4), "--optimizer", "adam", "--lr", "0.002", "--epochs", "3"],
+    "plain6-b03": [*_PLAIN, *_drop("b", 0.3), "--epochs", "4"],
+    "pre8-a02-noaug": [*_PRE8, *_drop("a", 0.2), "--no-augment", "--epochs", "3"],
+    "pre8-a03-short": [*_PRE8, *_drop("a", 0.3), "--epochs", "1"],
+    "plain9mlp-a02-adam-noaug": ["--arch", "plain", "--depth", "9", "--width", "12", "--head", "mlp",
+                                 *_drop("a", 0.2), "--optimizer", "adam", "--lr", "0.002", "--no-augment",
+                                 "--epochs", "3"],
+    "resnext11-b05": [*_RESNEXT, *_drop("b", 0.5), "--epochs", "2"],
+    "pre8-2d-a03": [*_PRE8, *_drop("a", 0.3, "--noise", "dropout2d"), "--epochs", "3"],
+    "dense10-a04-bnm001": [*_DENSE, *_drop("a", 0.4), "--bn-momentum", "0.01", "--epochs", "2"],
+    "pre14-a01": [*_PRE14, *_drop("a", 0.1), "--epochs", "2"],
+    "pre8-a03-long": [*_PRE8, *_drop("a", 0.3), "--epochs", "6"],
+    "pre8-none": [*_PRE8, "--epochs", "3"],
+    "plain6-none": [*_PLAIN, "--epochs", "4"],
+}
+
+TWINS = {"pre8-a05": "pre8-none", "pre8-b05": "pre8-none", "plain6-a03": "plain6-none",
+         "plain6-b03": "plain6-none"}
+
+
+def arch_of(name: str) -> str:
+    args = MEMBERS[name]
+    return args[args.index("--arch") + 1]
+
+
+def halves(seed: int = HALVES_SEED) -> dict[str, str]:
+    """Name -> ``design`` or ``check`` for every member with dropout; stratified by architecture."""
+    rng = random.Random(seed)
+    by_arch: dict[str, list[str]] = {}
+    for name in sorted(MEMBERS):
+        if name not in TWINS.values():
+            by_arch.setdefault(arch_of(name), []).append(name)
+    assignment, turn = {}, 0
+    for arch in sorted(by_arch):
+        names = by_arch[arch]
+        rng.shuffle(names)
+        for name in names:
+            assignment[name] = ("design", "check")[turn % 2]
+            turn += 1
+    return dict(sorted(assignment.items()))
