@@ -53,7 +53,8 @@ def broken_site(tmp_path, mean=None, var=None):
 @pytest.mark.parametrize("method", ["batch", "population", "relative"])
 def test_invalid_stored_statistics_poisoning_everything_downstream_is_exit_3(tmp_path, method):
     """A NaN mean (or a negative variance: sqrt of it is NaN) makes every value after the BN NaN: the BN is
-    refused (rule 4), the BN after it too (rule 5: its new statistics are NaN); nothing is written."""
+    refused (rule 4), and so is every other BN (rule 4: the written model would output NaN); nothing is
+    written."""
     for k, (mean, var) in enumerate((([np.nan, 0, 0, 0], None), (None, [1, -0.5, 1, 1]))):
         folder = tmp_path / str(k)
         folder.mkdir()
@@ -61,7 +62,7 @@ def test_invalid_stored_statistics_poisoning_everything_downstream_is_exit_3(tmp
         before = snapshot(folder)
         r = run("fix", path, "--calib", folder / "calib.npy", "--method", method, "--batch-size", 8, "--json")
         assert_user_error(r, folder, before, "'bn_direct': 4:")
-        assert "'bn_weight': 5:" in r.output
+        assert "'bn_weight': 4: 'bn_direct' make(s) every value after it NaN" in r.output
 
 
 @pytest.mark.parametrize("method", ["batch", "population", "relative"])
@@ -85,19 +86,29 @@ def test_scan_names_invalid_stored_statistics(tmp_path):
     path = broken_site(tmp_path, var=[1, -0.5, 1, 1])
     r = run("scan", path, "--json")
     rows = {b["name"]: b["fix"] for b in json.loads(r.output)["batchnorms"]}
+    assert rows["bn_direct"].startswith("refused: 4:") and rows["bn_weight"].startswith("refused: 4: 'bn_direct'")
+    path = broken_site(tmp_path, var=[1, np.inf, 1, 1])  # an infinite variance zeroes the output: only its BN
+    rows = {b["name"]: b["fix"] for b in json.loads(run("scan", path, "--json").output)["batchnorms"]}
     assert rows["bn_direct"].startswith("refused: 4:") and rows["bn_weight"] == "recalibrate"
 
 
-def test_closed_form_never_writes_a_negative_variance(tmp_path):
-    """The closed form used to 'clamp' a negative stored variance to a negative value: now refused (rule 4)."""
-    path = broken_site(tmp_path, var=[1, -0.5, 1, 1])
-    r = run("fix", path, "--data-free", "--synthetic", "0", "-o", tmp_path / "out.onnx", "--json")
-    report = json.loads(r.output[r.output.index("{"):])
-    assert r.exit_code == 0 and report["refused"]["bn_direct"].startswith("4:")
-    assert report["notes"]["bn_direct"].startswith("refused")
-    fixed = load_model(tmp_path / "out.onnx")
-    np.testing.assert_array_equal(bn_values(fixed, "bn_direct")[1], [1, -0.5, 1, 1])  # untouched, not "clamped"
-    assert (bn_values(fixed, "bn_weight")[1] > 0).all()  # the weight site is corrected from the constants
+@pytest.mark.parametrize("broken", ["bn_direct", "bn_weight"])
+@pytest.mark.parametrize("var", [[1, -0.5, 1, 1], [1, np.nan, 1, 1]])
+def test_closed_form_never_writes_a_model_that_outputs_nan(tmp_path, broken, var):
+    """A negative or NaN stored variance anywhere makes the model output NaN: the closed form (which measures
+    nothing, so rule 5 never sees the NaN) refuses every BN (rule 4) and writes nothing, whether the broken BN
+    is the site it would correct or the other one."""
+    model = cnn_with_sites()
+    for t in model.graph.initializer:
+        if t.name == f"{broken}_var":
+            t.CopyFrom(numpy_helper.from_array(np.asarray(var, np.float32), t.name))
+    path = save(model, tmp_path / "m.onnx")
+    before = snapshot(tmp_path)
+    r = run("fix", path, "--data-free", "--synthetic", "0", "-o", tmp_path / "out.onnx")
+    other = {"bn_direct": "bn_weight", "bn_weight": "bn_direct"}[broken]
+    assert_user_error(r, tmp_path, before, f"'{other}': 4: '{broken}' make(s) every value after it NaN")
+    rows = {b["name"]: b["fix"] for b in json.loads(run("scan", path, "--json").output)["batchnorms"]}
+    assert rows[broken].startswith("refused: 4: its stored") and rows[other].startswith(f"refused: 4: '{broken}'")
 
 
 def test_every_bn_refused_is_exit_3_listing_each(tmp_path):

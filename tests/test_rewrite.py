@@ -61,7 +61,7 @@ def test_scan_shows_the_refusal_fix_would_make():
 
     g = GraphBuilder()
     h = g.bn(g.dropout("x", 0.5, "d"), 3, "bn_ok")
-    h = g.bn(h, 3, "bn_broken", var=[1.0, -1.0, 1.0])
+    h = g.bn(h, 3, "bn_broken", var=[1.0, np.inf, 1.0])
     model = g.build(h)
     decisions = {d.name: d.refusal for d in plan(model, find_sites(model), "sites")}
     assert decisions["bn_ok"] is None and decisions["bn_broken"].startswith("4:")

@@ -6,8 +6,10 @@
   1. its running mean/var are not constants (initializers, Identity nodes of them, or constant subgraphs
      such as ConstantOfShape, which the written model then holds as initializers of this BN)
   2. it is in training mode  3. no statistics were measured
-  4. its stored mean/var are not finite, or the variance is negative (the model is broken there; values
-     computed downstream of it are not trusted either, and rule 5 catches them);
+  4. its stored mean/var are not finite, or the variance is negative (the model is broken there); and every
+     BN of a model where one BN holds a stored mean that is not finite or a variance that is NaN or negative
+     (``poisons``: every value after it is NaN, so a written model would output NaN whatever else is
+     fixed; an infinite variance only zeroes its output and refuses that BN alone);
   ``plan`` runs find + check, so what `scan` shows per BN is what `fix` does;
   ``invalid_statistics`` checks every new statistic before anything is written:
   5. a new mean/var that is not finite, or a negative variance  6. statistics estimated from fewer than
@@ -59,9 +61,26 @@ def refusal(index: GraphIndex, node: onnx.NodeProto, info: BatchNormInfo,
     if stats is not None and info.name not in stats:
         return "3: no statistics were measured for it"
     mean, var = (np.asarray(index.constant(n), np.float64) for n in node.input[3:5])
-    if not (np.isfinite(mean).all() and np.isfinite(var).all()) or (var < 0).any():
+    if poisons(mean, var) or not np.isfinite(var).all():
         return "4: its stored running mean/var are not finite or the variance is negative"
     return None
+
+
+def poisons(mean: np.ndarray, var: np.ndarray) -> bool:
+    """Stored statistics that make every value after the BN NaN: a mean that is not finite, a variance that
+    is NaN or negative (sqrt of it is NaN); +inf alone only zeroes the output."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    return bool(not np.isfinite(mean).all() or np.isnan(var).any() or (var < 0).any())
+
+
+def poisoning_batchnorms(index: GraphIndex) -> dict[str, onnx.NodeProto]:
+    """The BNs whose stored statistics are constants that poison (see poisons), by name."""
+    found = {}
+    for name, node in index.batchnorms().items():
+        stored = [index.constant(i) for i in node.input[3:5]]
+        if len(stored) == 2 and stored[0] is not None and stored[1] is not None and poisons(*stored):
+            found[name] = node
+    return found
 
 
 def invalid_statistics(stats: BnStatistics) -> str | None:
@@ -87,7 +106,10 @@ def plan(model: onnx.ModelProto, report: ScanReport, scope: str) -> list[Decisio
     """find + check for every BN in scope, in graph order."""
     index = GraphIndex(model)
     nodes = index.batchnorms()
-    return [Decision(b.name, refusal(index, nodes[b.name], b)) for b in targets(report.batchnorms, scope)]
+    broken = ", ".join(f"'{n}'" for n in list(poisoning_batchnorms(index))[:3])
+    poisoned = f"4: {broken} make(s) every value after it NaN, so a model written from this one would too"
+    return [Decision(b.name, refusal(index, nodes[b.name], b) or (poisoned if broken else None))
+            for b in targets(report.batchnorms, scope)]
 
 
 class RecalibrateBatchNorm:
