@@ -28,7 +28,8 @@ def test_npy_npz_and_folder(tmp_path):
     np.save(tmp_path / "a.npy", x)
     np.savez(tmp_path / "b.npz", x=x, y=y)
     got, labels = collect(open_source(tmp_path / "a.npy", MODEL, shuffle=False))
-    np.testing.assert_array_equal(got, x) and labels is None
+    np.testing.assert_array_equal(got, x)
+    assert labels is None
     got, labels = collect(open_source(tmp_path / "b.npz", MODEL, shuffle=True, seed=3))
     order = np.random.default_rng(3).permutation(30)
     np.testing.assert_array_equal(got, x[order])
@@ -95,6 +96,10 @@ def test_python_reader_function_and_get_next(tmp_path):
     (lambda p: np.savez(p / "k.npz", z=np.zeros(3)) or p / "k.npz", "expected 'x'"),
     (lambda p: (p / "t.txt").write_text("hi") and p / "t.txt", "not a .npy"),
     (lambda p: f"{p}/nope.py:f", "does not exist"),
+    (lambda p: np.save(p / "s.npy", np.full((4, 3, 8, 8), "a")) or p / "s.npy", "an array of <U1, not of real numbers"),
+    (lambda p: np.savez(p / "s.npz", x=np.full((4, 3, 8, 8), "1.5")) or p / "s.npz", "not of real numbers"),
+    (lambda p: np.save(p / "c.npy", np.ones((4, 3, 8, 8), np.complex64)) or p / "c.npy", "complex64, not of real"),
+    (lambda p: np.save(p / "o.npy", np.full((4, 3, 8, 8), None), allow_pickle=True) or p / "o.npy", "cannot read"),
 ])
 def test_source_errors(tmp_path, make, needle):
     with pytest.raises(VsonnxError, match=needle):

@@ -636,6 +636,10 @@ def _check_channels(spec: InputSpec, channels: int, layout: str, what: str) -> N
 
 
 def _check_array(array: np.ndarray, spec: InputSpec, where: str) -> None:
+    """A user error unless ``array`` holds numbers (bool, int, float) in a shape that fits ``spec``."""
+    if array.dtype.kind not in "biuf":
+        raise VsonnxError(f"{where}: an array of {array.dtype}, not of real numbers; model input '{spec.name}' takes "
+                          f"{spec.dtype}.", "save the inputs as a numeric array (e.g. float32 or uint8 pixels).")
     if spec.shape is None:
         return
     if array.ndim != len(spec.shape):
