@@ -210,3 +210,41 @@ def test_the_cuda_provider_keeps_its_draws_in_the_graph():
         work, _ = instrument_batch(model, ["bn_direct", "bn_weight"], dropout_active=True, cpu=cpu)
         assert any(i.name.startswith(RANDOM_PREFIX) for i in work.graph.input) == fed
         assert any(n.op_type == "RandomUniformLike" for n in work.graph.node) != fed
+
+
+def model_with_unnamed_constant():
+    """conv -> Dropout(ratio from a Constant node) -> Mul by an unnamed Constant node's tensor -> BN."""
+    from onnx import numpy_helper
+
+    g = GraphBuilder()
+    h = g.dropout(g.conv("x", 3, 4), 0.5, "d", form="constant")
+    g.node("Constant", [], "c", outputs=["c_value"], value=numpy_helper.from_array(np.ones((1, 4, 1, 1), np.float32)))
+    g.nodes[-1].name = ""
+    return g.build(g.bn(g.node("Mul", [h, "c_value"]), 4, "bn"))
+
+
+def test_working_copies_leave_the_source_model_byte_identical():
+    """gs's export used to set .name on the source's TensorProtos (here the unnamed Constant's value)."""
+    model = model_with_unnamed_constant()
+    before = model.SerializeToString()
+    working_copy(model)
+    insert_dropouts(model, {"conv1_out": 0.5}, training=True)
+    bn_levels(model, ["bn"])
+    assert model.SerializeToString() == before
+
+
+def test_a_fix_writes_the_untouched_nodes_as_they_were(tmp_path):
+    """Every node of the written model is the input's node, byte for byte (only BN constants change)."""
+    import vsonnx
+    from conftest import save
+
+    model = model_with_unnamed_constant()
+    path = save(model, tmp_path / "m.onnx")
+    before = (tmp_path / "m.onnx").read_bytes()
+    np.save(tmp_path / "x.npy", X)
+    for method in ("population", "relative"):
+        out = tmp_path / f"{method}.onnx"
+        vsonnx.fix(path, tmp_path / "x.npy", method=method, output=out, batch_size=8)
+        written = onnx.load(str(out))
+        assert [n.SerializeToString() for n in written.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    assert (tmp_path / "m.onnx").read_bytes() == before

@@ -5,6 +5,7 @@ Every edit here goes through onnx-graphsurgeon: ``gs.import_onnx``, tensors and 
 ``cleanup`` (pruning to the wanted outputs) and ``toposort``, then ``gs.export_onnx``. A gs round trip drops
 node metadata and may drop initializers from the graph inputs of IR 3 models: that is harmless here, since
 working copies are only ever run, never written; the written model is edited in place by vsonnx.rewrite.
+Graphs are imported from a private copy (``import_graph``), so the source model stays byte for byte as it was.
 
 Statistic taps: for a BN input x of shape [N, C, ...] a copy computes per-sample moments of x shifted by
 the BN's stored running mean s (close to the real mean, so E[y^2] - E[y]^2 does not cancel badly):
@@ -48,6 +49,15 @@ def nodes_by_name(graph: gs.Graph) -> dict[str, gs.Node]:
     return {node_name(n): n for n in graph.nodes}
 
 
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx`` of a private copy: gs keeps the source's TensorProtos as constant values and its
+    export sets their ``name`` (e.g. on an unnamed Constant node's tensor), which would change the model a
+    working copy was made from."""
+    private = onnx.ModelProto()
+    private.CopyFrom(model)
+    return gs.import_onnx(private)
+
+
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` with the opsets and model metadata of ``like`` (gs keeps neither metadata nor, for
     IR 3, the initializers among the inputs; the copy gets at least IR 4, which needs neither)."""
@@ -81,7 +91,7 @@ def working_graph(model: onnx.ModelProto, keep_dropout_modes: bool = False) -> g
     """A gs graph of ``model`` with dropout off (training_mode inputs forced false, is_test set, unless
     ``keep_dropout_modes``), a symbolic batch dimension on every graph input and output, and no stale
     intermediate shapes."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     off = _const("vsonnx_false", False)
     for node in graph.nodes if not keep_dropout_modes else []:
         if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
@@ -215,7 +225,7 @@ def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training
     """A copy with Dropout(ratio, training_mode) on each site tensor, feeding all its former consumers; a
     site in ``before_bias`` (the output of a Conv/Gemm) gets it between the layer's product and its bias.
     Refuses a site that is a graph output."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     tensors = graph.tensors()
     outputs = {t.name for t in graph.outputs}
     for k, ((name, ratio), node_seed) in enumerate(zip(sites.items(), dropout_seeds(seed, len(sites)))):
