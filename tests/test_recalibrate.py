@@ -1,3 +1,4 @@
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,6 +37,24 @@ def test_fix_rewrites_only_bn_statistics_and_records_provenance(setup):
     meta = get_metadata(new)
     assert meta["vsonnx.method"] == "batch" and meta["vsonnx.samples"] == "32"
     assert "vsonnx.old_statistics_sha256" in meta and meta["vsonnx.version"] == vsonnx.__version__
+    # the data is identified without its path: its name and a digest of its bytes
+    assert meta["vsonnx.calibration_source"] == "calib.npz" and str(tmp) not in str(meta)
+    assert meta["vsonnx.calibration_sha256"] == hashlib.sha256((tmp / "calib.npz").read_bytes()).hexdigest()[:16]
+
+
+def test_source_identity_names_the_data_without_its_path(tmp_path):
+    from vsonnx.data import source_identity
+
+    folder = tmp_path / "home" / "alice" / "cifar"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "1.png").write_bytes(b"x" * 10)
+    first = source_identity(folder)
+    assert first["calibration_source"] == "cifar" and "alice" not in str(first)
+    (folder / "cat" / "2.png").write_bytes(b"y")
+    assert source_identity(folder)["calibration_sha256"] != first["calibration_sha256"]  # another file: another digest
+    (tmp_path / "r.py").write_text("def feeds(): return []\n")
+    assert source_identity(f"{tmp_path}/r.py:feeds")["calibration_source"] == "r.py:feeds"
+    assert source_identity("some.module:feeds") == {"calibration_source": "some.module:feeds"}
 
 
 def test_fixed_model_reproduces_population_statistics_in_ort(setup):

@@ -16,6 +16,7 @@ Shuffling (seeded) happens before ``limit``; Python readers are used in their ow
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -686,6 +687,34 @@ def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = Tru
     for note in pre.notes:
         warn(note)
     return ImageFolderSource(path, inputs, pre, shuffle=shuffle, seed=seed, limit=limit, workers=workers)
+
+
+def source_identity(spec) -> dict[str, str]:
+    """What identifies a data source in a written model's provenance without its path: the last path
+    component (``FILE.py:FUNC`` keeps the file's name and the function), and a SHA-256 (16 hex digits) of
+    a file's bytes, or of a folder's sorted relative file names and sizes (contents of 50,000 images are
+    not read again). A Source object passed from Python is named by its class."""
+    if isinstance(spec, Source):
+        return {"calibration_source": type(spec).__name__}
+    text = str(spec)
+    path = Path(text)
+    reader = ":" in text and not path.exists()
+    if reader:
+        file, _, func = text.rpartition(":")
+        path, name = Path(file), f"{Path(file).name}:{func}"
+    else:
+        name = path.name
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    elif path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\n".encode())
+    else:  # a module:FUNC reader: the name is all there is
+        return {"calibration_source": name}
+    return {"calibration_source": name, "calibration_sha256": digest.hexdigest()[:16]}
 
 
 def check_finite(batch: Batch, source: Source) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from ._version import __version__
-from .data import check_settings, open_source, replayable, split_source
+from .data import check_settings, open_source, replayable, source_identity, split_source
 from .errors import VsonnxError, collected_warnings
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
@@ -198,7 +198,7 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
                 source, job.val_source = split_source(whole, options.val_split, options.seed)
                 refit = functools.partial(_refit, job, source=whole)
             candidates = _calibrated_candidates(job, replayable(source) if job.choosing else source, method)
-            _finish(job, candidates, {"calibration_source": str(calib)}, default=method, expected=job.names,
+            _finish(job, candidates, source_identity(calib), default=method, expected=job.names,
                     refit=refit)
         else:
             job.report.message = reason
@@ -287,7 +287,7 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
                                 for name, (a, _) in affine.items()}
             name = "distill (named dropout sites)" if method == "distill" else "population"
             _finish(job, [Candidate(name, result.statistics, result, affine)], {
-                "calibration_source": str(calib), "dropout_sites": json.dumps(resolved),
+                **source_identity(calib), "dropout_sites": json.dumps(resolved),
                 "folded_layers_corrected": json.dumps(list(affine))}, default=None)
             job.report.message = (f"{'fitted' if method == 'distill' else 're-estimated'} {len(result.statistics)} "
                                   f"BatchNormalization layer(s) and corrected "
