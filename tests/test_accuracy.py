@@ -20,6 +20,43 @@ def test_eval_and_compare(setup):
     assert d["delta_top1"] == 0 and d["agreement"] == 100 and d["max_abs_diff"] == 0
 
 
+def ort_logits(path, x):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def two_models(tmp):
+    """Two different networks of one shape and 200 labelled samples."""
+    from conftest import cnn_with_sites, save
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((200, 3, 8, 8)) + 0.3).astype(np.float32)
+    y = ort_logits(save(cnn_with_sites(seed=0), tmp / "a.onnx"), x).argmax(1)
+    y = np.where(rng.random(200) < 0.3, rng.integers(0, 5, 200), y)  # model A right on ~75%
+    np.savez(tmp / "data.npz", x=x, y=y)
+    return tmp / "a.onnx", save(cnn_with_sites(seed=3), tmp / "b.onnx"), x, y
+
+
+def test_compare_of_two_models_equals_numpy(tmp_path):
+    """delta, agreement, max |logit difference| and the paired interval against numpy over onnxruntime
+    outputs (optimisations off); a compare that returned zeros or one model twice would fail."""
+    a, b, x, y = two_models(tmp_path)
+    la, lb = ort_logits(a, x), ort_logits(b, x)
+    hits_a, hits_b = la.argmax(1) == y, lb.argmax(1) == y
+    d = hits_b.astype(float) - hits_a
+    se = np.sqrt(np.sum((d - d.mean()) ** 2) / (len(d) - 1) / len(d))
+    r = run("compare", a, b, "--data", tmp_path / "data.npz", "--json", "--batch-size", 64)
+    got = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and abs(d.mean()) > 0.05  # the two models really differ
+    assert got["delta_top1"] == pytest.approx(100 * d.mean())
+    assert got["agreement"] == pytest.approx(100 * np.mean(la.argmax(1) == lb.argmax(1)))
+    assert got["max_abs_diff"] == pytest.approx(np.abs(la - lb).max(), rel=1e-5)
+    assert got["delta_top1_ci95"] == pytest.approx([100 * (d.mean() - 1.96 * se), 100 * (d.mean() + 1.96 * se)])
+
+
 def test_eval_matches_numpy_argmax(setup):
     tmp, model_path = setup
     import onnxruntime as ort
@@ -48,3 +85,9 @@ def test_compare_says_whether_the_difference_is_significant(setup, tmp_path):
     tmp, model_path = setup
     r = run("compare", model_path, model_path, "--data", tmp / "val.npz")
     assert "paired 95% interval [+0.00, +0.00] (unchanged)" in r.output
+    a, b, _, _ = two_models(tmp_path)
+    got = json.loads((r := run("compare", a, b, "--data", tmp_path / "data.npz", "--json")).output[r.output.index("{"):])
+    low, high = got["delta_top1_ci95"]
+    verdict = "B is better" if low > 0 else "B is worse" if high < 0 else "not significant"
+    text = run("compare", a, b, "--data", tmp_path / "data.npz").output
+    assert f"paired 95% interval [{low:+.2f}, {high:+.2f}]" in text and verdict in text

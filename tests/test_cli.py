@@ -12,8 +12,14 @@ def model_file(tmp_path):
 
 
 def test_help_and_version():
-    assert run("--help").exit_code == 0
-    assert run("scan", "-h").exit_code == 0
+    import vsonnx
+
+    r = run("--help")
+    assert r.exit_code == 0 and all(c in r.output for c in ("scan", "fix", "eval", "compare"))
+    r = run("scan", "-h")
+    assert r.exit_code == 0 and "--json" in r.output
+    r = run("--version")
+    assert r.exit_code == 0 and vsonnx.__version__ in r.output
 
 
 def test_scan_table_and_json(model_file):

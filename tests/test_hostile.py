@@ -459,6 +459,7 @@ def test_skipped_files_are_reported(tmp_path):
         Image.new("RGB", (8, 8)).save(p)
     (root / "cat" / "notes.txt").write_text("x")
     r = run("fix", path, "--calib", root, "--batch-size", 2, "--method", "population", "-o", tmp_path / "o.onnx")
+    assert r.exit_code == 0 and "on 1 samples" in r.output  # only cat/a.png was read
     assert "skipped 1 images at the top level beside class folders" in r.output
     assert "skipped 1 folders nested inside a class folder" in r.output
     assert "skipped 1 files that are not images" in r.output
@@ -549,7 +550,21 @@ def test_named_sites_on_a_legacy_export_with_identity_routed_statistics(tmp_path
             "--json")
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 0 and [b["name"] for b in report["batchnorms"]] == ["bn"]
-    assert not np.allclose(report["batchnorms"][0]["new_var"], report["batchnorms"][0]["old_var"])
+    # dropout off at inference: the BN's new statistics are the moments of c2's output (onnxruntime without
+    # optimisations up to that tensor, numpy over N, H, W), written behind the Identity nodes
+    import onnxruntime as ort
+    from onnx import helper as onnx_helper
+
+    probe = load_model(path)
+    probe.graph.output.append(onnx_helper.make_tensor_value_info("c2_out", 1, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    y = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        ["c2_out"], {"x": np.load(tmp_path / "x.npy")})[0].astype(np.float64)
+    np.testing.assert_allclose(report["batchnorms"][0]["new_mean"], y.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(report["batchnorms"][0]["new_var"], y.var(axis=(0, 2, 3)), rtol=1e-4)
+    m, v = bn_values(load_model(tmp_path / "o.onnx"), "bn")
+    np.testing.assert_allclose(v, y.var(axis=(0, 2, 3)), rtol=1e-4)
 
 
 def test_an_unwritable_plot_path_fails_before_measuring(tmp_path):

@@ -61,7 +61,16 @@ class InputSpec:
             shape = None
             if tensor.HasField("shape"):
                 shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
-            specs.append(cls(value.name, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
+            try:
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+            except Exception:  # UNDEFINED or an unknown element type
+                dtype = np.dtype(object)
+            if dtype.kind not in "biuf":
+                raise VsonnxError(f"model input '{value.name}' is of type "
+                                  f"{onnx.TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type in onnx.TensorProto.DataType.values() else tensor.elem_type}"
+                                  "; vsonnx feeds numbers (bool, integer or float inputs).",
+                                  "calibrate a model whose inputs are numeric tensors.")
+            specs.append(cls(value.name, shape, dtype))
         return specs
 
 

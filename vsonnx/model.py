@@ -25,7 +25,7 @@ from pathlib import Path
 
 import onnx
 
-from .errors import VsonnxError
+from .errors import VsonnxError, warn
 
 METADATA_PREFIX = "vsonnx."
 
@@ -92,8 +92,11 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
             f"'{p}' uses ONNX opset {opset}, newer than this onnx package knows ({onnx.defs.onnx_opset_version()}).",
             "upgrade the onnx package, or export with a lower opset.",
         )
-    from .graph import check_structure
+    from .graph import check_structure, sort_topologically
 
+    if sort_topologically(model):
+        warn(f"'{p}': its nodes were not in topological order (as ONNX requires); vsonnx sorted them, and a "
+             "model it writes has them in that order.")
     check_structure(model, f"'{p}'")
     return model
 

@@ -27,14 +27,15 @@ from .sites import BatchNormInfo, DropoutInfo
 def squared_weight_rows(index: GraphIndex, node: onnx.NodeProto, shapes: dict) -> np.ndarray | None:
     """[outputs, inputs per group]: sum over kernel taps of W^2 times the tap's in-bounds fraction."""
     w = index.constant(node.input[1])
-    if w is None:
+    if w is None or np.ndim(w) < (3 if node.op_type == "Conv" else 2):  # not a weight of this op's rank
         return None
     w = np.asarray(w, np.float64)
     if node.op_type == "Conv":
         kernel = w.shape[2:]
         frac = np.ones(kernel)
         x_shape, y_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
-        if x_shape and y_shape and all(isinstance(d, int) for d in (*x_shape[2:], *y_shape[2:])):
+        if (x_shape and y_shape and len(x_shape) == len(y_shape) == len(kernel) + 2  # else a declared shape lies
+                and all(isinstance(d, int) for d in (*x_shape[2:], *y_shape[2:]))):
             nd = len(kernel)
             pads = attribute(node, "pads", [0] * 2 * nd)
             if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):

@@ -361,7 +361,7 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     if not winner.stats and not winner.affine:
         _refuse_all(report.refused)
     fixed = with_statistics(apply_affine(job.model, winner.affine) if winner.affine else job.model, winner.stats)
-    validate(fixed)
+    validate(fixed, job.model)
     written = winner.name if winner.result.method in CALIBRATED else _label(winner)
     save_model(fixed, job.out, input_path=job.path, in_place=job.options.in_place, provenance={
         "method": written,

@@ -5,7 +5,7 @@
 - check: ``refusal(index, node, info, stats)`` returns None or why a BN is not rewritten:
   1. its running mean/var are not constants (initializers, Identity nodes of them, or constant subgraphs
      such as ConstantOfShape, which the written model then holds as initializers of this BN)
-  2. it is in training mode  3. no statistics were measured
+  2. it is in training mode  3. no statistics were measured (or can be: its output reaches no graph output)
   4. its stored mean/var are not finite, or the variance is negative (the model is broken there); and every
      BN of a model where one BN holds a stored mean that is not finite or a variance that is NaN or negative
      (``poisons``: every value after it is NaN, so a written model would output NaN whatever else is
@@ -58,6 +58,8 @@ def refusal(index: GraphIndex, node: onnx.NodeProto, info: BatchNormInfo,
         return "1: running mean/var are computed from the data, not constants"
     if info.training_mode:
         return "2: BatchNormalization is in training mode"
+    if id(node) not in index.live:
+        return "3: its output reaches no graph output, so nothing measures it (and it changes no output)"
     if stats is not None and info.name not in stats:
         return "3: no statistics were measured for it"
     mean, var = (np.asarray(index.constant(n), np.float64) for n in node.input[3:5])
@@ -245,10 +247,18 @@ def apply_affine(model: onnx.ModelProto, corrections: dict[str, tuple[np.ndarray
     return out
 
 
-def validate(model: onnx.ModelProto) -> None:
-    """The onnx checker and an onnxruntime session must both accept a model before it is written."""
+def validate(model: onnx.ModelProto, source: onnx.ModelProto | None = None) -> None:
+    """The onnx checker and an onnxruntime session with its default graph optimisations (what a user's
+    session resolves: a dead node whose shapes contradict each other passes with optimisations off) must
+    both accept a model before it is written; the checker only where it accepts ``source``, the model it was
+    made from (a model the checker already refused, e.g. a graph output without a shape, stays as it was)."""
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise RuntimeError(f"vsonnx produced an invalid model (bug): {exc}") from None
-    make_session(model, device="cpu", optimize=False)
+        try:
+            onnx.checker.check_model(source) if source is not None else None
+        except onnx.checker.ValidationError:
+            pass
+        else:
+            raise RuntimeError(f"vsonnx produced an invalid model (bug): {exc}") from None
+    make_session(model, device="cpu", optimize=True)
