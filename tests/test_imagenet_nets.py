@@ -35,7 +35,54 @@ def export_and_fix(tmp_path, arch: str, exporter: str, size: int, samples: int, 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_small_mobilenet_v2_exports_both_ways_and_fixes(tmp_path, exporter):
-    export_and_fix(tmp_path, "mobilenet_v2", exporter, size=32, samples=16)
+    export_and_fix(tmp_path, "mobilenet_v2", exporter, size=32, samples=16, methods=("batch", "population"))
+    assert_population_is_pytorchs_fixed_point(tmp_path, "mobilenet_v2", tmp_path / "population.onnx",
+                                              tmp_path / f"mobilenet_v2.{exporter}.onnx")
+
+
+def assert_population_is_pytorchs_fixed_point(tmp_path, arch, fixed_path, original_path):
+    """The population fix's statistics loaded into the PyTorch net (BNs matched in execution order, dropout
+    off): every BN it rewrote (the sites and what is downstream of them) has an input, as PyTorch computes
+    it, with exactly the stored mean and (biased) variance over all the calibration samples. That fixed
+    point is what exact inference statistics are."""
+    from onnx import numpy_helper
+
+    from vsonnx.graph import GraphIndex
+
+    torch.manual_seed(0)
+    net = build_imagenet(arch, num_classes=10).eval()
+    def statistics(path):
+        index = GraphIndex(onnx.load(str(path)))
+        return [tuple(numpy_helper.to_array(index.initializers[index.initializer_behind(n.input[k])]) for k in (3, 4))
+                for n in index.topological_order if n.op_type == "BatchNormalization"]
+
+    stored, original = statistics(fixed_path), statistics(original_path)
+    rewritten = [k for k, (a, b) in enumerate(zip(stored, original)) if not np.array_equal(a[1], b[1])]
+    assert len(rewritten) >= IMAGENET_SITES[arch]
+    order, moments = [], {}
+
+    def hook(module, inputs, output):
+        x = inputs[0].double()
+        axes = [0] + list(range(2, x.dim()))
+        moments[id(module)] = (x.mean(axes).numpy(), x.var(axes, unbiased=False).numpy())
+        if id(module) not in [id(m) for m in order]:
+            order.append(module)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x = torch.from_numpy(np.load(tmp_path / "x.npy"))
+    with torch.no_grad():
+        net(x)  # the execution order
+        assert [len(m.running_mean) for m in order] == [len(mean) for mean, _ in stored]
+        for module, (mean, var) in zip(order, stored):
+            module.running_mean.copy_(torch.from_numpy(mean))
+            module.running_var.copy_(torch.from_numpy(var))
+        net(x)  # every BN's input with the fixed statistics upstream
+    for h in handles:
+        h.remove()
+    for k in rewritten:
+        (mean, var), (got_mean, got_var) = stored[k], moments[id(order[k])]
+        np.testing.assert_allclose(mean, got_mean, rtol=2e-3, atol=2e-4 * np.sqrt(got_var.max()), err_msg=f"BN {k}")
+        np.testing.assert_allclose(var, got_var, rtol=2e-3, atol=1e-6, err_msg=f"BN {k}")
 
 
 def test_small_efficientnet_b0_from_the_default_exporter_fixes(tmp_path):

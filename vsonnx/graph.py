@@ -351,9 +351,16 @@ def sort_topologically(model: onnx.ModelProto) -> bool:
     """Put the top-level nodes in topological order in place (ONNX requires it; some tools write other
     orders); True when they were not in it. A graph with a cycle is left for check_structure to refuse."""
     index = GraphIndex(model)
-    order = index.topological_order
-    if [id(n) for n in order] == [id(n) for n in model.graph.node] or _has_cycle(index) is not None:
+    seen: set[str] = set()
+    in_order = True
+    for node in model.graph.node:
+        if any(i in index.producer and i not in seen for i in node.input):
+            in_order = False
+            break
+        seen.update(node.output)
+    if in_order or _has_cycle(index) is not None:
         return False
+    order = index.topological_order
     nodes = [onnx.NodeProto() for _ in order]
     for copy, node in zip(nodes, order):
         copy.CopyFrom(node)
