@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper as onnx_helper
 from onnx import numpy_helper
@@ -389,3 +390,36 @@ def test_classic_model_zoo_models_fix_with_every_method(tmp_path, name, bns, met
     inits = {t.name for t in fixed.graph.initializer}
     assert fixed.ir_version == 3 and inits <= {i.name for i in fixed.graph.input}
     assert all(set(n.input[3:5]) <= inits for n in fixed.graph.node if n.op_type == "BatchNormalization")
+    if method == "population":  # exact inference statistics: each BN's input has its stored moments
+        moments = bn_input_moments(fixed, np.load(tmp_path / "x.npy"))
+        by_name = {b["name"]: b for b in report.batchnorms}
+        for node in (n for n in fixed.graph.node if n.op_type == "BatchNormalization"):
+            mean, var = moments[node.input[0]]
+            got = by_name[node.name]
+            np.testing.assert_allclose(got["new_mean"], mean, rtol=1e-3, atol=1e-4 * np.sqrt(var.max()) + 1e-6)
+            # vsonnx sums float32 moments of x - s, s the stored mean: where s is far from the real mean
+            # (the light copies' ConstantOfShape statistics) E[y^2] - E[y]^2 cancels at float32 precision
+            far = ((mean - np.asarray(got["old_mean"])) ** 2).max()
+            np.testing.assert_allclose(got["new_var"], var, rtol=2e-3, atol=1e-3 * var.max() + 1e-6 * far)
+
+
+def bn_input_moments(model, x):
+    """{BN input tensor: (mean, biased var) per channel over the samples of x} from onnxruntime with graph
+    optimisations off, one sample per run (the models bake a batch of 1 into Reshapes), combined in numpy."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    tensors = [n.input[0] for n in probe.graph.node if n.op_type == "BatchNormalization"]
+    probe.graph.output.extend(onnx_helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = next(i.name for i in session.get_inputs())
+    runs = [session.run(tensors, {feed: x[k:k + 1]}) for k in range(len(x))]
+    moments = {}
+    for j, t in enumerate(tensors):
+        values = np.concatenate([r[j].astype(np.float64) for r in runs])  # [N, C, H, W]
+        flat = values.transpose(1, 0, *range(2, values.ndim)).reshape(values.shape[1], -1)
+        moments[t] = flat.mean(1), flat.var(1)
+    return moments

@@ -138,14 +138,16 @@ class GraphIndex:
 
     @cached_property
     def live(self) -> frozenset[int]:
-        """ids of the nodes whose outputs reach a graph output."""
+        """ids of the nodes whose outputs reach a graph output (an If/Loop/Scan reads the outer tensors its
+        subgraphs name as well as its own inputs)."""
         seen: set[int] = set()
         stack = [self.producer[o] for o in self.graph_outputs if o in self.producer]
         while stack:
             node = stack.pop()
             if id(node) not in seen:
                 seen.add(id(node))
-                stack.extend(self.producer[i] for i in node.input if i in self.producer)
+                reads = list(node.input) + [i for g in subgraphs(node) for n in g.node for i in n.input]
+                stack.extend(self.producer[i] for i in reads if i in self.producer)
         return frozenset(seen)
 
     @cached_property
@@ -217,6 +219,16 @@ def tensor_shapes(model: onnx.ModelProto) -> TensorShapes:
             shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
             shapes.symbols[value.name] = tuple(d.dim_param if d.HasField("dim_param") else None for d in t.shape.dim)
     return shapes
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs of an If/Loop/Scan node (nested ones included), empty for other nodes."""
+    found = []
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            found.append(g)
+            found += [inner for n in g.node for inner in subgraphs(n)]
+    return found
 
 
 def has_subgraphs(model: onnx.ModelProto) -> bool:
