@@ -1,6 +1,7 @@
 """The rewrite pass (find -> check -> apply): refusals by number, shared initializers, idempotence,
 folded-layer corrections against numpy, and scan showing what fix would do."""
 import numpy as np
+import onnx
 import pytest
 from onnx import numpy_helper
 
@@ -209,3 +210,57 @@ def test_a_graph_reading_running_statistic_outputs_is_refused():
     model.graph.output.append(onnx.helper.make_tensor_value_info("running_mean_out", onnx.TensorProto.FLOAT, None))
     with pytest.raises(VsonnxError, match="reads its running statistics"):
         inference_form(model)
+
+
+@pytest.mark.parametrize("bias_shape,beta,trans_b", [((5,), 0.5, 1), ((1, 5), 1.0, 1), ((1, 5), 0.25, 0), ((), 2.0, 1),
+                                                     (None, 0.5, 1)])
+def test_apply_affine_on_a_gemm_is_a_times_its_output_plus_b(bias_shape, beta, trans_b):
+    """Gemm y = alpha A B + beta C with C a scalar, [N] or [1, N] (or absent): the corrected layer computes
+    a * y + b (numpy reference through onnxruntime with optimisations off); beta used to be ignored."""
+    from onnx import helper, numpy_helper
+
+    from vsonnx.rewrite import apply_affine
+    from vsonnx.runtime import make_session
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 3) if trans_b else (3, 5)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")]
+    inputs = ["x", "w"]
+    if bias_shape is not None:
+        inits.append(numpy_helper.from_array(rng.standard_normal(bias_shape).astype(np.float32), "c"))
+        inputs.append("c")
+    node = helper.make_node("Gemm", inputs, ["y"], name="fc", transB=trans_b, beta=beta, alpha=1.5)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    y = make_session(model, device="cpu", optimize=False).run(None, {"x": x})[0]
+    a, b = rng.uniform(0.5, 2, 5), rng.standard_normal(5)
+    fixed = apply_affine(model, {"fc": (a, b)})
+    got = make_session(fixed, device="cpu", optimize=False).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, a * y + b, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_affine_refuses_a_per_row_gemm_bias():
+    from onnx import helper, numpy_helper
+
+    from vsonnx.errors import VsonnxError
+    from vsonnx.rewrite import apply_affine
+
+    inits = [numpy_helper.from_array(np.ones((5, 3), np.float32), "w"), numpy_helper.from_array(np.ones((4, 5), np.float32), "c")]
+    node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", transB=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(VsonnxError, match="not one constant per output channel"):
+        apply_affine(model, {"fc": (np.ones(5), np.zeros(5))})
+
+
+def test_channel_bias_is_what_conv_and_gemm_add_per_channel():
+    from vsonnx.graph import channel_bias
+
+    np.testing.assert_array_equal(channel_bias("Gemm", np.array([[1.0, 2.0]]), 2, beta=0.5), [0.5, 1.0])
+    np.testing.assert_array_equal(channel_bias("Conv", np.array([1.0, 2.0]), 2, beta=0.5), [1.0, 2.0])
+    np.testing.assert_array_equal(channel_bias("Gemm", np.array(3.0), 2), [3.0, 3.0])
+    np.testing.assert_array_equal(channel_bias("Gemm", None, 2), [0.0, 0.0])
+    assert channel_bias("Gemm", np.ones((3, 2)), 2) is None and channel_bias("Gemm", np.ones(3), 2) is None

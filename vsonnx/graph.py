@@ -221,6 +221,18 @@ def tensor_shapes(model: onnx.ModelProto) -> TensorShapes:
     return shapes
 
 
+def channel_bias(op_type: str, bias, channels: int, beta: float = 1.0) -> np.ndarray | None:
+    """The bias a Conv or Gemm adds to each of its ``channels`` outputs, as float64 [channels]: Conv's B,
+    Gemm's beta * C for C a scalar, [N] or [1, N] (zeros when ``bias`` is None); None when it is not one
+    value per output channel (a Gemm C of shape [M, N] with M > 1 adds a different bias per row)."""
+    if bias is None:
+        return np.zeros(channels)
+    values = np.asarray(bias, np.float64) * (beta if op_type == "Gemm" else 1.0)
+    if values.size not in (1, channels) or (values.ndim == 2 and values.shape[0] != 1):
+        return None
+    return np.broadcast_to(values.reshape(-1), (channels,)).copy()
+
+
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The subgraphs of an If/Loop/Scan node (nested ones included), empty for other nodes."""
     found = []

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 
 from .data import Source
 from .errors import VsonnxError
-from .graph import GraphIndex, TensorShapes, tensor_shapes
+from .graph import GraphIndex, TensorShapes, channel_bias, tensor_shapes
 from .model import default_opset
 from .random_feeds import DROPOUT_SEED, LEVELS, RANDOM_PREFIX
 from .runtime import make_session, run_pass
@@ -256,11 +256,13 @@ def _split_bias(graph: gs.Graph, tensor: gs.Variable, product: gs.Variable, drop
         graph.layer(op="Identity", name=f"vsonnx_bias_{k}", inputs=[dropped], outputs=[tensor])
         return
     weight = np.asarray(layer.inputs[1].values)
-    values = np.asarray(bias.values, np.float64)
+    channels = weight.shape[0] if layer.op == "Conv" or layer.attrs.get("transB", 0) else weight.shape[-1]
+    values = channel_bias(layer.op, bias.values, channels, layer.attrs.get("beta", 1.0))
+    if values is None:  # a per-row Gemm C: the bias stays in the layer, the dropout acts on product + bias
+        graph.layer(op="Identity", name=f"vsonnx_bias_{k}", inputs=[dropped], outputs=[tensor])
+        return
     if layer.op == "Conv":
         values = values.reshape((-1,) + (1,) * (weight.ndim - 2))
-    else:
-        values = values * layer.attrs.get("beta", 1.0)
     layer.inputs = layer.inputs[:2]
     graph.layer(op="Add", name=f"vsonnx_bias_{k}", outputs=[tensor],
                 inputs=[dropped, _const(f"vsonnx_site{k}_bias", values.astype(weight.dtype))])

@@ -35,7 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import VsonnxError
-from .graph import GraphIndex, attribute
+from .graph import GraphIndex, attribute, channel_bias
 from .runtime import make_session
 from .sites import BatchNormInfo, ScanReport
 from .stats import BnStatistics
@@ -232,14 +232,22 @@ def apply_affine(model: onnx.ModelProto, corrections: dict[str, tuple[np.ndarray
         else:
             w = w * (a[:, None] if attribute(node, "transB", 0) else a[None, :])
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        bias = numpy_helper.to_array(index.initializers[bias_name]).astype(np.float64) if bias_name else np.zeros(a.size)
-        bias = np.broadcast_to(bias, a.shape) * a + b
+        stored = index.constant(bias_name) if bias_name else None
+        bias = channel_bias(node.op_type, stored, a.size, attribute(node, "beta", 1.0))
+        if bias is None or (bias_name and stored is None):
+            raise VsonnxError(f"folded layer '{name}' adds a bias that is not one constant per output channel.",
+                              "re-export with vsonnx.export (BN kept), or name other sites.")
+        bias = bias * a + b  # y' = a * (W x + bias) + b; Gemm's beta is folded in and set to 1
         for slot, value, suffix in ((1, w, "w"), (2, bias, "b")):
             new_name = f"{name}__vsonnx_{suffix}"
             add_initializer(out, numpy_helper.from_array(value.astype(weight.dtype)), new_name)
             while len(node.input) <= slot:
                 node.input.append("")
             node.input[slot] = new_name
+        if node.op_type == "Gemm":
+            kept_attributes = [x for x in node.attribute if x.name != "beta"]
+            del node.attribute[:]
+            node.attribute.extend(kept_attributes)
     used = {i for n in out.graph.node for i in n.input} | {i.name for i in out.graph.input}
     kept = [t for t in out.graph.initializer if t.name in used]
     del out.graph.initializer[:]
