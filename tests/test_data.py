@@ -198,3 +198,58 @@ def test_arrays_are_passed_over_again_rather_than_replayed(tmp_path):
     split = SplitSource(ArraySource.from_arrays(MODEL, x, None), 0.5, 0, held_out=True)
     assert replayable(split) is split
 
+
+
+def nhwc_model():
+    """x [N, 8, 8, 3] (Keras's layout, as tf2onnx writes it) -> Transpose to NCHW -> conv -> BN."""
+    g = GraphBuilder()
+    h = g.node("Transpose", ["x"], "to_nchw", perm=[0, 3, 1, 2])
+    return g.build(g.bn(g.dropout(g.conv(h, 3, 4), 0.5, "d"), 4, "bn"), input_shape=("N", 8, 8, 3))
+
+
+def test_layout_follows_a_static_input_shape_that_ends_in_the_channels(tmp_path):
+    write_images(tmp_path / "img")
+    source = open_source(tmp_path / "img", nhwc_model(), shuffle=False)
+    x, _ = collect(source, 4)
+    raw = np.asarray(Image.open(tmp_path / "img" / "a" / "0.png").convert("RGB"), np.float32) / 255
+    assert x.shape == (10, 8, 8, 3)
+    np.testing.assert_allclose(x[0], raw, rtol=1e-6)
+    pre = source.pre
+    assert pre.layout == "nhwc" and any("NHWC" in note for note in pre.notes)
+    with pytest.raises(VsonnxError, match="expects 8"):  # a flag wins (and here contradicts the shape)
+        open_source(tmp_path / "img", nhwc_model(), shuffle=False, preprocess={"layout": "nchw"})
+    assert open_source(tmp_path / "img", MODEL, shuffle=False).pre.layout == "nchw"
+
+
+def test_fix_of_an_nhwc_model_needs_no_layout_flag(tmp_path):
+    from conftest import run, save
+
+    write_images(tmp_path / "img", per_class=8)
+    path = save(nhwc_model(), tmp_path / "m.onnx")
+    r = run("fix", path, "--calib", tmp_path / "img", "-o", tmp_path / "o.onnx", "--json")
+    flagged = run("fix", path, "--calib", tmp_path / "img", "--layout", "nhwc", "-o", tmp_path / "f.onnx", "--json")
+    assert r.exit_code == 0 and flagged.exit_code == 0, r.output
+    import json
+    got, want = (json.loads(x.output[x.output.index("{"):])["batchnorms"][0]["new_var"] for x in (r, flagged))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_batch_size_follows_a_static_batch_dimension(tmp_path):
+    """A batch of 1 baked into a Reshape (classic Model Zoo): the default batch size is the declared one."""
+    from vsonnx.data import resolve_batch_size, static_batch
+    from conftest import run, save
+
+    g = GraphBuilder()
+    h = g.bn(g.dropout(g.conv("x", 3, 4), 0.5, "d"), 4, "bn")
+    h = g.node("Reshape", [h, g.init("shape", np.array([1, 256], np.int64))], "flat")
+    model = g.build(g.gemm(h, 256, 5), input_shape=(1, 3, 8, 8))
+    assert static_batch(model) == 1 and static_batch(MODEL) is None
+    assert resolve_batch_size(model, None) == 1 and resolve_batch_size(model, 4) == 4
+    assert resolve_batch_size(MODEL, None) == 128 and resolve_batch_size(MODEL, None, 256) == 256
+    path = save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", arrays(20)[0])
+    for method in ("batch", "population", "relative"):
+        r = run("fix", path, "--calib", tmp_path / "x.npy", "--method", method, "-o", tmp_path / f"{method}.onnx")
+        assert r.exit_code == 0, r.output
+    np.savez(tmp_path / "val.npz", x=arrays(20)[0], y=arrays(20)[1])
+    assert run("eval", path, "--data", tmp_path / "val.npz").exit_code == 0

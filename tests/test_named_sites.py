@@ -96,7 +96,7 @@ def test_stock_export_is_folded_and_scan_says_so(exports):
     r = CliRunner().invoke(main, ["scan", str(exports / "stock.onnx")])
     assert r.exit_code == 0 and "0 BatchNormalization, 0 Dropout, 0 variance-shift site(s)" in r.output
     # both convs (each followed by a ReLU with no BN between) look folded; the classifier Gemm does not
-    assert "2 weight layer(s) such as '/conv1/Conv' look folded" in r.output and "--dropout NAME=RATIO" in r.output
+    assert "2 layer(s) such as '/conv1/Conv' look folded" in r.output and "--dropout NAME=RATIO" in r.output
 
 
 def test_folded_fix_matches_unfolded_fix(exports):

@@ -218,3 +218,24 @@ def test_ratio_zero_dropout_is_not_a_site():
     out = g.bn(g.dropout("x", 0.0, "d"), 3, "bn")
     bn = by_name(find_sites(g.build(out)))["bn"]
     assert not bn.site and bn.dropouts == []
+
+
+def test_softmax_and_max_pooling_are_no_folding_evidence():
+    """A Gemm ending in Softmax (a classifier) and a Conv followed by MaxPool are what networks without BN
+    look like: no 'look folded' warning (classic Model Zoo models got one)."""
+    g = GraphBuilder()
+    h = g.node("MaxPool", [g.conv("x", 3, 4)], "pool", kernel_shape=[2, 2])
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], "flat")
+    model = g.build(g.node("Softmax", [g.gemm(h, 4, 5)], "softmax"))
+    assert not [w for w in find_sites(model).warnings if "look folded" in w]
+
+
+def test_a_network_without_bn_gets_one_line_at_most():
+    """conv -> ReLU three times, a Dropout before the last: BNs may never have been there, so one line (not a
+    warning per layer or per Dropout)."""
+    g = GraphBuilder()
+    h = g.node("Relu", [g.conv("x", 3, 4)])
+    h = g.node("Relu", [g.conv(h, 4, 4)])
+    h = g.node("Relu", [g.conv(g.dropout(h, 0.5, "d"), 4, 4)])
+    warnings = find_sites(g.build(h)).warnings
+    assert len(warnings) == 1 and "no BatchNormalization, and 3 layer(s)" in warnings[0]

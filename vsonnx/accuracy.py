@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .instrument import working_copy
-from .data import Source, check_finite, check_settings, open_source
+from .data import Source, check_finite, check_settings, open_source, resolve_batch_size
 from .errors import VsonnxError
 from .model import load_model
 from .runtime import make_session, progress_bar, run
@@ -77,12 +77,14 @@ def _open(model: onnx.ModelProto, data, limit, shuffle, seed, preprocess) -> Sou
     return _labelled(open_source(data, model, shuffle=shuffle, seed=seed, limit=limit, preprocess=preprocess))
 
 
-def evaluate(model, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
+def evaluate(model, data, *, batch_size: int | None = None, device: str = "auto", threads: int | None = None,
              limit: int | None = None, shuffle: bool = True, seed: int = 0, preprocess: dict | None = None,
              progress: bool = False) -> EvalReport:
-    """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``."""
+    """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``; ``batch_size`` None:
+    the model's static batch size, else 256."""
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    batch_size = resolve_batch_size(proto, batch_size, 256)
     name = "<memory>" if isinstance(model, onnx.ModelProto) else str(model)
     source = _open(proto, data, limit, shuffle, seed, preprocess)
     return score_together({name: proto}, source, batch_size=batch_size, device=device, threads=threads,
@@ -142,7 +144,7 @@ class CompareReport:
                 "max_abs_diff": self.max_abs_diff}
 
 
-def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "auto", threads: int | None = None,
+def compare(model_a, model_b, data, *, batch_size: int | None = None, device: str = "auto", threads: int | None = None,
             limit: int | None = None, shuffle: bool = True, seed: int = 0,
             preprocess: dict | None = None, progress: bool = False) -> CompareReport:
     """Evaluate two models on the same batches: accuracies, delta_top1 = b - a with its paired 95% interval,
@@ -150,6 +152,7 @@ def compare(model_a, model_b, data, *, batch_size: int = 256, device: str = "aut
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     a = load_model(model_a)
     b = load_model(model_b)
+    batch_size = resolve_batch_size(a, batch_size, 256)
     source = _open(a, data, limit, shuffle, seed, preprocess)
     sa, sb = Scorer(a, device, threads), Scorer(b, device, threads)
     agree = 0

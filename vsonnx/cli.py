@@ -116,7 +116,9 @@ def _size(text: str | None) -> tuple[int, int] | None:
 def data_options(func):
     """Options shared by every command that reads data (calibration or evaluation)."""
     options = [
-        click.option("--batch-size", type=int, default=128, help="Samples per onnxruntime run."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Samples per onnxruntime run [default: the model's static batch size, else 128 (fix, scan) "
+                          "or 256 (eval, compare)]."),
         click.option("--limit", type=int, default=None, help="Use the first N samples (after shuffling)."),
         click.option("--shuffle/--no-shuffle", default=True,
                      help="Shuffle samples with --seed before --limit (single-class batches bias batch statistics)."),

@@ -74,6 +74,20 @@ class InputSpec:
         return specs
 
 
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every model input declares as a fixed first dimension (classic Model Zoo models
+    declare 1 and bake it into Reshapes), or None when any input's first dimension is symbolic or unknown."""
+    sizes = {s.shape[0] if s.shape else None for s in InputSpec.all_of(model)}
+    size = sizes.pop() if len(sizes) == 1 else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def resolve_batch_size(model: onnx.ModelProto, requested: int | None, default: int = 128) -> int:
+    """``requested`` when given (checked), else the model's static batch size, else ``default``."""
+    check_settings(batch_size=requested)
+    return requested if requested is not None else static_batch(model) or default
+
+
 @dataclass
 class Preprocess:
     """Image preprocessing: resize to ``size`` (H, W), multiply by ``scale``, subtract ``mean``, divide by
@@ -99,16 +113,20 @@ class Preprocess:
         given = {"mean": mean, "std": std, "size": size, "scale": scale, "layout": layout}
         values = {k: _checked(k, v, "--" + k) if v is not None else _checked(k, meta.get(k), f"the model's "
                   f"vsonnx.preprocess metadata ({k})") for k, v in given.items()}
+        shape = inputs[0].shape if inputs else None
+        layout = values["layout"] or _layout_of(shape)
         pre = cls(size=values["size"], mean=values["mean"], std=values["std"],
-                  scale=1 / 255 if values["scale"] is None else values["scale"], layout=values["layout"] or "nchw",
+                  scale=1 / 255 if values["scale"] is None else values["scale"], layout=layout,
                   dtype=inputs[0].dtype if inputs else np.dtype(np.float32))
+        if layout != "nchw" and values["layout"] is None:
+            pre.notes.append(f"images laid out NHWC: the model's input shape ({' x '.join(str(d or 'N') for d in shape)}) "
+                             "ends in the channels (--layout nchw overrides)")
         if pre.dtype.kind in "iub":
             if any(v is not None for k, v in given.items() if k in ("mean", "std", "scale")):
                 pre.notes.append(f"--mean/--std/--scale ignored: the model's input is {pre.dtype} and gets the pixels "
                                  "(0..255) themselves")
             pre.mean = pre.std = None
             pre.scale = 1.0
-        shape = inputs[0].shape if inputs else None
         if pre.size is None and shape is not None and len(shape) == 4:
             hw = shape[2:4] if pre.layout == "nchw" else shape[1:3]
             if all(isinstance(d, int) and d > 0 for d in hw):
@@ -631,6 +649,14 @@ def _numeric(value, where: str) -> np.ndarray:
         raise VsonnxError(f"{where} is {'a scalar' if arr.ndim == 0 else f'an array of {arr.dtype}'}, not an array "
                           "of numbers with samples on its first axis.", "pass numeric arrays [N, ...].")
     return arr
+
+
+def _layout_of(shape) -> str:
+    """``nhwc`` when a 4-D input shape has 1 or 3 channels last and not first (Keras through tf2onnx),
+    else ``nchw``."""
+    if shape is not None and len(shape) == 4 and shape[3] in (1, 3) and shape[1] not in (1, 3):
+        return "nhwc"
+    return "nchw"
 
 
 def _check_channels(spec: InputSpec, channels: int, layout: str, what: str) -> None:

@@ -30,6 +30,11 @@ NONLINEAR_OPS = frozenset(
      "Selu", "Celu", "Gelu", "Mish", "Softplus", "Softsign", "ThresholdedRelu", "Softmax", "LogSoftmax",
      "MaxPool", "GlobalMaxPool"}
 )
+# Layers an exporter folds a BN into, and what a BN sits before (an activation; not Softmax, which ends a
+# classifier, nor max pooling): a FOLD_TARGETS layer whose output meets one of these before any
+# normalisation is the evidence that an export folded a BN into it.
+FOLD_TARGETS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+ACTIVATION_OPS = NONLINEAR_OPS - {"Softmax", "LogSoftmax", "MaxPool", "GlobalMaxPool"}
 
 
 class GraphIndex:

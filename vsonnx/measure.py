@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import check_settings, open_source
+from .data import check_settings, open_source, resolve_batch_size
 from .graph import GraphIndex, tensor_shapes
 from .instrument import bn_tap, measure_moments, tensor_tap, working_copy
 from .model import atomic_write, check_output_path, load_model
@@ -78,12 +78,13 @@ def scan_models(models: list, *, named: dict[str, float] | None = None, calib=No
 
 
 def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = True, seed: int = 0,
-                  preprocess: dict | None = None, batch_size: int = 128, device: str = "auto",
+                  preprocess: dict | None = None, batch_size: int | None = None, device: str = "auto",
                   threads: int | None = None, progress: bool = False, model_name: str | None = None) -> ScanReport:
     """``find_sites`` plus measured and predicted shift per BN (fields set on each BatchNormInfo)."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model))
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
+    batch_size = resolve_batch_size(proto, batch_size)
     report = scan(proto, name)
     if not report.batchnorms:
         return report

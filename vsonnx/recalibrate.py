@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from ._version import __version__
-from .data import check_settings, open_source, replayable, source_identity, split_source
+from .data import check_settings, open_source, replayable, resolve_batch_size, source_identity, split_source
 from .errors import VsonnxError, collected_warnings
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
@@ -56,7 +56,7 @@ class FixOptions:
 
     output: str | Path | None = None
     scope: str = "sites"
-    batch_size: int = 128
+    batch_size: int | None = None  # None: the model's static batch size, else 128
     device: str = "auto"
     threads: int | None = None
     limit: int | None = None
@@ -147,6 +147,7 @@ def _start(model_path, options: FixOptions, method: str) -> _Job:
     """Load, check the output path, find the BNs in scope and what the rewrite refuses."""
     path = Path(model_path)
     model, converted = inference_form(load_model(path))
+    options = replace(options, batch_size=resolve_batch_size(model, options.batch_size))
     out = check_output_path(options.output or default_output(path), path, options.in_place)
     scan = find_sites(model, str(path))
     report = FixReport(str(path), method, 0, None, False, "", warnings=converted + list(scan.warnings))

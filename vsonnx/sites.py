@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 
 from . import theory
-from .graph import (MERGE_OPS, NONLINEAR_OPS, NORMALIZATION_OPS, SHAPE_OPS, WEIGHT_OPS, GraphIndex, attribute,
-                    folded_by_exporter, module_of)
+from .graph import (ACTIVATION_OPS, FOLD_TARGETS, MERGE_OPS, NORMALIZATION_OPS, SHAPE_OPS, WEIGHT_OPS, GraphIndex,
+                    attribute, folded_by_exporter, module_of)
 from .model import default_opset, get_metadata
 
 PATH_ORDER = ("direct", "weight", "merge", "other")
@@ -406,14 +406,17 @@ def _classify(index, info: BatchNormInfo, node, reaching: dict[str, set[_Path]],
 
 
 def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list[DropoutInfo]) -> list[str]:
+    """What scan and fix say about the graph as a whole: folding evidence (one line at most where the graph
+    has no BN at all: it may never have had one), BNs in training mode, odd Dropouts."""
     warnings: list[str] = []
-    folded = [n for n in index.nodes_of(*WEIGHT_OPS) if looks_folded(index, n)]
+    folded = [n for n in index.nodes_of(*FOLD_TARGETS) if looks_folded(index, n)]
     by_exporter = any(folded_by_exporter(n) for n in index.nodes_of(*WEIGHT_OPS))  # its own warning (find_sites)
-    if folded and not dropouts and not by_exporter:  # evidence of an eval-mode export, which also removes Dropout
+    if folded and (not dropouts or not batchnorms) and not by_exporter:
+        what = "no BatchNormalization" if not batchnorms else "no Dropout"
         warnings.append(
-            f"the graph has no Dropout, and {len(folded)} weight layer(s) such as '{index.node_name(folded[0])}' "
-            "look folded (a nonlinearity follows with no BatchNormalization): "
-            "if the network was trained with dropout, the export removed it (torch.onnx.export in eval mode does); "
+            f"the graph has {what}, and {len(folded)} layer(s) such as '{index.node_name(folded[0])}' look folded "
+            "(an activation follows with no BatchNormalization): if the network was trained with dropout before "
+            "BNs, the export removed the Dropout and folded the BNs (torch.onnx.export in eval mode does); "
             + EXPORT_HINT
         )
     for b in batchnorms:
@@ -434,7 +437,7 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
             state = "is not a constant" if d.training_mode is None else "is true"
             warnings.append(f"Dropout '{d.name}': training_mode {state}, so it may drop values at inference"
                             + ("; fix first switches it off." if d.training_mode else "."))
-        folded = _unnormalised_weight_after(index, d.output)
+        folded = _unnormalised_weight_after(index, d.output) if batchnorms else None
         if folded:
             warnings.append(
                 f"Dropout '{d.name}' feeds {folded} with no BatchNormalization before the next nonlinearity: "
@@ -447,19 +450,20 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
 def _unnormalised_weight_after(index: GraphIndex, tensor: str) -> str | None:
     """'<op> '<name>'' when ``tensor`` reaches a weight layer whose output meets a nonlinearity before any
     normalisation (graph outputs, i.e. classifiers, are fine)."""
-    for weight in _first_reached(index, tensor, WEIGHT_OPS):
+    for weight in _first_reached(index, tensor, FOLD_TARGETS):
         if looks_folded(index, weight):
             return f"{weight.op_type} '{index.node_name(weight)}'"
     return None
 
 
 def looks_folded(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    """A weight layer whose output meets a nonlinearity before any normalisation: where a BN followed it in
-    training, the export folded it into these weights."""
-    if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or not index.is_constant(node.input[1]):
+    """A Conv/ConvTranspose/Gemm whose output meets an activation before any normalisation: where a BN
+    followed it in training, the export folded it into these weights (Softmax and max pooling are no such
+    evidence: a classifier ends in one, and a BN does not sit before the other)."""
+    if node.op_type not in FOLD_TARGETS or len(node.input) < 2 or not index.is_constant(node.input[1]):
         return False
-    hit = _first_reached(index, node.output[0], NORMALIZATION_OPS | NONLINEAR_OPS)
-    return any(n.op_type in NONLINEAR_OPS for n in hit)
+    hit = _first_reached(index, node.output[0], NORMALIZATION_OPS | ACTIVATION_OPS)
+    return any(n.op_type in ACTIVATION_OPS for n in hit)
 
 
 def _first_reached(index: GraphIndex, tensor: str, targets: frozenset[str]) -> list:
