@@ -266,3 +266,49 @@ def test_distill_with_named_sites_fits_folded_layers_towards_the_real_ensemble(t
     before = divergence(target, logits(tmp_path / "stock.onnx", xs), "kl").mean()
     after = divergence(target, logits(tmp_path / "stock.distilled.onnx", xs), "kl").mean()
     assert after < 0.7 * before, (before, after)
+
+
+def test_sites_removed_by_a_tool_are_restored_from_the_metadata(tmp_path):
+    """A vsonnx export (its vsonnx.dropouts metadata names each Dropout's module and what it fed) after a tool
+    that removes Dropout and folds the BN after it, keeping the metadata (as onnxslim does; here the default
+    exporter's stock export with the kept export's metadata copied over): `fix` with no --dropout restores
+    the sites, says so, and corrects exactly as naming them would."""
+    from vsonnx.model import get_metadata, set_metadata
+    from vsonnx.named_sites import restored_sites
+
+    export_both_ways(lambda: TwoConvNet("a"), tmp_path, default_exporter=True)
+    kept, stock = load_model(tmp_path / "kept.onnx"), load_model(tmp_path / "stock.onnx")
+    records = __import__("json").loads(get_metadata(kept)["vsonnx.dropouts"])
+    assert records[0]["feeds"] == [{"module": "bn1", "op": "BatchNormalization"}]
+    set_metadata(stock, {"vsonnx.dropouts": get_metadata(kept)["vsonnx.dropouts"]})
+    path = save(stock, tmp_path / "slim.onnx")
+    sites, missing = restored_sites(stock)
+    conv1 = next(n for n in stock.graph.node if n.op_type == "Conv")
+    assert sites == {conv1.output[0]: 0.5} and missing == []  # inside the fold: the conv's output
+    r = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "--method", "population", "-o",
+                                  str(tmp_path / "restored.onnx")])
+    assert r.exit_code == 0 and "restored 1 dropout site(s) from the model's vsonnx.dropouts metadata" in r.output
+    named = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "--dropout", "bn1=0.5", "-o",
+                                      str(tmp_path / "named.onnx")])
+    assert named.exit_code == 0, named.output
+    x = np.load(tmp_path / "x.npy")
+    np.testing.assert_array_equal(logits(tmp_path / "restored.onnx", x), logits(tmp_path / "named.onnx", x))
+    r = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "--dropout", "drop=0.5", "-o",
+                                  str(tmp_path / "by_dropout.onnx")])
+    assert r.exit_code == 0, r.output  # the removed Dropout module's own name: where its noise acted
+    np.testing.assert_array_equal(logits(tmp_path / "by_dropout.onnx", x), logits(tmp_path / "named.onnx", x))
+
+
+def test_a_removed_dropout_without_its_feeds_is_said_not_guessed(tmp_path):
+    from vsonnx.model import get_metadata, set_metadata
+
+    export_both_ways(lambda: TwoConvNet("a"), tmp_path, default_exporter=True)
+    kept, stock = load_model(tmp_path / "kept.onnx"), load_model(tmp_path / "stock.onnx")
+    records = __import__("json").loads(get_metadata(kept)["vsonnx.dropouts"])
+    set_metadata(stock, {"vsonnx.dropouts": __import__("json").dumps([{k: v for k, v in r.items() if k != "feeds"}
+                                                                      for r in records])})
+    path = save(stock, tmp_path / "old.onnx")
+    r = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 0 and "without saying what they fed" in r.output and not (tmp_path / "o.onnx").exists()
+    r = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "--dropout", "drop=0.5"])
+    assert r.exit_code == 3 and "does not say which module it fed" in r.output

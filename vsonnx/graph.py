@@ -281,7 +281,7 @@ def module_of(node: onnx.NodeProto) -> str | None:
     """The PyTorch module a node was exported from, when the exporter said so: torch's default (dynamo)
     exporter in the node's ``pkg.torch.onnx.name_scopes`` metadata (``['', 'layer1', 'layer1.0', 'layer1.0.bn',
     '<op>']`` -> ``layer1.0.bn``; for a Conv a BN was folded into, that BN), the TorchScript exporter in the
-    node's name (``/layer1/layer1.0/bn/BatchNormalization`` -> ``layer1.0.bn``)."""
+    node's name (``/layer1/layer1.0/bn/BatchNormalization`` -> ``layer1.0.bn``, see scope_module)."""
     meta = {p.key: p.value for p in node.metadata_props}
     scopes = meta.get("pkg.torch.onnx.name_scopes")
     if scopes:
@@ -290,12 +290,34 @@ def module_of(node: onnx.NodeProto) -> str | None:
         except (ValueError, SyntaxError):
             names = []
         return names[-2] if len(names) >= 2 and names[-2] else None
-    if node.name.startswith("/") and node.name.count("/") >= 2:
-        path = ""
-        for segment in node.name.strip("/").split("/")[:-1]:
-            path = segment if not path or segment.startswith(path + ".") else f"{path}.{segment}"
-        return path or None
-    return None
+    return scope_module(node.name)
+
+
+def scope_module(name: str) -> str | None:
+    """The PyTorch module path in a TorchScript-scoped node or tensor name, whose segments are the scopes
+    down to the op: each segment either extends the one before it (a container's child: ``blocks`` ->
+    ``blocks.0``) or names an attribute of the module so far. ``/stages/stages.1/blocks/blocks.0/norm1/
+    BatchNormalization`` -> ``stages.1.blocks.0.norm1``; ``/features/features.1/features.1.0/block/0/Conv``
+    -> ``features.1.0.block.0``; tensors (``.../bn2/BatchNormalization_output_0``) likewise. None for names
+    not of that form."""
+    if not name.startswith("/") or name.count("/") < 2:
+        return None
+    path, previous = "", None
+    for segment in name.strip("/").split("/")[:-1]:
+        if previous is not None and segment.startswith(previous + "."):
+            path += segment[len(previous):]
+        else:
+            path = f"{path}.{segment}" if path else segment
+        previous = segment
+    return path or None
+
+
+def scope_op(name: str) -> str | None:
+    """The op type a TorchScript-scoped node or tensor name ends in (``.../bn2/BatchNormalization_output_0``
+    -> ``BatchNormalization``), or None."""
+    if scope_module(name) is None:
+        return None
+    return name.rsplit("/", 1)[-1].split("_output_")[0].split("_")[0] or None
 
 
 def folded_by_exporter(node: onnx.NodeProto) -> bool:

@@ -29,7 +29,8 @@ from pathlib import Path
 import onnx
 
 from .errors import VsonnxError
-from .graph import WEIGHT_OPS, GraphIndex, folded_by_exporter, module_of
+from .graph import FOLD_TARGETS, WEIGHT_OPS, GraphIndex, folded_by_exporter, module_of, scope_module, scope_op
+from .model import get_metadata
 from .instrument import insert_dropouts
 from .sites import looks_folded
 
@@ -61,17 +62,25 @@ def parse_dropout_specs(specs: list[str] | tuple[str, ...], sites_file: str | Pa
 
 def module_sites(model: onnx.ModelProto) -> dict[str, list[str]]:
     """PyTorch module name -> the tensors where a dropout acting on that module's input sits in the graph:
-    - a BatchNormalization module (placement a): the BN's input, or, when the exporter folded the BN into the
-      Conv/Gemm before it, that layer's output (the dropout then acted inside the fold);
+    - a BatchNormalization module (placement a): the BN's input, or, when the BN was folded into the
+      Conv/Gemm before it, that layer's output (the dropout then acted inside the fold). A fold is known from
+      the default exporter's metadata, or from the layer's output tensor still carrying the BN's scoped name
+      (``/blocks/blocks.0/bn2/BatchNormalization_output_0``: onnxslim and other tools rename nodes but keep
+      tensor names);
     - a Conv/Linear module (placement b): the layer's input. The layer is found by its module name in the
-      exporter's metadata or node name (vsonnx.graph.module_of), or by its weight's name ``MODULE.weight``,
-      which both exporters keep: this names a conv whose own metadata records only the BN folded into it."""
+      exporter's metadata or node name (vsonnx.graph.module_of; a scoped node name counts only when it ends
+      in the node's own op, since tools name fused nodes after removed tensors), or by its weight's name
+      ``MODULE.weight``, which both exporters keep: this names a conv whose own metadata records only the BN
+      folded into it;
+    - a Dropout module whose node is still in the graph: its output (where its noise acts)."""
     index = GraphIndex(model)
     sites: dict[str, list[str]] = {}
     for node in index.graph.node:
-        module = module_of(node)
+        module = _own_module(node)
         if node.op_type == "BatchNormalization" and module:
             sites.setdefault(module, []).append(node.input[0])
+        elif node.op_type == "Dropout" and module:
+            sites.setdefault(module, []).append(node.output[0])
         elif node.op_type in WEIGHT_OPS:
             if module and folded_by_exporter(node):
                 sites.setdefault(module, []).append(node.output[0])
@@ -80,31 +89,93 @@ def module_sites(model: onnx.ModelProto) -> dict[str, list[str]]:
             weight = node.input[1] if len(node.input) > 1 else ""
             if weight.endswith(".weight") and weight in index.initializers:
                 sites.setdefault(weight[:-len(".weight")], []).append(node.input[0])
+            folded = scope_module(node.output[0]) if scope_op(node.output[0]) == "BatchNormalization" else None
+            if folded and node.op_type in FOLD_TARGETS:
+                sites.setdefault(folded, []).append(node.output[0])
     return {m: list(dict.fromkeys(ts)) for m, ts in sites.items()}
 
 
+def _own_module(node: onnx.NodeProto) -> str | None:
+    """module_of, except for a scoped node name that ends in another op than the node's (a fused node named
+    after a tensor it replaced)."""
+    op = scope_op(node.name)
+    return module_of(node) if op is None or op == node.op_type else None
+
+
+def removed_dropouts(model: onnx.ModelProto) -> dict[str, dict]:
+    """Dropout module -> its vsonnx.dropouts record, for each Dropout the metadata lists whose node is no
+    longer in the graph (a tool removed it after vsonnx.export)."""
+    present = {n.name for n in model.graph.node if n.op_type == "Dropout"}
+    records = dropout_records(model)
+    return {r["module"]: r for r in records if r.get("module") and r.get("node") not in present}
+
+
+def dropout_records(model: onnx.ModelProto) -> list[dict]:
+    try:
+        records = json.loads(get_metadata(model).get("vsonnx.dropouts", "[]"))
+    except ValueError:
+        return []
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def restored_sites(model: onnx.ModelProto) -> tuple[dict[str, float], list[str]]:
+    """({site tensor: ratio}, what could not be restored) for the Dropouts vsonnx.export recorded that a
+    tool removed since: each record names the modules its output fed, which module_sites finds again."""
+    modules = module_sites(model)
+    sites, missing = {}, []
+    for module, record in removed_dropouts(model).items():
+        feeds = [f["module"] for f in record.get("feeds", []) if isinstance(f, dict) and f.get("module") in modules]
+        if not feeds or record.get("ratio") is None:
+            missing.append(module)
+            continue
+        sites.update({t: float(record["ratio"]) for f in feeds for t in modules[f]})
+    return sites, missing
+
+
 def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> dict[str, float]:
-    """{site tensor: ratio} from names: a tensor, a node (its first input) or a PyTorch module name pattern
-    (shell-style, ``*`` may cross dots; see module_sites). Tensor and node names win over a pattern matching
-    the same text; a name matching nothing is an error listing the closest names."""
+    """{site tensor: ratio} from names: a tensor, a node (its first input), a PyTorch module name pattern
+    (shell-style, ``*`` may cross dots; see module_sites), or a Dropout module a tool removed after
+    vsonnx.export (its site is what the module fed, from the vsonnx.dropouts metadata). Tensor and node names
+    win over a pattern matching the same text; a name matching nothing is an error listing the closest
+    names, and so is a removed Dropout module whose record does not say what it fed."""
     index = GraphIndex(model)
     nodes = index.by_name
     tensors = set(index.producer) | {i.name for i in model.graph.input}
     modules = module_sites(model)
+    removed = removed_dropouts(model)
     resolved = {}
     for name, ratio in named.items():
+        dropped = [m for m in removed if fnmatch.fnmatchcase(m, name)]
         if name in tensors:
             resolved[name] = ratio
         elif name in nodes:
             resolved[nodes[name].input[0]] = ratio
+        elif dropped:
+            resolved.update(_fed_sites(name, dropped, removed, modules, ratio))
         elif matched := [m for m in modules if fnmatch.fnmatchcase(m, name)]:
             resolved.update({t: ratio for m in matched for t in modules[m]})
         else:
-            close = difflib.get_close_matches(name, [*modules, *nodes, *tensors], n=5, cutoff=0.4)
+            close = difflib.get_close_matches(name, [*modules, *removed, *nodes, *tensors], n=5, cutoff=0.4)
             raise VsonnxError(f"'{name}' is neither a tensor, a node nor a PyTorch module of the model.",
                               "name a module ('layer1.0.bn2', 'layer*.bn2'), a node or a tensor"
                               + (f"; closest: {', '.join(close)}." if close else "; list them with `vsonnx scan MODEL`."))
     return resolved
+
+
+def _fed_sites(name: str, dropped: list[str], removed: dict[str, dict], modules: dict[str, list[str]],
+               ratio: float) -> dict[str, float]:
+    """The sites of removed Dropout modules ``dropped``: where the modules they fed read their input."""
+    sites = {}
+    for module in dropped:
+        feeds = [f.get("module") for f in removed[module].get("feeds", []) if isinstance(f, dict)]
+        found = [f for f in feeds if f in modules]
+        if not found:
+            raise VsonnxError(f"'{name}' names the Dropout module '{module}', which the graph no longer holds, and "
+                              "the model's metadata does not say which module it fed"
+                              + (f" ({', '.join(feeds)} not found)" if feeds else "") + ".",
+                              "name the module right after it instead (e.g. the BatchNorm it fed), or a tensor.")
+        sites.update({t: ratio for f in found for t in modules[f]})
+    return sites
 
 
 def inside_folded(model: onnx.ModelProto, sites: dict[str, float]) -> frozenset[str]:

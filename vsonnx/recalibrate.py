@@ -128,6 +128,7 @@ class _Job:
     names: list[str]
     report: FixReport
     val_source: object = None  # the held-out part of the calibration data (val_split)
+    calib: object = None  # the calibration data of a calibrated fix
 
     @property
     def choosing(self) -> bool:
@@ -184,6 +185,7 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
     entry = get(method)
     with collected_warnings() as caught:
         job = _start(model_path, options, entry.label)
+        job.calib = calib
         if (reason := _nothing_to_do(job)) is None:
             if calib is None:
                 raise VsonnxError("fix needs calibration data.", "pass --calib with an image folder, .npy/.npz or "
@@ -201,10 +203,39 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
             candidates = _calibrated_candidates(job, replayable(source) if job.choosing else source, method)
             _finish(job, candidates, source_identity(calib), default=method, expected=job.names,
                     refit=refit)
+        elif calib is not None and not job.choosing and (restored := _restored(job, method)) is not None:
+            return restored
         else:
             job.report.message = reason
     job.report.warnings += caught
     return job.report
+
+
+def _restored(job: _Job, method: str) -> FixReport | None:
+    """The fix of the Dropout sites that vsonnx.export recorded in the model's metadata and a tool removed
+    since (e.g. onnxslim, which keeps metadata and folds the BNs after them): named-sites correction with
+    population semantics (distill with --method distill); None when the metadata restores nothing."""
+    from .named_sites import restored_sites
+
+    sites, missing = restored_sites(job.model)
+    if not sites:
+        if missing:
+            job.report.warnings.append(
+                f"the model's vsonnx.dropouts metadata lists {len(missing)} Dropout(s) a tool removed since export "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) without saying what they fed (an "
+                "export by an older vsonnx): name the modules after them with --dropout, e.g. the BNs they fed.")
+        return None
+    options = job.options
+    named_method = "distill" if method == "distill" else "named_sites"
+    report = fix_named_sites(job.path, job.calib, sites, options, named_method)
+    said = (f"restored {len(sites)} dropout site(s) from the model's vsonnx.dropouts metadata (a tool removed the "
+            "Dropout nodes after vsonnx.export)")
+    if missing:
+        said += f"; not restorable (the metadata does not say what they fed): {', '.join(missing)}"
+    if method not in ("population", "distill", "named_sites"):
+        said += f"; corrected with population semantics, not {method} (the named-sites correction)"
+    report.warnings.insert(0, said + ".")
+    return report
 
 
 def _calibrated_candidates(job: _Job, source, method: str) -> list[Candidate]:

@@ -252,9 +252,17 @@ def _metadata(onnx_model: onnx.ModelProto, described: dict, calls: list, preproc
     each, in graph order), the producer, preprocessing, class names and the caller's entries."""
     import torch
 
+    from .graph import GraphIndex, module_of
+
+    index = GraphIndex(onnx_model)
     dropout_nodes = [n for n in onnx_model.graph.node if n.op_type == "Dropout"]
     if len(dropout_nodes) == len(calls):
-        records = [{"node": node.name, **described[name]} for node, name in zip(dropout_nodes, calls)]
+        # "feeds": the modules that read the dropout's output, so that a tool that later removes the Dropout
+        # node (and folds the BN it fed) leaves enough to put the site back (vsonnx.named_sites)
+        records = [{"node": node.name, **described[name],
+                    "feeds": [{"module": module_of(c), "op": c.op_type} for c in index.consumers.get(node.output[0], [])
+                              if module_of(c)]}
+                   for node, name in zip(dropout_nodes, calls)]
     else:  # a module called a data-dependent number of times; keep the module list only
         records = list(described.values())
     entries = {
