@@ -106,6 +106,9 @@ def test_folded_fix_matches_unfolded_fix(exports):
     folded = vsonnx.fix(exports / "stock.onnx", exports / "x.npy", output=exports / "stock.fixed.onnx",
                         dropout_sites={conv2: 0.5})
     assert folded.written and len(folded.notes) == 1  # conv2 carried the folded BN and was corrected
+    assert folded.folded == [conv2] and folded.to_dict()["folded"] == [conv2]
+    said = next(w for w in folded.warnings if "folded into the weights" in w)
+    assert "corrected relative to them" in said and "dynamo=True, optimize=False" in said
     x = np.load(exports / "x.npy")
     a, b = logits(exports / "kept.fixed.onnx", x), logits(exports / "stock.fixed.onnx", x)
     before = logits(exports / "stock.onnx", x)

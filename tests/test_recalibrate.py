@@ -210,7 +210,7 @@ def test_fix_json_schema(setup):
     report = json.loads(r.output[r.output.index("{"):])
     assert set(report) == {"schema_version", "model", "output", "written", "message", "method", "chosen", "samples",
                            "provider", "seconds", "passes", "refused", "candidates", "batchnorms", "notes", "warnings",
-                           "criterion", "val_samples"}
+                           "criterion", "val_samples", "folded"}
     assert report["schema_version"] == 1 and report["chosen"] == report["method"] == "batch"
 
 

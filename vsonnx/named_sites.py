@@ -35,6 +35,23 @@ from .instrument import insert_dropouts
 from .sites import looks_folded
 
 
+# Exports that keep every BN unfolded (each checked by hand on 2026-12-03: BN nodes counted in the result).
+KEEP_BN_EXPORTS = ("vsonnx.export(model, x, 'model.onnx') (keeps Dropout too); "
+                   "torch.onnx.export(model, (x,), 'model.onnx', dynamo=True, optimize=False); "
+                   "onnxslim model.onnx slim.onnx --skip-fusion-patterns FusionConvBN FusionConvTransposeBN; "
+                   "onnxsim (keeps BN and Dropout)")
+
+
+def folded_message(layers: list[str]) -> str:
+    """What a correction of BNs folded into ``layers`` means, and how to avoid needing it."""
+    return (f"{len(layers)} BatchNormalization layer(s) were folded into the weights of {', '.join(layers[:4])}"
+            f"{', ...' if len(layers) > 4 else ''} before vsonnx saw the model: their stored statistics are lost, so "
+            "each was corrected relative to them (the layer's output moments with dropout off matched to those "
+            "with dropout on: scale sqrt(var_on / var_off), shift mean_on - scale * mean_off), which equals "
+            "re-estimating the BN only where its stored statistics were the dropout-on statistics of this "
+            "calibration data. To correct exactly, export with the BNs kept: " + KEEP_BN_EXPORTS + ".")
+
+
 def parse_dropout_specs(specs: list[str] | tuple[str, ...], sites_file: str | Path | None = None) -> dict[str, float]:
     """{'tensor or node': drop ratio} from NAME=RATIO strings and/or a sites.json file."""
     named: dict[str, float] = {}

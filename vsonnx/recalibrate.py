@@ -23,7 +23,8 @@ JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever
   provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_ensemble}] (the score
   of the criterion used, the other null), criterion ("top1", "ensemble_ce", "ensemble_mse" or null),
   val_samples (images the candidates were ranked on, or null),
-  batchnorms [{name, site, old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str].
+  batchnorms [{name, site, old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str],
+  folded [layer]: Conv/Gemm layers whose folded BN was corrected relative to its lost statistics (named sites).
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ class FixReport:
     notes: dict[str, str] = field(default_factory=dict)
     criterion: str | None = None
     val_samples: int | None = None
+    folded: list[str] = field(default_factory=list)  # layers whose folded BN was corrected relative to lost statistics
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -295,7 +297,7 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
     """Exports that removed Dropout: ``sites`` {tensor or node: drop ratio} says where it acted in training;
     BNs there and downstream are re-estimated (``method`` "named_sites") or fitted ("distill"), folded
     Conv/Gemm layers corrected in their weights."""
-    from .named_sites import resolve_sites
+    from .named_sites import folded_message, resolve_sites
 
     if method not in ("named_sites", "distill"):
         raise VsonnxError(f"--dropout/--sites work with the population or the distill method, not {method}.",
@@ -315,8 +317,11 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
         job.scan = result.details["analysis"]
         job.report.refused.update(result.details["refused"])
         if result.statistics or affine:
-            job.report.notes = {name: f"folded BN corrected in the weights: scale mean {np.mean(a):.3f}"
-                                for name, (a, _) in affine.items()}
+            job.report.notes = {name: f"folded BN corrected in the weights, relative to its lost statistics: "
+                                      f"scale mean {np.mean(a):.3f}" for name, (a, _) in affine.items()}
+            job.report.folded = list(affine)
+            if affine:
+                job.report.warnings.append(folded_message(list(affine)))
             name = "distill (named dropout sites)" if method == "distill" else "population"
             _finish(job, [Candidate(name, result.statistics, result, affine)], {
                 **source_identity(calib), "dropout_sites": json.dumps(resolved),
