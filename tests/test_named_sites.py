@@ -315,3 +315,29 @@ def test_a_removed_dropout_without_its_feeds_is_said_not_guessed(tmp_path):
     assert r.exit_code == 0 and "without saying what they fed" in r.output and not (tmp_path / "o.onnx").exists()
     r = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "--dropout", "drop=0.5"])
     assert r.exit_code == 3 and "does not say which module it fed" in r.output
+
+
+def test_scan_lists_the_names_fix_accepts_after_a_tool_folded_the_bn(tmp_path):
+    """A BN folded by a tool that keeps tensor names (onnxslim names the fused conv's output after the BN):
+    scan lists 'bn1' as acting inside the fold, and `--dropout bn1=0.5` puts the site on that output."""
+    g = GraphBuilder()
+    h = g.conv("x", 3, 4, name="/drop/Dropout_output_0")  # the fused node, named after a removed tensor
+    g.nodes[-1].output[0] = "/bn1/BatchNormalization_output_0"
+    h = "/bn1/BatchNormalization_output_0"
+    h = g.node("Relu", [h], "/relu1/Relu", outputs=["/relu1/Relu_output_0"])
+    model = g.build(g.bn(g.conv(h, 4, 4, name="/conv2/Conv"), 4, "/bn2/BatchNormalization"))
+    r = CliRunner().invoke(main, ["scan", save(model, tmp_path / "m.onnx"), "--json"])
+    names = __import__("json").loads(r.output)["names"]
+    assert names["bn1"].startswith("inside the BN folded into Conv '/drop/Dropout_output_0'")
+    assert "drop" not in names  # the fused node's name does not make it the dropout module
+    assert resolve_sites(model, {"bn1": 0.5}) == {"/bn1/BatchNormalization_output_0": 0.5}
+    assert resolve_sites(model, {"bn2": 0.5}) == {"/conv2/Conv_out": 0.5}
+
+
+def test_torchscript_scopes_of_nested_containers_name_the_module():
+    from vsonnx.graph import scope_module
+
+    assert scope_module("/stages/stages.1/blocks/blocks.0/norm1/BatchNormalization") == "stages.1.blocks.0.norm1"
+    assert scope_module("/features/features.1/conv/conv.0/conv.0.0/Conv") == "features.1.conv.0.0"
+    assert scope_module("/layer1/layer1.0/bn1/BatchNormalization_output_0") == "layer1.0.bn1"
+    assert scope_module("conv.weight") is None and scope_module("/Conv") is None

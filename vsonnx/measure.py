@@ -45,6 +45,7 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     (``fix``: 'recalibrate', 'unchanged' (out of scope) or 'refused: <reason>'), each site whether
     `fix --data-free --synthetic 0` can correct it (``data_free``: what it would do, or why not)."""
     from .methods.closed_form import data_free_statistics
+    from .named_sites import site_names
 
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
@@ -59,6 +60,7 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     notes = data_free_statistics(proto, report).notes if report.sites else {}
     for b in report.sites:
         b.data_free = notes.get(b.name)
+    report.names = site_names(proto)
     return report
 
 

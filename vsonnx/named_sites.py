@@ -135,6 +135,30 @@ def dropout_records(model: onnx.ModelProto) -> list[dict]:
     return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
 
 
+def site_names(model: onnx.ModelProto) -> dict[str, str]:
+    """What each name ``--dropout NAME=RATIO`` accepts would mean: module -> where the dropout would act
+    (module_sites), and each Dropout module a tool removed -> the modules it fed (from the metadata)."""
+    index = GraphIndex(model)
+    described = {}
+    for module, tensors in module_sites(model).items():
+        where = []
+        for t in tensors:
+            producer = index.producer.get(t)
+            if producer is not None and producer.op_type in FOLD_TARGETS and t == producer.output[0] and (
+                    folded_by_exporter(producer) or scope_op(t) == "BatchNormalization" or looks_folded(index, producer)):
+                where.append(f"inside the BN folded into {producer.op_type} '{index.node_name(producer)}' (its output)")
+            else:
+                readers = sorted({f"{n.op_type} '{index.node_name(n)}'" for n in index.consumers.get(t, [])})
+                where.append(f"on '{t}', read by {', '.join(readers[:2]) or 'nothing'}")
+        described[module] = "; ".join(where)
+    for module, record in removed_dropouts(model).items():
+        feeds = [f.get("module") for f in record.get("feeds", []) if isinstance(f, dict)]
+        described[module] = (f"removed Dropout (ratio {record.get('ratio')}): acts where {', '.join(feeds)} read "
+                             "(fix restores it)" if feeds else
+                             f"removed Dropout (ratio {record.get('ratio')}): what it fed is not recorded")
+    return dict(sorted(described.items()))
+
+
 def restored_sites(model: onnx.ModelProto) -> tuple[dict[str, float], list[str]]:
     """({site tensor: ratio}, what could not be restored) for the Dropouts vsonnx.export recorded that a
     tool removed since: each record names the modules its output fed, which module_sites finds again."""

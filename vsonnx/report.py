@@ -55,6 +55,9 @@ def render_scan(report) -> str:
         out.append(table(["folded BN (module)", "into layer", "layer module"],
                          [[f["batchnorm"] or "?", f["layer"], f["layer_module"] or "?"] for f in report.folded_batchnorms],
                          "lll"))
+    if report.names and not report.sites:  # the export erased the sites: the names --dropout accepts
+        out.append(table(["name for --dropout NAME=RATIO", "where the dropout would act"],
+                         [[k, v] for k, v in report.names.items()], "ll"))
     if report.subgraph_batchnorms:
         out.append("BatchNormalization inside If/Loop/Scan subgraphs, not analysed nor fixed: "
                    + ", ".join(report.subgraph_batchnorms))

@@ -109,6 +109,8 @@ class ScanReport:
     # BNs the exporter folded into a Conv/Gemm (its metadata says so): {batchnorm: module, layer: node name,
     # layer_module: the conv/linear module, from its weight's name, or None}
     folded_batchnorms: list[dict] = field(default_factory=list)
+    # what each name `fix --dropout NAME=RATIO` accepts would mean (vsonnx.named_sites.site_names)
+    names: dict[str, str] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[BatchNormInfo]:
@@ -130,7 +132,8 @@ class ScanReport:
             rows.append(row)
         out = {"model": self.model, "batchnorms": rows, "dropouts": [asdict(d) for d in self.dropouts],
                "subgraph_batchnorms": list(self.subgraph_batchnorms),
-               "folded_batchnorms": list(self.folded_batchnorms), "warnings": list(self.warnings)}
+               "folded_batchnorms": list(self.folded_batchnorms), "names": dict(self.names),
+               "warnings": list(self.warnings)}
         if measured:
             out["calibration"] = self.calibration
         return out
