@@ -341,3 +341,38 @@ def test_torchscript_scopes_of_nested_containers_name_the_module():
     assert scope_module("/features/features.1/conv/conv.0/conv.0.0/Conv") == "features.1.conv.0.0"
     assert scope_module("/layer1/layer1.0/bn1/BatchNormalization_output_0") == "layer1.0.bn1"
     assert scope_module("conv.weight") is None and scope_module("/Conv") is None
+
+
+def keras_like_model():
+    """The graph tf2onnx 1.17 writes for a Keras 3 (TF 2.21) CNN conv1 -> Dropout drop1 -> BatchNormalization
+    bn1 -> ReLU -> conv2 -> bn2 -> ReLU -> pool -> Dense fc (names as written; checked by hand): the input
+    is NHWC, each BN is folded into the Conv before it, which takes the BN's name, the Dropout is gone."""
+    g = GraphBuilder()
+    t = g.node("Transpose", ["x"], "functional_1/bn1_1/batchnorm/mul_1__6", outputs=["t:0"], perm=[0, 3, 1, 2])
+    w1 = g.init("functional_1/conv1_1/convolution/merged_input:0", g.rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    h = g.node("Conv", [t, w1], "functional_1/bn1_1/batchnorm/mul_1", outputs=["functional_1/bn1_1/batchnorm/mul_1:0"],
+               pads=[1, 1, 1, 1])
+    h = g.node("Relu", [h], "functional_1/relu1_1/Relu", outputs=["functional_1/relu1_1/Relu:0"])
+    w2 = g.init("functional_1/conv2_1/convolution/merged_input:0", g.rng.standard_normal((4, 4, 3, 3)).astype(np.float32))
+    h = g.node("Conv", [h, w2], "functional_1/bn2_1/batchnorm/mul_1", outputs=["functional_1/bn2_1/batchnorm/mul_1:0"],
+               pads=[1, 1, 1, 1])
+    h = g.node("Relu", [h], "functional_1/relu2_1/Relu", outputs=["functional_1/relu2_1/Relu:0"])
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h], "functional_1/pool_1/Mean")], "flat")
+    return g.build(g.gemm(h, 4, 5, name="functional_1/fc_1/MatMul"), input_shape=("N", 8, 8, 3))
+
+
+def test_keras_layer_names_through_tf2onnx(tmp_path):
+    model = keras_like_model()
+    assert resolve_sites(model, {"bn1": 0.5}) == {"functional_1/bn1_1/batchnorm/mul_1:0": 0.5}  # inside the fold
+    assert resolve_sites(model, {"bn1_1": 0.5}) == resolve_sites(model, {"bn1": 0.5})
+    assert resolve_sites(model, {"conv2": 0.5}) == {"functional_1/relu1_1/Relu:0": 0.5}  # the conv's input
+    with pytest.raises(VsonnxError, match="Keras layer") as info:
+        resolve_sites(model, {"drop1": 0.5})
+    assert "name the layer it fed" in info.value.hint
+    path = save(model, tmp_path / "k.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((64, 8, 8, 3)).astype(np.float32))
+    r = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "--dropout", "bn1=0.5", "-o",
+                                  str(tmp_path / "f.onnx"), "--json"])
+    report = __import__("json").loads(r.output[r.output.index("{"):])
+    assert r.exit_code == 0 and report["folded"] == ["functional_1/bn1_1/batchnorm/mul_1",
+                                                     "functional_1/bn2_1/batchnorm/mul_1"]

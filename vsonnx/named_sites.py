@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -89,10 +90,16 @@ def module_sites(model: onnx.ModelProto) -> dict[str, list[str]]:
       in the node's own op, since tools name fused nodes after removed tensors), or by its weight's name
       ``MODULE.weight``, which both exporters keep: this names a conv whose own metadata records only the BN
       folded into it;
-    - a Dropout module whose node is still in the graph: its output (where its noise acts)."""
+    - a Dropout module whose node is still in the graph: its output (where its noise acts);
+    - Keras layers through tf2onnx (names ``<model>/<layer>_1/<ops>``, Keras 3 adding ``_1``; both the layer
+      name and the suffixed one are accepted): a BN folded into a Conv/Gemm/MatMul is that node, named after
+      the BN's ops (``.../bn1_1/batchnorm/mul_1``: the site is its output); a conv/dense layer is found by its
+      weight's name (``.../conv1_1/convolution/...``: its input); a BN kept, by its node name (its input).
+      A Keras Dropout layer leaves no trace in the graph: name the layer after it."""
     index = GraphIndex(model)
     sites: dict[str, list[str]] = {}
     for node in index.graph.node:
+        _add_keras_sites(index, node, sites)
         module = _own_module(node)
         if node.op_type == "BatchNormalization" and module:
             sites.setdefault(module, []).append(node.input[0])
@@ -110,6 +117,37 @@ def module_sites(model: onnx.ModelProto) -> dict[str, list[str]]:
             if folded and node.op_type in FOLD_TARGETS:
                 sites.setdefault(folded, []).append(node.output[0])
     return {m: list(dict.fromkeys(ts)) for m, ts in sites.items()}
+
+
+def keras_layer(name: str) -> str | None:
+    """The Keras layer a tf2onnx node, tensor or initializer name belongs to (``functional_1/bn1_1/batchnorm/
+    mul_1`` -> ``bn1_1``), or None for names not of that form (TorchScript scopes start with '/')."""
+    parts = name.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] and parts[1] else None
+
+
+def _keras_names(layer: str) -> list[str]:
+    """A layer's name as tf2onnx wrote it and without the ``_1`` Keras 3 appends in functional graphs."""
+    bare = re.sub(r"_\d+$", "", layer)
+    return [layer] if bare == layer else [layer, bare]
+
+
+def _add_keras_sites(index: GraphIndex, node: onnx.NodeProto, sites: dict[str, list[str]]) -> None:
+    layer = keras_layer(node.name)
+    if layer is None or node.op_type not in WEIGHT_OPS | {"BatchNormalization"}:
+        return
+    if node.op_type == "BatchNormalization":
+        found = [(layer, node.input[0])]
+    elif "batchnorm" in node.name.split("/")[2:]:  # a BN folded into this layer: the node took the BN's name
+        found = [(layer, node.output[0])]
+    else:
+        found = []
+    weight = keras_layer(node.input[1]) if node.op_type in WEIGHT_OPS and len(node.input) > 1 else None
+    if weight is not None and node.input[1] in index.initializers:
+        found.append((weight, node.input[0]))
+    for name, tensor in found:
+        for alias in _keras_names(name):
+            sites.setdefault(alias, []).append(tensor)
 
 
 def _own_module(node: onnx.NodeProto) -> str | None:
@@ -197,9 +235,11 @@ def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> dict[str, 
             resolved.update({t: ratio for m in matched for t in modules[m]})
         else:
             close = difflib.get_close_matches(name, [*modules, *removed, *nodes, *tensors], n=5, cutoff=0.4)
-            raise VsonnxError(f"'{name}' is neither a tensor, a node nor a PyTorch module of the model.",
-                              "name a module ('layer1.0.bn2', 'layer*.bn2'), a node or a tensor"
-                              + (f"; closest: {', '.join(close)}." if close else "; list them with `vsonnx scan MODEL`."))
+            raise VsonnxError(f"'{name}' is neither a tensor, a node nor a PyTorch module or Keras layer of the model.",
+                              "name a module or layer ('layer1.0.bn2', 'layer*.bn2', 'bn1'), a node or a tensor (a "
+                              "Dropout the export removed leaves no name behind unless vsonnx.export recorded it: "
+                              "name the layer it fed)" + (f"; closest: {', '.join(close)}." if close else
+                                                          "; `vsonnx scan MODEL` lists the names."))
     return resolved
 
 
