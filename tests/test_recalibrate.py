@@ -424,3 +424,15 @@ def bn_input_moments(model, x):
         flat = values.transpose(1, 0, *range(2, values.ndim)).reshape(values.shape[1], -1)
         moments[t] = flat.mean(1), flat.var(1)
     return moments
+
+
+def test_a_source_object_calibrates_with_labelled_validation(setup):
+    """Sources passed from Python (e.g. ArraySource) work with --val (the same-data check used to call
+    Path() on them)."""
+    from vsonnx.data import ArraySource
+
+    tmp, model_path = setup
+    z = np.load(tmp / "calib.npz")
+    calib = ArraySource.from_arrays(load_model(model_path), z["x"], None, shuffle=False)
+    report = vsonnx.fix(model_path, calib, output=tmp / "o.onnx", val=tmp / "val.npz", batch_size=8, force=True)
+    assert report.written and report.criterion == "top1" and len(report.candidates) > 2

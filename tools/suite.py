@@ -3,6 +3,7 @@
 
     python tools/suite.py assign                                   # models/suite/halves.json (seeded, first)
     python tools/suite.py train --data ../shared/data/cifar10      # train what is missing, one after another
+    python tools/suite.py evaluate --data ../shared/data/cifar10   # models/suite.json and models/SUITE.md
 
 Members and their training arguments are in ``tools/suite_members.py``. Each trained member lands in
 ``models/suite/NAME.onnx`` with its training card, configuration and log in ``models/suite/train/NAME/``.
@@ -14,7 +15,11 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -23,6 +28,10 @@ from suite_members import HALVES_SEED, MEMBERS, TRAIN_THREADS, halves  # noqa: E
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "models" / "suite"
 KEPT = ("card.json", "config.json", "log.csv")
+RESULTS = ROOT / "models" / "suite.json"
+CALIB_SAMPLES, VAL_SAMPLES, VAL_SPLIT, ENSEMBLE_MASKS = 5000, 2000, 0.2, 64
+METHODS = ("batch", "population", "relative", "distill")
+COLUMNS = ("original", *METHODS, "data-free", "label-free", "labelled", "ensemble64")
 
 
 def assign() -> Path:
@@ -58,6 +67,135 @@ def train(data: Path, names: list[str], runs: Path) -> None:
               flush=True)
 
 
+def split_training_images(model, data: Path) -> tuple:
+    """(calibration x, validation x, validation y): 5,000 + 2,000 disjoint shuffled training images (seed 0),
+    preprocessed for ``model`` once."""
+    from vsonnx.data import open_source
+
+    source = open_source(data / "train", model, shuffle=True, seed=0, limit=CALIB_SAMPLES + VAL_SAMPLES)
+    xs, ys = [], []
+    for batch in source.batches(500):
+        xs.append(next(iter(batch.feeds.values())))
+        ys.append(batch.labels)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return x[:CALIB_SAMPLES], x[CALIB_SAMPLES:], y[CALIB_SAMPLES:]
+
+
+def ensemble_top1(model, test, masks: int, threads: int | None, channelwise) -> float:
+    """Top-1 of the MC-dropout ensemble of the same weights: softmax averaged over ``masks`` dropout masks."""
+    from vsonnx.ensemble import DropoutEnsemble, scores_tensor
+
+    ensemble = DropoutEnsemble(model, scores_tensor(model), channelwise=channelwise, seed=0, device="cpu",
+                               threads=threads)
+    hits = seen = 0
+    for batch in test.batches(500):
+        target = ensemble.target(batch.feeds, masks)
+        hits += int((target.argmax(1) == batch.labels).sum())
+        seen += len(batch.labels)
+    return 100.0 * hits / seen
+
+
+def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int | None, masks: int) -> dict:
+    """Every column of COLUMNS for one member on the test images (original: the model as trained; label-free:
+    fix --val-split 0.2 on the calibration images; labelled: fix --val on 2,000 other training images; either
+    leaves the original where it writes nothing)."""
+    from vsonnx.accuracy import run_scorers
+    from vsonnx.data import ArraySource, open_source
+    from vsonnx.model import load_model
+    from vsonnx.recalibrate import FixOptions, fix_calibrated, fix_data_free
+    from vsonnx.sites import find_sites
+
+    from suite_members import TWINS, arch_of, halves
+
+    path = SUITE / f"{name}.onnx"
+    model = load_model(path)
+    report = find_sites(model, str(path))
+    train = json.loads((SUITE / "train" / name / "config.json").read_text())
+    entry = {"name": name, "half": halves().get(name, "twin"), "arch": arch_of(name),
+             "placement": train["placement"], "rate": train["dropout"] if train["placement"] != "none" else 0.0,
+             "noise": train["noise"], "recipe": {k: train.get(k) for k in ("epochs", "optimizer", "lr", "bn_momentum",
+                                                                           "augment", "depth")},
+             "sites": len(report.sites), "site_paths": sorted({b.path for b in report.sites})}
+    calib_x, val_x, val_y = split_training_images(model, data)
+    test = open_source(data / "test", model, shuffle=False, limit=test_limit)
+    fixed, seconds, chosen = {"original": path}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="vsonnx-suite-") as tmp:
+        np.savez(Path(tmp) / "val.npz", x=val_x, y=val_y)
+        calib = ArraySource.from_arrays(model, calib_x, None, shuffle=False, name="calibration images")
+        runs = {m: (m, {}) for m in METHODS}
+        runs["label-free"] = ("batch", {"val_split": VAL_SPLIT})
+        runs["labelled"] = ("batch", {"val": Path(tmp) / "val.npz"})
+        for column, (method, extra) in runs.items() if report.sites else ():
+            out = Path(tmp) / f"{column}.onnx"
+            t0 = time.perf_counter()
+            result = fix_calibrated(path, calib, method, FixOptions(output=out, threads=threads, **extra))
+            seconds[column] = round(time.perf_counter() - t0, 1)
+            fixed[column] = out if result.written else path
+            if extra:
+                chosen[column] = result.chosen if result.written else "original"
+        if report.sites:
+            out = Path(tmp) / "data-free.onnx"
+            t0 = time.perf_counter()
+            result = fix_data_free(path, FixOptions(output=out, threads=threads, device="cpu"))
+            seconds["data-free"] = round(time.perf_counter() - t0, 1)
+            fixed["data-free"] = out if result.written else path
+        scorers = run_scorers({k: load_model(p) for k, p in fixed.items()}, test, device="cpu", threads=threads)
+        entry["top1"] = {k: round(s.report(k).top1, 2) for k, s in scorers.items()}
+        entry["test_samples"] = scorers["original"].report("original").samples
+    if report.sites:
+        t0 = time.perf_counter()
+        entry["top1"]["ensemble64"] = round(ensemble_top1(model, test, masks, threads, report.channelwise_dropouts), 2)
+        seconds["ensemble64"] = round(time.perf_counter() - t0, 1)
+    entry.update({"chosen": chosen, "seconds": seconds, "ensemble_masks": masks})
+    twin = TWINS.get(name)
+    if twin and (SUITE / f"{twin}.onnx").exists():
+        entry["twin"] = twin
+    return entry
+
+
+def evaluate(data: Path, names: list[str], threads: int | None, test_limit: int | None, masks: int,
+             results: Path = RESULTS) -> None:
+    """Evaluate each trained member of ``names`` not yet in ``results`` (rewritten after each member, so a
+    stopped run keeps what it finished), then regenerate SUITE.md beside it."""
+    done = {e["name"]: e for e in (json.loads(results.read_text()) if results.exists() else [])}
+    for name in names:
+        if name in done or not (SUITE / f"{name}.onnx").exists():
+            continue
+        print(f"[suite] evaluating {name}", flush=True)
+        done[name] = evaluate_member(name, data, threads, test_limit, masks)
+        results.write_text(json.dumps(sorted(done.values(), key=lambda e: e["name"]), indent=1) + "\n")
+        print(f"[suite] {name}: {done[name]['top1']}", flush=True)
+    (results.parent / "SUITE.md").write_text(suite_markdown(sorted(done.values(), key=lambda e: e["name"])))
+
+
+def suite_markdown(entries: list[dict]) -> str:
+    """models/SUITE.md: per half, every column, and the gap of the best fix to the 64-mask ensemble (how far BN
+    constants alone are from what the weights hold)."""
+    lines = ["# The variance-shift suite", "",
+             "Generated by `python tools/suite.py evaluate --data ../shared/data/cifar10` from `models/suite.json`; "
+             "do not edit by hand. Top-1 (%) with onnxruntime on the test images; calibration: 5,000 shuffled "
+             "training images; label-free: `fix --val-split 0.2`; labelled: `fix --val` on 2,000 other training "
+             "images; ensemble64: the same weights with dropout on, softmax averaged over 64 masks. "
+             "Members and the seeded design/check halves: `tools/suite_members.py`, `models/suite/halves.json`.", ""]
+    head = ["member", "arch", "placement", "rate", *COLUMNS, "best fix - ensemble64"]
+    for half in ("design", "check", "twin"):
+        rows = [e for e in entries if e["half"] == half]
+        if not rows:
+            continue
+        lines += [f"## {half} half" if half != "twin" else "## no-dropout twins", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for e in rows:
+            top = e["top1"]
+            fixes = [top[k] for k in (*METHODS, "data-free") if k in top]
+            gap = f"{max(fixes) - top['ensemble64']:+.2f}" if fixes and "ensemble64" in top else "-"
+            cells = [e["name"], e["arch"], e["placement"], f"{e['rate']:g}",
+                     *[f"{top[k]:.2f}" + (f" ({e['chosen'][k]})" if k in e.get("chosen", {}) else "")
+                       if k in top else "-" for k in COLUMNS], gap]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="step", required=True)
@@ -66,15 +204,25 @@ def main(argv=None) -> None:
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--only", default=None, help="comma-separated member names")
     t.add_argument("--runs", type=Path, default=ROOT / "runs" / "suite")
+    e = sub.add_parser("evaluate", help="evaluate the trained members not yet in models/suite.json")
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--only", default=None, help="comma-separated member names")
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--test-limit", type=int, default=None, help="first N test images (default: all 10,000)")
+    e.add_argument("--masks", type=int, default=ENSEMBLE_MASKS, help="dropout masks of the ensemble")
+    e.add_argument("--results", type=Path, default=RESULTS, help="JSON written (SUITE.md goes beside it)")
     args = p.parse_args(argv)
     if args.step == "assign":
         print(assign())
-    elif args.step == "train":
+    else:
         names = args.only.split(",") if args.only else list(MEMBERS)
         unknown = sorted(set(names) - set(MEMBERS))
         if unknown:
             raise SystemExit(f"unknown members: {unknown}")
-        train(args.data, names, args.runs)
+        if args.step == "train":
+            train(args.data, names, args.runs)
+        else:
+            evaluate(args.data, names, args.threads, args.test_limit, args.masks, args.results)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -513,6 +514,9 @@ def digest(stats: dict[str, BnStatistics]) -> str:
 
 
 def _same_source(a, b) -> bool:
+    """Whether two data sources are one file or folder (a Source object passed from Python is itself)."""
+    if not all(isinstance(x, (str, os.PathLike)) for x in (a, b)):
+        return a is b
     try:
         return same_file(a, b)
     except OSError:
