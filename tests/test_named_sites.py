@@ -4,6 +4,7 @@ import io
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -359,6 +360,18 @@ def keras_like_model():
     h = g.node("Relu", [h], "functional_1/relu2_1/Relu", outputs=["functional_1/relu2_1/Relu:0"])
     h = g.node("Flatten", [g.node("GlobalAveragePool", [h], "functional_1/pool_1/Mean")], "flat")
     return g.build(g.gemm(h, 4, 5, name="functional_1/fc_1/MatMul"), input_shape=("N", 8, 8, 3))
+
+
+def test_keras_bn_folded_into_a_renamed_conv_is_found_by_its_bias():
+    """With non-zero BN statistics tf2onnx renames the fused conv 'Conv__14' and gives it the BN's folded bias
+    'functional_1/bn1_1/batchnorm/sub:0' (checked by hand, same versions)."""
+    model = keras_like_model()
+    conv = next(n for n in model.graph.node if n.name == "functional_1/bn1_1/batchnorm/mul_1")
+    conv.name = "Conv__14"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(4, np.float32),
+                                                                "functional_1/bn1_1/batchnorm/sub:0"))
+    conv.input.append("functional_1/bn1_1/batchnorm/sub:0")
+    assert resolve_sites(model, {"bn1": 0.5}) == {"functional_1/bn1_1/batchnorm/mul_1:0": 0.5}
 
 
 def test_keras_layer_names_through_tf2onnx(tmp_path):

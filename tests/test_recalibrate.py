@@ -436,3 +436,18 @@ def test_a_source_object_calibrates_with_labelled_validation(setup):
     calib = ArraySource.from_arrays(load_model(model_path), z["x"], None, shuffle=False)
     report = vsonnx.fix(model_path, calib, output=tmp / "o.onnx", val=tmp / "val.npz", batch_size=8, force=True)
     assert report.written and report.criterion == "top1" and len(report.candidates) > 2
+
+
+def test_fix_all_labels_bns_with_no_site_before_them(tmp_path):
+    """--all re-estimates every BN; one before any dropout is neither a site nor downstream of one."""
+    from conftest import GraphBuilder, save
+
+    g = GraphBuilder()
+    h = g.node("Relu", [g.bn(g.conv("x", 3, 4), 4, "bn_first")])
+    h = g.bn(g.dropout(g.conv(h, 4, 4), 0.5, "d"), 4, "bn_site")
+    h = g.bn(g.conv(g.node("Relu", [h]), 4, 4), 4, "bn_after")
+    path = save(g.build(h), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    report = vsonnx.fix(path, tmp_path / "x.npy", output=tmp_path / "o.onnx", scope="all", method="population")
+    assert {b["name"]: b["site"] for b in report.batchnorms} == {"bn_first": "none", "bn_site": "direct",
+                                                                 "bn_after": "downstream"}

@@ -93,7 +93,8 @@ def module_sites(model: onnx.ModelProto) -> dict[str, list[str]]:
     - a Dropout module whose node is still in the graph: its output (where its noise acts);
     - Keras layers through tf2onnx (names ``<model>/<layer>_1/<ops>``, Keras 3 adding ``_1``; both the layer
       name and the suffixed one are accepted): a BN folded into a Conv/Gemm/MatMul is that node, named after
-      the BN's ops (``.../bn1_1/batchnorm/mul_1``: the site is its output); a conv/dense layer is found by its
+      the BN's ops (``.../bn1_1/batchnorm/mul_1``), or renamed (``Conv__14``) with the BN's folded bias as its
+      bias (``.../bn1_1/batchnorm/sub:0``): the site is its output; a conv/dense layer is found by its
       weight's name (``.../conv1_1/convolution/...``: its input); a BN kept, by its node name (its input).
       A Keras Dropout layer leaves no trace in the graph: name the layer after it."""
     index = GraphIndex(model)
@@ -133,13 +134,16 @@ def _keras_names(layer: str) -> list[str]:
 
 
 def _add_keras_sites(index: GraphIndex, node: onnx.NodeProto, sites: dict[str, list[str]]) -> None:
-    layer = keras_layer(node.name)
-    if layer is None or node.op_type not in WEIGHT_OPS | {"BatchNormalization"}:
+    if node.op_type not in WEIGHT_OPS | {"BatchNormalization"}:
         return
+    layer = keras_layer(node.name)
+    bias = node.input[2] if node.op_type in FOLD_TARGETS and len(node.input) > 2 else ""
     if node.op_type == "BatchNormalization":
-        found = [(layer, node.input[0])]
-    elif "batchnorm" in node.name.split("/")[2:]:  # a BN folded into this layer: the node took the BN's name
+        found = [(layer, node.input[0])] if layer else []
+    elif layer and "batchnorm" in node.name.split("/")[2:]:  # a BN folded into this layer, which took its name
         found = [(layer, node.output[0])]
+    elif keras_layer(bias) and "batchnorm" in bias.split("/")[2:]:  # ... or renamed Conv__NN, its bias the BN's
+        found = [(keras_layer(bias), node.output[0])]
     else:
         found = []
     weight = keras_layer(node.input[1]) if node.op_type in WEIGHT_OPS and len(node.input) > 1 else None

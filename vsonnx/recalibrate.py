@@ -23,7 +23,8 @@ JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever
   provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_ensemble}] (the score
   of the criterion used, the other null), criterion ("top1", "ensemble_ce", "ensemble_mse" or null),
   val_samples (images the candidates were ranked on, or null),
-  batchnorms [{name, site, old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str],
+  batchnorms [{name, site (the site's path, "downstream", or "none" for a BN --all re-estimates with no site
+  before it), old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str],
   folded [layer]: Conv/Gemm layers whose folded BN was corrected relative to its lost statistics (named sites).
 """
 from __future__ import annotations
@@ -472,7 +473,8 @@ def _describe(report: FixReport, candidate: Candidate, scan: ScanReport, old: di
         report.samples, report.provider, report.seconds, report.passes = (result.samples, result.provider,
                                                                           result.seconds, result.passes)
         report.warnings += result.notes
-    kinds = {b.name: (b.path or "downstream") if b.site else "downstream" for b in scan.batchnorms}
+    kinds = {b.name: (b.path or "downstream") if b.site else "downstream" if b.downstream_of_site else "none"
+             for b in scan.batchnorms}  # "none": re-estimated by --all, no site before it
     report.batchnorms = [
         {"name": n, "site": kinds.get(n), "old_mean": old[n].mean.tolist(), "old_var": old[n].var.tolist(),
          "new_mean": np.asarray(s.mean).tolist(), "new_var": np.asarray(s.var).tolist()}
