@@ -389,3 +389,56 @@ def test_keras_layer_names_through_tf2onnx(tmp_path):
     report = __import__("json").loads(r.output[r.output.index("{"):])
     assert r.exit_code == 0 and report["folded"] == ["functional_1/bn1_1/batchnorm/mul_1",
                                                      "functional_1/bn2_1/batchnorm/mul_1"]
+
+
+@pytest.fixture(scope="module")
+def drop_path_export(tmp_path_factory):
+    """PreResNet-8 with stochastic depth (a 'drop_path' module per block, the identity in eval mode, so a
+    stock TorchScript export erases it; BN kept with do_constant_folding=False)."""
+    from vsonnx.nets import DropoutConfig, build
+
+    folder = tmp_path_factory.mktemp("drop_path")
+    torch.manual_seed(0)
+    net = build("preresnet", 8, 10, DropoutConfig("depth", 0.2)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x[:2],), str(folder / "stock.onnx"), dynamo=False, input_names=["input"],
+                          dynamic_axes={"input": {0: "n"}}, do_constant_folding=False)
+    np.save(folder / "x.npy", x.numpy())
+    return folder
+
+
+def test_a_drop_path_module_names_its_blocks_residual_branch(drop_path_export):
+    model = load_model(drop_path_export / "stock.onnx")
+    assert not [n for n in model.graph.node if n.op_type == "Dropout"]
+    sites = resolve_sites(model, {"blocks.*.drop_path": 0.2})
+    adds = {n.name: n for n in model.graph.node if n.op_type == "Add"}
+    branch = {adds[f"/blocks/blocks.{k}/Add"].input[0] for k in range(3)}  # conv2's output, not the shortcut
+    assert set(sites) == branch and sites.per_sample == frozenset(branch) and set(sites.values()) == {0.2}
+    with pytest.raises(VsonnxError, match="neither a tensor"):
+        resolve_sites(model, {"blocks.*.drop_a": 0.2})  # an element-wise dropout name is not a drop path
+
+
+def test_a_drop_path_site_drops_whole_samples(drop_path_export):
+    """In training mode the inserted noise scales each sample's branch by 0 or 1/(1-p), the form
+    vsonnx.export writes for stochastic depth (so the site finder sees the BNs after it as sites)."""
+    from vsonnx.runtime import make_session
+    from vsonnx.sites import find_sites
+
+    model = load_model(drop_path_export / "stock.onnx")
+    sites = resolve_sites(model, {"blocks.0.drop_path": 0.5})
+    (branch,) = sites
+    simulated = insert_dropouts(model, sites, training=True)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(simulated)
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                               for t in (branch, f"{branch}__vsonnx_drop_path")])
+    x = np.load(drop_path_export / "x.npy")
+    got, scaled = make_session(probe, device="cpu", optimize=False).run([branch, f"{branch}__vsonnx_drop_path"],
+                                                                         {"input": x})
+    factor = (scaled.reshape(16, -1) / got.reshape(16, -1))
+    assert np.allclose(factor, factor[:, :1]) and set(np.round(factor[:, 0], 4)) <= {0.0, 2.0}
+    assert 0 < (factor[:, 0] == 0).sum() < 16  # some samples dropped, not all
+    report = find_sites(insert_dropouts(model, sites, training=False))
+    assert [d.per_sample for d in report.dropouts] == [True] and report.sites

@@ -223,13 +223,23 @@ def _random_input_shape(shapes: TensorShapes, name: str, by_channel: bool) -> li
 def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training: bool, seed: int = DROPOUT_SEED,
                     before_bias: frozenset[str] = frozenset()) -> onnx.ModelProto:
     """A copy with Dropout(ratio, training_mode) on each site tensor, feeding all its former consumers; a
-    site in ``before_bias`` (the output of a Conv/Gemm) gets it between the layer's product and its bias.
-    Refuses a site that is a graph output."""
+    site in ``before_bias`` (the output of a Conv/Gemm) gets it between the layer's product and its bias; a
+    site in ``sites.per_sample`` (when ``sites`` carries that set: a drop path named by its module) is
+    dropped per sample, in the form vsonnx.export writes stochastic depth (a Dropout of ones [N, 1, ...]
+    scaling the tensor). Refuses a site that is a graph output, and a per-sample site of unknown rank."""
     graph = import_graph(model)
     tensors = graph.tensors()
     outputs = {t.name for t in graph.outputs}
+    per_sample = getattr(sites, "per_sample", frozenset())
+    ranks = {n: len(s) for n, s in tensor_shapes(model).items() if s is not None} if per_sample else {}
     for k, ((name, ratio), node_seed) in enumerate(zip(sites.items(), dropout_seeds(seed, len(sites)))):
         tensor = tensors[name]
+        if name in per_sample:
+            if name in outputs or name not in ranks:
+                raise VsonnxError(f"drop-path site '{name}' is a graph output or of unknown rank.",
+                                  "name a tensor inside the network, or run onnx shape inference first.")
+            _drop_path(graph, tensor, ranks[name], ratio, training, node_seed, k)
+            continue
         if name in before_bias:
             dropped_input = gs.Variable(f"{name}__vsonnx_product")
             dropped = gs.Variable(f"{dropped_input.name}__vsonnx_dropout")
@@ -243,6 +253,27 @@ def insert_dropouts(model: onnx.ModelProto, sites: dict[str, float], *, training
                     inputs=[dropped_input, _const(f"vsonnx_site{k}_ratio", np.float32(ratio)),
                             _const(f"vsonnx_site{k}_training", training)], outputs=[dropped])
     return to_model(graph, model)
+
+
+def _drop_path(graph: gs.Graph, tensor: gs.Variable, rank: int, ratio: float, training: bool, seed: int,
+               k: int) -> None:
+    """``tensor`` * Dropout(ones [N, 1, ...]) for all its former consumers (per-sample noise)."""
+    def op(kind, inputs, name, dtype=np.float32, **attrs):
+        out = gs.Variable(f"vsonnx_path{k}_{name}", dtype=dtype)
+        graph.layer(op=kind, name=f"vsonnx_path{k}_{name}", inputs=inputs, outputs=[out], attrs=attrs)
+        return out
+
+    scaled = gs.Variable(f"{tensor.name}__vsonnx_drop_path")
+    _redirect(graph, tensor, scaled)
+    shape = op("Shape", [tensor], "shape", np.int64)
+    batch = op("Slice", [shape, _const(f"vsonnx_path{k}_0", np.array([0], np.int64)),
+                         _const(f"vsonnx_path{k}_1", np.array([1], np.int64))], "batch", np.int64)
+    dims = op("Concat", [batch, _const(f"vsonnx_path{k}_rest", np.ones(rank - 1, np.int64))], "dims", np.int64,
+              axis=0)
+    ones = op("ConstantOfShape", [dims], "ones", value=onnx.numpy_helper.from_array(np.ones(1, np.float32)))
+    kept = op("Dropout", [ones, _const(f"vsonnx_site{k}_ratio", np.float32(ratio)),
+                          _const(f"vsonnx_site{k}_training", training)], "mask", seed=seed)
+    graph.layer(op="Mul", name=f"vsonnx_path{k}_mul", inputs=[tensor, kept], outputs=[scaled])
 
 
 def _split_bias(graph: gs.Graph, tensor: gs.Variable, product: gs.Variable, dropped: gs.Variable, k: int) -> None:

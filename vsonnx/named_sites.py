@@ -53,6 +53,58 @@ def folded_message(layers: list[str]) -> str:
             "calibration data. To correct exactly, export with the BNs kept: " + KEEP_BN_EXPORTS + ".")
 
 
+DROP_PATH = re.compile(r"(drop_?path|stochastic_depth|drop_connect)\d*$")  # timm, torchvision, EfficientNet
+SHORTCUT_MODULES = frozenset({"downsample", "shortcut", "skip", "proj"})
+
+
+class Sites(dict):
+    """{site tensor: drop ratio}, and ``per_sample``: the sites dropped per sample (drop paths named by their
+    module; vsonnx.instrument.insert_dropouts reads it)."""
+
+    def __init__(self, *args, per_sample=frozenset(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_sample = frozenset(per_sample)
+
+
+def residual_branches(model: onnx.ModelProto) -> dict[str, list[list[str]]]:
+    """Module -> for each residual Add of that module (its scoped name or metadata), the inputs computed
+    inside the module but not by a shortcut/downsample submodule: where a drop path of that module acted."""
+    index = GraphIndex(model)
+    found: dict[str, list[list[str]]] = {}
+    for node in index.nodes_of("Add"):
+        parent = _own_module(node)
+        if not parent:
+            continue
+        inside = []
+        for t in node.input:
+            producer = index.producer.get(t)
+            module = (_own_module(producer) if producer is not None else None) or scope_module(t)
+            if module and module.startswith(parent + ".") and not SHORTCUT_MODULES & set(module[len(parent) + 1:].split(".")):
+                inside.append(t)
+        found.setdefault(parent, []).append(inside)
+    return found
+
+
+def _drop_path_sites(name: str, branches: dict[str, list[list[str]]], ratio: float) -> dict[str, float] | None:
+    """The branch inputs a drop-path module name (``stages.*.blocks.*.drop_path``) stands for: per module
+    matching its parent, the one residual Add's one branch input; None when the name is no drop path or no
+    module matches; an error listing the candidates when one is ambiguous."""
+    parent, _, last = name.rpartition(".")
+    if not parent or not DROP_PATH.search(last):
+        return None
+    matched = [m for m in branches if fnmatch.fnmatchcase(m, parent)]
+    sites = {}
+    for module in matched:
+        adds = branches[module]
+        if len(adds) != 1 or len(adds[0]) != 1:
+            candidates = [t for add in adds for t in add] or ["(no input computed inside the module)"]
+            raise VsonnxError(f"'{name}': which residual branch of '{module}' the drop path scaled is ambiguous "
+                              f"({len(adds)} Add(s)); candidates: {', '.join(candidates)}.",
+                              "name the branch tensor itself with --dropout TENSOR=RATIO.")
+        sites[adds[0][0]] = ratio
+    return sites or None
+
+
 def parse_dropout_specs(specs: list[str] | tuple[str, ...], sites_file: str | Path | None = None) -> dict[str, float]:
     """{'tensor or node': drop ratio} from NAME=RATIO strings and/or a sites.json file."""
     named: dict[str, float] = {}
@@ -215,10 +267,12 @@ def restored_sites(model: onnx.ModelProto) -> tuple[dict[str, float], list[str]]
     return sites, missing
 
 
-def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> dict[str, float]:
+def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> Sites:
     """{site tensor: ratio} from names: a tensor, a node (its first input), a PyTorch module name pattern
-    (shell-style, ``*`` may cross dots; see module_sites), or a Dropout module a tool removed after
-    vsonnx.export (its site is what the module fed, from the vsonnx.dropouts metadata). Tensor and node names
+    (shell-style, ``*`` may cross dots; see module_sites), a Dropout module a tool removed after
+    vsonnx.export (its site is what the module fed, from the vsonnx.dropouts metadata), or a drop-path module
+    (``...drop_path``, ``...stochastic_depth``), which the export erased: the branch input of its block's
+    residual Add, dropped per sample (``Sites.per_sample``). Tensor and node names
     win over a pattern matching the same text; a name matching nothing is an error listing the closest
     names, and so is a removed Dropout module whose record does not say what it fed."""
     index = GraphIndex(model)
@@ -226,7 +280,8 @@ def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> dict[str, 
     tensors = set(index.producer) | {i.name for i in model.graph.input}
     modules = module_sites(model)
     removed = removed_dropouts(model)
-    resolved = {}
+    branches = residual_branches(model)
+    resolved, per_sample = {}, set()
     for name, ratio in named.items():
         dropped = [m for m in removed if fnmatch.fnmatchcase(m, name)]
         if name in tensors:
@@ -237,6 +292,9 @@ def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> dict[str, 
             resolved.update(_fed_sites(name, dropped, removed, modules, ratio))
         elif matched := [m for m in modules if fnmatch.fnmatchcase(m, name)]:
             resolved.update({t: ratio for m in matched for t in modules[m]})
+        elif (paths := _drop_path_sites(name, branches, ratio)) is not None:
+            resolved.update(paths)
+            per_sample.update(paths)
         else:
             close = difflib.get_close_matches(name, [*modules, *removed, *nodes, *tensors], n=5, cutoff=0.4)
             raise VsonnxError(f"'{name}' is neither a tensor, a node nor a PyTorch module or Keras layer of the model.",
@@ -244,7 +302,7 @@ def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> dict[str, 
                               "Dropout the export removed leaves no name behind unless vsonnx.export recorded it: "
                               "name the layer it fed)" + (f"; closest: {', '.join(close)}." if close else
                                                           "; `vsonnx scan MODEL` lists the names."))
-    return resolved
+    return Sites(resolved, per_sample=per_sample)
 
 
 def _fed_sites(name: str, dropped: list[str], removed: dict[str, dict], modules: dict[str, list[str]],
