@@ -22,6 +22,19 @@ def test_help_and_version():
     assert r.exit_code == 0 and vsonnx.__version__ in r.output
 
 
+def test_fix_help_lists_its_options_in_groups():
+    text = run("fix", "--help").output
+    titles = ["Data:", "Method:", "Choice among candidates:", "Distill:", "Image preprocessing:", "Output:",
+              "Runtime:"]
+    positions = [text.index(t) for t in titles]
+    assert positions == sorted(positions)
+    for title, option in zip(titles, ["--calib", "--method", "--val-split", "--steps", "--mean", "--output",
+                                      "--threads"]):
+        section = text[text.index(title):]
+        later = [text.index(t) for t in titles if text.index(t) > text.index(title)]
+        assert option in section[:(later[0] - text.index(title)) if later else None], (title, option)
+
+
 def test_scan_table_and_json(model_file):
     r = run("scan", model_file)
     assert r.exit_code == 0 and "bn_direct" in r.output and "SITE" in r.output

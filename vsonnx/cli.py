@@ -19,14 +19,48 @@ from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 MODEL_PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by load_model (exit 3)
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-SYNTHETIC_STEPS = click.option("--synthetic-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS,
-                               show_default=True, help="Optimisation steps of the data-free synthesis.")
+class Opt:
+    """One option's click arguments, applied plainly (``click.option``) or inside a help group
+    (click-option-group's ``optgroup.option``)."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __call__(self, func):
+        return click.option(*self.args, **self.kwargs)(func)
 
 
-def synthetic_option(help_text: str):
-    return click.option("--synthetic", type=click.IntRange(min=0), default=DEFAULT_SAMPLES, show_default=True,
-                        help=help_text)
+def with_options(*options: Opt):
+    """A decorator applying ``options`` in the order given (the first is listed first in --help)."""
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def grouped(*groups: tuple[str, tuple[Opt, ...]]):
+    """A decorator listing options under titled groups in --help (the way Polygraphy groups its arguments)."""
+    from click_option_group import optgroup
+
+    def decorate(func):
+        for title, options in reversed(groups):
+            for option in reversed(options):
+                func = optgroup.option(*option.args, **option.kwargs)(func)
+            func = optgroup.group(title)(func)
+        return func
+
+    return decorate
+
+
+JSON = Opt("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+SYNTHETIC_STEPS = Opt("--synthetic-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True,
+                      help="Optimisation steps of the data-free synthesis.")
+
+
+def synthetic_option(help_text: str) -> Opt:
+    return Opt("--synthetic", type=click.IntRange(min=0), default=DEFAULT_SAMPLES, show_default=True, help=help_text)
 
 
 LABELLED_DATA = click.option("--data", required=True,
@@ -113,28 +147,30 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return values[0], values[1]
 
 
-def data_options(func):
-    """Options shared by every command that reads data (calibration or evaluation)."""
-    options = [
-        click.option("--batch-size", type=int, default=None,
-                     help="Samples per onnxruntime run [default: the model's static batch size, else 128 (fix, scan) "
-                          "or 256 (eval, compare)]."),
-        click.option("--limit", type=int, default=None, help="Use the first N samples (after shuffling)."),
-        click.option("--shuffle/--no-shuffle", default=True,
-                     help="Shuffle samples with --seed before --limit (single-class batches bias batch statistics)."),
-        click.option("--seed", type=int, default=0, help="Seed of the shuffle."),
-        click.option("--mean", default=None, help="Per-channel mean for images, e.g. 0.4914,0.4822,0.4465."),
-        click.option("--std", default=None, help="Per-channel std for images."),
-        click.option("--size", default=None, help="Image size H,W (default: model metadata or static shape)."),
-        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="Image tensor layout."),
-        click.option("--scale", type=float, default=None, help="Pixel scale before mean/std [default: 1/255]."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     help="onnxruntime execution provider (auto = CUDA when it really works)."),
-        click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+SAMPLING = (
+    Opt("--limit", type=int, default=None, help="Use the first N samples (after shuffling)."),
+    Opt("--shuffle/--no-shuffle", default=True,
+        help="Shuffle samples with --seed before --limit (single-class batches bias batch statistics)."),
+    Opt("--seed", type=int, default=0, help="Seed of the shuffle."),
+)
+PREPROCESSING = (
+    Opt("--mean", default=None, help="Per-channel mean for images, e.g. 0.4914,0.4822,0.4465."),
+    Opt("--std", default=None, help="Per-channel std for images."),
+    Opt("--size", default=None, help="Image size H,W (default: model metadata or static shape)."),
+    Opt("--layout", type=click.Choice(["nchw", "nhwc"]), default=None,
+        help="Image tensor layout [default: model metadata, else nhwc when the input shape ends in the channels]."),
+    Opt("--scale", type=float, default=None, help="Pixel scale before mean/std [default: 1/255]."),
+)
+RUNTIME = (
+    Opt("--batch-size", type=int, default=None,
+        help="Samples per onnxruntime run [default: the model's static batch size, else 128 (fix, scan) or 256 "
+             "(eval, compare)]."),
+    Opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+        help="onnxruntime execution provider (auto = CUDA when it really works)."),
+    Opt("--threads", type=int, default=None, help="onnxruntime intra-op threads."),
+)
+data_options = with_options(RUNTIME[0], *SAMPLING, *PREPROCESSING, *RUNTIME[1:])
+"""Options shared by every command that reads data (calibration or evaluation)."""
 
 
 def _preprocess(data, mean, std, size, layout, scale) -> dict:
@@ -154,45 +190,54 @@ def _provider_line(provider: str | None) -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=MODEL_PATH)
-@click.option("--calib", default=None, help="Calibration data: image folder, .npy/.npz (or folder), FILE.py:FUNC.")
-@click.option("--data-free", is_flag=True,
-              help="No data: synthesise inputs from the BN statistics (needs torch) and correct every BN in scope.")
-@synthetic_option("With --data-free: synthetic inputs; 0 = closed-form formulas for the sites only (no torch).")
-@SYNTHETIC_STEPS
-@click.option("--dropout", "dropout_specs", multiple=True, metavar="NAME=RATIO",
-              help="Where dropout acted in training, for exports that removed it (repeatable). NAME: a PyTorch "
-                   "module pattern ('layer*.bn2': a BN for placement a, a conv/linear for placement b), a node "
-                   "(stands for its input) or a tensor.")
-@click.option("--sites", "sites_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help='JSON file {"dropout": {"NAME": RATIO}}, the same as several --dropout.')
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output model [default: MODEL.fixed.onnx].")
-@click.option("--in-place", is_flag=True, help="Allow -o to be the input model.")
-@click.option("--method", type=click.Choice(CALIBRATED), default="batch",
-              help="; ".join(f"{n}: {REGISTRY[n].passes}" for n in CALIBRATED)
-              + " (batch: the paper's Adjust; population: exact inference statistics; relative: the dropout-on -> off "
-                "change measured on the data carried over to the stored statistics; distill: BN constants fitted so "
-                "the network matches its own dropout ensemble, needs torch).")
-@click.option("--all", "scope_all", is_flag=True, help="Re-estimate every BN, not only sites and downstream.")
-@click.option("--val", default=None, help="Validation data: evaluate candidates, write the best (by top-1 with "
-                                          "labels, by agreement with the dropout ensemble without).")
-@click.option("--val-limit", type=int, default=None, help="Use the first N validation samples.")
-@click.option("--val-split", type=float, default=None, metavar="F",
-              help="Hold out a fraction F of --calib (seeded) and choose among candidates on it without labels.")
-@click.option("--val-masks", type=int, default=8, show_default=True,
-              help="Dropout masks averaged into the ensemble that label-free choosing compares with.")
-@click.option("--force", is_flag=True, help="With --val: write even when no candidate beats the original.")
-@click.option("--steps", "distill_steps", type=int, default=REGISTRY["distill"].settings["steps"], show_default=True,
-              help="distill: optimisation steps (one calibration batch each).")
-@click.option("--lr", "distill_lr", type=float, default=REGISTRY["distill"].settings["lr"], show_default=True,
-              help="distill: Adam learning rate (cosine decay).")
-@click.option("--scores", default=None, metavar="OUTPUT",
-              help="distill and label-free --val: the output compared with the dropout ensemble [default: the first].")
-@click.option("--loss", type=click.Choice(["kl", "mse"]), default=None,
-              help="distill and label-free --val: kl (softmax over axis 1) or mse; outputs that are not class "
-                   "scores [N, C] need --scores and --loss.")
-@JSON_OPTION
-@data_options
+@grouped(
+    ("Data", (Opt("--calib", default=None,
+                  help="Calibration data: image folder, .npy/.npz (or folder), FILE.py:FUNC."), *SAMPLING)),
+    ("Method", (
+        Opt("--method", type=click.Choice(CALIBRATED), default="batch",
+            help="; ".join(f"{n}: {REGISTRY[n].passes}" for n in CALIBRATED)
+            + " (batch: the paper's Adjust; population: exact inference statistics; relative: the dropout-on -> off "
+              "change measured on the data carried over to the stored statistics; distill: BN constants fitted so "
+              "the network matches its own dropout ensemble, needs torch)."),
+        Opt("--all", "scope_all", is_flag=True, help="Re-estimate every BN, not only sites and downstream."),
+        Opt("--data-free", is_flag=True,
+            help="No data: synthesise inputs from the BN statistics (needs torch) and correct every BN in scope."),
+        synthetic_option("With --data-free: synthetic inputs; 0 = closed-form formulas for the sites only (no torch)."),
+        SYNTHETIC_STEPS,
+        Opt("--dropout", "dropout_specs", multiple=True, metavar="NAME=RATIO",
+            help="Where dropout acted in training, for exports that removed it (repeatable). NAME: a PyTorch module "
+                 "or Keras layer pattern ('layer*.bn2': a BN for placement a, a conv/linear for placement b, "
+                 "'blocks.*.drop_path': a drop path), a node (stands for its input) or a tensor; `vsonnx scan` "
+                 "lists them."),
+        Opt("--sites", "sites_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+            help='JSON file {"dropout": {"NAME": RATIO}}, the same as several --dropout.'))),
+    ("Choice among candidates", (
+        Opt("--val", default=None, help="Validation data: evaluate candidates, write the best (by top-1 with "
+                                        "labels, by agreement with the dropout ensemble without)."),
+        Opt("--val-limit", type=int, default=None, help="Use the first N validation samples."),
+        Opt("--val-split", type=float, default=None, metavar="F",
+            help="Hold out a fraction F of --calib (seeded) and choose among candidates on it without labels."),
+        Opt("--val-masks", type=int, default=8, show_default=True,
+            help="Dropout masks averaged into the ensemble that label-free choosing compares with."),
+        Opt("--force", is_flag=True, help="With --val: write even when no candidate beats the original."))),
+    ("Distill", (
+        Opt("--steps", "distill_steps", type=int, default=REGISTRY["distill"].settings["steps"], show_default=True,
+            help="distill: optimisation steps (one calibration batch each)."),
+        Opt("--lr", "distill_lr", type=float, default=REGISTRY["distill"].settings["lr"], show_default=True,
+            help="distill: Adam learning rate (cosine decay)."),
+        Opt("--scores", default=None, metavar="OUTPUT",
+            help="distill and label-free --val: the output compared with the dropout ensemble [default: the first]."),
+        Opt("--loss", type=click.Choice(["kl", "mse"]), default=None,
+            help="distill and label-free --val: kl (softmax over axis 1) or mse; outputs that are not class "
+                 "scores [N, C] need --scores and --loss."))),
+    ("Image preprocessing", PREPROCESSING),
+    ("Output", (
+        Opt("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+            help="Output model [default: MODEL.fixed.onnx]."),
+        Opt("--in-place", is_flag=True, help="Allow -o to be the input model."),
+        JSON)),
+    ("Runtime", RUNTIME),
+)
 @user_errors
 def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, sites_file, output, in_place, method,
         scope_all, val, val_limit, val_split, val_masks, force, distill_steps, distill_lr, scores, loss, as_json,
@@ -255,7 +300,7 @@ def _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, va
 @main.command("eval", context_settings=CONTEXT)
 @click.argument("model", type=MODEL_PATH)
 @LABELLED_DATA
-@JSON_OPTION
+@JSON
 @data_options
 @user_errors
 def eval_command(model, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device,
@@ -275,7 +320,7 @@ def eval_command(model, data, as_json, batch_size, limit, shuffle, seed, mean, s
 @click.argument("model_a", type=MODEL_PATH)
 @click.argument("model_b", type=MODEL_PATH)
 @LABELLED_DATA
-@JSON_OPTION
+@JSON
 @data_options
 @user_errors
 def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale,
@@ -308,7 +353,7 @@ def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, m
 @SYNTHETIC_STEPS
 @click.option("--steps", "distill_steps", type=int, default=100, show_default=True,
               help="Steps of the distill fix (half of fix's default, to keep the demo short).")
-@JSON_OPTION
+@JSON
 @user_errors
 def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device, threads, synthetic, synthetic_steps,
          distill_steps, as_json):
