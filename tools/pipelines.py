@@ -14,7 +14,8 @@ folded the identifiable relative rule done in the framework (the stored statisti
 between dropout-on and dropout-off moments of the BN input, BN by BN in order; DESIGN 5.6). The distance is
 mean |logit difference| / standard deviation of the reference logits (target: within 1%); "unfixed" is the
 same distance for the model before the fix. Random-weight networks are used, so logits, not accuracy, are
-compared. timm is not run here: it imports torchvision, whose PyPI build does not import beside the CPU torch.
+compared. timm is not run here: it imports torchvision, whose PyPI build does not import beside the CPU torch;
+its drop paths are stood for by vsonnx's own stochastic-depth PreResNet, whose modules are named `drop_path` too.
 """
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vsonnx  # noqa: E402
 from vsonnx.datasets import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
-from vsonnx.nets import DropoutConfig, build  # noqa: E402
+from vsonnx.nets import DropoutConfig, StochasticDepth, build  # noqa: E402
 from vsonnx.runtime import make_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS_IMAGES, TEST_IMAGES = 2000, 1000
+NOISE = (nn.Dropout, StochasticDepth)  # modules whose noise is on in training only
 
 
 class Unit(nn.Module):
@@ -95,7 +97,7 @@ def bn_input_moments(net: nn.Module, bn: nn.Module, x: np.ndarray, dropout: bool
     seen = []
     handle = bn.register_forward_pre_hook(lambda m, args: seen.append(args[0].double()))
     for m in net.modules():
-        if isinstance(m, nn.Dropout):
+        if isinstance(m, NOISE):
             m.train(dropout)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -113,13 +115,13 @@ def pytorch_reference(net: nn.Module, x: np.ndarray, folded: set[str]) -> nn.Mod
     original, ref = net, copy.deepcopy(net)
     order = []
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, m in ref.named_modules()
-             if isinstance(m, (nn.BatchNorm2d, nn.Dropout))]
+             if isinstance(m, (nn.BatchNorm2d, *NOISE))]
     with torch.no_grad():
         ref(torch.from_numpy(x[:2]))
     for h in hooks:
         h.remove()
     modules = dict(ref.named_modules())
-    first_drop = next(k for k, n in enumerate(order) if isinstance(modules[n], nn.Dropout))
+    first_drop = next(k for k, n in enumerate(order) if isinstance(modules[n], NOISE))
     for name in [n for n in order[first_drop:] if isinstance(modules[n], nn.BatchNorm2d)]:
         bn = modules[name]
         m_off, v_off = bn_input_moments(ref, bn, x, dropout=False)
@@ -148,11 +150,11 @@ def export_default(net, x, path: Path) -> None:
                           dynamic_shapes=({0: torch.export.Dim("n")},), verbose=False)
 
 
-def export_torchscript(net, x, path: Path) -> None:
+def export_torchscript(net, x, path: Path, fold: bool = False) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.from_numpy(x[:2]),), str(path), dynamo=False, input_names=["input"],
-                          dynamic_axes={"input": {0: "n"}}, do_constant_folding=False)
+                          dynamic_axes={"input": {0: "n"}}, do_constant_folding=fold)
 
 
 def kept_batchnorm_modules(path: Path) -> set[str]:
@@ -170,7 +172,6 @@ def torch_pipelines(folder: Path, x_stats: np.ndarray, x_test: np.ndarray) -> li
     preresnet = set_statistics(build("preresnet", 8, 10, DropoutConfig("a", 0.5)), x_stats)
     kept = folder / "preresnet8.onnx"
     vsonnx.export(preresnet, torch.from_numpy(x_stats[:2]), kept, exporter="torchscript")
-    bn_modules = {n for n, m in preresnet.named_modules() if isinstance(m, nn.BatchNorm2d)}
     slim = folder / "slim.onnx"
     onnx.save(onnxslim.slim(str(kept)), str(slim))
     rows.append(("onnxslim of a vsonnx export (Conv+BN fused, Dropout removed)", "PreResNet-8, Dropout-(a) 0.5",
@@ -196,13 +197,20 @@ def torch_pipelines(folder: Path, x_stats: np.ndarray, x_test: np.ndarray) -> li
     rows.append(("torch.onnx.export(dynamo=False, do_constant_folding=False) (Dropout removed, BN kept)",
                  "torchvision-style nested Sequentials, Dropout 0.3 before each BN", nested, scripted,
                  {"features.*.block.bn": 0.3}, "`vsonnx fix m.onnx --calib DATA --dropout 'features.*.block.bn=0.3'`"))
+    torch.manual_seed(0)
+    depth = set_statistics(build("preresnet", 8, 10, DropoutConfig("depth", 0.2)), x_stats)
+    for exporter, export in (("default exporter", export_default),
+                             ("dynamo=False", lambda n, x, p: export_torchscript(n, x, p, fold=True))):
+        path = folder / f"depth_{len(rows)}.onnx"
+        export(depth, x_stats, path)
+        rows.append((f"torch.onnx.export ({exporter}: drop paths erased, BN after a conv folded)",
+                     "PreResNet-8 with stochastic depth 0.2 (a timm-style `drop_path` module per block)", depth, path,
+                     {"blocks.*.drop_path": 0.2}, "`vsonnx fix m.onnx --calib DATA --dropout 'blocks.*.drop_path=0.2'`"))
     calib = folder / "calib.npy"
     np.save(calib, x_stats)
     results = []
     for pipeline, network, net, path, named, command in rows:
-        folded = {m for m in (bn_modules if net is preresnet else
-                              {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)})
-                  if m not in kept_batchnorm_modules(path)}
+        folded = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)} - kept_batchnorm_modules(path)
         report = vsonnx.fix(path, calib, output=folder / "fixed.onnx", dropout_sites=named or None,
                             method="population")
         with torch.no_grad():
@@ -248,7 +256,8 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"| {r['pipeline']} | {r['network']} | {r['command']} | {r['sites']} | {r['folded_layers']} "
                      f"({'yes' if r['folded_said'] else 'no'}) | {r['reference']} | {r['distance']:.4f} | {r['unfixed']:.4f} |")
     lines += ["", "Not run: timm (`resnetv2` with `drop_path_rate`) needs torchvision, whose PyPI build is a CUDA build "
-              "that does not import beside the CPU torch used here.", ""]
+              "that does not import beside the CPU torch used here; the stochastic-depth rows stand for its drop paths "
+              "(modules named `drop_path`, erased by the export, named by the user).", ""]
     return "\n".join(lines)
 
 
