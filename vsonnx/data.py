@@ -66,10 +66,10 @@ class InputSpec:
             except Exception:  # UNDEFINED or an unknown element type
                 dtype = np.dtype(object)
             if dtype.kind not in "biuf":
-                raise VsonnxError(f"model input '{value.name}' is of type "
-                                  f"{onnx.TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type in onnx.TensorProto.DataType.values() else tensor.elem_type}"
-                                  "; vsonnx feeds numbers (bool, integer or float inputs).",
-                                  "calibrate a model whose inputs are numeric tensors.")
+                known = tensor.elem_type in onnx.TensorProto.DataType.values()
+                kind = onnx.TensorProto.DataType.Name(tensor.elem_type) if known else tensor.elem_type
+                raise VsonnxError(f"model input '{value.name}' is of type {kind}; vsonnx feeds numbers (bool, "
+                                  "integer or float inputs).", "calibrate a model whose inputs are numeric tensors.")
             specs.append(cls(value.name, shape, dtype))
         return specs
 

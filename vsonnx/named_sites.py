@@ -79,7 +79,8 @@ def residual_branches(model: onnx.ModelProto) -> dict[str, list[list[str]]]:
         for t in node.input:
             producer = index.producer.get(t)
             module = (_own_module(producer) if producer is not None else None) or scope_module(t)
-            if module and module.startswith(parent + ".") and not SHORTCUT_MODULES & set(module[len(parent) + 1:].split(".")):
+            below = module[len(parent) + 1:].split(".") if module and module.startswith(parent + ".") else None
+            if below and not SHORTCUT_MODULES & set(below):
                 inside.append(t)
         found.setdefault(parent, []).append(inside)
     return found
@@ -246,11 +247,16 @@ def site_names(model: onnx.ModelProto) -> dict[str, str]:
                 where.append(f"on '{t}', read by {', '.join(readers[:2]) or 'nothing'}")
         described[module] = "; ".join(where)
     for module, record in removed_dropouts(model).items():
-        feeds = [f.get("module") for f in record.get("feeds", []) if isinstance(f, dict)]
+        feeds = _feeds(record)
         described[module] = (f"removed Dropout (ratio {record.get('ratio')}): acts where {', '.join(feeds)} read "
                              "(fix restores it)" if feeds else
                              f"removed Dropout (ratio {record.get('ratio')}): what it fed is not recorded")
     return dict(sorted(described.items()))
+
+
+def _feeds(record: dict) -> list[str]:
+    """The modules a vsonnx.dropouts record says its Dropout fed (empty for records of older exports)."""
+    return [f["module"] for f in record.get("feeds", []) if isinstance(f, dict) and f.get("module")]
 
 
 def restored_sites(model: onnx.ModelProto) -> tuple[dict[str, float], list[str]]:
@@ -259,7 +265,7 @@ def restored_sites(model: onnx.ModelProto) -> tuple[dict[str, float], list[str]]
     modules = module_sites(model)
     sites, missing = {}, []
     for module, record in removed_dropouts(model).items():
-        feeds = [f["module"] for f in record.get("feeds", []) if isinstance(f, dict) and f.get("module") in modules]
+        feeds = [f for f in _feeds(record) if f in modules]
         if not feeds or record.get("ratio") is None:
             missing.append(module)
             continue
@@ -310,7 +316,7 @@ def _fed_sites(name: str, dropped: list[str], removed: dict[str, dict], modules:
     """The sites of removed Dropout modules ``dropped``: where the modules they fed read their input."""
     sites = {}
     for module in dropped:
-        feeds = [f.get("module") for f in removed[module].get("feeds", []) if isinstance(f, dict)]
+        feeds = _feeds(removed[module])
         found = [f for f in feeds if f in modules]
         if not found:
             raise VsonnxError(f"'{name}' names the Dropout module '{module}', which the graph no longer holds, and "
