@@ -289,6 +289,8 @@ def test_sites_removed_by_a_tool_are_restored_from_the_metadata(tmp_path):
     sites, missing = restored_sites(stock)
     conv1 = next(n for n in stock.graph.node if n.op_type == "Conv")
     assert sites == {conv1.output[0]: 0.5} and missing == []  # inside the fold: the conv's output
+    scanned = CliRunner().invoke(main, ["scan", path])
+    assert "metadata lists 1 Dropout(s) a tool removed since export; `fix --calib DATA` restores 1 site(s)" in scanned.output
     r = CliRunner().invoke(main, ["fix", path, "--calib", str(tmp_path / "x.npy"), "--method", "population", "-o",
                                   str(tmp_path / "restored.onnx")])
     assert r.exit_code == 0 and "restored 1 dropout site(s) from the model's vsonnx.dropouts metadata" in r.output

@@ -82,3 +82,34 @@ def test_train_script_user_error_has_no_traceback(tmp_path):
     assert proc.returncode == 3 and "--data" in proc.stderr and "Traceback" not in proc.stderr
 
 
+
+
+def test_suite_options_reach_the_network_and_the_optimiser():
+    """--bn-momentum (a number or 'cumulative'), --optimizer adam, --width/--head of the plain CNN."""
+    train = load_train_module()
+    import torch
+
+    args = train.parse_args(["--arch", "plain", "--depth", "6", "--width", "8", "--head", "mlp", "--placement", "a",
+                             "--dropout", "0.3", "--noise", "dropout2d", "--bn-momentum", "cumulative",
+                             "--optimizer", "adam", "--lr", "0.002", "--no-augment", "--out", "unused"])
+    assert args.bn_momentum is None and not args.augment
+    run = train.Run(args, 0, 1, 0, "cpu", torch.device("cpu"))
+    model, _, dropout = train.build_network(run, 10)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 7 and all(m.momentum is None for m in bns)  # 6 conv BNs + the head's BatchNorm1d
+    assert sum(isinstance(m, torch.nn.Dropout2d) for m in model.modules()) == 6  # the head's is element-wise
+    assert isinstance(train.make_optimizer(model, args), torch.optim.AdamW)
+    assert train.bn_momentum("0.01") == 0.01
+    with pytest.raises(Exception):
+        train.bn_momentum("1.5")
+
+
+def test_the_committed_suite_halves_are_the_seeded_assignment():
+    """The design/check split was fixed before any evaluation: the file must stay what the seed gives."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_members import HALVES_SEED, MEMBERS, TWINS, halves
+
+    committed = json.loads((ROOT / "models" / "suite" / "halves.json").read_text())
+    assert committed == {"seed": HALVES_SEED, "halves": halves(HALVES_SEED)}
+    assert set(committed["halves"]) == set(MEMBERS) - set(TWINS.values())
+    assert sorted(committed["halves"].values()).count("design") == len(committed["halves"]) // 2

@@ -58,7 +58,7 @@ class GraphIndex:
 
     def node_name(self, node: onnx.NodeProto) -> str:
         """The node's name, or a stable stand-in built from its first output when it has none."""
-        return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+        return display_name(node.name, node.op_type, node.output[0] if node.output else None)
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of tensor ``name`` if it is static: an initializer, a Constant node's output, a
@@ -224,6 +224,12 @@ def tensor_shapes(model: onnx.ModelProto) -> TensorShapes:
             shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
             shapes.symbols[value.name] = tuple(d.dim_param if d.HasField("dim_param") else None for d in t.shape.dim)
     return shapes
+
+
+def display_name(name: str, op_type: str, first_output: str | None) -> str:
+    """The name vsonnx gives a node: its own, or '<op>:<first output>' when it has none (one rule for the
+    ModelProto index and for onnx-graphsurgeon's nodes in vsonnx.instrument)."""
+    return name or f"{op_type}:{first_output or '?'}"
 
 
 def channel_bias(op_type: str, bias, channels: int, beta: float = 1.0) -> np.ndarray | None:

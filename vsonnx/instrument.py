@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 
 from .data import Source
 from .errors import VsonnxError
-from .graph import GraphIndex, TensorShapes, channel_bias, tensor_shapes
+from .graph import GraphIndex, TensorShapes, channel_bias, display_name, tensor_shapes
 from .model import default_opset
 from .random_feeds import DROPOUT_SEED, LEVELS, RANDOM_PREFIX
 from .runtime import make_session, run_pass
@@ -41,8 +41,8 @@ BATCH_DIM = "vsonnx_batch"
 # gs round trip
 # --------------------------------------------------------------------------------------------------
 def node_name(node: gs.Node) -> str:
-    """The name vsonnx uses for a node: its name, or '<op>:<first output>' (as GraphIndex.node_name)."""
-    return node.name or f"{node.op}:{node.outputs[0].name if node.outputs else '?'}"
+    """The name vsonnx uses for a gs node (graph.display_name, as GraphIndex.node_name)."""
+    return display_name(node.name, node.op, node.outputs[0].name if node.outputs else None)
 
 
 def nodes_by_name(graph: gs.Graph) -> dict[str, gs.Node]:
