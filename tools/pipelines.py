@@ -13,8 +13,9 @@ same weights: PyTorch's (Keras's) re-estimation with dropout off for BNs the pip
 folded the identifiable relative rule done in the framework (the stored statistics moved by the change
 between dropout-on and dropout-off moments of the BN input, BN by BN in order; DESIGN 5.6). The distance is
 mean |logit difference| / standard deviation of the reference logits (target: within 1%); "unfixed" is the
-same distance for the model before the fix. Random-weight networks are used, so logits, not accuracy, are
-compared. timm is not run here: it imports torchvision, whose PyPI build does not import beside the CPU torch;
+same distance for the model before the fix. Networks with random weights are compared by logits; the trained
+reference model (models/preresnet20-a05.onnx, its PyTorch weights rebuilt by tools/reproduce.py) also by top-1
+(target: within 0.3 points of the reference). timm is not run here: it imports torchvision, whose PyPI build does not import beside the CPU torch;
 its drop paths are stood for by vsonnx's own stochastic-depth PreResNet, whose modules are named `drop_path` too.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py: the reference models in PyTorch
 
 import vsonnx  # noqa: E402
 from vsonnx.datasets import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
@@ -71,11 +73,13 @@ class NestedNet(nn.Module):
 
 
 def cifar(data: Path):
-    """(stats images, test images) as normalised float32 NCHW."""
-    d = load_cifar("cifar10", data, STATS_IMAGES, TEST_IMAGES)
+    """(stats images, test images, test labels): images normalised float32 NCHW; the first STATS_IMAGES
+    training images (shuffled, seed 0) and TEST_IMAGES test images."""
+    d = load_cifar("cifar10", data, None, TEST_IMAGES)
     mean, std = np.array(CIFAR_MEAN["cifar10"], np.float32), np.array(CIFAR_STD["cifar10"], np.float32)
-    prep = [((x.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy() for x in (d["train"][0], d["test"][0])]
-    return prep[0], prep[1]
+    train = d["train"][0][np.random.default_rng(0).permutation(len(d["train"][0]))[:STATS_IMAGES]]
+    prep = [((x.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy() for x in (train, d["test"][0])]
+    return prep[0], prep[1], d["test"][1]
 
 
 def set_statistics(net: nn.Module, x: np.ndarray) -> nn.Module:
@@ -163,7 +167,7 @@ def kept_batchnorm_modules(path: Path) -> set[str]:
     return {module_of(n) for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"}
 
 
-def torch_pipelines(folder: Path, x_stats: np.ndarray, x_test: np.ndarray) -> list[dict]:
+def torch_pipelines(folder: Path, x_stats: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> list[dict]:
     import onnxsim
     import onnxslim
 
@@ -197,6 +201,14 @@ def torch_pipelines(folder: Path, x_stats: np.ndarray, x_test: np.ndarray) -> li
     rows.append(("torch.onnx.export(dynamo=False, do_constant_folding=False) (Dropout removed, BN kept)",
                  "torchvision-style nested Sequentials, Dropout 0.3 before each BN", nested, scripted,
                  {"features.*.block.bn": 0.3}, "`vsonnx fix m.onnx --calib DATA --dropout 'features.*.block.bn=0.3'`"))
+    from reproduce import reference_net  # the trained reference model with its own weights in PyTorch
+
+    trained, _ = reference_net(json.loads((ROOT / "models" / "preresnet20-a05.json").read_text()))
+    trained_slim = folder / "reference_slim.onnx"
+    onnx.save(onnxslim.slim(str(ROOT / "models" / "preresnet20-a05.onnx")), str(trained_slim))
+    rows.append(("onnxslim of models/preresnet20-a05.onnx (trained; metadata older than 'feeds')",
+                 "PreResNet-20, Dropout-(a) 0.5, 30 epochs", trained, trained_slim, {"blocks.*.bn2": 0.5},
+                 "`vsonnx fix slim.onnx --calib DATA --dropout 'blocks.*.bn2=0.5'`"))
     torch.manual_seed(0)
     depth = set_statistics(build("preresnet", 8, 10, DropoutConfig("depth", 0.2)), x_stats)
     for exporter, export in (("default exporter", export_default),
@@ -216,13 +228,17 @@ def torch_pipelines(folder: Path, x_stats: np.ndarray, x_test: np.ndarray) -> li
         with torch.no_grad():
             ref = pytorch_reference(net, x_stats, folded)(torch.from_numpy(x_test)).numpy()
         results.append(row(pipeline, network, command, report, folded, logits_of(folder / "fixed.onnx", x_test),
-                           logits_of(path, x_test), ref, "PyTorch"))
+                           logits_of(path, x_test), ref, "PyTorch", y_test if net is trained else None))
     return results
 
 
-def row(pipeline, network, command, report, folded, fixed, before, ref, framework) -> dict:
+def row(pipeline, network, command, report, folded, fixed, before, ref, framework, labels=None) -> dict:
+    """One table row; ``labels`` (a trained network's test labels) add top-1 of the fixed model, of the
+    framework's reference and of the model before the fix."""
     restored = next((w for w in report.warnings if w.startswith("restored")), None)
-    return {"pipeline": pipeline, "network": network, "command": command, "written": report.written,
+    top1 = None if labels is None else {k: round(100 * float(np.mean(v.argmax(1) == labels)), 2)
+                                         for k, v in (("fixed", fixed), ("reference", ref), ("unfixed", before))}
+    return {"top1": top1, "pipeline": pipeline, "network": network, "command": command, "written": report.written,
             "sites": "restored from metadata" if restored else "named" if "--dropout" in command else "found",
             "folded_layers": len(report.folded), "folded_said": any("folded into the weights" in w for w in report.warnings),
             "reference": f"{framework}: " + ("relative rule for the folded BNs, re-estimation for the kept ones"
@@ -250,11 +266,14 @@ def markdown(results: list[dict]) -> str:
     lines = ["# Third-party pipelines", "", "Generated by `python tools/pipelines.py` (see its docstring for the "
              "method); do not edit by hand. Distance: mean |logit difference| / std of the reference logits on "
              f"{TEST_IMAGES} CIFAR-10 test images (target: within 0.01).", "",
-             "| pipeline | network | fixed with | sites | folded layers corrected (said) | reference | distance | unfixed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| pipeline | network | fixed with | sites | folded layers corrected (said) | reference | distance | unfixed "
+             "| top-1 fixed / reference / unfixed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        top1 = "/".join(f"{r['top1'][k]:.2f}" for k in ("fixed", "reference", "unfixed")) if r["top1"] else "-"
         lines.append(f"| {r['pipeline']} | {r['network']} | {r['command']} | {r['sites']} | {r['folded_layers']} "
-                     f"({'yes' if r['folded_said'] else 'no'}) | {r['reference']} | {r['distance']:.4f} | {r['unfixed']:.4f} |")
+                     f"({'yes' if r['folded_said'] else 'no'}) | {r['reference']} | {r['distance']:.4f} | {r['unfixed']:.4f} "
+                     f"| {top1} |")
     lines += ["", "Not run: timm (`resnetv2` with `drop_path_rate`) needs torchvision, whose PyPI build is a CUDA build "
               "that does not import beside the CPU torch used here; the stochastic-depth rows stand for its drop paths "
               "(modules named `drop_path`, erased by the export, named by the user).", ""]
@@ -267,9 +286,9 @@ def main(argv=None) -> None:
     p.add_argument("--tf-python", default=None, help="a Python with tensorflow and tf2onnx (Keras pipeline)")
     p.add_argument("--out", type=Path, default=ROOT / "models" / "PIPELINES.md")
     args = p.parse_args(argv)
-    x_stats, x_test = cifar(args.data)
+    x_stats, x_test, y_test = cifar(args.data)
     with tempfile.TemporaryDirectory(prefix="vsonnx-pipelines-") as tmp:
-        results = torch_pipelines(Path(tmp), x_stats, x_test)
+        results = torch_pipelines(Path(tmp), x_stats, x_test, y_test)
         if args.tf_python:
             results.append(keras_pipeline(Path(tmp), x_stats, x_test, args.tf_python))
     args.out.write_text(markdown(results))
