@@ -113,3 +113,16 @@ def test_the_committed_suite_halves_are_the_seeded_assignment():
     assert committed == {"seed": HALVES_SEED, "halves": halves(HALVES_SEED)}
     assert set(committed["halves"]) == set(MEMBERS) - set(TWINS.values())
     assert sorted(committed["halves"].values()).count("design") == len(committed["halves"]) // 2
+
+
+def test_suite_table_shows_each_column_and_the_gap_to_the_ensemble():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite import COLUMNS, suite_markdown
+
+    top1 = dict(zip(COLUMNS, [50.0, 57.9, 57.85, 57.73, 59.5, 56.94, 57.77, 59.5, 59.96]))
+    entry = {"name": "m", "half": "check", "arch": "preresnet", "placement": "a", "rate": 0.5, "top1": top1,
+             "chosen": {"label-free": "relative a=0.75"}}
+    text = suite_markdown([entry])
+    row = next(line for line in text.splitlines() if line.startswith("| m |"))
+    assert "57.77 (relative a=0.75)" in row and row.endswith("| -0.46 |")  # best fix 59.50 - ensemble 59.96
+    assert "## check half" in text and "## design half" not in text

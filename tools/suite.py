@@ -163,9 +163,16 @@ def evaluate(data: Path, names: list[str], threads: int | None, test_limit: int 
             continue
         print(f"[suite] evaluating {name}", flush=True)
         done[name] = evaluate_member(name, data, threads, test_limit, masks)
-        results.write_text(json.dumps(sorted(done.values(), key=lambda e: e["name"]), indent=1) + "\n")
+        write_results(results, done)
         print(f"[suite] {name}: {done[name]['top1']}", flush=True)
-    (results.parent / "SUITE.md").write_text(suite_markdown(sorted(done.values(), key=lambda e: e["name"])))
+    write_results(results, done)
+
+
+def write_results(results: Path, done: dict[str, dict]) -> None:
+    """suite.json and SUITE.md beside it, from the members evaluated so far."""
+    entries = sorted(done.values(), key=lambda e: e["name"])
+    results.write_text(json.dumps(entries, indent=1) + "\n")
+    (results.parent / "SUITE.md").write_text(suite_markdown(entries))
 
 
 def suite_markdown(entries: list[dict]) -> str:
