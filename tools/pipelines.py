@@ -168,6 +168,23 @@ def kept_batchnorm_modules(path: Path) -> set[str]:
 
 
 def torch_pipelines(folder: Path, x_stats: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> list[dict]:
+    """Every PyTorch pipeline of pipeline_models, fixed and compared with PyTorch's own correction."""
+    calib = folder / "calib.npy"
+    np.save(calib, x_stats)
+    results = []
+    for pipeline, network, net, path, named, command, labelled in pipeline_models(folder, x_stats):
+        folded = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)} - kept_batchnorm_modules(path)
+        report = vsonnx.fix(path, calib, output=folder / "fixed.onnx", dropout_sites=named or None,
+                            method="population")
+        with torch.no_grad():
+            ref = pytorch_reference(net, x_stats, folded)(torch.from_numpy(x_test)).numpy()
+        results.append(row(pipeline, network, command, report, folded, logits_of(folder / "fixed.onnx", x_test),
+                           logits_of(path, x_test), ref, "PyTorch", y_test if labelled else None))
+    return results
+
+
+def pipeline_models(folder: Path, x_stats: np.ndarray) -> list[tuple]:
+    """(pipeline, network, PyTorch net, ONNX path the pipeline wrote, names for --dropout, command, trained)."""
     import onnxsim
     import onnxslim
 
@@ -218,18 +235,7 @@ def torch_pipelines(folder: Path, x_stats: np.ndarray, x_test: np.ndarray, y_tes
         rows.append((f"torch.onnx.export ({exporter}: drop paths erased, BN after a conv folded)",
                      "PreResNet-8 with stochastic depth 0.2 (a timm-style `drop_path` module per block)", depth, path,
                      {"blocks.*.drop_path": 0.2}, "`vsonnx fix m.onnx --calib DATA --dropout 'blocks.*.drop_path=0.2'`"))
-    calib = folder / "calib.npy"
-    np.save(calib, x_stats)
-    results = []
-    for pipeline, network, net, path, named, command in rows:
-        folded = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)} - kept_batchnorm_modules(path)
-        report = vsonnx.fix(path, calib, output=folder / "fixed.onnx", dropout_sites=named or None,
-                            method="population")
-        with torch.no_grad():
-            ref = pytorch_reference(net, x_stats, folded)(torch.from_numpy(x_test)).numpy()
-        results.append(row(pipeline, network, command, report, folded, logits_of(folder / "fixed.onnx", x_test),
-                           logits_of(path, x_test), ref, "PyTorch", y_test if net is trained else None))
-    return results
+    return [(*r, r[2] is trained) for r in rows]
 
 
 def row(pipeline, network, command, report, folded, fixed, before, ref, framework, labels=None) -> dict:
