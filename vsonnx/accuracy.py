@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from .instrument import working_copy
-from .data import Source, check_finite, check_settings, open_source, resolve_batch_size
+from .data import Source, check_finite, open_source, resolve_batch_size
+from .settings import check_settings
 from .errors import VsonnxError
 from .model import load_model
 from .runtime import make_session, progress_bar, run

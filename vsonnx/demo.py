@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .accuracy import EvalReport, score_together
-from .data import ArraySource, InputSpec, Preprocess, check_settings, open_source
+from .data import ArraySource, InputSpec, Preprocess, open_source
+from .settings import check_settings
 from .datasets import find_cifar, load_python_release
 from .errors import VsonnxError
 from .model import load_model, scratch_folder

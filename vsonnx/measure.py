@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import check_settings, open_source, resolve_batch_size
+from .data import open_source, resolve_batch_size
+from .settings import check_settings
 from .graph import GraphIndex, tensor_shapes
 from .instrument import bn_tap, measure_moments, tensor_tap, working_copy
 from .model import atomic_write, check_output_path, load_model

@@ -40,7 +40,8 @@ import numpy as np
 import onnx
 
 from ._version import __version__
-from .data import check_settings, open_source, replayable, resolve_batch_size, source_identity, split_source
+from .data import open_source, replayable, resolve_batch_size, source_identity, split_source
+from .settings import check_settings
 from .errors import VsonnxError, collected_warnings
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get

@@ -1,193 +1,28 @@
-"""Calibration and evaluation data: one interface over image folders, arrays and Python readers.
-
-A source is opened with ``open_source(spec, inputs, ...)`` and yields ``Batch(feeds, labels)`` of at most
-``batch_size`` samples, streaming: images are decoded in a thread pool one batch ahead, ``.npy`` files are
-memory-mapped, nothing holds the whole data set in memory.
-
-Kinds of ``spec``:
-- a folder of class folders ``DIR/<class>/<image>`` (labels = sorted class index, as ImageFolder), or a flat
-  folder of images (no labels);
-- a ``.npy`` file (preprocessed inputs, first axis = samples), a ``.npz`` with ``x`` (or the model's input
-  names) and optional ``y``, or a folder of such files (sorted by name);
-- ``FILE.py:FUNC`` or ``module:FUNC``: a function returning an iterable of feed dicts
-  ``{input_name: ndarray}`` (labels, if any, under ``label``/``labels``/``y``) or an object with ``get_next()``
-  (onnxruntime's CalibrationDataReader).
-Shuffling (seeded) happens before ``limit``; Python readers are used in their own order.
-"""
+"""Sources of batches: image folders (decoded in a thread pool under a memory budget), arrays
+(.npy/.npz, memory-mapped) and Python readers; ``open_source`` picks one for a spec."""
 from __future__ import annotations
 
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
-import shutil
 import sys
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .datasets import IMAGE_SUFFIXES, decode_rgb, image_folder_files
-from .errors import VsonnxError, warn
-from .model import get_metadata
-
-LABEL_KEYS = ("label", "labels", "y")
-ARRAY_SUFFIXES = {".npy", ".npz"}
+from ..datasets import IMAGE_SUFFIXES, decode_rgb, image_folder_files
+from ..errors import VsonnxError, warn
 
 
-@dataclass
-class InputSpec:
-    """A model input: name, shape (None for symbolic dims) and numpy dtype."""
-
-    name: str
-    shape: tuple[int | None, ...] | None
-    dtype: np.dtype
-
-    @classmethod
-    def all_of(cls, model: onnx.ModelProto) -> list["InputSpec"]:
-        inits = {t.name for t in model.graph.initializer}
-        specs = []
-        for value in model.graph.input:
-            if value.name in inits:
-                continue
-            tensor = value.type.tensor_type
-            shape = None
-            if tensor.HasField("shape"):
-                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
-            try:
-                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-            except Exception:  # UNDEFINED or an unknown element type
-                dtype = np.dtype(object)
-            if dtype.kind not in "biuf":
-                known = tensor.elem_type in onnx.TensorProto.DataType.values()
-                kind = onnx.TensorProto.DataType.Name(tensor.elem_type) if known else tensor.elem_type
-                raise VsonnxError(f"model input '{value.name}' is of type {kind}; vsonnx feeds numbers (bool, "
-                                  "integer or float inputs).", "calibrate a model whose inputs are numeric tensors.")
-            specs.append(cls(value.name, shape, dtype))
-        return specs
-
-
-def static_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size every model input declares as a fixed first dimension (classic Model Zoo models
-    declare 1 and bake it into Reshapes), or None when any input's first dimension is symbolic or unknown."""
-    sizes = {s.shape[0] if s.shape else None for s in InputSpec.all_of(model)}
-    size = sizes.pop() if len(sizes) == 1 else None
-    return size if isinstance(size, int) and size > 0 else None
-
-
-def resolve_batch_size(model: onnx.ModelProto, requested: int | None, default: int = 128) -> int:
-    """``requested`` when given (checked), else the model's static batch size, else ``default``."""
-    check_settings(batch_size=requested)
-    return requested if requested is not None else static_batch(model) or default
-
-
-@dataclass
-class Preprocess:
-    """Image preprocessing: resize to ``size`` (H, W), multiply by ``scale``, subtract ``mean``, divide by
-    ``std`` (per channel), lay out as ``nchw`` or ``nhwc``. A model with an integer input (e.g. uint8) gets
-    the pixels themselves (0..255) in its layout: scaling and normalising are the model's business then.
-    Every value is checked, whether it comes from a flag or from the model's metadata: mean and std have 1
-    or 3 values (std > 0), size is 1 or 2 positive integers, scale a positive number."""
-
-    size: tuple[int, int] | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    scale: float = 1 / 255
-    layout: str = "nchw"
-    notes: list[str] = field(default_factory=list)
-    dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
-
-    @classmethod
-    def resolve(cls, model: onnx.ModelProto, inputs: list[InputSpec], *, mean=None, std=None, size=None,
-                scale=None, layout=None) -> "Preprocess":
-        """Flags win over the model's ``vsonnx.preprocess`` metadata; the size falls back on the model's
-        static input shape."""
-        meta = _preprocess_metadata(model)
-        given = {"mean": mean, "std": std, "size": size, "scale": scale, "layout": layout}
-        values = {k: _checked(k, v, "--" + k) if v is not None else _checked(k, meta.get(k), f"the model's "
-                  f"vsonnx.preprocess metadata ({k})") for k, v in given.items()}
-        shape = inputs[0].shape if inputs else None
-        layout = values["layout"] or _layout_of(shape)
-        pre = cls(size=values["size"], mean=values["mean"], std=values["std"],
-                  scale=1 / 255 if values["scale"] is None else values["scale"], layout=layout,
-                  dtype=inputs[0].dtype if inputs else np.dtype(np.float32))
-        if layout != "nchw" and values["layout"] is None:
-            pre.notes.append(f"images laid out NHWC: the model's input shape ({' x '.join(str(d or 'N') for d in shape)}) "
-                             "ends in the channels (--layout nchw overrides)")
-        if pre.dtype.kind in "iub":
-            if any(v is not None for k, v in given.items() if k in ("mean", "std", "scale")):
-                pre.notes.append(f"--mean/--std/--scale ignored: the model's input is {pre.dtype} and gets the pixels "
-                                 "(0..255) themselves")
-            pre.mean = pre.std = None
-            pre.scale = 1.0
-        if pre.size is None and shape is not None and len(shape) == 4:
-            hw = shape[2:4] if pre.layout == "nchw" else shape[1:3]
-            if all(isinstance(d, int) and d > 0 for d in hw):
-                pre.size = (int(hw[0]), int(hw[1]))
-        if (pre.mean is None or pre.std is None) and pre.dtype.kind == "f":
-            pre.notes.append("no --mean/--std and no vsonnx.preprocess metadata: pixels are only scaled by "
-                             f"{pre.scale:g}")
-        return pre
-
-    def apply(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC images -> the model's layout and element type."""
-        if self.dtype.kind in "iub":  # integer inputs take the pixels as they are
-            x = images.astype(self.dtype, copy=False)
-            return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.layout == "nchw" else x
-        x = images.astype(np.float32) * np.float32(self.scale)
-        if self.mean is not None:
-            x -= np.asarray(self.mean, np.float32)
-        if self.std is not None:
-            x /= np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.layout == "nchw" else x
-
-
-def _preprocess_metadata(model: onnx.ModelProto) -> dict:
-    raw = get_metadata(model).get("vsonnx.preprocess")
-    try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError:
-        meta = None
-    if not isinstance(meta, dict):
-        raise VsonnxError("the model's vsonnx.preprocess metadata is not a JSON object.",
-                          "pass --mean/--std/--size/--layout/--scale, or fix the metadata.")
-    return meta
-
-
-def _checked(key: str, value, origin: str):
-    """A preprocessing value in its canonical form, or a user error naming where it came from."""
-    if value is None:
-        return None
-    hint = "write e.g. --mean 0.4914,0.4822,0.4465 --std 0.247,0.2435,0.2616 --size 32,32 --scale 0.00392157."
-    try:
-        if key in ("mean", "std"):
-            out = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-            ok = len(out) in (1, 3) and all(np.isfinite(out)) and (key == "mean" or min(out) > 0)
-            what = "1 or 3 finite numbers" + (", all above 0" if key == "std" else "")
-        elif key == "size":
-            items = list(value) if isinstance(value, (list, tuple)) else [value]
-            out = tuple(int(v) for v in items) * (2 if len(items) == 1 else 1)
-            ok = len(out) == 2 and min(out) > 0 and all(float(v) == int(v) for v in items)
-            what = "1 or 2 positive integers (H, W)"
-        elif key == "scale":
-            out = float(value)
-            ok, what = bool(np.isfinite(out) and out > 0), "a positive number"
-        else:
-            out = str(value).lower()
-            ok, what = out in ("nchw", "nhwc"), "nchw or nhwc"
-    except (TypeError, ValueError):
-        ok, what = False, {"mean": "1 or 3 numbers", "std": "1 or 3 numbers", "size": "1 or 2 positive integers",
-                           "scale": "a positive number"}.get(key, "nchw or nhwc")
-    if not ok:
-        raise VsonnxError(f"{origin}: {key} {value!r} is not {what}.", hint)
-    return out
+from .inputs import ARRAY_SUFFIXES, LABEL_KEYS, InputSpec, _check_array, _check_channels, _numeric
+from .preprocess import Preprocess
 
 
 @dataclass
@@ -485,136 +320,6 @@ class ReaderSource(Source):
         return _take(buffer, labels if self.has_labels else [], n)
 
 
-class ReplaySource(Source):
-    """Decodes once: the preprocessed batches of the first pass are kept for later passes of the same batch
-    size, the first ``memory`` bytes in memory and the rest in a scratch folder ($TMPDIR/vsonnx-replay-PID-*,
-    one ``.npy`` per input and batch, read back a batch at a time), so memory holds about one batch whatever
-    the size of the data set. These are model inputs, not activations. A pass that stops early keeps
-    nothing; another batch size reads the wrapped source again."""
-
-    replays = True
-
-    def __init__(self, source: Source, memory: int = 64 << 20):
-        self.source, self.memory = source, memory
-        self.has_labels, self.spec, self.size = source.has_labels, source.spec, source.size
-        self._kept: tuple[int, list] | None = None
-        self._folder: Path | None = None
-        self._names: list[str] = []
-
-    def batches(self, batch_size: int) -> Iterator[Batch]:
-        if self._kept is not None and self._kept[0] == batch_size:
-            yield from (self._load(k) if isinstance(k, int) else k for k in self._kept[1])
-            return
-        kept: list = []
-        used = 0
-        for batch in self.source.batches(batch_size):
-            nbytes = sum(a.nbytes for a in batch.feeds.values())
-            if used + nbytes <= self.memory:
-                kept.append(batch)
-                used += nbytes
-            else:
-                kept.append(self._spill(batch, len(kept)))
-            yield batch
-        self._kept = (batch_size, kept)
-
-    def _spill(self, batch: Batch, k: int) -> int:
-        if self._folder is None:
-            from .model import new_scratch
-
-            self._folder = new_scratch("replay")
-            weakref.finalize(self, shutil.rmtree, self._folder, True)
-        self._names = list(batch.feeds)
-        for i, array in enumerate(batch.feeds.values()):
-            np.save(self._folder / f"{k}.{i}.npy", array)
-        if batch.labels is not None:
-            np.save(self._folder / f"{k}.labels.npy", batch.labels)
-        return k
-
-    def _load(self, k: int) -> Batch:
-        names = self._names
-        feeds = {name: np.load(self._folder / f"{k}.{i}.npy") for i, name in enumerate(names)}
-        labels = np.load(self._folder / f"{k}.labels.npy") if (self._folder / f"{k}.labels.npy").exists() else None
-        return Batch(feeds, labels)
-
-    def describe(self) -> str:
-        return self.source.describe()
-
-
-class SplitSource(Source):
-    """One part of a seeded split of ``source`` (``--val-split F``): the i-th sample the source yields is held
-    out when u_i < F, u_i drawn from ``default_rng(seed)``; both parts read the same (replayed) source in
-    chunks of ``SPLIT_CHUNK`` and re-batch, so they are disjoint and together hold every sample."""
-
-    replays = True
-
-    def __init__(self, source: Source, fraction: float, seed: int, held_out: bool):
-        self.source, self.fraction, self.seed, self.held_out = replayable(source), fraction, seed, held_out
-        self.has_labels = source.has_labels
-        self.spec = f"{source.describe()} ({'held-out' if held_out else 'kept'} part of a {fraction:g} split)"
-
-    def batches(self, batch_size: int) -> Iterator[Batch]:
-        rng = np.random.default_rng(self.seed)
-        feeds: dict[str, list] = {}
-        labels: list = []
-        held = 0
-        for batch in self.source.batches(SPLIT_CHUNK):
-            rows = (rng.random(len(batch)) < self.fraction) == self.held_out
-            for name, x in batch.feeds.items():
-                feeds.setdefault(name, []).append(x[rows])
-            if batch.labels is not None:
-                labels.append(batch.labels[rows])
-            held += int(rows.sum())
-            while held >= batch_size:
-                yield _take(feeds, labels, batch_size)
-                held -= batch_size
-        if held:
-            yield _take(feeds, labels, held)
-
-    def describe(self) -> str:
-        return self.spec
-
-
-SPLIT_CHUNK = 256
-
-
-def _take(feeds: dict[str, list], labels: list, n: int) -> Batch:
-    """The first ``n`` buffered samples as a Batch; the rest stay buffered."""
-    out = {}
-    for name, chunks in feeds.items():
-        joined = np.concatenate(chunks)
-        out[name], feeds[name] = joined[:n], [joined[n:]]
-    lab = None
-    if labels:
-        joined = np.concatenate(labels)
-        lab, labels[:] = joined[:n], [joined[n:]]
-    return Batch(out, lab)
-
-
-def split_source(source: Source, fraction: float, seed: int) -> tuple[Source, Source]:
-    """(kept, held out) parts of ``source`` (see SplitSource); a fraction outside (0, 1) is a user error."""
-    if not 0 < fraction < 1:
-        raise VsonnxError(f"--val-split must be between 0 and 1 (exclusive), got {fraction:g}.",
-                          "e.g. --val-split 0.2 holds out a fifth of the calibration data.")
-    source = replayable(source)
-    return SplitSource(source, fraction, seed, False), SplitSource(source, fraction, seed, True)
-
-
-def check_settings(*, batch_size: int | None = None, seed: int | None = None, threads: int | None = None) -> None:
-    """The run settings every command shares: batch size >= 1, seed >= 0, threads >= 0 (0: onnxruntime's
-    default); a user error otherwise."""
-    for name, value, low, hint in (("--batch-size", batch_size, 1, "pass --batch-size 128 (or another count >= 1)."),
-                                   ("--seed", seed, 0, "pass --seed 0 (or another integer >= 0)."),
-                                   ("--threads", threads, 0, "pass --threads N with N >= 1, or leave it out.")):
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
-            raise VsonnxError(f"{name} must be an integer >= {low}, got {value}.", hint)
-
-
-def replayable(source: Source) -> Source:
-    """``source`` wrapped for several passes (decoded once), unless its passes already replay (arrays, a
-    replay, or a part of a split, which reads one)."""
-    return source if source.replays else ReplaySource(source)
-
-
 def _load_callable(spec: str):
     target, _, func = spec.rpartition(":")
     try:
@@ -637,60 +342,6 @@ def _load_callable(spec: str):
     if not callable(fn):
         raise VsonnxError(f"'{target}' has no function '{func}'.", "pass FILE.py:FUNC naming a function.")
     return fn
-
-
-def _numeric(value, where: str) -> np.ndarray:
-    """``value`` as an array of numbers with a sample axis, or a user error."""
-    try:
-        arr = np.asarray(value)
-    except Exception:
-        arr = np.asarray(None)
-    if arr.ndim == 0 or arr.dtype.kind not in "biuf":
-        raise VsonnxError(f"{where} is {'a scalar' if arr.ndim == 0 else f'an array of {arr.dtype}'}, not an array "
-                          "of numbers with samples on its first axis.", "pass numeric arrays [N, ...].")
-    return arr
-
-
-def _layout_of(shape) -> str:
-    """``nhwc`` when a 4-D input shape has 1 or 3 channels last and not first (Keras through tf2onnx),
-    else ``nchw``."""
-    if shape is not None and len(shape) == 4 and shape[3] in (1, 3) and shape[1] not in (1, 3):
-        return "nhwc"
-    return "nchw"
-
-
-def _check_channels(spec: InputSpec, channels: int, layout: str, what: str) -> None:
-    if spec.shape is None or len(spec.shape) != 4:
-        return
-    expected = spec.shape[1] if layout == "nchw" else spec.shape[3]
-    if expected is not None and expected != channels:
-        raise VsonnxError(
-            f"{what} have {channels} channels, model input '{spec.name}' expects {expected} "
-            f"(shape {' x '.join(str(d or 'N') for d in spec.shape)}).",
-            "pass data preprocessed to the model's layout, or set --layout.",
-        )
-
-
-def _check_array(array: np.ndarray, spec: InputSpec, where: str) -> None:
-    """A user error unless ``array`` holds numbers (bool, int, float) in a shape that fits ``spec``."""
-    if array.dtype.kind not in "biuf":
-        raise VsonnxError(f"{where}: an array of {array.dtype}, not of real numbers; model input '{spec.name}' takes "
-                          f"{spec.dtype}.", "save the inputs as a numeric array (e.g. float32 or uint8 pixels).")
-    if spec.shape is None:
-        return
-    if array.ndim != len(spec.shape):
-        raise VsonnxError(
-            f"{where}: array of shape {tuple(array.shape)} does not fit model input '{spec.name}' "
-            f"(shape {' x '.join(str(d or 'N') for d in spec.shape)}).",
-            "the first axis must be samples and the rest match the model input.",
-        )
-    for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
-        if want is not None and got != want:
-            raise VsonnxError(
-                f"{where}: axis {axis} has size {got}, model input '{spec.name}' expects {want} "
-                f"(shape {' x '.join(str(d or 'N') for d in spec.shape)}).",
-                "pass data preprocessed to the model's input shape and layout.",
-            )
 
 
 def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = True, seed: int = 0,
@@ -757,3 +408,16 @@ def check_finite(batch: Batch, source: Source) -> None:
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise VsonnxError(f"data from '{source.describe()}' has NaN or Inf values in input '{name}'.",
                               "clean the data (or its preprocessing) first.")
+
+
+def _take(feeds: dict[str, list], labels: list, n: int) -> Batch:
+    """The first ``n`` buffered samples as a Batch; the rest stay buffered."""
+    out = {}
+    for name, chunks in feeds.items():
+        joined = np.concatenate(chunks)
+        out[name], feeds[name] = joined[:n], [joined[n:]]
+    lab = None
+    if labels:
+        joined = np.concatenate(labels)
+        lab, labels[:] = joined[:n], [joined[n:]]
+    return Batch(out, lab)
