@@ -256,8 +256,7 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 def has_subgraphs(model: onnx.ModelProto) -> bool:
     """True when a node carries a subgraph (If/Loop/Scan), which reads outer tensors implicitly."""
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for n in model.graph.node for a in n.attribute)
+    return any(subgraphs(n) for n in model.graph.node)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -393,8 +392,7 @@ def _check_schemas(model: onnx.ModelProto, index: GraphIndex, where: str) -> Non
     ctx.ir_version = model.ir_version
     ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                                       for a in node.attribute):
+        if node.domain not in ("", "ai.onnx") or subgraphs(node):
             continue
         try:
             onnx.checker.check_node(node, ctx)
