@@ -195,6 +195,31 @@ def test_val_split_writes_the_chosen_method_re_run_on_all_the_calibration_data(s
         np.testing.assert_allclose(written[n].var, expected[n].var, rtol=1e-5, atol=1e-6)
 
 
+def test_candidate_models_are_what_the_fix_ranks(site_net):
+    """candidate_models (the study interface of tools/suite.py) gives the candidates fix --val-split ranks:
+    ranked with vsonnx.choose.rank on its held-out part they score what the fix reported, candidate by
+    candidate, and the same choice follows."""
+    from vsonnx.choose import ANCHOR, rank
+    from vsonnx.recalibrate import FixOptions, candidate_models
+
+    tmp, model_path = site_net
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val-split", "0.5", "--batch-size", 8,
+            "--steps", 5, "-o", tmp / "chosen.onnx", "--json", "--force")
+    report = json.loads(r.output[r.output.index("{"):])
+    options = FixOptions(val_split=0.5, batch_size=8, method_options={"distill": {"steps": 5}})
+    got = candidate_models(model_path, tmp / "calib.npz", options)
+    assert ["original", *got.names] == [c["name"] for c in report["candidates"]]
+    ranking = rank(got.original, got.models, got.held_out, label_free=True, batch_size=got.batch_size,
+                   channelwise=got.channelwise, device="cpu")
+    np.testing.assert_allclose(ranking.scores, [c["val_ensemble"] for c in report["candidates"]], rtol=1e-6)
+    best = ranking.best(got.names.index(ANCHOR))
+    assert report["chosen"] == (got.names[best] if best is not None else "batch")
+    g = GraphBuilder()
+    no_site = save(g.build(g.bn(g.conv("x", 3, 4), 4)), tmp / "nodrop.onnx")
+    with pytest.raises(vsonnx.VsonnxError, match="nothing to fix"):
+        candidate_models(no_site, tmp / "calib.npz", FixOptions(batch_size=8))
+
+
 def test_val_split_errors(site_net):
     tmp, model_path = site_net
     for args, needle in ((["--calib", tmp / "calib.npz", "--val-split", "1.5"], "between 0 and 1"),

@@ -134,10 +134,11 @@ class _Job:
     report: FixReport
     val_source: object = None  # the held-out part of the calibration data (val_split)
     calib: object = None  # the calibration data of a calibrated fix
+    every_candidate: bool = False  # calibrate every candidate even without validation data (candidate_models)
 
     @property
     def choosing(self) -> bool:
-        return self.options.val is not None or self.options.val_split is not None
+        return self.options.val is not None or self.options.val_split is not None or self.every_candidate
 
     def request(self, source=None, method: str | None = None, **method_options) -> EstimateRequest:
         o = self.options
@@ -198,14 +199,8 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
             if options.val is not None and _same_source(calib, options.val):
                 job.report.warnings.append("the validation data is the calibration data: the choice among "
                                            "candidates is biased.")
-            source = open_source(calib, job.model, shuffle=options.shuffle, seed=options.seed, limit=options.limit,
-                                 preprocess=options.preprocess)
-            refit = None
-            if options.val_split is not None:
-                whole = replayable(source)
-                source, job.val_source = split_source(whole, options.val_split, options.seed)
-                refit = functools.partial(_refit, job, source=whole)
-            candidates = _calibrated_candidates(job, replayable(source) if job.choosing else source, method)
+            source, refit = _calibration_source(job, calib)
+            candidates = _calibrated_candidates(job, source, method)
             _finish(job, candidates, source_identity(calib), default=method, expected=job.names,
                     refit=refit)
         elif calib is not None and not job.choosing and (restored := _restored(job, method)) is not None:
@@ -214,6 +209,52 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
             job.report.message = reason
     job.report.warnings += caught
     return job.report
+
+
+def _calibration_source(job: _Job, calib):
+    """(the data the candidates are calibrated on, the refit of the chosen one or None): with ``val_split`` the
+    part of ``calib`` not held out (the held-out part goes to ``job.val_source``) and a refit on all of it."""
+    o = job.options
+    source = open_source(calib, job.model, shuffle=o.shuffle, seed=o.seed, limit=o.limit, preprocess=o.preprocess)
+    if o.val_split is None:
+        return (replayable(source) if job.choosing else source), None
+    whole = replayable(source)
+    source, job.val_source = split_source(whole, o.val_split, o.seed)
+    return replayable(source), functools.partial(_refit, job, source=whole)
+
+
+@dataclass
+class CandidateModels:
+    """What ``fix --val``/``--val-split`` ranks, as it fits them: the original (inference form), every
+    candidate's name and model, the held-out part of the calibration data (``val_split``, else None), the
+    batch size the fix runs with and the Dropouts simulated channel-wise in the ensemble."""
+
+    original: onnx.ModelProto
+    names: list[str]
+    models: list[onnx.ModelProto]
+    held_out: object
+    batch_size: int
+    channelwise: frozenset[str]
+
+
+def candidate_models(model_path, calib, options: FixOptions | None = None) -> CandidateModels:
+    """Every candidate ``fix_calibrated`` chooses among (vsonnx.choose), calibrated on ``calib`` (less the
+    held-out part with ``options.val_split``) exactly as the fix calibrates them; for studying the choice
+    (tools/suite.py). A user error when no BN is in scope."""
+    options = options or FixOptions()
+    job = _start(model_path, options, "batch")
+    job.every_candidate = True
+    if (reason := _nothing_to_do(job)) is not None:
+        raise VsonnxError(reason, "see `vsonnx scan MODEL`.")
+    source, _ = _calibration_source(job, calib)
+    candidates = [_screened(c, job.names)[0] for c in _calibrated_candidates(job, source, "batch")]
+    return CandidateModels(job.model, [c.name for c in candidates], [_with_candidate(job.model, c) for c in candidates],
+                           job.val_source, job.options.batch_size, job.scan.channelwise_dropouts)
+
+
+def _with_candidate(model: onnx.ModelProto, candidate: Candidate) -> onnx.ModelProto:
+    """``model`` with the candidate's folded-layer corrections and statistics written in."""
+    return with_statistics(apply_affine(model, candidate.affine) if candidate.affine else model, candidate.stats)
 
 
 def _restored(job: _Job, method: str) -> FixReport | None:
@@ -400,7 +441,7 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     report.refused.update(screened[winner.name][1])
     if not winner.stats and not winner.affine:
         _refuse_all(report.refused)
-    fixed = with_statistics(apply_affine(job.model, winner.affine) if winner.affine else job.model, winner.stats)
+    fixed = _with_candidate(job.model, winner)
     validate(fixed, job.model)
     written = winner.name if winner.result.method in CALIBRATED else _label(winner)
     save_model(fixed, job.out, input_path=job.path, in_place=job.options.in_place, provenance={
@@ -430,8 +471,7 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
     o = job.options
     source = job.val_source or open_source(o.val, job.model, shuffle=True, seed=0, limit=o.val_limit,
                                            preprocess=o.preprocess)
-    models = [with_statistics(apply_affine(job.model, c.affine) if c.affine else job.model, c.stats)
-              for c in candidates]
+    models = [_with_candidate(job.model, c) for c in candidates]
     distill = {**REGISTRY["distill"].settings, **o.method_options.get("distill", {})}
     ranking = rank(job.model, models, source, label_free=o.val_split is not None, masks=o.val_masks, seed=o.seed,
                    channelwise=job.scan.channelwise_dropouts, scores=(distill["scores"], distill["loss"]),
