@@ -126,3 +126,27 @@ def test_suite_table_shows_each_column_and_the_gap_to_the_ensemble():
     row = next(line for line in text.splitlines() if line.startswith("| m |"))
     assert "57.77 (relative a=0.75)" in row and row.endswith("| -0.46 |")  # best fix 59.50 - ensemble 59.96
     assert "## check half" in text and "## design half" not in text
+
+
+def test_suite_signals_on_a_hand_built_case():
+    """Two images, three classes, two masks: each signal against its value worked out by hand."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_signals import per_sample
+
+    big = 30.0  # softmax of (big, 0, 0) is one-hot to 1e-13
+    ensemble = np.array([[[big, 0, 0], [0, big, 0]],      # mask 1: classes 0, 1
+                         [[big, 0, 0], [0, 0, big]]])     # mask 2: classes 0, 2 -> p2 = (0, .5, .5)
+    logits = np.array([[[0, 0, 0], [0, 0, 0]],            # "original": uniform
+                       [[big, 0, 0], [0, big, 0]],        # candidate A: classes 0, 1
+                       [[0, big, 0], [0, big, 0]]])       # candidate B: classes 1, 1
+    s = per_sample(logits, ensemble)
+    # the ensemble's classes: 0 and 1 (the tie of image 2 goes to the first maximum)
+    np.testing.assert_allclose(s["agree"], [[1, 0], [1, 1], [0, 1]])  # uniform scores: argmax is class 0
+    np.testing.assert_allclose(s["ce"][0], [np.log(3)] * 2)
+    np.testing.assert_allclose(s["ce"][1], [0, 0], atol=1e-9)
+    np.testing.assert_allclose(s["entropy"][0], [np.log(3)] * 2)
+    # image 2: p = (0, .5, .5), q = (~0, 1, e^-30): 0.5 log(0.5 / 1) + 0.5 log(0.5 / e^-30) = 15 - log 2
+    np.testing.assert_allclose(s["kl"][1], [0, 15 - np.log(2)], atol=1e-9)
+    np.testing.assert_allclose(s["brier"][1], [0, 0.25 + 0.25], atol=1e-9)
+    # the candidates' majority class per image: image 1 tied 0/1 -> 0; image 2: 1
+    np.testing.assert_allclose(s["consensus"], [[1, 0], [1, 1], [0, 1]])

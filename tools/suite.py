@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite_members import HALVES_SEED, MEMBERS, TRAIN_THREADS, halves  # noqa: E402
+from suite_members import HALVES_SEED, MEMBERS, TRAIN_THREADS, TWINS, halves  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "models" / "suite"
@@ -95,57 +95,88 @@ def ensemble_top1(model, test, masks: int, threads: int | None, channelwise) -> 
     return 100.0 * hits / seen
 
 
-def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int | None, masks: int) -> dict:
-    """Every column of COLUMNS for one member on the test images (original: the model as trained; label-free:
-    fix --val-split 0.2 on the calibration images; labelled: fix --val on 2,000 other training images; either
-    leaves the original where it writes nothing)."""
+def describe_member(name: str, report) -> dict:
+    """What the member is: half, architecture, placement, rate, noise, recipe, its sites."""
+    from suite_members import arch_of
+
+    train = json.loads((SUITE / "train" / name / "config.json").read_text())
+    return {"name": name, "half": halves().get(name, "twin"), "arch": arch_of(name),
+            "placement": train["placement"], "rate": train["dropout"] if train["placement"] != "none" else 0.0,
+            "noise": train["noise"], "recipe": {k: train.get(k) for k in ("epochs", "optimizer", "lr", "bn_momentum",
+                                                                           "augment", "depth")},
+            "sites": len(report.sites), "site_paths": sorted({b.path for b in report.sites})}
+
+
+def choices(path: Path, calib, val, threads: int | None, name: str) -> tuple[dict, dict, list]:
+    """The label-free and the labelled choice as ``fix --val-split 0.2`` and ``fix --val`` make them (the same
+    candidates, calibrated as the fix does, ranked with vsonnx.choose), the held-out signals of every candidate
+    (tools/suite_signals.py), and the candidates calibrated on all of ``calib`` (what either fix writes)."""
+    from vsonnx.choose import ANCHOR, rank
+    from vsonnx.recalibrate import FixOptions, candidate_models
+
+    import suite_signals
+
+    split = candidate_models(path, calib, FixOptions(val_split=VAL_SPLIT, threads=threads, device="cpu"))
+    ranking = rank(split.original, split.models, split.held_out, label_free=True, batch_size=split.batch_size,
+                   channelwise=split.channelwise, device="cpu", threads=threads)
+    best = ranking.best(split.names.index(ANCHOR))
+    signals = suite_signals.measure(name, split, threads, ROOT / "runs" / "suite-signals")
+    signals["fix_ce"] = dict(zip(["original", *split.names], (round(v, 5) for v in ranking.scores)))
+    full = candidate_models(path, calib, FixOptions(threads=threads, device="cpu"))
+    labelled = rank(full.original, full.models, val, label_free=False, batch_size=full.batch_size, device="cpu",
+                    threads=threads)
+    chosen = {"label-free": split.names[best] if best is not None else "original",
+              "labelled": full.names[k] if (k := labelled.best()) is not None else "original"}
+    signals["val_top1"] = dict(zip(["original", *full.names], (round(v, 2) for v in labelled.scores)))
+    return chosen, signals, list(zip(full.names, full.models))
+
+
+def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int | None, masks: int,
+                    previous: dict | None = None) -> dict:
+    """Every column of COLUMNS for one member on the test images, and every candidate's top-1 (original: the
+    model as trained; label-free / labelled: the candidate fix --val-split 0.2 / fix --val on 2,000 other
+    labelled training images chooses, or the original where it writes nothing); ensemble64 is kept from
+    ``previous`` (an earlier evaluation with as many masks)."""
     from vsonnx.accuracy import run_scorers
     from vsonnx.data import ArraySource, open_source
     from vsonnx.model import load_model
-    from vsonnx.recalibrate import FixOptions, fix_calibrated, fix_data_free
+    from vsonnx.recalibrate import FixOptions, fix_data_free
     from vsonnx.sites import find_sites
-
-    from suite_members import TWINS, arch_of, halves
 
     path = SUITE / f"{name}.onnx"
     model = load_model(path)
     report = find_sites(model, str(path))
-    train = json.loads((SUITE / "train" / name / "config.json").read_text())
-    entry = {"name": name, "half": halves().get(name, "twin"), "arch": arch_of(name),
-             "placement": train["placement"], "rate": train["dropout"] if train["placement"] != "none" else 0.0,
-             "noise": train["noise"], "recipe": {k: train.get(k) for k in ("epochs", "optimizer", "lr", "bn_momentum",
-                                                                           "augment", "depth")},
-             "sites": len(report.sites), "site_paths": sorted({b.path for b in report.sites})}
+    entry = describe_member(name, report)
     calib_x, val_x, val_y = split_training_images(model, data)
     test = open_source(data / "test", model, shuffle=False, limit=test_limit)
-    fixed, seconds, chosen = {"original": path}, {}, {}
-    with tempfile.TemporaryDirectory(prefix="vsonnx-suite-") as tmp:
-        np.savez(Path(tmp) / "val.npz", x=val_x, y=val_y)
-        calib = ArraySource.from_arrays(model, calib_x, None, shuffle=False, name="calibration images")
-        runs = {m: (m, {}) for m in METHODS}
-        runs["label-free"] = ("batch", {"val_split": VAL_SPLIT})
-        runs["labelled"] = ("batch", {"val": Path(tmp) / "val.npz"})
-        for column, (method, extra) in runs.items() if report.sites else ():
-            out = Path(tmp) / f"{column}.onnx"
-            t0 = time.perf_counter()
-            result = fix_calibrated(path, calib, method, FixOptions(output=out, threads=threads, **extra))
-            seconds[column] = round(time.perf_counter() - t0, 1)
-            fixed[column] = out if result.written else path
-            if extra:
-                chosen[column] = result.chosen if result.written else "original"
-        if report.sites:
-            out = Path(tmp) / "data-free.onnx"
-            t0 = time.perf_counter()
-            result = fix_data_free(path, FixOptions(output=out, threads=threads, device="cpu"))
-            seconds["data-free"] = round(time.perf_counter() - t0, 1)
-            fixed["data-free"] = out if result.written else path
-        scorers = run_scorers({k: load_model(p) for k, p in fixed.items()}, test, device="cpu", threads=threads)
-        entry["top1"] = {k: round(s.report(k).top1, 2) for k, s in scorers.items()}
-        entry["test_samples"] = scorers["original"].report("original").samples
+    models, seconds, chosen = {"original": model}, {}, {}
     if report.sites:
+        calib = ArraySource.from_arrays(model, calib_x, None, shuffle=False, name="calibration images")
+        val = ArraySource.from_arrays(model, val_x, val_y, shuffle=False, name="validation images")
         t0 = time.perf_counter()
-        entry["top1"]["ensemble64"] = round(ensemble_top1(model, test, masks, threads, report.channelwise_dropouts), 2)
-        seconds["ensemble64"] = round(time.perf_counter() - t0, 1)
+        chosen, entry["signals"], candidates = choices(path, calib, val, threads, name)
+        seconds["candidates"] = round(time.perf_counter() - t0, 1)
+        models.update(candidates)
+        with tempfile.TemporaryDirectory(prefix="vsonnx-suite-") as tmp:
+            t0 = time.perf_counter()
+            result = fix_data_free(path, FixOptions(output=Path(tmp) / "df.onnx", threads=threads, device="cpu"))
+            seconds["data-free"] = round(time.perf_counter() - t0, 1)
+            models["data-free"] = load_model(result.output) if result.written else model
+    scorers = run_scorers(models, test, device="cpu", threads=threads)
+    every = {k: round(s.report(k).top1, 2) for k, s in scorers.items()}
+    entry["candidates_top1"] = {k: v for k, v in every.items() if k not in ("original", "data-free")}
+    entry["top1"] = {k: every[k] for k in ("original", *METHODS, "data-free") if k in every}
+    entry["top1"].update({column: every[choice] for column, choice in chosen.items()})
+    entry["test_samples"] = scorers["original"].report("original").samples
+    if report.sites:
+        kept = (previous or {}).get("top1", {}).get("ensemble64")
+        if kept is not None and (previous or {}).get("ensemble_masks") == masks:
+            entry["top1"]["ensemble64"] = kept
+        else:
+            t0 = time.perf_counter()
+            entry["top1"]["ensemble64"] = round(ensemble_top1(model, test, masks, threads,
+                                                              report.channelwise_dropouts), 2)
+            seconds["ensemble64"] = round(time.perf_counter() - t0, 1)
     entry.update({"chosen": chosen, "seconds": seconds, "ensemble_masks": masks})
     twin = TWINS.get(name)
     if twin and (SUITE / f"{twin}.onnx").exists():
@@ -155,14 +186,16 @@ def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int 
 
 def evaluate(data: Path, names: list[str], threads: int | None, test_limit: int | None, masks: int,
              results: Path = RESULTS) -> None:
-    """Evaluate each trained member of ``names`` not yet in ``results`` (rewritten after each member, so a
-    stopped run keeps what it finished), then regenerate SUITE.md beside it."""
+    """Evaluate each trained member of ``names`` not yet in ``results``, or evaluated before candidates were
+    kept (its ensemble64 is reused), rewriting ``results`` after each member (a stopped run keeps what it
+    finished); then regenerate SUITE.md beside it."""
     done = {e["name"]: e for e in (json.loads(results.read_text()) if results.exists() else [])}
     for name in names:
-        if name in done or not (SUITE / f"{name}.onnx").exists():
+        current = name in done and ("candidates_top1" in done[name] or done[name]["half"] == "twin")
+        if current or not (SUITE / f"{name}.onnx").exists():
             continue
         print(f"[suite] evaluating {name}", flush=True)
-        done[name] = evaluate_member(name, data, threads, test_limit, masks)
+        done[name] = evaluate_member(name, data, threads, test_limit, masks, done.get(name))
         write_results(results, done)
         print(f"[suite] {name}: {done[name]['top1']}", flush=True)
     write_results(results, done)

@@ -1,0 +1,84 @@
+"""Label-free signals of the choice among candidates (issue 23), measured on the suite and kept per member.
+
+On the held-out part of the calibration images (what ``fix --val-split`` holds out; labels unused), for the
+original model and every candidate of ``vsonnx.recalibrate.candidate_models``:
+
+- the logits of each model (dropout off), and the logits of the original with dropout on under ``MASKS``
+  seeded masks (seed 1: other masks than the fix's ranking draws);
+- per model, with p = the masks' mean softmax (the ensemble), q = softmax(model logits), c = argmax p:
+  ``ce`` = mean -log q_c (the criterion ``fix`` ranks by, here with more masks), ``kl`` = mean KL(p || q),
+  ``agree`` = share of images with argmax q = c, ``entropy`` = mean H(q), ``consensus`` = share of images
+  where argmax q is the candidates' majority class, ``brier`` = mean sum (q - p)^2;
+- ``ensemble_spread``: mean over images of the masks' disagreement (share of masks whose class is not c), how
+  noisy the dropout ensemble itself is.
+
+``measure`` writes the arrays to ``runs/suite-signals/NAME.npz`` (not committed: ~1 MB a member) and returns
+the per-model means that tools/suite.py stores in models/suite.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+MASKS = 32
+SEED = 1
+SIGNALS = ("ce", "kl", "agree", "entropy", "consensus", "brier")
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def collect(candidates, threads: int | None, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(model logits [models, n, classes] of the original then every candidate, ensemble logits [MASKS, n,
+    classes]) on ``candidates.held_out`` (a vsonnx.recalibrate.CandidateModels)."""
+    from vsonnx.ensemble import DropoutEnsemble, scores_session, scores_tensor
+    from vsonnx.runtime import run
+
+    scores = scores_tensor(candidates.original)
+    ensemble = DropoutEnsemble(candidates.original, scores, channelwise=candidates.channelwise, seed=SEED,
+                               device="cpu", threads=threads)
+    sessions = [scores_session(m, scores, device="cpu", threads=threads)
+                for m in [candidates.original, *candidates.models]]
+    models, masks = [[] for _ in sessions], [[] for _ in range(MASKS)]
+    for batch in candidates.held_out.batches(batch_size):
+        for k, session in enumerate(sessions):
+            models[k].append(np.asarray(run(session, [scores.tensor], batch.feeds)[0], np.float32))
+        for k in range(MASKS):
+            masks[k].append(ensemble.sample(batch.feeds).astype(np.float32))
+    return np.stack([np.concatenate(m) for m in models]), np.stack([np.concatenate(m) for m in masks])
+
+
+def per_sample(logits: np.ndarray, ensemble: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-model, per-image signals (see the module docstring): each [models, n]."""
+    p = _softmax(ensemble.astype(np.float64)).mean(axis=0)
+    c = p.argmax(axis=1)
+    q = _softmax(logits.astype(np.float64))
+    log_q = np.log(np.maximum(q, 1e-300))
+    rows = np.arange(len(c))
+    votes = logits[1:].argmax(axis=2)  # candidates only
+    majority = np.array([np.bincount(v, minlength=logits.shape[2]).argmax() for v in votes.T])
+    return {"ce": -log_q[:, rows, c],
+            "kl": (p * (np.log(np.maximum(p, 1e-300)) - log_q)).sum(axis=2),
+            "agree": (logits.argmax(axis=2) == c).astype(np.float64),
+            "entropy": -(q * log_q).sum(axis=2),
+            "consensus": (logits.argmax(axis=2) == majority).astype(np.float64),
+            "brier": ((q - p) ** 2).sum(axis=2)}
+
+
+def measure(name: str, candidates, threads: int | None, out_dir: Path) -> dict:
+    """The signals of one member (means per model, keyed by model name), its arrays saved under ``out_dir``."""
+    logits, ensemble = collect(candidates, threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / f"{name}.npz", logits=logits.astype(np.float16),
+                        ensemble=ensemble.astype(np.float16), names=np.array(["original", *candidates.names]))
+    signals = per_sample(logits, ensemble)
+    classes = ensemble.argmax(axis=2)
+    centre = _softmax(ensemble.astype(np.float64)).mean(axis=0).argmax(axis=1)
+    models = ["original", *candidates.names]
+    return {"held_out": int(logits.shape[1]), "masks": MASKS,
+            "ensemble_spread": round(float((classes != centre).mean()), 4),
+            "models": {m: {s: round(float(signals[s][k].mean()), 5) for s in SIGNALS} for k, m in enumerate(models)}}
