@@ -65,3 +65,9 @@ def test_shapes_and_subgraphs():
     graph = helper.make_graph([cond], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     assert has_subgraphs(helper.make_model(graph)) and not has_subgraphs(cnn_with_sites())
+
+
+def test_levels_count_recalibrated_bns_upstream():
+    model = cnn_with_sites()
+    assert GraphIndex(model).levels(["bn_direct", "bn_weight"]) == {"bn_direct": 0, "bn_weight": 1}
+    assert GraphIndex(model).levels(["bn_weight"]) == {"bn_weight": 0}

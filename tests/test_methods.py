@@ -7,7 +7,7 @@ import torch
 import vsonnx
 from vsonnx.data import ArraySource, Source
 from vsonnx.errors import VsonnxError
-from vsonnx.instrument import bn_levels
+from vsonnx.graph import GraphIndex
 from vsonnx.methods import EstimateRequest, estimate, population
 from vsonnx.model import load_model
 from vsonnx.rewrite import targets
@@ -107,7 +107,7 @@ def test_batch_method_equals_pytorch(exported, batch_size, way, monkeypatch):
 def test_population_method_equals_one_by_one_pytorch(exported):
     net, model, x = exported
     names = scoped(model, "all")
-    levels = bn_levels(model, names)
+    levels = GraphIndex(model).levels(names)
     assert sorted(levels.values()) == list(range(len(names)))  # a chain: one BN per level
     order = sorted(names, key=levels.get)
     result = calibrate(model, ArraySource.from_arrays(model, x, None), names, method="population",

@@ -15,7 +15,7 @@ import vsonnx
 from vsonnx.cli import main
 from vsonnx.errors import VsonnxError
 from vsonnx.model import load_model
-from vsonnx.instrument import insert_dropouts
+from vsonnx.simulate import insert_dropouts
 from vsonnx.named_sites import inside_folded, parse_dropout_specs, resolve_sites
 
 from conftest import GraphBuilder, save

@@ -1,5 +1,5 @@
 """Fed dropout draws: the 16-bit draws themselves and the session wrapper that feeds them (a stub session;
-the graphs that read them are tested in test_instrument.py)."""
+the graphs that read them are tested in test_simulate.py)."""
 from types import SimpleNamespace
 
 import numpy as np

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from .instrument import working_copy
+from .working_copy import working_copy
 from .data import Source, check_finite, open_source, resolve_batch_size
 from .settings import check_settings
 from .errors import VsonnxError

@@ -6,7 +6,7 @@
   over axis 1, the class axis) for class scores [N, C]; other outputs (detection, segmentation,
   regression) must name the output and the loss (``kl`` or ``mse``), else they are refused.
 - ``DropoutEnsemble``: an onnxruntime session of the working copy with the dropouts simulated in training
-  mode (vsonnx.instrument.simulated_graph: seeded masks, a fresh one per run, channel-wise for Dropout1d/2d/3d),
+  mode (vsonnx.simulate.simulated_graph: seeded masks, a fresh one per run, channel-wise for Dropout1d/2d/3d),
   fetching the scores; ``probabilities(feeds, masks)`` averages softmax(scores) over ``masks`` runs.
 - ``ensemble_divergence``: how far each candidate model is from the ensemble on data without labels.
 - ``divergence``: per-sample KL(p || softmax(scores)) = sum_c p_c (log p_c - log q_c) (softmax over axis 1,
@@ -24,7 +24,8 @@ from onnx import helper
 from .data import Source, check_finite
 from .errors import VsonnxError
 from .graph import GraphIndex, tensor_shapes
-from .instrument import simulated_graph, to_model
+from .simulate import simulated_graph
+from .working_copy import to_model
 from .runtime import cpu_provider, make_session, progress_bar, run
 
 LOSSES = ("kl", "mse")

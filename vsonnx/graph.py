@@ -3,7 +3,7 @@ the stored statistics of its BatchNormalization nodes and the shapes shape infer
 
 Only the top-level graph is indexed; subgraphs of If/Loop/Scan are opaque nodes. This index reads the
 original ModelProto (it keeps metadata and node order untouched); edits of working copies go through
-onnx-graphsurgeon in vsonnx.instrument.
+onnx-graphsurgeon in vsonnx.working_copy. Whether a graph is well formed at all: vsonnx.graph_check.
 """
 from __future__ import annotations
 
@@ -198,6 +198,22 @@ class GraphIndex:
                     stack.extend(o for o in node.output if o)
         return result
 
+    def levels(self, targets: list[str]) -> dict[str, int]:
+        """Level of each target node (a BN, or any node whose output is corrected): the longest chain of
+        targets strictly upstream of it."""
+        wanted = set(targets)
+        depth: dict[str, int] = {}
+        levels: dict[str, int] = {}
+        for node in self.topological_order:
+            d = max((depth.get(i, 0) for i in node.input if i), default=0)
+            name = self.node_name(node)
+            if name in wanted:
+                levels[name] = d
+                d += 1
+            for out in node.output:
+                depth[out] = d
+        return levels
+
 
 class TensorShapes(dict):
     """tensor name -> shape (None for unknown dims); ``dtypes``: tensor name -> ONNX element type;
@@ -228,7 +244,7 @@ def tensor_shapes(model: onnx.ModelProto) -> TensorShapes:
 
 def display_name(name: str, op_type: str, first_output: str | None) -> str:
     """The name vsonnx gives a node: its own, or '<op>:<first output>' when it has none (one rule for the
-    ModelProto index and for onnx-graphsurgeon's nodes in vsonnx.instrument)."""
+    ModelProto index and for onnx-graphsurgeon's nodes in vsonnx.working_copy)."""
     return name or f"{op_type}:{first_output or '?'}"
 
 
@@ -328,119 +344,3 @@ def scope_op(name: str) -> str | None:
 def folded_by_exporter(node: onnx.NodeProto) -> bool:
     """torch's default (dynamo) exporter marks a Conv/Gemm it folded a BN into in the node's metadata."""
     return any(p.key == "pkg.onnxscript.rewriter.rule_name" and "FuseBatchNorm" in p.value for p in node.metadata_props)
-
-
-def check_structure(model: onnx.ModelProto, where: str = "the model") -> None:
-    """Refuse (VsonnxError) a top-level graph that no tool can run or vsonnx cannot name: no graph output,
-    two nodes of one name, a node that does not fit its operator's schema (input count, attribute types; ops
-    of the default domain only), a tensor produced twice, an input that nothing produces, a cycle, an
-    initializer whose data does not fill its dims, BatchNormalization parameters of different lengths.
-    Subgraphs may read outer tensors and are not checked here."""
-    graph = model.graph
-    if not graph.output:
-        raise VsonnxError(f"{where} is malformed: its graph has no outputs.", "re-export the model.")
-    produced: dict[str, str] = {}
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    index = GraphIndex(model)
-    _check_node_names(graph, where)
-    _check_schemas(model, index, where)
-    for node in graph.node:
-        for out in filter(None, node.output):
-            if out in produced or out in defined:
-                raise VsonnxError(f"{where} is malformed: tensor '{out}' is produced twice (by node "
-                                  f"'{index.node_name(node)}' and {produced.get(out, 'a graph input or initializer')}).",
-                                  "re-export the model; tensor names must be unique.")
-            produced[out] = f"node '{index.node_name(node)}'"
-    for node in graph.node:
-        missing = [i for i in node.input if i and i not in produced and i not in defined]
-        if missing:
-            raise VsonnxError(f"{where} is malformed: node '{index.node_name(node)}' reads '{missing[0]}', which no "
-                              "node, graph input or initializer defines.", "re-export the model.")
-    cyclic = _has_cycle(index)
-    if cyclic is not None:
-        raise VsonnxError(f"{where} is malformed: its graph has a cycle (through node '{index.node_name(cyclic)}').",
-                          "re-export the model.")
-    for tensor in graph.initializer:
-        _check_initializer(tensor, where)
-    for node in index.nodes_of("Dropout"):
-        for slot, what in ((1, "ratio"), (2, "training_mode")):
-            value = index.constant(node.input[slot]) if len(node.input) > slot else None
-            if value is not None and np.asarray(value).size != 1:
-                raise VsonnxError(f"{where} is malformed: Dropout '{index.node_name(node)}' has a {what} of "
-                                  f"{np.asarray(value).size} values; ONNX wants a scalar.", "re-export the model.")
-    for name, node in index.batchnorms().items():
-        sizes = [int(np.asarray(v).size) for v in (index.constant(i) for i in node.input[1:5]) if v is not None]
-        if len(set(sizes)) > 1:
-            raise VsonnxError(f"{where} is malformed: BatchNormalization '{name}' has scale/bias/mean/var of lengths "
-                              f"{sizes}.", "re-export the model; the four must have one value per channel.")
-
-
-def _check_node_names(graph: onnx.GraphProto, where: str) -> None:
-    seen: set[str] = set()
-    for node in graph.node:
-        if node.name and node.name in seen:
-            count = sum(n.name == node.name for n in graph.node)
-            raise VsonnxError(f"{where} has {count} nodes named '{node.name}'; vsonnx names BNs and sites by node "
-                              "name.", "give the nodes unique names (e.g. onnx-graphsurgeon, or re-export).")
-        seen.add(node.name)
-
-
-def _check_schemas(model: onnx.ModelProto, index: GraphIndex, where: str) -> None:
-    """Each node of the default domain against its operator's schema at the model's opset (nodes with
-    subgraphs are left out: their subgraphs may read outer tensors, which the node check cannot see)."""
-    ctx = onnx.checker.C.CheckerContext()
-    ctx.ir_version = model.ir_version
-    ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or subgraphs(node):
-            continue
-        try:
-            onnx.checker.check_node(node, ctx)
-        except Exception as exc:  # onnx.checker.ValidationError, or a C++ error for unknown ops
-            raise VsonnxError(f"{where} is malformed: node '{index.node_name(node)}' ({node.op_type}) does not fit "
-                              f"its operator ({str(exc).splitlines()[0][:160]}).",
-                              "re-export the model, or check it with `python -m onnx.checker MODEL`.") from None
-
-
-def sort_topologically(model: onnx.ModelProto) -> bool:
-    """Put the top-level nodes in topological order in place (ONNX requires it; some tools write other
-    orders); True when they were not in it. A graph with a cycle is left for check_structure to refuse."""
-    index = GraphIndex(model)
-    seen: set[str] = set()
-    in_order = True
-    for node in model.graph.node:
-        if any(i in index.producer and i not in seen for i in node.input):
-            in_order = False
-            break
-        seen.update(node.output)
-    if in_order or _has_cycle(index) is not None:
-        return False
-    order = index.topological_order
-    nodes = [onnx.NodeProto() for _ in order]
-    for copy, node in zip(nodes, order):
-        copy.CopyFrom(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return True
-
-
-def _has_cycle(index: GraphIndex) -> onnx.NodeProto | None:
-    """A node on a cycle, or None: every node's inputs must come from nodes placed before it in the
-    topological order (GraphIndex keeps the file order for the nodes of a cycle)."""
-    position = {id(n): k for k, n in enumerate(index.topological_order)}
-    for node in index.topological_order:
-        for i in node.input:
-            producer = index.producer.get(i)
-            if producer is not None and position[id(producer)] >= position[id(node)]:
-                return node
-    return None
-
-
-def _check_initializer(tensor: onnx.TensorProto, where: str) -> None:
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return
-    try:
-        numpy_helper.to_array(tensor)
-    except Exception as exc:  # the data does not fill the dims, or an unknown type
-        raise VsonnxError(f"{where} is malformed: initializer '{tensor.name}' (dims {list(tensor.dims)}) cannot be "
-                          f"read ({str(exc).splitlines()[0][:100]}).", "re-export the model.") from None

@@ -33,7 +33,9 @@ import onnx
 from .data import open_source, resolve_batch_size
 from .settings import check_settings
 from .graph import GraphIndex, tensor_shapes
-from .instrument import bn_tap, measure_moments, tensor_tap, working_copy
+from .runtime import measure_moments
+from .taps import bn_tap, tensor_tap
+from .working_copy import working_copy
 from .model import atomic_write, check_output_path, load_model
 from .noise import noise_variance
 from .errors import VsonnxError

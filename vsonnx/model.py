@@ -92,7 +92,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
             f"'{p}' uses ONNX opset {opset}, newer than this onnx package knows ({onnx.defs.onnx_opset_version()}).",
             "upgrade the onnx package, or export with a lower opset.",
         )
-    from .graph import check_structure, sort_topologically
+    from .graph_check import check_structure, sort_topologically
 
     if sort_topologically(model):
         warn(f"'{p}': its nodes were not in topological order (as ONNX requires); vsonnx sorted them, and a "

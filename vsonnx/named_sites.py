@@ -32,7 +32,7 @@ import onnx
 from .errors import VsonnxError
 from .graph import FOLD_TARGETS, WEIGHT_OPS, GraphIndex, folded_by_exporter, module_of, scope_module, scope_op
 from .model import get_metadata
-from .instrument import insert_dropouts
+from .simulate import insert_dropouts
 from .sites import looks_folded
 
 
@@ -59,7 +59,7 @@ SHORTCUT_MODULES = frozenset({"downsample", "shortcut", "skip", "proj"})
 
 class Sites(dict):
     """{site tensor: drop ratio}, and ``per_sample``: the sites dropped per sample (drop paths named by their
-    module; vsonnx.instrument.insert_dropouts reads it)."""
+    module; vsonnx.simulate.insert_dropouts reads it)."""
 
     def __init__(self, *args, per_sample=frozenset(), **kwargs):
         super().__init__(*args, **kwargs)

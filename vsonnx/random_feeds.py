@@ -2,7 +2,7 @@
 
 onnxruntime's RandomUniformLike runs on one thread at about 3.8 ns per value: 42 of the 102 ms of a
 dropout-on PreResNet-20 batch of 128 at 2 threads (onnxruntime's profiler). numpy's PCG64 makes 16-bit
-draws at about 0.6 ns per value. So a simulated Dropout (vsonnx.instrument.simulate_dropouts) whose input
+draws at about 0.6 ns per value. So a simulated Dropout (vsonnx.simulate.simulate_dropouts) whose input
 shape is known up to the batch reads its draws from a graph input named ``RANDOM_PREFIX<k>`` (uint16, shape
 [batch, ...]) instead of drawing them itself, and drops where u < 65536 * ratio: P(drop) = ceil(65536 r) /
 65536, exact for ratios such as 0.5 and 0.25 and within 1.5e-5 of r otherwise (0.3 -> 0.300003; ratios above

@@ -23,7 +23,7 @@
 
 This pass edits the ModelProto directly rather than through onnx-graphsurgeon: it only replaces initializer
 values, and a gs round trip would drop what the written model must keep (model and node metadata, IR 3
-graph inputs, node order); vsonnx.instrument builds the working copies with gs.
+graph inputs, node order); vsonnx.working_copy builds the working copies with gs.
 """
 from __future__ import annotations
 

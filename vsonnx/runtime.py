@@ -6,6 +6,7 @@ probe silences the logger and runs once per process.
 
 ``run_pass`` streams a data source through a session batch by batch with a progress bar (tqdm: rate and
 ETA on stderr, only when asked for and stderr is a terminal); ``progress_bar`` serves the other long loops.
+``measure_moments`` is the moments pass: a statistic-tap copy (vsonnx.taps) streamed through one session.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from .data import Source, check_finite
 from .errors import VsonnxError
 from .model import model_bytes
 from .random_feeds import DROPOUT_SEED, RANDOM_PREFIX, RandomFeeding
+from .stats import BnStatistics, ChannelMoments
+from .taps import Tap, accumulate_moments, fetch_names, instrument_moments, unshift
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -222,3 +225,19 @@ def split_threads(threads: int | None, parts: int) -> tuple[int, bool]:
     if not threads:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return (threads // parts, True) if threads >= parts else (threads, False)
+
+
+def measure_moments(model: onnx.ModelProto, source: Source, taps: dict[str, Tap],
+                    new_stats: dict[str, BnStatistics] | None = None, *, batch_size: int = 128,
+                    device: str = "auto", threads: int | None = None, progress: bool = False,
+                    label: str = "measuring", keep_dropout_modes: bool = False):
+    """One pass: exact per-channel moments (ChannelMoments of x itself, shift added back) of every tap,
+    with dropout off (or as the model says, with ``keep_dropout_modes``) and the BNs of ``new_stats``
+    using them. Returns (moments, samples, batches, provider)."""
+    work, outputs = instrument_moments(model, taps, new_stats or {}, keep_dropout_modes)
+    # onnxruntime's graph optimisations eliminate Dropout even with training_mode=true: keep them off then
+    session = make_session(work, device=device, threads=threads, optimize=not keep_dropout_modes)
+    moments = {key: ChannelMoments(tap.channels) for key, tap in taps.items()}
+    samples, batches = run_pass(session, source, batch_size, fetch_names(outputs), label, progress,
+                                lambda b, n, got: accumulate_moments(moments, outputs, got, n))
+    return unshift(moments, taps), samples, batches, session.get_providers()[0]

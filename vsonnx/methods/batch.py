@@ -2,7 +2,7 @@
 
 Dropout off; every recalibrated BN normalises with its *batch* mean and biased variance during the pass
 (onnxruntime's BN in training mode outputs them, or operators in the graph compute them:
-vsonnx.instrument.instrument_batch);
+vsonnx.taps.instrument_batch);
 new mean = average of batch means, new var = average of unbiased batch variances, equal weight per batch.
 Equals PyTorch (BN modules in train mode, Dropout in eval, momentum=None) on the same batches.
 A batch with fewer than 2 values per channel for a BN (the unbiased variance of one value is undefined:
@@ -11,7 +11,7 @@ a BatchNorm1d with batch size 1, or a final batch of one sample) is skipped for 
 """
 from __future__ import annotations
 
-from ..instrument import instrument_batch
+from ..taps import instrument_batch
 from ..runtime import cpu_provider, make_session, run_pass, split_threads
 from ..stats import BatchAverage, BnStatistics, CalibrationResult
 from . import EstimateRequest

@@ -24,7 +24,7 @@ import onnx
 
 from .. import theory
 from ..graph import SHAPE_OPS, GraphIndex, attribute, tensor_shapes
-from ..instrument import working_copy
+from ..working_copy import working_copy
 from ..noise import noise_variance
 from ..sites import DropoutInfo, ScanReport
 from ..stats import BnStatistics, CalibrationResult

@@ -16,7 +16,10 @@ import onnx
 
 from ..data import replayable
 from ..graph import GraphIndex, tensor_shapes
-from ..instrument import bn_levels, bn_tap, insert_dropouts, measure_moments, tensor_tap, working_copy
+from ..runtime import measure_moments
+from ..simulate import insert_dropouts
+from ..taps import bn_tap, tensor_tap
+from ..working_copy import working_copy
 from .population import measure_levels
 from ..named_sites import folded_layers, inside_folded
 from ..rewrite import apply_affine, plan
@@ -61,7 +64,7 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
     index = GraphIndex(analysis)
     shapes = tensor_shapes(working_copy(analysis))
     train_moments = _training_moments(request, source, folded, index, shapes) if folded else {}
-    levels = bn_levels(analysis, bns + folded)
+    levels = index.levels(bns + folded)
     stats: dict[str, BnStatistics] = {}
     affine = details["affine"]
     samples = batches = 0

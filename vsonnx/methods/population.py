@@ -29,11 +29,10 @@ from onnx import TensorProto, helper
 
 from ..data import Batch, Source, replayable
 from ..graph import GraphIndex, has_subgraphs, tensor_shapes
-from ..instrument import (StatisticBuilder, Tap, accumulate_moments, bn_levels, bn_tap, fetch_names,
-                          measure_moments, node_name, to_model, unshift, working_copy,
-                          working_graph, write_statistics)
 from ..model import default_opset, scratch_folder
-from ..runtime import make_session, run_pass
+from ..runtime import make_session, measure_moments, run_pass
+from ..taps import StatisticBuilder, Tap, accumulate_moments, bn_tap, fetch_names, unshift, write_statistics
+from ..working_copy import node_name, to_model, working_copy, working_graph
 from ..spill import Spill
 from ..stats import BnStatistics, CalibrationResult, ChannelMoments
 from . import EstimateRequest
@@ -70,7 +69,7 @@ def _per_level(request: EstimateRequest, source) -> CalibrationResult:
     index = GraphIndex(model)
     shapes = tensor_shapes(working_copy(model))
     nodes = index.batchnorms(targets)
-    levels = bn_levels(model, targets)
+    levels = index.levels(targets)
     new_stats: dict[str, BnStatistics] = {}
     samples = batches = 0
     provider = ""

@@ -2,7 +2,7 @@
 
 Two ``batch`` passes over the same batches in one pass over the data, side by side (each session with half
 the threads; one after the other with a single thread), with Dropout active as in training (explicit seeded
-mask operations that onnxruntime runs optimised; vsonnx.instrument.simulate_dropouts) and off; per BN the
+mask operations that onnxruntime runs optimised; vsonnx.simulate.simulate_dropouts) and off; per BN the
 stored (mean, var) move as the measured ones moved (vsonnx.stats.transfer_change):
     var' = var * v_off / v_on,    mean' = mean + (m_off - m_on) * sqrt(var / v_on).
 What the stored statistics describe beyond the dropout noise (e.g. augmented training images) is kept.
