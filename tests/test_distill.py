@@ -77,7 +77,7 @@ def distilled(model, seed=0, steps=40):
 def test_distillation_brings_the_network_closer_to_its_dropout_ensemble():
     model = cnn_with_sites(seed=4)
     result = distilled(model)
-    assert result.details["loss_last"] < result.details["loss_first"]
+    assert result.fitting.loss_last < result.fitting.loss_first
     assert result.samples == 96 and result.passes == 40
     fixed = with_statistics(model, result.statistics)
     ensemble = DropoutEnsemble(model, scores_tensor(model), seed=123, device="cpu")  # other masks than the fit

@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from vsonnx.model import load_model
+from vsonnx.rewrite import SUBGRAPH
 
 from conftest import GraphBuilder, cnn_with_sites, run, save
 
@@ -531,7 +532,11 @@ def test_bns_inside_subgraphs_are_listed_and_refused_by_name(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((8, 3, 8, 8), np.float32))
     scanned = run("scan", path)
     assert "branch/then_branch/inner_bn" in scanned.output and scanned.exit_code == 0
-    assert json.loads(run("scan", path, "--json").output)["subgraph_batchnorms"] == ["branch/then_branch/inner_bn"]
+    scanned = json.loads(run("scan", path, "--json").output)
+    assert scanned["subgraph_batchnorms"] == ["branch/then_branch/inner_bn"]
+    assert scanned["subgraph_fix"] == {"branch/then_branch/inner_bn": f"refused: {SUBGRAPH}"}  # the rewrite pass's
+    row = next(line for line in run("scan", path).output.splitlines() if "inner_bn" in line)
+    assert "refused: 7: inside an If/Loop/Scan subgraph" in row  # the text table shows the same plan
     before = snapshot(tmp_path)
     for args in (["--calib", tmp_path / "x.npy"], ["--data-free", "--synthetic", "0"]):
         assert_user_error(run("fix", path, *args), tmp_path, before, "'branch/then_branch/inner_bn': 7:")

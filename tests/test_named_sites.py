@@ -16,7 +16,8 @@ from vsonnx.cli import main
 from vsonnx.errors import VsonnxError
 from vsonnx.model import load_model
 from vsonnx.simulate import insert_dropouts
-from vsonnx.named_sites import inside_folded, parse_dropout_specs, resolve_sites
+from vsonnx.folding import inside_folded
+from vsonnx.named_sites import parse_dropout_specs, resolve_sites
 
 from conftest import GraphBuilder, save
 

@@ -82,3 +82,71 @@ def measure(name: str, candidates, threads: int | None, out_dir: Path) -> dict:
     return {"held_out": int(logits.shape[1]), "masks": MASKS,
             "ensemble_spread": round(float((classes != centre).mean()), 4),
             "models": {m: {s: round(float(signals[s][k].mean()), 5) for s in SIGNALS} for k, m in enumerate(models)}}
+
+
+# --------------------------------------------------------------------------------------------------
+# rules of choice, compared on the stored signals (models/suite.json)
+# --------------------------------------------------------------------------------------------------
+SINGLE = ("batch", "population", "relative", "distill", "data-free")
+LOWER_IS_BETTER = {"ce": True, "kl": True, "brier": True, "entropy": True, "agree": False, "consensus": False}
+
+
+def by_signal(signal: str):
+    """Rule: the candidate (never the original) best by the held-out ``signal``."""
+    def rule(entry: dict) -> str:
+        models = {k: v for k, v in entry["signals"]["models"].items() if k != "original"}
+        sign = 1 if LOWER_IS_BETTER[signal] else -1
+        return min(models, key=lambda k: sign * models[k][signal])
+    rule.__name__ = f"best {signal}"
+    return rule
+
+
+def fixed(name: str):
+    def rule(entry: dict) -> str:
+        return name
+    rule.__name__ = f"always {name}"
+    return rule
+
+
+def actual(column: str):
+    """What the fix chose (the column's candidate, as recorded)."""
+    def rule(entry: dict) -> str:
+        return entry["chosen"][column]
+    rule.__name__ = f"fix ({column})"
+    return rule
+
+
+def gap(entry: dict, choice: str) -> float:
+    """Test top-1 of ``choice`` minus the best single method's (points)."""
+    top = {**entry["candidates_top1"], **entry["top1"]}
+    return top[choice] - max(entry["top1"][m] for m in SINGLE if m in entry["top1"])
+
+
+def compare_rules(entries: list[dict], rules: list) -> list[tuple[str, float, float, float]]:
+    """(rule, median gap, worst gap, mean gap) over ``entries``, best median first."""
+    rows = []
+    for rule in rules:
+        gaps = [gap(e, rule(e)) for e in entries]
+        rows.append((rule.__name__, float(np.median(gaps)), float(min(gaps)), float(np.mean(gaps))))
+    return sorted(rows, key=lambda r: (-r[1], -r[2]))
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="Compare label-free rules of choice on one half of the suite.")
+    p.add_argument("--half", choices=("design", "check"), default="design")
+    p.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "suite.json")
+    args = p.parse_args(argv)
+    entries = [e for e in json.loads(args.results.read_text()) if e["half"] == args.half and "signals" in e]
+    rules = [actual("label-free"), actual("labelled"), *(by_signal(s) for s in SIGNALS),
+             *(fixed(m) for m in ("batch", "population", "relative", "distill"))]
+    print(f"{args.half} half: {len(entries)} member(s) with signals; gap = test top-1 of the choice minus the best "
+          "single method's (points)")
+    for name, median, worst, mean in compare_rules(entries, rules):
+        print(f"  {name:22s} median {median:+.2f}  worst {worst:+.2f}  mean {mean:+.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -60,6 +60,7 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     for b in report.batchnorms:
         d = decisions.get(b.name)
         b.fix = "unchanged" if d is None else ("recalibrate" if d.refusal is None else f"refused: {d.refusal}")
+    report.subgraph_fix = {n: f"refused: {decisions[n].refusal}" for n in report.subgraph_batchnorms}
     notes = data_free_statistics(proto, report).notes if report.sites else {}
     for b in report.sites:
         b.data_free = notes.get(b.name)

@@ -33,24 +33,7 @@ from .errors import VsonnxError
 from .graph import FOLD_TARGETS, WEIGHT_OPS, GraphIndex, folded_by_exporter, module_of, scope_module, scope_op
 from .model import get_metadata
 from .simulate import insert_dropouts
-from .sites import looks_folded
-
-
-# Exports that keep every BN unfolded (each checked by hand on 2026-12-03: BN nodes counted in the result).
-KEEP_BN_EXPORTS = ("vsonnx.export(model, x, 'model.onnx') (keeps Dropout too); "
-                   "torch.onnx.export(model, (x,), 'model.onnx', dynamo=True, optimize=False); "
-                   "onnxslim model.onnx slim.onnx --skip-fusion-patterns FusionConvBN FusionConvTransposeBN; "
-                   "onnxsim (keeps BN and Dropout)")
-
-
-def folded_message(layers: list[str]) -> str:
-    """What a correction of BNs folded into ``layers`` means, and how to avoid needing it."""
-    return (f"{len(layers)} BatchNormalization layer(s) were folded into the weights of {', '.join(layers[:4])}"
-            f"{', ...' if len(layers) > 4 else ''} before vsonnx saw the model: their stored statistics are lost, so "
-            "each was corrected relative to them (the layer's output moments with dropout off matched to those "
-            "with dropout on: scale sqrt(var_on / var_off), shift mean_on - scale * mean_off), which equals "
-            "re-estimating the BN only where its stored statistics were the dropout-on statistics of this "
-            "calibration data. To correct exactly, export with the BNs kept: " + KEEP_BN_EXPORTS + ".")
+from .folding import folded_layers, looks_folded
 
 
 DROP_PATH = re.compile(r"(drop_?path|stochastic_depth|drop_connect)\d*$")  # timm, torchvision, EfficientNet
@@ -327,13 +310,6 @@ def _fed_sites(name: str, dropped: list[str], removed: dict[str, dict], modules:
     return sites
 
 
-def inside_folded(model: onnx.ModelProto, sites: dict[str, float]) -> frozenset[str]:
-    """The site tensors produced by a folded Conv/Gemm: dropout acted inside the fold (placement a)."""
-    index = GraphIndex(model)
-    return frozenset(t for t in sites if t in index.producer and index.producer[t].op_type in ("Conv", "Gemm")
-                     and looks_folded(index, index.producer[t]))
-
-
 def with_named_sites(model_path, named: dict[str, float]) -> tuple[onnx.ModelProto, list[str]]:
     """(analysis copy with Dropout nodes at the named sites, notes on what `fix --dropout` would change)."""
     from .model import load_model
@@ -347,11 +323,3 @@ def with_named_sites(model_path, named: dict[str, float]) -> tuple[onnx.ModelPro
         notes.append(f"fix --dropout would correct {len(folded)} folded weight layer(s) in their weights: "
                      f"{', '.join(folded)}")
     return analysis, notes
-
-
-def folded_layers(model_with_dropouts: onnx.ModelProto, sites: dict[str, float]) -> list[str]:
-    """Weight layers that produce a site tensor or lie downstream of one and look folded (module docstring)."""
-    index = GraphIndex(model_with_dropouts)
-    involved = {id(n) for n in index.downstream_nodes(list(sites))} | {id(index.producer[t]) for t in sites
-                                                                      if t in index.producer}
-    return [index.node_name(n) for n in index.topological_order if id(n) in involved and looks_folded(index, n)]

@@ -49,7 +49,7 @@ from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 from .model import check_output_path, load_model, save_model, same_file
 from .rewrite import apply_affine, inference_form, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
-from .stats import BnStatistics, CalibrationResult, interpolate
+from .stats import BnStatistics, Estimate, interpolate
 
 SCHEMA_VERSION = 1
 
@@ -115,7 +115,7 @@ class Candidate:
 
     name: str
     stats: dict[str, BnStatistics]
-    result: CalibrationResult | None = None
+    result: Estimate | None = None
     affine: dict = field(default_factory=dict)
     score: float | None = None  # by the ranking criterion (vsonnx.choose)
     strength: float = 1.0  # a of the interpolation family (vsonnx.choose.family)
@@ -160,8 +160,6 @@ def _start(model_path, options: FixOptions, method: str) -> _Job:
     report = FixReport(str(path), method, 0, None, False, "", warnings=converted + list(scan.warnings))
     decisions = plan(model, scan, options.scope)
     report.refused = {d.name: d.refusal for d in decisions if d.refusal}
-    report.refused.update({name: "7: inside an If/Loop/Scan subgraph, which vsonnx does not recalibrate"
-                           for name in scan.subgraph_batchnorms})
     return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report)
 
 
@@ -341,7 +339,8 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
     """Exports that removed Dropout: ``sites`` {tensor or node: drop ratio} says where it acted in training;
     BNs there and downstream are re-estimated (``method`` "named_sites") or fitted ("distill"), folded
     Conv/Gemm layers corrected in their weights."""
-    from .named_sites import folded_message, resolve_sites
+    from .folding import folded_message
+    from .named_sites import resolve_sites
 
     if method not in ("named_sites", "distill"):
         raise VsonnxError(f"--dropout/--sites work with the population or the distill method, not {method}.",
@@ -357,9 +356,9 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
         source = open_source(calib, job.model, shuffle=options.shuffle, seed=options.seed, limit=options.limit,
                              preprocess=options.preprocess)
         result = REGISTRY[method].run(job.request(source, method, sites=resolved, scope=options.scope))
-        affine = result.details["affine"]
-        job.scan = result.details["analysis"]
-        job.report.refused.update(result.details["refused"])
+        affine = result.affine
+        job.scan = result.analysis
+        job.report.refused.update(result.refused)
         if result.statistics or affine:
             job.report.notes = {name: f"folded BN corrected in the weights, relative to its lost statistics: "
                                       f"scale mean {np.mean(a):.3f}" for name, (a, _) in affine.items()}
@@ -497,11 +496,11 @@ def _label(candidate: Candidate) -> str:
 def _written_message(winner: Candidate) -> str:
     result, n = winner.result, len(winner.stats)
     if result.method == "synthesized":
-        d = result.details
-        return (f"corrected {n} BatchNormalization layer(s) from {d['synthetic_samples']} synthetic inputs "
-                f"({d['synthetic_steps']} steps, statistics-matching loss {d['loss_first']:.3g} -> {d['loss_last']:.3g}).")
+        f = result.fitting
+        return (f"corrected {n} BatchNormalization layer(s) from {f.synthetic_samples} synthetic inputs "
+                f"({f.steps} steps, statistics-matching loss {f.loss_first:.3g} -> {f.loss_last:.3g}).")
     if result.method == "closed_form":
-        skipped = len(result.details["site_notes"]) - n
+        skipped = len(result.site_notes) - n
         return (f"corrected {n} site(s) without data" + (f", left {skipped} unchanged" if skipped else "")
                 + "; downstream BNs unchanged.")
     return f"re-estimated {n} BatchNormalization layer(s) on {result.samples} samples."
@@ -522,9 +521,9 @@ def _describe(report: FixReport, candidate: Candidate, scan: ScanReport, old: di
         for n, s in candidate.stats.items() if n in old]
 
 
-def _site_notes(job: _Job, closed: CalibrationResult, result: CalibrationResult) -> dict[str, str]:
+def _site_notes(job: _Job, closed: Estimate, result: Estimate) -> dict[str, str]:
     """Per site: the closed-form result, and next to it the synthetic one when the synthesis ran."""
-    notes = dict(closed.details["site_notes"])
+    notes = dict(closed.site_notes)
     if result is closed:
         return notes
     old = GraphIndex(job.model).stored_statistics(list(result.statistics))
@@ -539,12 +538,12 @@ def _site_notes(job: _Job, closed: CalibrationResult, result: CalibrationResult)
     return notes
 
 
-def _synthesis_provenance(result: CalibrationResult) -> dict[str, str]:
+def _synthesis_provenance(result: Estimate) -> dict[str, str]:
     if result.method != "synthesized":
         return {}
-    d = result.details
-    return {"synthetic_samples": str(d["synthetic_samples"]), "synthetic_steps": str(d["synthetic_steps"]),
-            "synthesis_loss": f"{d['loss_first']:.4g} -> {d['loss_last']:.4g}"}
+    f = result.fitting
+    return {"synthetic_samples": str(f.synthetic_samples), "synthetic_steps": str(f.steps),
+            "synthesis_loss": f"{f.loss_first:.4g} -> {f.loss_last:.4g}"}
 
 
 def digest(stats: dict[str, BnStatistics]) -> str:

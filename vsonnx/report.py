@@ -59,8 +59,8 @@ def render_scan(report) -> str:
         out.append(table(["name for --dropout NAME=RATIO", "where the dropout would act"],
                          [[k, v] for k, v in report.names.items()], "ll"))
     if report.subgraph_batchnorms:
-        out.append("BatchNormalization inside If/Loop/Scan subgraphs, not analysed nor fixed: "
-                   + ", ".join(report.subgraph_batchnorms))
+        out.append(table(["BN inside an If/Loop/Scan subgraph", "fix would"],
+                         [[n, report.subgraph_fix.get(n, "-")] for n in report.subgraph_batchnorms], "ll"))
     if measured:
         from .measure import median_prediction_error
 

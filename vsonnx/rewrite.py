@@ -104,14 +104,17 @@ class Decision:
     refusal: str | None  # None: it will be rewritten
 
 
+SUBGRAPH = "7: inside an If/Loop/Scan subgraph, which vsonnx does not recalibrate"
+
+
 def plan(model: onnx.ModelProto, report: ScanReport, scope: str) -> list[Decision]:
-    """find + check for every BN in scope, in graph order."""
+    """find + check for every BN in scope, in graph order, then every BN inside a subgraph (rule 7)."""
     index = GraphIndex(model)
     nodes = index.batchnorms()
     broken = ", ".join(f"'{n}'" for n in list(poisoning_batchnorms(index))[:3])
     poisoned = f"4: {broken} make(s) every value after it NaN, so a model written from this one would too"
     return [Decision(b.name, refusal(index, nodes[b.name], b) or (poisoned if broken else None))
-            for b in targets(report.batchnorms, scope)]
+            for b in targets(report.batchnorms, scope)] + [Decision(n, SUBGRAPH) for n in report.subgraph_batchnorms]
 
 
 class RecalibrateBatchNorm:

@@ -27,8 +27,9 @@ import numpy as np
 import onnx
 
 from . import theory
-from .graph import (ACTIVATION_OPS, FOLD_TARGETS, MERGE_OPS, NORMALIZATION_OPS, SHAPE_OPS, WEIGHT_OPS, GraphIndex,
-                    attribute, folded_by_exporter, module_of)
+from .folding import folded_batchnorms, looks_folded, unnormalised_weight_after
+from .graph import (FOLD_TARGETS, MERGE_OPS, NORMALIZATION_OPS, SHAPE_OPS, WEIGHT_OPS, GraphIndex, attribute,
+                    folded_by_exporter)
 from .model import default_opset, get_metadata
 
 PATH_ORDER = ("direct", "weight", "merge", "other")
@@ -106,6 +107,7 @@ class ScanReport:
     warnings: list[str]
     calibration: dict | None = None  # set when measured on data (scan --calib)
     subgraph_batchnorms: list[str] = field(default_factory=list)  # 'If node/then_branch/BN name', not analysed
+    subgraph_fix: dict[str, str] = field(default_factory=dict)  # what fix would do with them (scan: rule 7)
     # BNs the exporter folded into a Conv/Gemm (its metadata says so): {batchnorm: module, layer: node name,
     # layer_module: the conv/linear module, from its weight's name, or None}
     folded_batchnorms: list[dict] = field(default_factory=list)
@@ -131,7 +133,7 @@ class ScanReport:
                     row.pop(key)
             rows.append(row)
         out = {"model": self.model, "batchnorms": rows, "dropouts": [asdict(d) for d in self.dropouts],
-               "subgraph_batchnorms": list(self.subgraph_batchnorms),
+               "subgraph_batchnorms": list(self.subgraph_batchnorms), "subgraph_fix": dict(self.subgraph_fix),
                "folded_batchnorms": list(self.folded_batchnorms), "names": dict(self.names),
                "warnings": list(self.warnings)}
         if measured:
@@ -368,17 +370,6 @@ def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanRepo
                       folded_batchnorms=folded)
 
 
-def folded_batchnorms(index: GraphIndex) -> list[dict]:
-    """The BNs the exporter says it folded, with their module, the layer and that layer's own module."""
-    found = []
-    for node in index.nodes_of(*WEIGHT_OPS):
-        if folded_by_exporter(node):
-            weight = node.input[1] if len(node.input) > 1 else ""
-            found.append({"batchnorm": module_of(node), "layer": index.node_name(node),
-                          "layer_module": weight[:-len(".weight")] if weight.endswith(".weight") else None})
-    return found
-
-
 def subgraph_batchnorms(graph: onnx.GraphProto, prefix: str = "") -> list[str]:
     """Names ('<node>/<attribute>/<BN>') of the BatchNormalization nodes inside the subgraphs of ``graph``."""
     found = []
@@ -440,7 +431,7 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
             state = "is not a constant" if d.training_mode is None else "is true"
             warnings.append(f"Dropout '{d.name}': training_mode {state}, so it may drop values at inference"
                             + ("; fix first switches it off." if d.training_mode else "."))
-        folded = _unnormalised_weight_after(index, d.output) if batchnorms else None
+        folded = unnormalised_weight_after(index, d.output) if batchnorms else None
         if folded:
             warnings.append(
                 f"Dropout '{d.name}' feeds {folded} with no BatchNormalization before the next nonlinearity: "
@@ -448,38 +439,3 @@ def _warnings(index: GraphIndex, batchnorms: list[BatchNormInfo], dropouts: list
                 "eval mode does); " + EXPORT_HINT
             )
     return warnings
-
-
-def _unnormalised_weight_after(index: GraphIndex, tensor: str) -> str | None:
-    """'<op> '<name>'' when ``tensor`` reaches a weight layer whose output meets a nonlinearity before any
-    normalisation (graph outputs, i.e. classifiers, are fine)."""
-    for weight in _first_reached(index, tensor, FOLD_TARGETS):
-        if looks_folded(index, weight):
-            return f"{weight.op_type} '{index.node_name(weight)}'"
-    return None
-
-
-def looks_folded(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    """A Conv/ConvTranspose/Gemm whose output meets an activation before any normalisation: where a BN
-    followed it in training, the export folded it into these weights (Softmax and max pooling are no such
-    evidence: a classifier ends in one, and a BN does not sit before the other)."""
-    if node.op_type not in FOLD_TARGETS or len(node.input) < 2 or not index.is_constant(node.input[1]):
-        return False
-    hit = _first_reached(index, node.output[0], NORMALIZATION_OPS | ACTIVATION_OPS)
-    return any(n.op_type in ACTIVATION_OPS for n in hit)
-
-
-def _first_reached(index: GraphIndex, tensor: str, targets: frozenset[str]) -> list:
-    """Nodes of ``targets`` first met going forward from ``tensor`` through shape/merge/bias ops."""
-    found, seen, stack = [], set(), [tensor]
-    while stack:
-        t = stack.pop()
-        for node in index.consumers.get(t, []):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type in targets:
-                found.append(node)
-            elif node.op_type in SHAPE_OPS | MERGE_OPS | {"Dropout", "Sub"}:
-                stack.extend(o for o in node.output if o)
-    return found

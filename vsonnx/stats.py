@@ -8,11 +8,12 @@
 - ``interpolate``: the family between stored and re-estimated statistics that ``--val`` chooses from.
 - ``transfer_change``: carry a change of statistics measured between two regimes on the same inputs over
   to stored statistics, relative to the spread.
-- ``BnStatistics`` / ``CalibrationResult``: what an estimator of vsonnx.methods returns.
+- ``BnStatistics`` / ``Estimate``: what an estimator of vsonnx.methods returns.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,21 @@ class BnStatistics:
 
 
 @dataclass
-class CalibrationResult:
-    """An estimator's answer: new statistics per BN and how they were obtained."""
+class Fitting:
+    """How an optimising estimator ended (synthesized, distill): steps run, the mean loss of the first and of
+    the last (up to 10) steps, the synthetic inputs it made (synthesized), its settings (distill)."""
+
+    steps: int
+    loss_first: float
+    loss_last: float
+    synthetic_samples: int = 0
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Estimate:
+    """An estimator's answer: new statistics per BN, how they were obtained, and what else is written or
+    reported with them."""
 
     method: str
     samples: int
@@ -41,7 +55,11 @@ class CalibrationResult:
     seconds: float
     provider: str
     notes: list[str] = field(default_factory=list)
-    details: dict = field(default_factory=dict)  # method-specific facts for reports and provenance
+    affine: dict[str, tuple] = field(default_factory=dict)  # folded Conv/Gemm -> (a, b) (named sites, distill)
+    analysis: Any = None  # named sites: the vsonnx.sites.ScanReport of the analysis copy (Dropout inserted)
+    refused: dict[str, str] = field(default_factory=dict)  # named sites: BN -> numbered refusal, not estimated
+    site_notes: dict[str, str] = field(default_factory=dict)  # closed form: site -> what the formulas did
+    fitting: Fitting | None = None
 
 
 class ChannelMoments:

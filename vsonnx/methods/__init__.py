@@ -1,6 +1,6 @@
 """The estimators of new BN statistics, one module each, and the registry that names them.
 
-Every estimator takes an ``EstimateRequest`` and returns a ``CalibrationResult`` (vsonnx.stats). The
+Every estimator takes an ``EstimateRequest`` and returns a ``Estimate`` (vsonnx.stats). The
 registry is the one place that says what a method needs (data or none, torch), how many passes it makes,
 and its label in reports (the batch-size rule is the table's note): the CLI's choices, the ``--val``
 candidates, the demo, the benchmark and tools/reproduce.py all read it. Adding a method = one module here + one entry below.
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ..data import Source
     from ..sites import ScanReport
-    from ..stats import CalibrationResult
+    from ..stats import Estimate
 
 
 @dataclass
@@ -74,10 +74,10 @@ class Method:
         return not self.needs_torch or importlib.util.find_spec("torch") is not None
 
     @property
-    def estimate(self) -> Callable[[EstimateRequest], CalibrationResult]:
+    def estimate(self) -> Callable[[EstimateRequest], Estimate]:
         return importlib.import_module(f"{__name__}.{self.module}").estimate
 
-    def run(self, request: EstimateRequest) -> CalibrationResult:
+    def run(self, request: EstimateRequest) -> Estimate:
         """The estimate, timed; refuses a batch size below 1 (smaller batches than a BN can use are skipped by
         the estimators themselves: the table's note (*))."""
         import time
@@ -113,7 +113,7 @@ def get(name: str) -> Method:
 
 
 def estimate(name: str, model: onnx.ModelProto, targets: list[str], source: Source | None = None, *,
-             report: ScanReport | None = None, **settings) -> CalibrationResult:
+             report: ScanReport | None = None, **settings) -> Estimate:
     """Run registry method ``name`` on ``model`` for the BNs ``targets``; ``settings``: the other
     EstimateRequest fields (batch_size, device, threads, progress, seed, options).
 

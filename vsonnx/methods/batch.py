@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from ..taps import instrument_batch
 from ..runtime import cpu_provider, make_session, run_pass, split_threads
-from ..stats import BatchAverage, BnStatistics, CalibrationResult
+from ..stats import BatchAverage, BnStatistics, Estimate
 from . import EstimateRequest
 
 
-def estimate(request: EstimateRequest) -> CalibrationResult:
+def estimate(request: EstimateRequest) -> Estimate:
     """One pass with batch-normalising BNs, dropout off."""
     batch = BatchPass(request, dropout_active=False)
     samples, batches = run_pass(batch.session, request.source, request.batch_size, batch.fetch, batch.label,
@@ -52,8 +52,8 @@ class BatchPass:
             self.estimators.setdefault(name, BatchAverage(mean.size)).update(count, mean, var)
             self.values[name] = self.values.get(name, 0) + count
 
-    def result(self, samples: int, batches: int) -> CalibrationResult:
+    def result(self, samples: int, batches: int) -> Estimate:
         stats = {name: BnStatistics(name, e.mean, e.var, e.count, self.values[name])
                  for name, e in self.estimators.items()}
-        return CalibrationResult("batch", samples, batches, stats, 1, 0.0, self.session.get_providers()[0],
+        return Estimate("batch", samples, batches, stats, 1, 0.0, self.session.get_providers()[0],
                                  sorted(set(self.notes)))

@@ -27,7 +27,7 @@ from ..graph import SHAPE_OPS, GraphIndex, attribute, tensor_shapes
 from ..working_copy import working_copy
 from ..noise import noise_variance
 from ..sites import DropoutInfo, ScanReport
-from ..stats import BnStatistics, CalibrationResult
+from ..stats import BnStatistics, Estimate
 from . import EstimateRequest
 
 MIN_FRACTION = 0.05
@@ -69,12 +69,12 @@ def dropout_input_second_moment(index: GraphIndex, drop: DropoutInfo) -> np.ndar
     return theory.clipped_gaussian_second_moment(beta, gamma, *window)
 
 
-def estimate(request: EstimateRequest) -> CalibrationResult:
-    """Registry entry: the sites among ``request.targets`` that the formulas correct; ``details['site_notes']``
+def estimate(request: EstimateRequest) -> Estimate:
+    """Registry entry: the sites among ``request.targets`` that the formulas correct; ``site_notes``
     says per site what was done or why not."""
     result = data_free_statistics(request.model, request.report)
     stats = {n: s for n, s in result.statistics.items() if n in request.targets}
-    return CalibrationResult("closed_form", 0, 0, stats, 0, 0.0, "none", details={"site_notes": result.notes})
+    return Estimate("closed_form", 0, 0, stats, 0, 0.0, "none", site_notes=result.notes)
 
 
 def data_free_statistics(model: onnx.ModelProto, report: ScanReport) -> DataFreeResult:

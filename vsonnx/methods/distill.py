@@ -30,6 +30,7 @@ written into the layer's weight and bias.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,7 +40,7 @@ from ..ensemble import DropoutEnsemble, scores_tensor
 from ..errors import VsonnxError
 from ..graph import GraphIndex, attribute
 from ..runtime import import_torch, progress_bar, torch_device
-from ..stats import BnStatistics, CalibrationResult
+from ..stats import BnStatistics, Estimate, Fitting
 from . import REGISTRY, EstimateRequest
 
 if TYPE_CHECKING:
@@ -115,9 +116,10 @@ class Student:
         return out
 
 
-def estimate(request: EstimateRequest) -> CalibrationResult:
+def estimate(request: EstimateRequest) -> Estimate:
     """``request.options['sites']`` (named dropout sites, vsonnx.methods.named_sites): the teacher gets Dropout
-    inserted there, the student also corrects the folded layers, and the result carries named_sites' details."""
+    inserted there, the student also corrects the folded layers (``affine``), and the result carries named_sites'
+    ``analysis`` and ``refused``."""
     torch = import_torch("the distillation", TORCH_HINT)
     from ..torch_graph import TorchGraph
 
@@ -127,14 +129,15 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
         raise VsonnxError(f"the distillation needs --steps >= 1 and --lr > 0, got {steps} and {lr:g}.",
                           "e.g. --steps 200 --lr 0.01.")
     start = time.perf_counter()
-    teacher_model, names, layers, details = request.model, request.targets, [], {}
+    teacher_model, names, layers = request.model, request.targets, []
+    result = Estimate("distill", 0, 0, {}, 0, 0.0, "")
     if options.get("sites"):
         from .named_sites import analyse, training_copy
 
-        _, names, layers, details = analyse(request)
+        _, names, layers, result = analyse(request, "distill")
         teacher_model = training_copy(request.model, options["sites"])
         if not names and not layers:
-            return CalibrationResult("distill", 0, 0, {}, 0, 0.0, "", details=details)
+            return result
     scores = scores_tensor(request.model, options["scores"], options["loss"])
     teacher = DropoutEnsemble(teacher_model, scores, channelwise=request.report.channelwise_dropouts,
                               seed=request.seed, device=request.device, threads=request.threads,
@@ -150,12 +153,11 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
     finally:
         torch.set_num_threads(previous_threads)
     window = max(1, min(10, len(losses)))
-    details.update({"steps": steps, "lr": lr, "loss": scores.loss, "scores": scores.tensor,
-                    "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:]))})
-    if layers:
-        details["affine"] = student.layer_corrections()
-    return CalibrationResult("distill", samples, steps, student.statistics(samples), steps,
-                             time.perf_counter() - start, f"{teacher.provider} + torch {device}", details=details)
+    fitting = Fitting(steps, float(np.mean(losses[:window])), float(np.mean(losses[-window:])),
+                      settings={"lr": lr, "loss": scores.loss, "scores": scores.tensor})
+    return replace(result, samples=samples, batches=steps, statistics=student.statistics(samples), passes=steps,
+                   seconds=time.perf_counter() - start, provider=f"{teacher.provider} + torch {device}",
+                   affine=student.layer_corrections() if layers else {}, fitting=fitting)
 
 
 def _fit(request: EstimateRequest, graph, teacher: DropoutEnsemble, student: Student, steps: int, lr: float):

@@ -5,11 +5,13 @@ Level by level like ``population``: a BN at or downstream of a named site gets t
 its input; a weight layer that looks folded gets the affine correction a = sqrt(Var_train / Var_test),
 b = E_train - a * E_test of its output, Var_train/E_train measured once with the dropouts simulated in
 training mode (seeded; a site inside a fold gets its dropout between the product and the bias).
-``request.options['sites']``: {tensor: ratio} (resolved names). The result's ``details['affine']`` holds the
-folded-layer corrections {layer: (a, b)}, ``details['analysis']`` the scan report of the analysis copy,
-``details['refused']`` the BNs in scope that the rewrite pass refuses (vsonnx.rewrite, not estimated).
+``request.options['sites']``: {tensor: ratio} (resolved names). The Estimate's ``affine`` holds the
+folded-layer corrections {layer: (a, b)}, ``analysis`` the scan report of the analysis copy, ``refused`` the
+BNs in scope that the rewrite pass refuses (vsonnx.rewrite, not estimated).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -21,10 +23,10 @@ from ..simulate import insert_dropouts
 from ..taps import bn_tap, tensor_tap
 from ..working_copy import working_copy
 from .population import measure_levels
-from ..named_sites import folded_layers, inside_folded
+from ..folding import folded_layers, inside_folded
 from ..rewrite import apply_affine, plan
 from ..sites import find_sites
-from ..stats import BnStatistics, CalibrationResult
+from ..stats import BnStatistics, Estimate
 from . import EstimateRequest
 
 
@@ -38,17 +40,18 @@ def _training_moments(request: EstimateRequest, source, folded: list[str], index
     return moments
 
 
-def analyse(request: EstimateRequest) -> tuple[onnx.ModelProto, list[str], list[str], dict]:
+def analyse(request: EstimateRequest, method: str) -> tuple[onnx.ModelProto, list[str], list[str], Estimate]:
     """The analysis copy (Dropout inserted at the named sites, off), the BNs in scope that the rewrite
-    accepts, the folded layers to correct, and the result details (empty ``affine``, ``analysis`` report,
-    ``refused``)."""
+    accepts, the folded layers to correct, and an empty Estimate of ``method`` carrying the
+    ``analysis`` report and the ``refused`` BNs."""
     sites = request.options["sites"]
     analysis = insert_dropouts(request.model, sites, training=False)
     report = find_sites(analysis)
     decisions = plan(analysis, report, request.options.get("scope", "sites"))
     bns = [d.name for d in decisions if d.refusal is None]
-    details = {"affine": {}, "analysis": report, "refused": {d.name: d.refusal for d in decisions if d.refusal}}
-    return analysis, bns, folded_layers(analysis, sites), details
+    empty = Estimate(method, 0, 0, {}, 0, 0.0, "", analysis=report,
+                     refused={d.name: d.refusal for d in decisions if d.refusal})
+    return analysis, bns, folded_layers(analysis, sites), empty
 
 
 def training_copy(model: onnx.ModelProto, sites: dict[str, float]) -> onnx.ModelProto:
@@ -56,17 +59,17 @@ def training_copy(model: onnx.ModelProto, sites: dict[str, float]) -> onnx.Model
     return insert_dropouts(model, sites, training=True, before_bias=inside_folded(model, sites))
 
 
-def estimate(request: EstimateRequest) -> CalibrationResult:
+def estimate(request: EstimateRequest) -> Estimate:
     source = replayable(request.source)
-    analysis, bns, folded, details = analyse(request)
+    analysis, bns, folded, result = analyse(request, "named_sites")
     if not bns and not folded:
-        return CalibrationResult("named_sites", 0, 0, {}, 0, 0.0, "", details=details)
+        return result
     index = GraphIndex(analysis)
     shapes = tensor_shapes(working_copy(analysis))
     train_moments = _training_moments(request, source, folded, index, shapes) if folded else {}
     levels = index.levels(bns + folded)
     stats: dict[str, BnStatistics] = {}
-    affine = details["affine"]
+    affine = result.affine
     samples = batches = 0
     provider = ""
 
@@ -82,5 +85,5 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
             else:
                 a = np.sqrt(train_moments[t].var / np.maximum(m.var, 1e-12))
                 affine[t] = (a, train_moments[t].mean - a * m.mean)
-    return CalibrationResult("named_sites", samples, batches, stats, len(set(levels.values())) + bool(folded), 0.0,
-                             provider, details=details)
+    return replace(result, samples=samples, batches=batches, statistics=stats,
+                   passes=len(set(levels.values())) + bool(folded), provider=provider)

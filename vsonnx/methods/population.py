@@ -34,13 +34,13 @@ from ..runtime import make_session, measure_moments, run_pass
 from ..taps import StatisticBuilder, Tap, accumulate_moments, bn_tap, fetch_names, unshift, write_statistics
 from ..working_copy import node_name, to_model, working_copy, working_graph
 from ..spill import Spill
-from ..stats import BnStatistics, CalibrationResult, ChannelMoments
+from ..stats import BnStatistics, Estimate, ChannelMoments
 from . import EstimateRequest
 
 MAX_SPILL_BYTES = 16 << 30
 
 
-def estimate(request: EstimateRequest) -> CalibrationResult:
+def estimate(request: EstimateRequest) -> Estimate:
     """Staged where the graph allows it, else one pruned pass per level."""
     source = replayable(request.source)
     if not has_subgraphs(request.model):
@@ -64,7 +64,7 @@ def measure_levels(request: EstimateRequest, source, levels: dict[str, int], tap
                               label=f"{label}: level {level + 1}")
 
 
-def _per_level(request: EstimateRequest, source) -> CalibrationResult:
+def _per_level(request: EstimateRequest, source) -> Estimate:
     model, targets = request.model, request.targets
     index = GraphIndex(model)
     shapes = tensor_shapes(working_copy(model))
@@ -77,7 +77,7 @@ def _per_level(request: EstimateRequest, source) -> CalibrationResult:
             request, source, levels, lambda t: bn_tap(index, nodes[t], shapes), lambda: model, new_stats,
             "calibrating (population)"):
         new_stats.update({name: BnStatistics(name, m.mean, m.var, m.count, m.count) for name, m in moments.items()})
-    return CalibrationResult("population", samples, batches, new_stats, len(set(levels.values())), 0.0, provider)
+    return Estimate("population", samples, batches, new_stats, len(set(levels.values())), 0.0, provider)
 
 
 class _SpillTooLarge(Exception):
@@ -161,7 +161,7 @@ def _stage_graph(work: onnx.ModelProto, plan: _Plan, k: int, new_stats: dict[str
     return graph, outputs, [t.name for t in spill_out]
 
 
-def _staged(request: EstimateRequest, source) -> CalibrationResult:
+def _staged(request: EstimateRequest, source) -> Estimate:
     work = working_copy(request.model)
     plan = _plan(work, request.targets)
     dtypes = tensor_shapes(work).dtypes
@@ -186,7 +186,7 @@ def _staged(request: EstimateRequest, source) -> CalibrationResult:
             new_stats.update({t: BnStatistics(t, m.mean, m.var, m.count, m.count)
                               for t, m in unshift(moments, plan.taps.get(k, {})).items()})
             spill.release([key for key in spill.keys() if plan.last_use.get(key[0], -1) <= k])  # no later pass reads
-    return CalibrationResult("population", samples, batches, new_stats, plan.count, 0.0, provider)
+    return Estimate("population", samples, batches, new_stats, plan.count, 0.0, provider)
 
 
 def _run_stage(session, source, seen: list[int], request: EstimateRequest, plan: _Plan, k: int, outputs: dict,

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from ..graph import GraphIndex
 from ..runtime import run_passes, split_threads
-from ..stats import BnStatistics, CalibrationResult, transfer_change
+from ..stats import BnStatistics, Estimate, transfer_change
 from . import EstimateRequest
 from .batch import BatchPass
 
 
-def estimate(request: EstimateRequest) -> CalibrationResult:
+def estimate(request: EstimateRequest) -> Estimate:
     threads, side_by_side = split_threads(request.threads, 2)
     passes = [BatchPass(request, dropout_active=True, threads=threads),
               BatchPass(request, dropout_active=False, threads=threads)]
@@ -30,5 +30,5 @@ def estimate(request: EstimateRequest) -> CalibrationResult:
         before, after = on.statistics[name], off.statistics[name]
         stats[name] = BnStatistics(name, *transfer_change(stored.mean, stored.var, (before.mean, before.var),
                                                           (after.mean, after.var)), after.count, after.values)
-    return CalibrationResult("relative", off.samples, off.batches, stats, 1, 0.0, off.provider,
+    return Estimate("relative", off.samples, off.batches, stats, 1, 0.0, off.provider,
                              sorted(set(on.notes + off.notes)))

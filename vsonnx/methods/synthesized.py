@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # numpy, onnx and torch load inside the functions: the CLI im
     import numpy as np
     import onnx
 
-    from ..stats import BnStatistics, CalibrationResult
+    from ..stats import BnStatistics, Estimate
     from . import EstimateRequest
 
 DEFAULT_SAMPLES = 64
@@ -72,18 +72,17 @@ def _input_shape(model: onnx.ModelProto, samples: int) -> tuple[str, tuple[int, 
     return inputs[0].name, (samples, *dims[1:])
 
 
-def estimate(request: EstimateRequest) -> CalibrationResult:
+def estimate(request: EstimateRequest) -> Estimate:
     """Registry entry: ``request.options`` may set ``samples`` and ``steps``."""
-    from ..stats import CalibrationResult
+    from ..stats import Estimate, Fitting
 
     channelwise = request.report.channelwise_dropouts
     result = synthetic_statistics(request.model, request.targets, samples=request.options.get("samples", DEFAULT_SAMPLES),
                                   steps=request.options.get("steps", DEFAULT_STEPS), seed=request.seed,
                                   device=request.device, channelwise=channelwise, progress=request.progress)
-    details = {"synthetic_samples": result.samples, "synthetic_steps": result.steps,
-               "loss_first": result.loss_first, "loss_last": result.loss_last}
-    return CalibrationResult("synthesized", 0, 0, result.statistics, result.steps, result.seconds,
-                             f"torch {result.device}", details=details)
+    fitting = Fitting(result.steps, result.loss_first, result.loss_last, synthetic_samples=result.samples)
+    return Estimate("synthesized", 0, 0, result.statistics, result.steps, result.seconds, f"torch {result.device}",
+                    fitting=fitting)
 
 
 def synthetic_statistics(model: onnx.ModelProto, names: list[str], *, samples: int = DEFAULT_SAMPLES,
