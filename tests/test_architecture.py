@@ -101,3 +101,49 @@ def test_cli_method_choices_come_from_the_registry():
     assert set(CALIBRATED) <= set(REGISTRY)
     for entry in REGISTRY.values():  # every entry points at a module with an estimator
         assert callable(entry.estimate)
+
+
+MAX_MODULE_LINES = 450
+
+
+def test_modules_are_short():
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert long == []
+
+
+def layout_block() -> list[str]:
+    """The lines of the README's module map under ``vsonnx/``, up to ``tools/``."""
+    lines = (ROOT / "README.md").read_text().split("## Layout", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "vsonnx/")
+    end = next(i for i, line in enumerate(lines) if line.strip().startswith("tools/"))
+    return lines[start + 1:end]
+
+
+def test_readme_module_map_matches_the_tree_and_the_import_order():
+    """Every module and package of vsonnx/ is in the README's map (and nothing else), in an order where each
+    module imports only modules listed above it (what the map promises)."""
+    import re
+
+    block = layout_block()
+    listed: list[str] = []
+    for line in block:
+        head = line[:23].strip()  # the name column
+        listed += [n.strip() for n in head.split(",") if n.strip()]
+    on_disk = {p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py", "_version.py")}
+    on_disk |= {p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert sorted(listed) == sorted(on_disk)
+    data_modules = {p.name for p in (PACKAGE / "data").glob("*.py") if p.name != "__init__.py"}
+    assert data_modules <= set(re.findall(r"(\w+\.py)", "\n".join(block)))
+    order = {name.removesuffix(".py").removesuffix("/"): k for k, name in enumerate(listed)}
+    graph = import_graph()
+    late = []
+    for module, deps in graph.items():
+        top = module.split(".")[1] if module.count(".") >= 1 else None
+        if top not in order:
+            continue
+        for dep in deps:
+            other = dep.split(".")[1] if dep.count(".") >= 1 else None
+            if other in order and other != top and order[other] > order[top]:
+                late.append(f"{module} imports {dep}")
+    assert late == []

@@ -405,7 +405,7 @@ def test_integer_input_models_get_the_pixels(tmp_path):
 def test_16_bit_grayscale_is_scaled_not_saturated(tmp_path):
     from PIL import Image
 
-    from vsonnx.datasets import decode_rgb
+    from vsonnx.data.cifar import decode_rgb
 
     Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(tmp_path / "g.png")
     assert decode_rgb(tmp_path / "g.png")[0, :, 0].tolist() == [0, 128, 255]
@@ -414,9 +414,9 @@ def test_16_bit_grayscale_is_scaled_not_saturated(tmp_path):
 def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
     from PIL import Image
 
-    from vsonnx import datasets
+    from vsonnx.data import cifar
 
-    monkeypatch.setattr(datasets, "MAX_PIXELS", 10_000)
+    monkeypatch.setattr(cifar, "MAX_PIXELS", 10_000)
     path = save(cnn_with_sites(), tmp_path / "m.onnx")
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (200, 200)).save(tmp_path / "imgs" / "big.png")

@@ -206,7 +206,7 @@ def test_candidate_models_are_what_the_fix_ranks(site_net):
     r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val-split", "0.5", "--batch-size", 8,
             "--steps", 5, "-o", tmp / "chosen.onnx", "--json", "--force")
     report = json.loads(r.output[r.output.index("{"):])
-    options = FixOptions(val_split=0.5, batch_size=8, method_options={"distill": {"steps": 5}})
+    options = FixOptions.of(val_split=0.5, batch_size=8, method_options={"distill": {"steps": 5}})
     got = candidate_models(model_path, tmp / "calib.npz", options)
     assert ["original", *got.names] == [c["name"] for c in report["candidates"]]
     ranking = rank(got.original, got.models, got.held_out, label_free=True, batch_size=got.batch_size,
@@ -217,7 +217,7 @@ def test_candidate_models_are_what_the_fix_ranks(site_net):
     g = GraphBuilder()
     no_site = save(g.build(g.bn(g.conv("x", 3, 4), 4)), tmp / "nodrop.onnx")
     with pytest.raises(vsonnx.VsonnxError, match="nothing to fix"):
-        candidate_models(no_site, tmp / "calib.npz", FixOptions(batch_size=8))
+        candidate_models(no_site, tmp / "calib.npz", FixOptions.of(batch_size=8))
 
 
 def test_val_split_errors(site_net):

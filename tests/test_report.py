@@ -1,6 +1,6 @@
 """Text rendering of reports: tables, refusals, candidates, what fix would do per BN."""
 from vsonnx.measure import scan
-from vsonnx.recalibrate import FixReport
+from vsonnx.fix_report import FixReport
 from vsonnx.report import render_fix, render_scan, table
 
 from conftest import cnn_with_sites

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vsonnx.datasets import load_cifar
+from vsonnx.data.cifar import load_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 

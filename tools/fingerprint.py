@@ -78,7 +78,8 @@ def main(argv=None) -> None:
     import vsonnx
     from vsonnx.recalibrate import FixOptions
 
-    known = {f.name for f in dataclasses.fields(FixOptions)} | {"calib", "method", "data_free"}
+    flat = getattr(FixOptions, "KEYWORDS", None) or {f.name for f in dataclasses.fields(FixOptions)}  # grouped since
+    known = set(flat) | {"calib", "method", "data_free"}
     with tempfile.TemporaryDirectory(prefix="vsonnx-fingerprint-") as tmp:
         calib, val = images(args.data, args.model, Path(tmp))
         for label, kwargs in runs(calib, val).items():

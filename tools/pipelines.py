@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py: the reference models in PyTorch
 
 import vsonnx  # noqa: E402
-from vsonnx.datasets import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
+from vsonnx.data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
 from vsonnx.nets import DropoutConfig, StochasticDepth, build  # noqa: E402
 from vsonnx.runtime import make_session  # noqa: E402
 

@@ -85,7 +85,7 @@ def label_free_choice(card: dict, path: Path, calib, tmp: Path, threads: int | N
     nothing), with what it chose and its cost in the card."""
     out = tmp / f"{card['name']}.{LABEL_FREE}.onnx"
     t0 = time.perf_counter()
-    result = fix_calibrated(path, calib, "batch", FixOptions(output=out, threads=threads, val_split=VAL_SPLIT))
+    result = fix_calibrated(path, calib, "batch", FixOptions.of(output=out, threads=threads, val_split=VAL_SPLIT))
     card[f"fix_{LABEL_FREE}_s"] = round(time.perf_counter() - t0, 1)
     card["label_free_chosen"] = result.chosen if result.written else "original"
     return out if result.written else path
@@ -102,9 +102,9 @@ def run_fixes(card: dict, path: Path, calib, fixes: tuple[str, ...], tmp: Path, 
         out = tmp / f"{card['name']}.{key}.onnx"
         t0 = time.perf_counter()
         if REGISTRY[method].needs_data:
-            result = fix_calibrated(path, calib, method, FixOptions(output=out, threads=threads))
+            result = fix_calibrated(path, calib, method, FixOptions.of(output=out, threads=threads))
         else:
-            result = fix_data_free(path, FixOptions(output=out, device="cpu",
+            result = fix_data_free(path, FixOptions.of(output=out, device="cpu",
                                                     synthetic=DEFAULT_SAMPLES if method == "synthesized" else 0))
         if not result.written:
             card[f"fix_{key}_note"] = result.message
@@ -133,7 +133,7 @@ def evaluate_fixed(card: dict, path: Path, paths: dict, data: Path, threads: int
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "relative.onnx"
                 calib = open_source(data / "train", model, shuffle=True, seed=0, limit=CALIB_SAMPLES)
-                fix_calibrated(path, calib, "relative", FixOptions(output=out, threads=threads))
+                fix_calibrated(path, calib, "relative", FixOptions.of(output=out, threads=threads))
                 relative = run_scorers({"relative": load_model(out)}, test, device="cpu", threads=threads)["relative"]
         delta, low, high = paired_interval(relative, scorers["distill"])
         card["distill_minus_relative"] = {"points": round(delta, 2), "ci95": [round(low, 2), round(high, 2)]}
@@ -247,7 +247,7 @@ def folded_experiment(card: dict, data: Path, threads: int | None, exporter: str
         folded_bn = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(stock)).graph.node)
         calib = open_source(data / "train", load_model(stock), shuffle=True, seed=0, limit=CALIB_SAMPLES, preprocess=pre)
         fixed = Path(tmp) / "stock.fixed.onnx"
-        result = fix_named_sites(stock, calib, sites, FixOptions(output=fixed, threads=threads))
+        result = fix_named_sites(stock, calib, sites, FixOptions.of(output=fixed, threads=threads))
         test = open_source(data / "test", load_model(stock), shuffle=False, preprocess=pre)
         reports = score_together({"stock": load_model(stock), "fixed": load_model(fixed)}, test, device="cpu",
                                  threads=threads)

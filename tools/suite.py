@@ -116,13 +116,13 @@ def choices(path: Path, calib, val, threads: int | None, name: str) -> tuple[dic
 
     import suite_signals
 
-    split = candidate_models(path, calib, FixOptions(val_split=VAL_SPLIT, threads=threads, device="cpu"))
+    split = candidate_models(path, calib, FixOptions.of(val_split=VAL_SPLIT, threads=threads, device="cpu"))
     ranking = rank(split.original, split.models, split.held_out, label_free=True, batch_size=split.batch_size,
                    channelwise=split.channelwise, device="cpu", threads=threads)
     best = ranking.best(split.names.index(ANCHOR))
     signals = suite_signals.measure(name, split, threads, ROOT / "runs" / "suite-signals")
     signals["fix_ce"] = dict(zip(["original", *split.names], (round(v, 5) for v in ranking.scores)))
-    full = candidate_models(path, calib, FixOptions(threads=threads, device="cpu"))
+    full = candidate_models(path, calib, FixOptions.of(threads=threads, device="cpu"))
     labelled = rank(full.original, full.models, val, label_free=False, batch_size=full.batch_size, device="cpu",
                     threads=threads)
     chosen = {"label-free": split.names[best] if best is not None else "original",
@@ -159,7 +159,7 @@ def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int 
         models.update(candidates)
         with tempfile.TemporaryDirectory(prefix="vsonnx-suite-") as tmp:
             t0 = time.perf_counter()
-            result = fix_data_free(path, FixOptions(output=Path(tmp) / "df.onnx", threads=threads, device="cpu"))
+            result = fix_data_free(path, FixOptions.of(output=Path(tmp) / "df.onnx", threads=threads, device="cpu"))
             seconds["data-free"] = round(time.perf_counter() - t0, 1)
             models["data-free"] = load_model(result.output) if result.written else model
     scorers = run_scorers(models, test, device="cpu", threads=threads)

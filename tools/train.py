@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 import vsonnx  # noqa: E402
-from vsonnx.datasets import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
+from vsonnx.data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
 from vsonnx.nets import ARCHITECTURES, NOISES, PLACEMENTS, DropoutConfig, build  # noqa: E402
 from vsonnx.runtime import progress_bar  # noqa: E402
 

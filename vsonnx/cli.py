@@ -249,7 +249,7 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
 
     _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, val)
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
-    options = recalibrate.FixOptions(
+    options = recalibrate.FixOptions.of(
         output=output, scope="all" if scope_all else "sites", batch_size=batch_size, device=device, threads=threads,
         limit=limit, shuffle=shuffle, seed=seed, preprocess=_preprocess(calib, mean, std, size, layout, scale),
         val=val, val_limit=val_limit, val_split=val_split, val_masks=val_masks, force=force, in_place=in_place,

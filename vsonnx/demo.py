@@ -13,7 +13,7 @@ from pathlib import Path
 from .accuracy import EvalReport, score_together
 from .data import ArraySource, InputSpec, Preprocess, open_source
 from .settings import check_settings
-from .datasets import find_cifar, load_python_release
+from .data.cifar import find_cifar, load_python_release
 from .errors import VsonnxError
 from .model import load_model, scratch_folder
 from .methods import CALIBRATED, REGISTRY
@@ -84,7 +84,7 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
         folder = Path(out_dir) if out_dir else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         fixed, seconds = {}, {}
-        options = FixOptions(batch_size=batch_size, device=device, threads=threads, progress=progress, seed=seed,
+        options = FixOptions.of(batch_size=batch_size, device=device, threads=threads, progress=progress, seed=seed,
                              synthetic=synthetic, synthetic_steps=synthetic_steps,
                              method_options={"distill": {"steps": distill_steps}})
         notes = [f"{m} fix skipped: torch is not installed (pip install 'vsonnx[train]')."

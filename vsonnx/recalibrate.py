@@ -15,25 +15,15 @@ provenance):
 ``fix(model, calib, ...)`` dispatches to them with the keyword arguments of the README.
 
 The rewrite itself is vsonnx.rewrite (find -> check -> apply); ``scan`` shows the same check per BN.
-Warnings raised while fixing (vsonnx.errors.warn) are collected into the report; the CLI renders them.
-
-JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever added):
-  model, output (str|null), written (bool), message (str), method (label of the method whose constants were
-  written, or that was asked for when nothing was), chosen (candidate written, or null), samples (int),
-  provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_ensemble}] (the score
-  of the criterion used, the other null), criterion ("top1", "ensemble_ce", "ensemble_mse" or null),
-  val_samples (images the candidates were ranked on, or null),
-  batchnorms [{name, site (the site's path, "downstream", or "none" for a BN --all re-estimates with no site
-  before it), old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str],
-  folded [layer]: Conv/Gemm layers whose folded BN was corrected relative to its lost statistics (named sites).
+Warnings raised while fixing (vsonnx.errors.warn) are collected into the report (vsonnx.fix_report); the
+CLI renders them.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,73 +31,15 @@ import onnx
 
 from ._version import __version__
 from .data import open_source, replayable, resolve_batch_size, source_identity, split_source
-from .settings import check_settings
 from .errors import VsonnxError, collected_warnings
+from .fix_options import FixOptions
+from .fix_report import FixReport, describe, digest, site_notes, synthesis_provenance, written_message
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
-from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
 from .model import check_output_path, load_model, save_model, same_file
 from .rewrite import apply_affine, inference_form, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
 from .stats import BnStatistics, Estimate, interpolate
-
-SCHEMA_VERSION = 1
-
-
-@dataclass
-class FixOptions:
-    """Settings shared by the three entry points (each ignores those that do not concern it)."""
-
-    output: str | Path | None = None
-    scope: str = "sites"
-    batch_size: int | None = None  # None: the model's static batch size, else 128
-    device: str = "auto"
-    threads: int | None = None
-    limit: int | None = None
-    shuffle: bool = True
-    seed: int = 0
-    preprocess: dict | None = None
-    val: str | Path | None = None
-    val_limit: int | None = None
-    val_split: float | None = None  # hold out this fraction of the calibration data to choose without labels
-    val_masks: int = 8  # dropout masks averaged into the ensemble that label-free choosing compares with
-    force: bool = False
-    in_place: bool = False
-    progress: bool = False
-    synthetic: int = DEFAULT_SAMPLES
-    synthetic_steps: int = DEFAULT_STEPS
-    method_options: dict = field(default_factory=dict)  # per registry method: e.g. {"distill": {"steps": 50}}
-
-    def __post_init__(self):
-        check_settings(batch_size=self.batch_size, seed=self.seed, threads=self.threads)
-
-
-@dataclass
-class FixReport:
-    """What a fix did (see the module docstring for the JSON schema)."""
-
-    model: str
-    method: str
-    samples: int
-    output: str | None
-    written: bool
-    message: str
-    batchnorms: list[dict] = field(default_factory=list)
-    refused: dict[str, str] = field(default_factory=dict)
-    candidates: list[dict] = field(default_factory=list)
-    chosen: str | None = None
-    provider: str | None = None
-    seconds: float | None = None
-    passes: int | None = None
-    warnings: list[str] = field(default_factory=list)
-    notes: dict[str, str] = field(default_factory=dict)
-    criterion: str | None = None
-    val_samples: int | None = None
-    folded: list[str] = field(default_factory=list)  # layers whose folded BN was corrected relative to lost statistics
-
-    def to_dict(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
-
 
 @dataclass
 class Candidate:
@@ -136,14 +68,20 @@ class _Job:
     calib: object = None  # the calibration data of a calibrated fix
     every_candidate: bool = False  # calibrate every candidate even without validation data (candidate_models)
 
+    @functools.cached_property
+    def index(self) -> GraphIndex:
+        """The one index of ``model`` this fix reads (the model is never edited in place)."""
+        return GraphIndex(self.model)
+
     @property
     def choosing(self) -> bool:
-        return self.options.val is not None or self.options.val_split is not None or self.every_candidate
+        return self.options.choice.choosing or self.every_candidate
 
     def request(self, source=None, method: str | None = None, **method_options) -> EstimateRequest:
         o = self.options
-        return EstimateRequest(self.model, self.names, self.scan, source, o.batch_size, o.device, o.threads,
-                               o.progress, o.seed, {**o.method_options.get(method, {}), **method_options})
+        r = o.runtime
+        return EstimateRequest(self.model, self.names, self.scan, source, r.batch_size, r.device, r.threads, r.progress,
+                               o.data.seed, {**o.method.settings.get(method, {}), **method_options})
 
 
 def default_output(model_path: Path) -> Path:
@@ -154,11 +92,11 @@ def _start(model_path, options: FixOptions, method: str) -> _Job:
     """Load, check the output path, find the BNs in scope and what the rewrite refuses."""
     path = Path(model_path)
     model, converted = inference_form(load_model(path))
-    options = replace(options, batch_size=resolve_batch_size(model, options.batch_size))
-    out = check_output_path(options.output or default_output(path), path, options.in_place)
+    options = options.with_batch_size(resolve_batch_size(model, options.runtime.batch_size))
+    out = check_output_path(options.output.path or default_output(path), path, options.output.in_place)
     scan = find_sites(model, str(path))
     report = FixReport(str(path), method, 0, None, False, "", warnings=converted + list(scan.warnings))
-    decisions = plan(model, scan, options.scope)
+    decisions = plan(model, scan, options.method.scope)
     report.refused = {d.name: d.refusal for d in decisions if d.refusal}
     return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report)
 
@@ -184,7 +122,7 @@ def _refuse_all(refused: dict[str, str]) -> None:
 
 def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions | None = None) -> FixReport:
     """Re-estimate the statistics of the BNs in scope on ``calib`` with a calibrated registry method and write
-    the fixed model (default ``MODEL.fixed.onnx``); with ``options.val`` choose among candidates."""
+    the fixed model (default ``MODEL.fixed.onnx``); with ``options.choice.val`` choose among candidates."""
     options = options or FixOptions()
     entry = get(method)
     with collected_warnings() as caught:
@@ -194,7 +132,7 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
             if calib is None:
                 raise VsonnxError("fix needs calibration data.", "pass --calib with an image folder, .npy/.npz or "
                                   "FILE.py:FUNC, or use --data-free.")
-            if options.val is not None and _same_source(calib, options.val):
+            if options.choice.val is not None and _same_source(calib, options.choice.val):
                 job.report.warnings.append("the validation data is the calibration data: the choice among "
                                            "candidates is biased.")
             source, refit = _calibration_source(job, calib)
@@ -209,15 +147,20 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
     return job.report
 
 
+def _open_calibration(job: _Job, calib):
+    d = job.options.data
+    return open_source(calib, job.model, shuffle=d.shuffle, seed=d.seed, limit=d.limit, preprocess=job.options.preprocess)
+
+
 def _calibration_source(job: _Job, calib):
     """(the data the candidates are calibrated on, the refit of the chosen one or None): with ``val_split`` the
     part of ``calib`` not held out (the held-out part goes to ``job.val_source``) and a refit on all of it."""
     o = job.options
-    source = open_source(calib, job.model, shuffle=o.shuffle, seed=o.seed, limit=o.limit, preprocess=o.preprocess)
-    if o.val_split is None:
+    source = _open_calibration(job, calib)
+    if o.choice.val_split is None:
         return (replayable(source) if job.choosing else source), None
     whole = replayable(source)
-    source, job.val_source = split_source(whole, o.val_split, o.seed)
+    source, job.val_source = split_source(whole, o.choice.val_split, o.data.seed)
     return replayable(source), functools.partial(_refit, job, source=whole)
 
 
@@ -237,7 +180,7 @@ class CandidateModels:
 
 def candidate_models(model_path, calib, options: FixOptions | None = None) -> CandidateModels:
     """Every candidate ``fix_calibrated`` chooses among (vsonnx.choose), calibrated on ``calib`` (less the
-    held-out part with ``options.val_split``) exactly as the fix calibrates them; for studying the choice
+    held-out part with ``options.choice.val_split``) exactly as the fix calibrates them; for studying the choice
     (tools/suite.py). A user error when no BN is in scope."""
     options = options or FixOptions()
     job = _start(model_path, options, "batch")
@@ -247,7 +190,7 @@ def candidate_models(model_path, calib, options: FixOptions | None = None) -> Ca
     source, _ = _calibration_source(job, calib)
     candidates = [_screened(c, job.names)[0] for c in _calibrated_candidates(job, source, "batch")]
     return CandidateModels(job.model, [c.name for c in candidates], [_with_candidate(job.model, c) for c in candidates],
-                           job.val_source, job.options.batch_size, job.scan.channelwise_dropouts)
+                           job.val_source, job.options.runtime.batch_size, job.scan.channelwise_dropouts)
 
 
 def _with_candidate(model: onnx.ModelProto, candidate: Candidate) -> onnx.ModelProto:
@@ -288,7 +231,7 @@ def _calibrated_candidates(job: _Job, source, method: str) -> list[Candidate]:
 
     if not job.choosing:
         return [Candidate(method, (r := REGISTRY[method].run(job.request(source, method))).statistics, r)]
-    old = GraphIndex(job.model).stored_statistics(job.names)
+    old = job.index.stored_statistics(job.names)
     candidates = []
     for m in candidate_methods():
         result = REGISTRY[m].run(job.request(source, m))
@@ -301,30 +244,30 @@ def _refit(job: _Job, winner: Candidate, source) -> Candidate:
     result = REGISTRY[winner.result.method].run(job.request(source, winner.result.method))
     stats = result.statistics
     if winner.strength != 1:
-        stats = interpolate(GraphIndex(job.model).stored_statistics(list(stats)), stats, winner.strength)
+        stats = interpolate(job.index.stored_statistics(list(stats)), stats, winner.strength)
     return replace(winner, stats=stats, result=result)
 
 
 def fix_data_free(model_path, options: FixOptions | None = None) -> FixReport:
     """Correct the BNs in scope without data: ``synthesized`` (every BN in scope), or with
-    ``options.synthetic == 0`` ``closed_form`` (the sites only; per-site results reported either way)."""
+    ``options.method.synthetic == 0`` ``closed_form`` (the sites only; per-site results reported either way)."""
     options = options or FixOptions()
     _no_split(options, "--data-free")
-    method = "synthesized" if options.synthetic > 0 else "closed_form"
+    method = "synthesized" if options.method.synthetic > 0 else "closed_form"
     with collected_warnings() as caught:
         job = _start(model_path, options, REGISTRY[method].label)
         if (reason := _nothing_to_do(job)) is None:
             closed = REGISTRY["closed_form"].run(job.request())
             result = closed if method == "closed_form" else REGISTRY[method].run(
-                job.request(samples=options.synthetic, steps=options.synthetic_steps))
-            job.report.notes = {**_site_notes(job, closed, result),
+                job.request(samples=options.method.synthetic, steps=options.method.synthetic_steps))
+            job.report.notes = {**site_notes(closed, result, job.index.stored_statistics(list(result.statistics))),
                                 **{n: f"refused: {r}" for n, r in job.report.refused.items()}}
             if method == "closed_form" and any(b.downstream_of_site for b in job.scan.batchnorms):
                 job.report.warnings.append(
                     "BNs downstream of the corrected sites keep their statistics, which the correction may "
                     "invalidate: check with vsonnx compare (or pass --val), drop --synthetic 0, or fix with --calib.")
             if result.statistics:
-                _finish(job, [Candidate("data-free", result.statistics, result)], _synthesis_provenance(result),
+                _finish(job, [Candidate("data-free", result.statistics, result)], synthesis_provenance(result),
                         default=None)
             else:
                 job.report.message = "no site could be corrected without data (see notes); nothing written."
@@ -353,9 +296,8 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
         job = _start(model_path, options, REGISTRY[method].label)
         job.report.warnings = [w for w in job.report.warnings if "no Dropout" not in w and "folded" not in w]
         resolved = resolve_sites(job.model, sites)
-        source = open_source(calib, job.model, shuffle=options.shuffle, seed=options.seed, limit=options.limit,
-                             preprocess=options.preprocess)
-        result = REGISTRY[method].run(job.request(source, method, sites=resolved, scope=options.scope))
+        source = _open_calibration(job, calib)
+        result = REGISTRY[method].run(job.request(source, method, sites=resolved, scope=options.method.scope))
         affine = result.affine
         job.scan = result.analysis
         job.report.refused.update(result.refused)
@@ -380,7 +322,7 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
 
 
 def _no_split(options: FixOptions, mode: str) -> None:
-    if options.val_split is not None:
+    if options.choice.val_split is not None:
         raise VsonnxError(f"--val-split holds out calibration data of a calibrated fix; {mode} does not choose "
                           "among calibrated candidates.", "pass --val DATA instead, or drop --val-split.")
 
@@ -388,15 +330,13 @@ def _no_split(options: FixOptions, mode: str) -> None:
 def fix(model_path, calib=None, *, method: str = "batch", data_free: bool = False,
         dropout_sites: dict[str, float] | None = None, **options) -> FixReport:
     """One call for every kind of fix (the README's ``vsonnx.fix``): ``dropout_sites`` -> fix_named_sites,
-    ``data_free`` -> fix_data_free, else fix_calibrated with ``method``. ``options``: FixOptions fields.
+    ``data_free`` -> fix_data_free, else fix_calibrated with ``method``. ``options``: the flat keywords of
+    FixOptions.of (vsonnx.fix_options.KEYWORDS).
 
     Example:
         report = vsonnx.fix("model.onnx", "data/train", method="population", val="data/val")
     """
-    unknown = set(options) - {f.name for f in fields(FixOptions)}
-    if unknown:
-        raise TypeError(f"fix() got unexpected keyword arguments {sorted(unknown)}")
-    opts = FixOptions(**options)
+    opts = FixOptions.of(**options)
     if dropout_sites:
         return fix_named_sites(model_path, calib, dropout_sites, opts, "distill" if method == "distill" else "named_sites")
     if data_free:
@@ -416,18 +356,18 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     screened = {c.name: _screened(c, expected) for c in candidates}
     candidates = [c for c, _ in screened.values()]
     report = job.report
-    old = GraphIndex(job.model).stored_statistics(list(dict.fromkeys(n for c in candidates for n in c.stats)))
+    old = job.index.stored_statistics(list(dict.fromkeys(n for c in candidates for n in c.stats)))
     fallback = next((c for c in candidates if c.name == default), candidates[0])
     winner = fallback
     if job.choosing:
         winner = _validate_candidates(job, candidates)
-        if winner is None and not job.options.force:
+        if winner is None and not job.options.choice.force:
             report.message = ("no candidate beats the original on the validation data: nothing written."
                               if len(candidates) > 1 else
                               "the data-free correction does not beat the original on the validation data: "
                               "nothing written.")
             report.refused.update(screened[fallback.name][1])
-            _describe(report, fallback, job.scan, old)
+            describe(report, fallback.result, fallback.stats, job.scan, old)
             return
         winner = winner or fallback
         if refit is not None:
@@ -443,15 +383,16 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     fixed = _with_candidate(job.model, winner)
     validate(fixed, job.model)
     written = winner.name if winner.result.method in CALIBRATED else _label(winner)
-    save_model(fixed, job.out, input_path=job.path, in_place=job.options.in_place, provenance={
+    save_model(fixed, job.out, input_path=job.path, in_place=job.options.output.in_place, provenance={
         "method": written,
-        "samples": str(winner.result.samples), "scope": job.options.scope,
-        "batch_size": str(job.options.batch_size), "shuffle": str(job.options.shuffle), "seed": str(job.options.seed),
+        "samples": str(winner.result.samples), "scope": job.options.method.scope,
+        "batch_size": str(job.options.runtime.batch_size), "shuffle": str(job.options.data.shuffle),
+        "seed": str(job.options.data.seed),
         **provenance, "old_statistics_sha256": digest({n: old[n] for n in winner.stats}), "version": __version__,
         "recalibrated": json.dumps(list(winner.stats))})
     report.output, report.written, report.chosen, report.method = str(job.out), True, winner.name, written
-    report.message = report.message or _written_message(winner)
-    _describe(report, winner, job.scan, old)
+    report.message = report.message or written_message(winner.result, len(winner.stats))
+    describe(report, winner.result, winner.stats, job.scan, old)
 
 
 def _screened(candidate: Candidate, expected: list[str] = ()) -> tuple[Candidate, dict[str, str]]:
@@ -468,13 +409,15 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
     from .choose import ANCHOR, rank
 
     o = job.options
-    source = job.val_source or open_source(o.val, job.model, shuffle=True, seed=0, limit=o.val_limit,
+    source = job.val_source or open_source(o.choice.val, job.model, shuffle=True, seed=0, limit=o.choice.val_limit,
                                            preprocess=o.preprocess)
     models = [_with_candidate(job.model, c) for c in candidates]
-    distill = {**REGISTRY["distill"].settings, **o.method_options.get("distill", {})}
-    ranking = rank(job.model, models, source, label_free=o.val_split is not None, masks=o.val_masks, seed=o.seed,
-                   channelwise=job.scan.channelwise_dropouts, scores=(distill["scores"], distill["loss"]),
-                   batch_size=o.batch_size, device=o.device, threads=o.threads, progress=o.progress)
+    distill = {**REGISTRY["distill"].settings, **o.method.settings.get("distill", {})}
+    r = o.runtime
+    ranking = rank(job.model, models, source, label_free=o.choice.val_split is not None, masks=o.choice.val_masks,
+                   seed=o.data.seed, channelwise=job.scan.channelwise_dropouts,
+                   scores=(distill["scores"], distill["loss"]), batch_size=r.batch_size, device=r.device,
+                   threads=r.threads, progress=r.progress)
     key, other = ("val_top1", "val_ensemble") if ranking.criterion == "top1" else ("val_ensemble", "val_top1")
     job.report.criterion = ranking.criterion
     job.report.candidates = [{"name": name, key: float(score), other: None} for name, score in
@@ -491,68 +434,6 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
 def _label(candidate: Candidate) -> str:
     """The registry label of the method behind ``candidate``."""
     return REGISTRY[candidate.result.method].label
-
-
-def _written_message(winner: Candidate) -> str:
-    result, n = winner.result, len(winner.stats)
-    if result.method == "synthesized":
-        f = result.fitting
-        return (f"corrected {n} BatchNormalization layer(s) from {f.synthetic_samples} synthetic inputs "
-                f"({f.steps} steps, statistics-matching loss {f.loss_first:.3g} -> {f.loss_last:.3g}).")
-    if result.method == "closed_form":
-        skipped = len(result.site_notes) - n
-        return (f"corrected {n} site(s) without data" + (f", left {skipped} unchanged" if skipped else "")
-                + "; downstream BNs unchanged.")
-    return f"re-estimated {n} BatchNormalization layer(s) on {result.samples} samples."
-
-
-def _describe(report: FixReport, candidate: Candidate, scan: ScanReport, old: dict[str, BnStatistics]) -> None:
-    """Fill the report's per-BN rows and run facts from ``candidate``."""
-    result = candidate.result
-    if result is not None:
-        report.samples, report.provider, report.seconds, report.passes = (result.samples, result.provider,
-                                                                          result.seconds, result.passes)
-        report.warnings += result.notes
-    kinds = {b.name: (b.path or "downstream") if b.site else "downstream" if b.downstream_of_site else "none"
-             for b in scan.batchnorms}  # "none": re-estimated by --all, no site before it
-    report.batchnorms = [
-        {"name": n, "site": kinds.get(n), "old_mean": old[n].mean.tolist(), "old_var": old[n].var.tolist(),
-         "new_mean": np.asarray(s.mean).tolist(), "new_var": np.asarray(s.var).tolist()}
-        for n, s in candidate.stats.items() if n in old]
-
-
-def _site_notes(job: _Job, closed: Estimate, result: Estimate) -> dict[str, str]:
-    """Per site: the closed-form result, and next to it the synthetic one when the synthesis ran."""
-    notes = dict(closed.site_notes)
-    if result is closed:
-        return notes
-    old = GraphIndex(job.model).stored_statistics(list(result.statistics))
-
-    def var_ratio(stats: BnStatistics) -> str:
-        return f"median var x{float(np.median(stats.var / np.maximum(old[stats.name].var, 1e-30))):.3f}"
-
-    for name in [n for n in notes if n in result.statistics]:
-        formula = closed.statistics.get(name)
-        notes[name] = f"synthetic: {var_ratio(result.statistics[name])}" + (
-            f"; closed form: {var_ratio(formula)}" if formula is not None else f"; closed form: {notes[name]}")
-    return notes
-
-
-def _synthesis_provenance(result: Estimate) -> dict[str, str]:
-    if result.method != "synthesized":
-        return {}
-    f = result.fitting
-    return {"synthetic_samples": str(f.synthetic_samples), "synthetic_steps": str(f.steps),
-            "synthesis_loss": f"{f.loss_first:.4g} -> {f.loss_last:.4g}"}
-
-
-def digest(stats: dict[str, BnStatistics]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(stats):
-        h.update(name.encode())
-        h.update(np.asarray(stats[name].mean, np.float32).tobytes())
-        h.update(np.asarray(stats[name].var, np.float32).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _same_source(a, b) -> bool:

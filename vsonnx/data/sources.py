@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..datasets import IMAGE_SUFFIXES, decode_rgb, image_folder_files
+from .cifar import IMAGE_SUFFIXES, decode_rgb, image_folder_files
 from ..errors import VsonnxError, warn
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VsonnxError
+from ..errors import VsonnxError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}

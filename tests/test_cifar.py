@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vsonnx import VsonnxError, datasets
-from vsonnx.datasets import image_folder_files, load_cifar
+from vsonnx import VsonnxError
+from vsonnx.data import cifar
+from vsonnx.data.cifar import image_folder_files, load_cifar
 
 
 def test_python_release_loader(tmp_path):
@@ -36,7 +37,7 @@ def test_download_is_verified_before_use(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlretrieve", fake_download)
     with pytest.raises(VsonnxError, match="MD5"):
-        datasets.download_release("cifar10", tmp_path)
+        cifar.download_release("cifar10", tmp_path)
     assert not (tmp_path / "cifar-10-python.tar.gz").exists()
 
     def offline(url, target):
@@ -44,7 +45,7 @@ def test_download_is_verified_before_use(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     with pytest.raises(VsonnxError, match="could not be downloaded") as info:
-        datasets.download_release("cifar10", tmp_path)
+        cifar.download_release("cifar10", tmp_path)
     assert "--data" in info.value.hint
 
 
