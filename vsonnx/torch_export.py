@@ -288,5 +288,7 @@ def _verify(onnx_model, inputs, expected, input_names) -> None:
     got = session.run(None, feeds)[0]
     exp = (expected[0] if isinstance(expected, (tuple, list)) else expected).detach().cpu().numpy()
     diff = float(np.max(np.abs(got - exp))) if got.size else 0.0
-    if diff > 1e-4:
-        raise RuntimeError(f"exported ONNX model differs from PyTorch by {diff:.3g} (max abs); this is a bug")
+    scale = float(np.max(np.abs(exp))) if exp.size else 0.0
+    if diff > 1e-4 * max(1.0, scale):  # float32 rounding grows with the outputs (untrained deep nets: 1e6 and more)
+        raise RuntimeError(f"exported ONNX model differs from PyTorch by {diff:.3g} (max abs, outputs up to "
+                           f"{scale:.3g}); this is a bug")
