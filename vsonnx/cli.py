@@ -297,21 +297,28 @@ def _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, va
         warn("--steps/--lr/--scores/--loss apply to --method distill and to choosing with --val/--val-split.")
 
 
+def accuracy_command(command):
+    """The options of eval and compare (labelled data, JSON, reading and runtime), which take the parameters
+    ``data, as_json, run`` with ``run`` the keyword arguments of vsonnx.accuracy's functions."""
+    @functools.wraps(command)
+    def with_run(*args, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device,
+                 threads, **kwargs):
+        run = dict(batch_size=batch_size, device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
+                   preprocess=_preprocess(data, mean, std, size, layout, scale), progress=not as_json)
+        return command(*args, data=data, as_json=as_json, run=run, **kwargs)
+
+    return LABELLED_DATA(JSON(data_options(user_errors(with_run))))
+
+
 @main.command("eval", context_settings=CONTEXT)
 @click.argument("model", type=MODEL_PATH)
-@LABELLED_DATA
-@JSON
-@data_options
-@user_errors
-def eval_command(model, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device,
-                 threads):
+@accuracy_command
+def eval_command(model, data, as_json, run):
     """Top-1/top-5 accuracy of MODEL with onnxruntime."""
     from .accuracy import evaluate
     from .report import render_eval
 
-    report = evaluate(model, data, batch_size=batch_size, device=device, threads=threads, limit=limit,
-                      shuffle=shuffle, seed=seed, preprocess=_preprocess(data, mean, std, size, layout, scale),
-                      progress=not as_json)
+    report = evaluate(model, data, **run)
     _provider_line(report.provider)
     emit_json(report.to_dict()) if as_json else click.echo(render_eval([report]))
 
@@ -319,19 +326,13 @@ def eval_command(model, data, as_json, batch_size, limit, shuffle, seed, mean, s
 @main.command(context_settings=CONTEXT)
 @click.argument("model_a", type=MODEL_PATH)
 @click.argument("model_b", type=MODEL_PATH)
-@LABELLED_DATA
-@JSON
-@data_options
-@user_errors
-def compare(model_a, model_b, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale,
-            device, threads):
+@accuracy_command
+def compare(model_a, model_b, data, as_json, run):
     """Accuracy of MODEL_A and MODEL_B on the same data, their agreement and largest output difference."""
     from .accuracy import compare as compare_models
     from .report import render_compare
 
-    report = compare_models(model_a, model_b, data, batch_size=batch_size, device=device, threads=threads,
-                            limit=limit, shuffle=shuffle, seed=seed,
-                            preprocess=_preprocess(data, mean, std, size, layout, scale), progress=not as_json)
+    report = compare_models(model_a, model_b, data, **run)
     _provider_line(report.a.provider)
     emit_json(report.to_dict()) if as_json else click.echo(render_compare(report))
 

@@ -7,7 +7,7 @@ models on the test images (decoded once, all models on the same batches).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .accuracy import EvalReport, score_together
@@ -85,19 +85,19 @@ def run_demo(data: Path | None = None, model_path: Path | None = None, *, calib_
         folder.mkdir(parents=True, exist_ok=True)
         fixed, seconds = {}, {}
         options = FixOptions.of(batch_size=batch_size, device=device, threads=threads, progress=progress, seed=seed,
-                             synthetic=synthetic, synthetic_steps=synthetic_steps,
-                             method_options={"distill": {"steps": distill_steps}})
+                                synthetic=synthetic, synthetic_steps=synthetic_steps,
+                                method_options={"distill": {"steps": distill_steps}})
         notes = [f"{m} fix skipped: torch is not installed (pip install 'vsonnx[train]')."
                  for m in DEMO_METHODS if not REGISTRY[m].available]
         for method in [m for m in DEMO_METHODS if m in CALIBRATED and REGISTRY[m].available]:
             out = folder / f"{model_path.stem}.{method}.onnx"
-            report = fix_calibrated(model_path, calib, method, replace(options, output=out))
+            report = fix_calibrated(model_path, calib, method, options.writing_to(out))
             fixed[method], seconds[method] = out, round(report.seconds or 0.0, 2)
         if synthetic > 0 and not REGISTRY["synthesized"].available:
             notes.append("data-free fix skipped: torch is not installed (pip install 'vsonnx[train]').")
         elif synthetic > 0:
             out = folder / f"{model_path.stem}.data-free.onnx"
-            report = fix_data_free(model_path, replace(options, output=out))
+            report = fix_data_free(model_path, options.writing_to(out))
             fixed["data-free"], seconds["data-free"] = out, round(report.seconds or 0.0, 2)
         names = {"original": model_path, **{f"fixed ({m})": p for m, p in fixed.items()}}
         results = list(score_together({name: load_model(path) for name, path in names.items()}, test,

@@ -108,6 +108,9 @@ class FixOptions:
     def with_batch_size(self, batch_size: int) -> FixOptions:
         return replace(self, runtime=replace(self.runtime, batch_size=batch_size))
 
+    def writing_to(self, path: str | Path) -> FixOptions:
+        return replace(self, output=replace(self.output, path=path))
+
 
 def _keywords() -> dict[str, tuple[str, str]]:
     """Flat keyword -> (group, field): every field under its own name, but ``output`` (the path) and

@@ -102,3 +102,23 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
+
+
+class CifarNet(nn.Module):
+    """Base of the reference networks: the CIFAR classifier they share, registered as attributes of the
+    network in this order (module names are what exports and the reference models call them):
+    [bn -> relu, with ``pre_activation``] -> pool -> flatten -> [final] -> fc."""
+
+    def add_classifier(self, channels: int, num_classes: int, dropout: DropoutConfig, pre_activation: bool) -> None:
+        self.pre_activation = pre_activation
+        if pre_activation:
+            self.bn = nn.BatchNorm2d(channels)
+            self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.drop_final = dropout.layer("final", feature_map=False)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def classify(self, features):
+        out = self.relu(self.bn(features)) if self.pre_activation else features
+        return self.fc(self.drop_final(self.flatten(self.pool(out))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import DropoutConfig, conv1x1, conv3x3, init_weights
+from .common import CifarNet, DropoutConfig, conv1x1, conv3x3, init_weights
 
 
 class DenseLayer(nn.Module):
@@ -50,7 +50,7 @@ class Transition(nn.Module):
         return self.pool(out)
 
 
-class DenseNetBC(nn.Module):
+class DenseNetBC(CifarNet):
     """DenseNet-BC-depth-growth.
 
     Args:
@@ -76,23 +76,11 @@ class DenseNetBC(nn.Module):
                 stages.append(Transition(channels, channels // 2))
                 channels //= 2
         self.blocks = nn.Sequential(*stages)
-        self.bn = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.drop_final = dropout.layer("final", feature_map=False)
-        self.fc = nn.Linear(channels, num_classes)
+        self.add_classifier(channels, num_classes, dropout, pre_activation=True)
         init_weights(self)
 
     def forward(self, x):
-        out = self.conv(x)
-        out = self.blocks(out)
-        out = self.bn(out)
-        out = self.relu(out)
-        out = self.pool(out)
-        out = self.flatten(out)
-        out = self.drop_final(out)
-        return self.fc(out)
+        return self.classify(self.blocks(self.conv(x)))
 
 
 def densenet(depth: int = 100, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(),

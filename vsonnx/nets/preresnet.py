@@ -7,10 +7,31 @@ from __future__ import annotations
 
 from torch import nn
 
-from .common import DropoutConfig, conv1x1, conv3x3, init_weights
+from .common import CifarNet, DropoutConfig, conv1x1, conv3x3, init_weights
 
 
-class BasicBlock(nn.Module):
+class PreActBlock(nn.Module):
+    """The frame both blocks share: BN-ReLU first (its output also feeds a 1x1 projection shortcut when the
+    shape changes), the residual branch through stochastic depth (placement ``depth``) before the Add."""
+
+    def open_block(self, cin: int) -> None:
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU(inplace=True)
+
+    def close_block(self, cin: int, cout: int, stride: int, dropout: DropoutConfig) -> None:
+        self.shortcut = conv1x1(cin, cout, stride) if stride != 1 or cin != cout else None
+        self.drop_path = dropout.layer("depth")
+
+    def enter(self, x):
+        """(the pre-activated input, the shortcut)"""
+        out = self.relu1(self.bn1(x))
+        return out, x if self.shortcut is None else self.shortcut(out)
+
+    def leave(self, branch, shortcut):
+        return self.drop_path(branch) + shortcut
+
+
+class BasicBlock(PreActBlock):
     """BN-ReLU-conv3x3-[a]-BN-ReLU-[b]-conv3x3, plus the identity (or a 1x1 projection of the
     pre-activation when the shape changes)."""
 
@@ -18,41 +39,29 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, width: int, stride: int, dropout: DropoutConfig):
         super().__init__()
-        cout = width * self.expansion
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.open_block(cin)
         self.conv1 = conv3x3(cin, width, stride)
         self.drop_a = dropout.layer("a")
         self.bn2 = nn.BatchNorm2d(width)
         self.relu2 = nn.ReLU(inplace=True)
         self.drop_b = dropout.layer("b")
-        self.conv2 = conv3x3(width, cout)
-        self.shortcut = conv1x1(cin, cout, stride) if stride != 1 or cin != cout else None
-        self.drop_path = dropout.layer("depth")
+        self.conv2 = conv3x3(width, width * self.expansion)
+        self.close_block(cin, width * self.expansion, stride, dropout)
 
     def forward(self, x):
-        out = self.bn1(x)
-        out = self.relu1(out)
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.drop_a(out)
-        out = self.bn2(out)
-        out = self.relu2(out)
-        out = self.drop_b(out)
-        out = self.conv2(out)
-        return self.drop_path(out) + shortcut
+        out, shortcut = self.enter(x)
+        out = self.relu2(self.bn2(self.drop_a(self.conv1(out))))
+        return self.leave(self.conv2(self.drop_b(out)), shortcut)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(PreActBlock):
     """BN-ReLU-conv1x1-BN-ReLU-conv3x3-[a]-BN-ReLU-[b]-conv1x1 (expansion 4), plus the shortcut."""
 
     expansion = 4
 
     def __init__(self, cin: int, width: int, stride: int, dropout: DropoutConfig):
         super().__init__()
-        cout = width * self.expansion
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.open_block(cin)
         self.conv1 = conv1x1(cin, width)
         self.bn2 = nn.BatchNorm2d(width)
         self.relu2 = nn.ReLU(inplace=True)
@@ -61,27 +70,17 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(width)
         self.relu3 = nn.ReLU(inplace=True)
         self.drop_b = dropout.layer("b")
-        self.conv3 = conv1x1(width, cout)
-        self.shortcut = conv1x1(cin, cout, stride) if stride != 1 or cin != cout else None
-        self.drop_path = dropout.layer("depth")
+        self.conv3 = conv1x1(width, width * self.expansion)
+        self.close_block(cin, width * self.expansion, stride, dropout)
 
     def forward(self, x):
-        out = self.bn1(x)
-        out = self.relu1(out)
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.bn2(out)
-        out = self.relu2(out)
-        out = self.conv2(out)
-        out = self.drop_a(out)
-        out = self.bn3(out)
-        out = self.relu3(out)
-        out = self.drop_b(out)
-        out = self.conv3(out)
-        return self.drop_path(out) + shortcut
+        out, shortcut = self.enter(x)
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
+        out = self.relu3(self.bn3(self.drop_a(out)))
+        return self.leave(self.conv3(self.drop_b(out)), shortcut)
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(CifarNet):
     """CIFAR pre-activation ResNet: conv3x3(16) -> 3 stages (stride 1, 2, 2) -> BN-ReLU -> pool -> [final] -> fc;
     with placement ``depth`` each block's residual branch goes through stochastic depth before the Add.
 
@@ -110,23 +109,11 @@ class PreActResNet(nn.Module):
                 layers.append(unit(cin, width, 2 if stage > 0 and i == 0 else 1, dropout))
                 cin = width * unit.expansion
         self.blocks = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(cin)
-        self.relu = nn.ReLU(inplace=True)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.drop_final = dropout.layer("final", feature_map=False)
-        self.fc = nn.Linear(cin, num_classes)
+        self.add_classifier(cin, num_classes, dropout, pre_activation=True)
         init_weights(self)
 
     def forward(self, x):
-        out = self.conv(x)
-        out = self.blocks(out)
-        out = self.bn(out)
-        out = self.relu(out)
-        out = self.pool(out)
-        out = self.flatten(out)
-        out = self.drop_final(out)
-        return self.fc(out)
+        return self.classify(self.blocks(self.conv(x)))
 
 
 def preresnet(depth: int = 20, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(),

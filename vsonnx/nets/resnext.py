@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .common import DropoutConfig, conv1x1, conv3x3, init_weights
+from .common import CifarNet, DropoutConfig, conv1x1, conv3x3, init_weights
 
 
 class ResNeXtBlock(nn.Module):
@@ -40,7 +40,7 @@ class ResNeXtBlock(nn.Module):
         return self.relu3(out)
 
 
-class ResNeXt(nn.Module):
+class ResNeXt(CifarNet):
     """ResNeXt-depth (9n+2) CxWd for CIFAR.
 
     Args:
@@ -68,21 +68,11 @@ class ResNeXt(nn.Module):
                 layers.append(ResNeXtBlock(cin, cout, inner, cardinality, 2 if stage > 0 and i == 0 else 1, dropout))
                 cin = cout
         self.blocks = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.drop_final = dropout.layer("final", feature_map=False)
-        self.fc = nn.Linear(cin, num_classes)
+        self.add_classifier(cin, num_classes, dropout, pre_activation=False)
         init_weights(self)
 
     def forward(self, x):
-        out = self.conv(x)
-        out = self.bn(out)
-        out = self.relu(out)
-        out = self.blocks(out)
-        out = self.pool(out)
-        out = self.flatten(out)
-        out = self.drop_final(out)
-        return self.fc(out)
+        return self.classify(self.blocks(self.relu(self.bn(self.conv(x)))))
 
 
 def resnext(depth: int = 29, num_classes: int = 10, dropout: DropoutConfig = DropoutConfig(),
