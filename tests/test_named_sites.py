@@ -17,7 +17,7 @@ from vsonnx.errors import VsonnxError
 from vsonnx.model import load_model
 from vsonnx.simulate import insert_dropouts
 from vsonnx.folding import inside_folded
-from vsonnx.named_sites import parse_dropout_specs, resolve_sites
+from vsonnx.site_names import parse_dropout_specs, resolve_sites
 
 from conftest import GraphBuilder, save
 
@@ -279,7 +279,7 @@ def test_sites_removed_by_a_tool_are_restored_from_the_metadata(tmp_path):
     exporter's stock export with the kept export's metadata copied over): `fix` with no --dropout restores
     the sites, says so, and corrects exactly as naming them would."""
     from vsonnx.model import get_metadata, set_metadata
-    from vsonnx.named_sites import restored_sites
+    from vsonnx.site_names import restored_sites
 
     export_both_ways(lambda: TwoConvNet("a"), tmp_path, default_exporter=True)
     kept, stock = load_model(tmp_path / "kept.onnx"), load_model(tmp_path / "stock.onnx")

@@ -244,7 +244,7 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
         batch_size, limit, shuffle, seed, mean, std, size, layout, scale, device, threads):
     """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
     from . import recalibrate
-    from .named_sites import parse_dropout_specs
+    from .site_names import parse_dropout_specs
     from .report import render_fix
 
     _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, val)
@@ -387,7 +387,7 @@ def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, li
     measure each BN's shift and compare it with the paper's prediction. --limit defaults to 5000 here."""
     from .measure import plot_shift, scan_models
     from .model import check_output_path
-    from .named_sites import parse_dropout_specs
+    from .site_names import parse_dropout_specs
     from .report import render_scan
 
     if plot and not calib:

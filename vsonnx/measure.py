@@ -15,13 +15,9 @@ that reaches a site, E[x^2] of the dropout's input. Per BN (means over channels)
 
 Prediction for a site whose dropout paths are all *additive* (at most one weight layer and sums on the way):
 the dropout noise is zero-mean given x, so at training time the BN input had variance
-Var_train = Var_test + sum over paths of noise, with, per output channel o and retain probability p,
-  direct path:       noise_o = (1/p - 1) * E[x_o^2]                      (this is Eq. 8: c^2 + v = E[x^2])
-  through weights W: noise_o = (1/p - 1) * sum_(i, taps) W[o, i, tap]^2 * E[x_i^2]
-(exact for element-wise masks, whatever the correlation of x; vsonnx.noise accounts for zero padding). The
-predicted Var_test/Var_train is real_var / (real_var + noise), compared with the
-measured real_var / moving_var. Not predicted (null): channel-wise dropout behind a weight layer (masks
-shared across taps), Concat or other ops on the way, unknown ratios, ConvTranspose.
+Var_train = Var_test + noise, the noise of vsonnx.noise (its formulas, and the cases it refuses) from the
+measured E[x^2]. The predicted Var_test/Var_train is real_var / (real_var + noise), compared with the measured
+real_var / moving_var; null where vsonnx.noise refuses.
 """
 from __future__ import annotations
 
@@ -48,7 +44,7 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     (``fix``: 'recalibrate', 'unchanged' (out of scope) or 'refused: <reason>'), each site whether
     `fix --data-free --synthetic 0` can correct it (``data_free``: what it would do, or why not)."""
     from .methods.closed_form import data_free_statistics
-    from .named_sites import removed_dropouts, restored_sites, site_names
+    from .site_names import removed_dropouts, restored_sites, site_names
 
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
@@ -79,8 +75,8 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
 
 def scan_models(models: list, *, named: dict[str, float] | None = None, calib=None, **measure) -> list[ScanReport]:
     """`vsonnx scan` of several models: ``named`` dropout sites are inserted first (exports that removed
-    Dropout; vsonnx.named_sites), ``calib`` data measures the shift (``measure``: measure_shift's options)."""
-    from .named_sites import with_named_sites
+    Dropout; vsonnx.site_names), ``calib`` data measures the shift (``measure``: measure_shift's options)."""
+    from .site_names import with_named_sites
 
     reports = []
     for model in models:

@@ -4,7 +4,7 @@ E[x^2]) and `fix --data-free` (with E[x^2] derived from the constants).
 For a BN whose dropout paths are all additive (see sites._Path.additive), with retain probability p
 (element-wise, channel-wise or per-sample masks alike on a direct path: each unit is kept with probability
 p and scaled by 1/p, whatever else shares its mask):
-  direct path:       noise_o = (1/p - 1) * E[x_o^2]
+  direct path:       noise_o = (1/p - 1) * E[x_o^2]       (Eq. 8 of vsonnx.theory, with c^2 + v = E[x^2])
   through weights W: noise_o = (1/p - 1) * sum_(i, taps) W[o, i, tap]^2 * frac(tap) * E[x_i^2]
 where frac(tap) is the fraction of output positions at which the tap reads inside the input (zero padding;
 1 for Gemm/MatMul). Exact for element-wise masks whatever the correlation of x, given E[x_i^2] constant over

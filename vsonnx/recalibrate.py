@@ -202,7 +202,7 @@ def _restored(job: _Job, method: str) -> FixReport | None:
     """The fix of the Dropout sites that vsonnx.export recorded in the model's metadata and a tool removed
     since (e.g. onnxslim, which keeps metadata and folds the BNs after them): named-sites correction with
     population semantics (distill with --method distill); None when the metadata restores nothing."""
-    from .named_sites import restored_sites
+    from .site_names import restored_sites
 
     sites, missing = restored_sites(job.model)
     if not sites:
@@ -283,7 +283,7 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
     BNs there and downstream are re-estimated (``method`` "named_sites") or fitted ("distill"), folded
     Conv/Gemm layers corrected in their weights."""
     from .folding import folded_message
-    from .named_sites import resolve_sites
+    from .site_names import resolve_sites
 
     if method not in ("named_sites", "distill"):
         raise VsonnxError(f"--dropout/--sites work with the population or the distill method, not {method}.",

@@ -111,7 +111,7 @@ class ScanReport:
     # BNs the exporter folded into a Conv/Gemm (its metadata says so): {batchnorm: module, layer: node name,
     # layer_module: the conv/linear module, from its weight's name, or None}
     folded_batchnorms: list[dict] = field(default_factory=list)
-    # what each name `fix --dropout NAME=RATIO` accepts would mean (vsonnx.named_sites.site_names)
+    # what each name `fix --dropout NAME=RATIO` accepts would mean (vsonnx.site_names.site_names)
     names: dict[str, str] = field(default_factory=dict)
 
     @property

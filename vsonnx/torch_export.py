@@ -258,7 +258,7 @@ def _metadata(onnx_model: onnx.ModelProto, described: dict, calls: list, preproc
     dropout_nodes = [n for n in onnx_model.graph.node if n.op_type == "Dropout"]
     if len(dropout_nodes) == len(calls):
         # "feeds": the modules that read the dropout's output, so that a tool that later removes the Dropout
-        # node (and folds the BN it fed) leaves enough to put the site back (vsonnx.named_sites)
+        # node (and folds the BN it fed) leaves enough to put the site back (vsonnx.site_names)
         records = [{"node": node.name, **described[name],
                     "feeds": [{"module": module_of(c), "op": c.op_type} for c in index.consumers.get(node.output[0], [])
                               if module_of(c)]}

@@ -1,13 +1,20 @@
 """``named_sites``: population statistics for exports that removed Dropout (and maybe folded BN), with
-dropout re-inserted where the user named it (vsonnx.named_sites; the maths is in its docstring).
+dropout re-inserted where the user named it (vsonnx.site_names resolves the names).
 
-Level by level like ``population``: a BN at or downstream of a named site gets the test-time moments of
-its input; a weight layer that looks folded gets the affine correction a = sqrt(Var_train / Var_test),
-b = E_train - a * E_test of its output, Var_train/E_train measured once with the dropouts simulated in
-training mode (seeded; a site inside a fold gets its dropout between the product and the bias).
+Population semantics, exact at test time, level by level like ``population``:
+- a BN still in the graph at a site or downstream of one gets the test-time mean/variance of its input;
+- a weight layer downstream of a site that looks folded (vsonnx.folding: its output meets a nonlinearity
+  before any normalisation, the BN that followed it was folded in) gets a per-output-channel affine
+  correction y' = a*y + b, a = sqrt(Var_train(y) / Var_test(y)), b = E_train(y) - a*E_test(y): the test-time
+  output moments (dropout off, upstream corrected) matched to the training-time ones (measured once with the
+  dropouts simulated in training mode, seeded, original constants; a site inside a fold gets its dropout
+  between the product and the bias). That is what re-estimating the folded BN would have done where its
+  stored statistics were the dropout-on statistics of this data (vsonnx.folding.folded_message). The
+  correction is written into the weight and bias (no new nodes).
 ``request.options['sites']``: {tensor: ratio} (resolved names). The Estimate's ``affine`` holds the
 folded-layer corrections {layer: (a, b)}, ``analysis`` the scan report of the analysis copy, ``refused`` the
-BNs in scope that the rewrite pass refuses (vsonnx.rewrite, not estimated).
+BNs in scope that the rewrite pass refuses (vsonnx.rewrite, not estimated). Refuses MatMul folded layers (no
+bias input to carry b).
 """
 from __future__ import annotations
 

@@ -7,17 +7,8 @@ The user names where dropout acted in training: ``--dropout NAME=RATIO``, NAME a
 (training_mode false for analysis and test-time passes; true, seeded, to simulate training), so the site
 finder, the calibrator and the reports work unchanged.
 
-Correction (vsonnx.methods.named_sites; population semantics, exact at test time), in level order
-like the population method:
-- a BN still in the graph at a site or downstream of one gets the test-time mean/variance of its input;
-- a weight layer downstream of a site that looks folded (its output meets a nonlinearity before any
-  normalisation: the BN that followed it was folded in) gets a per-output-channel affine correction
-  y' = a*y + b with a = sqrt(Var_train(y) / Var_test(y)), b = E_train(y) - a*E_test(y): the test-time output
-  moments (dropout off, upstream corrected) are matched to the training-time ones (simulated with dropout
-  on, original constants), which is what re-estimating the folded BN would have done. The correction is
-  written into the weight and bias (no new nodes).
-Refuses: names that are not tensors or nodes of the graph; ratios outside [0, 1); MatMul folded layers
-(no bias input to carry b).
+Refuses: names that are not tensors, nodes, modules or layers of the graph (an Error lists the near ones);
+names that match several different places (an Error lists the candidates); ratios outside [0, 1).
 """
 from __future__ import annotations
 
