@@ -64,14 +64,10 @@ class _Job:
     scan: ScanReport
     names: list[str]
     report: FixReport
+    index: GraphIndex  # the one index of ``model`` this fix reads (the model is never edited in place)
     val_source: object = None  # the held-out part of the calibration data (val_split)
     calib: object = None  # the calibration data of a calibrated fix
     every_candidate: bool = False  # calibrate every candidate even without validation data (candidate_models)
-
-    @functools.cached_property
-    def index(self) -> GraphIndex:
-        """The one index of ``model`` this fix reads (the model is never edited in place)."""
-        return GraphIndex(self.model)
 
     @property
     def choosing(self) -> bool:
@@ -94,11 +90,12 @@ def _start(model_path, options: FixOptions, method: str) -> _Job:
     model, converted = inference_form(load_model(path))
     options = options.with_batch_size(resolve_batch_size(model, options.runtime.batch_size))
     out = check_output_path(options.output.path or default_output(path), path, options.output.in_place)
-    scan = find_sites(model, str(path))
+    index = GraphIndex(model)
+    scan = find_sites(model, str(path), index)
     report = FixReport(str(path), method, 0, None, False, "", warnings=converted + list(scan.warnings))
-    decisions = plan(model, scan, options.method.scope)
+    decisions = plan(model, scan, options.method.scope, index)
     report.refused = {d.name: d.refusal for d in decisions if d.refusal}
-    return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report)
+    return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report, index)
 
 
 def _nothing_to_do(job: _Job) -> str | None:

@@ -107,9 +107,10 @@ class Decision:
 SUBGRAPH = "7: inside an If/Loop/Scan subgraph, which vsonnx does not recalibrate"
 
 
-def plan(model: onnx.ModelProto, report: ScanReport, scope: str) -> list[Decision]:
-    """find + check for every BN in scope, in graph order, then every BN inside a subgraph (rule 7)."""
-    index = GraphIndex(model)
+def plan(model: onnx.ModelProto, report: ScanReport, scope: str, index: GraphIndex | None = None) -> list[Decision]:
+    """find + check for every BN in scope, in graph order, then every BN inside a subgraph (rule 7)
+    (``index``: the model's GraphIndex when the caller has one)."""
+    index = index or GraphIndex(model)
     nodes = index.batchnorms()
     broken = ", ".join(f"'{n}'" for n in list(poisoning_batchnorms(index))[:3])
     poisoned = f"4: {broken} make(s) every value after it NaN, so a model written from this one would too"

@@ -308,9 +308,10 @@ def _channelwise_dropouts(model: onnx.ModelProto) -> set[str]:
         return set()
 
 
-def find_sites(model: onnx.ModelProto, model_name: str = "<memory>") -> ScanReport:
-    """Index every BN, classify Dropout->BN paths, and collect the warnings a user needs."""
-    index = GraphIndex(model)
+def find_sites(model: onnx.ModelProto, model_name: str = "<memory>", index: GraphIndex | None = None) -> ScanReport:
+    """Index every BN, classify Dropout->BN paths, and collect the warnings a user needs (``index``: the
+    model's GraphIndex when the caller has one)."""
+    index = index or GraphIndex(model)
     channelwise = _channelwise_dropouts(model)
     dropouts = {index.node_name(n): dropout_info(index, n, channelwise) for n in index.nodes_of("Dropout")}
     scaled_by = {index.node_name(index.consumers[d.output][0]): name for name, d in dropouts.items() if d.per_sample}
