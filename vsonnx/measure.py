@@ -44,7 +44,7 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     (``fix``: 'recalibrate', 'unchanged' (out of scope) or 'refused: <reason>'), each site whether
     `fix --data-free --synthetic 0` can correct it (``data_free``: what it would do, or why not)."""
     from .methods.closed_form import data_free_statistics
-    from .site_names import removed_dropouts, restored_sites, site_names
+    from .site_names import restoration_note, site_names
 
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
@@ -61,15 +61,9 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     for b in report.sites:
         b.data_free = notes.get(b.name)
     report.names = site_names(proto)
-    removed = removed_dropouts(proto)
-    if removed:
-        restorable, missing = restored_sites(proto)
-        said = f"the model's vsonnx.dropouts metadata lists {len(removed)} Dropout(s) a tool removed since export"
-        if restorable:
-            said += f"; `fix --calib DATA` restores {len(restorable)} site(s) from it"
-        if missing:
-            said += f"; what {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} fed is not recorded"
-        report.warnings.append(said + ".")
+    said = restoration_note(proto, "`fix --calib DATA` restores")
+    if said:
+        report.warnings.append(said)
     return report
 
 

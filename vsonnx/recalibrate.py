@@ -199,26 +199,17 @@ def _restored(job: _Job, method: str) -> FixReport | None:
     """The fix of the Dropout sites that vsonnx.export recorded in the model's metadata and a tool removed
     since (e.g. onnxslim, which keeps metadata and folds the BNs after them): named-sites correction with
     population semantics (distill with --method distill); None when the metadata restores nothing."""
-    from .site_names import restored_sites
+    from .site_names import restoration_note, restored_sites
 
-    sites, missing = restored_sites(job.model)
+    sites, _ = restored_sites(job.model)
+    said = restoration_note(job.model, "restored")
     if not sites:
-        if missing:
-            job.report.warnings.append(
-                f"the model's vsonnx.dropouts metadata lists {len(missing)} Dropout(s) a tool removed since export "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) without saying what they fed (an "
-                "export by an older vsonnx): name the modules after them with --dropout, e.g. the BNs they fed.")
+        job.report.warnings += [said] if said else []
         return None
-    options = job.options
-    named_method = "distill" if method == "distill" else "named_sites"
-    report = fix_named_sites(job.path, job.calib, sites, options, named_method)
-    said = (f"restored {len(sites)} dropout site(s) from the model's vsonnx.dropouts metadata (a tool removed the "
-            "Dropout nodes after vsonnx.export)")
-    if missing:
-        said += f"; not restorable (the metadata does not say what they fed): {', '.join(missing)}"
+    report = fix_named_sites(job.path, job.calib, sites, job.options, "distill" if method == "distill" else "named_sites")
     if method not in ("population", "distill", "named_sites"):
-        said += f"; corrected with population semantics, not {method} (the named-sites correction)"
-    report.warnings.insert(0, said + ".")
+        said += f" Corrected with population semantics, not {method} (the named-sites correction)."
+    report.warnings.insert(0, said)
     return report
 
 

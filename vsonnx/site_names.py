@@ -247,6 +247,22 @@ def restored_sites(model: onnx.ModelProto) -> tuple[dict[str, float], list[str]]
     return sites, missing
 
 
+def restoration_note(model: onnx.ModelProto, restores: str) -> str | None:
+    """What scan and fix say about Dropouts a tool removed after vsonnx.export (None when there are none):
+    how many, how many sites ``restores`` (e.g. "restored") from the metadata, which cannot be restored."""
+    removed = removed_dropouts(model)
+    if not removed:
+        return None
+    sites, missing = restored_sites(model)
+    said = f"the model's vsonnx.dropouts metadata lists {len(removed)} Dropout(s) a tool removed after vsonnx.export"
+    if sites:
+        said += f"; {restores} {len(sites)} site(s) from it"
+    if missing:
+        said += (f"; what {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} fed is not recorded (an "
+                 "export by an older vsonnx): name the modules after them with --dropout, e.g. the BNs they fed")
+    return said + "."
+
+
 def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> Sites:
     """{site tensor: ratio} from names: a tensor, a node (its first input), a PyTorch module name pattern
     (shell-style, ``*`` may cross dots; see module_sites), a Dropout module a tool removed after
