@@ -150,3 +150,24 @@ def test_suite_signals_on_a_hand_built_case():
     np.testing.assert_allclose(s["brier"][1], [0, 0.25 + 0.25], atol=1e-9)
     # the candidates' majority class per image: image 1 tied 0/1 -> 0; image 2: 1
     np.testing.assert_allclose(s["consensus"], [[1, 0], [1, 1], [0, 1]])
+
+
+def test_which_method_when_counts_winners_and_gaps_per_situation():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite import which_method
+
+    def entry(name, placement, top):
+        return {"name": name, "half": "design", "placement": placement, "noise": "dropout",
+                "top1": dict(zip(("batch", "population", "relative", "distill", "data-free", "label-free",
+                                  "labelled"), top))}
+
+    rows = which_method([entry("m1", "a", [50, 51, 52, 54, 49, 52, 54]),    # distill best by 2
+                         entry("m2", "b", [60, 61, 62, 61.5, 60, 61.5, 62]),  # relative best
+                         {"name": "t", "half": "twin", "placement": "none", "noise": "dropout", "top1": {}}])
+    by_label = {r.split(" | ")[0].lstrip("| "): r for r in rows[2:]}
+    assert by_label["dropout right before BN (placement a)"].split(" | ")[1:3] == ["1", "distill 1"]
+    every = by_label["every member"].split(" | ")
+    assert every[1:3] == ["2", "relative 1, distill 1"]
+    # medians over the two members: batch (-4, -2) -> -3; distill (0, -0.5) -> -0.25; label-free (-2, -0.5)
+    assert every[3] == "-3.00 / -2.00 / -1.00 / -0.25 / -3.50"
+    assert every[4] == "-1.25, -2.00" and every[5].rstrip(" |") == "+0.00, +0.00"

@@ -233,7 +233,42 @@ def suite_markdown(entries: list[dict]) -> str:
                        if k in top else "-" for k in COLUMNS], gap]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    evaluated = [e for e in entries if e["half"] != "twin"]
+    lines += ["## Which method when", "",
+              f"From the {len(evaluated)} evaluated member(s) with dropout, both halves; gap = top-1 minus the best "
+              "single method's top-1 on the same member (points).", "", *which_method(entries), ""]
     return "\n".join(lines)
+
+
+SITUATIONS = (
+    ("dropout right before BN (placement a)", lambda e: e["placement"] == "a" and e["noise"] == "dropout"),
+    ("channel dropout (Dropout2d) before BN", lambda e: e["noise"] == "dropout2d"),
+    ("dropout before a conv (placement b)", lambda e: e["placement"] == "b"),
+    ("stochastic depth (a residual branch dropped per sample)", lambda e: e["placement"] == "depth"),
+    ("Linear -> BatchNorm1d head with dropout", lambda e: "head" in e["name"] or "mlp" in e["name"]),
+    ("every member", lambda e: True),
+)
+SINGLE = ("batch", "population", "relative", "distill", "data-free")
+
+
+def which_method(entries: list[dict]) -> list[str]:
+    """'Which method when' from the evaluated members with dropout (both halves): per situation how often each
+    single method is the best, each one's median gap to the best, and the choices' median and worst gaps."""
+    rows = [e for e in entries if e["half"] != "twin" and all(k in e["top1"] for k in SINGLE)]
+    lines = ["| situation | members | best (times) | median gap to the best: " + " / ".join(SINGLE)
+             + " | label-free choice: median, worst | labelled choice: median, worst |", "|---|---|---|---|---|---|"]
+    for label, belongs in SITUATIONS:
+        group = [e for e in rows if belongs(e)]
+        if not group:
+            continue
+        best = [max(e["top1"][m] for m in SINGLE) for e in group]
+        winners = [max(SINGLE, key=lambda m: e["top1"][m]) for e in group]
+        counts = ", ".join(f"{m} {winners.count(m)}" for m in SINGLE if winners.count(m))
+        gaps = {m: [e["top1"][m] - b for e, b in zip(group, best)] for m in (*SINGLE, "label-free", "labelled")}
+        median = " / ".join(f"{np.median(gaps[m]):+.2f}" for m in SINGLE)
+        choice = [f"{np.median(gaps[c]):+.2f}, {min(gaps[c]):+.2f}" for c in ("label-free", "labelled")]
+        lines.append(f"| {label} | {len(group)} | {counts} | {median} | {choice[0]} | {choice[1]} |")
+    return lines
 
 
 def main(argv=None) -> None:
