@@ -476,3 +476,22 @@ def test_fix_all_labels_bns_with_no_site_before_them(tmp_path):
     report = vsonnx.fix(path, tmp_path / "x.npy", output=tmp_path / "o.onnx", scope="all", method="population")
     assert {b["name"]: b["site"] for b in report.batchnorms} == {"bn_first": "none", "bn_site": "direct",
                                                                  "bn_after": "downstream"}
+
+
+def test_fix_options_groups_and_flat_keywords_are_the_same_settings():
+    """FixOptions.of routes vsonnx.fix's flat keywords to fix --help's groups (the README shows both forms);
+    an unknown keyword is a TypeError naming it."""
+    from vsonnx.fix_options import KEYWORDS, ChoiceOptions, FixOptions, OutputOptions, RuntimeOptions
+
+    flat = FixOptions.of(val="v", threads=2, output="o.onnx", method_options={"distill": {"steps": 5}},
+                         scope="all", seed=3, preprocess={"size": [8, 8]})
+    grouped = FixOptions(choice=ChoiceOptions(val="v"), runtime=RuntimeOptions(threads=2),
+                         output=OutputOptions(path="o.onnx"), preprocess={"size": [8, 8]})
+    assert flat.choice == grouped.choice and flat.runtime == grouped.runtime and flat.output == grouped.output
+    assert flat.method.settings == {"distill": {"steps": 5}} and flat.method.scope == "all" and flat.data.seed == 3
+    assert flat.choice.choosing and not FixOptions().choice.choosing
+    assert {"output", "method_options", "batch_size", "val_split", "synthetic", "in_place"} <= set(KEYWORDS)
+    with pytest.raises(TypeError, match="batchsize"):
+        FixOptions.of(batchsize=8)
+    with pytest.raises(vsonnx.VsonnxError):  # settings are still checked once
+        FixOptions.of(batch_size=0)
