@@ -241,8 +241,8 @@ def suite_markdown(entries: list[dict]) -> str:
 
 
 SITUATIONS = (
-    ("dropout right before BN (placement a)", lambda e: e["placement"] == "a" and e["noise"] == "dropout"),
-    ("channel dropout (Dropout2d) before BN", lambda e: e["noise"] == "dropout2d"),
+    ("dropout right before BN (placement a)", lambda e: e["placement"] == "a" and e.get("noise", "dropout") == "dropout"),
+    ("channel dropout (Dropout2d) before BN", lambda e: e.get("noise") == "dropout2d"),
     ("dropout before a conv (placement b)", lambda e: e["placement"] == "b"),
     ("stochastic depth (a residual branch dropped per sample)", lambda e: e["placement"] == "depth"),
     ("Linear -> BatchNorm1d head with dropout", lambda e: "head" in e["name"] or "mlp" in e["name"]),

@@ -309,8 +309,7 @@ def _channelwise_dropouts(model: onnx.ModelProto) -> set[str]:
 
 
 def find_sites(model: onnx.ModelProto, model_name: str = "<memory>", index: GraphIndex | None = None) -> ScanReport:
-    """Index every BN, classify Dropout->BN paths, and collect the warnings a user needs (``index``: the
-    model's GraphIndex when the caller has one)."""
+    """Index every BN, classify Dropout->BN paths, collect the warnings a user needs (``index``: if known)."""
     index = index or GraphIndex(model)
     channelwise = _channelwise_dropouts(model)
     dropouts = {index.node_name(n): dropout_info(index, n, channelwise) for n in index.nodes_of("Dropout")}
