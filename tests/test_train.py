@@ -171,3 +171,20 @@ def test_which_method_when_counts_winners_and_gaps_per_situation():
     # medians over the two members: batch (-4, -2) -> -3; distill (0, -0.5) -> -0.25; label-free (-2, -0.5)
     assert every[3] == "-3.00 / -2.00 / -1.00 / -0.25 / -3.50"
     assert every[4] == "-1.25, -2.00" and every[5].rstrip(" |") == "+0.00, +0.00"
+
+
+def test_trusted_agreement_falls_back_to_population_where_the_ensemble_disagrees_with_the_data():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_signals import compare_rules, trusted_agreement
+
+    def entry(agree, tops):
+        names = ("batch", "population", "relative", "distill")
+        return {"signals": {"models": {"original": {"agree": 0.99}, **{n: {"agree": a} for n, a in zip(names, agree)}}},
+                "top1": dict(zip(names, tops)), "candidates_top1": dict(zip(names, tops))}
+
+    healthy = entry((0.8, 0.8, 0.85, 0.95), (56, 56, 56.5, 57))      # distill agrees most and is best
+    stale = entry((0.42, 0.41, 0.8, 0.97), (63.7, 63.7, 45, 37))     # the ensemble itself is wrong
+    rule = trusted_agreement(0.6)
+    assert (rule(healthy), rule(stale)) == ("distill", "population")
+    (name, median, worst, mean), = compare_rules([healthy, stale], [rule])
+    assert (median, worst) == (0.0, 0.0)

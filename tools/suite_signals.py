@@ -116,6 +116,21 @@ def actual(column: str):
     return rule
 
 
+def trusted_agreement(threshold: float = 0.6):
+    """Rule: trust the dropout ensemble only where the population candidate (statistics measured on the data,
+    no reference to the stored ones) agrees with its classes on at least ``threshold`` of the held-out images;
+    then the candidate that agrees with them most often, else population. The ensemble runs the stored
+    statistics with dropout on, so stale stored statistics (cumulative BN momentum) make it, and every
+    candidate fitted towards it (relative, distill), worse than the data's own statistics."""
+    def rule(entry: dict) -> str:
+        models = {k: v for k, v in entry["signals"]["models"].items() if k != "original"}
+        if models["population"]["agree"] < threshold:
+            return "population"
+        return max(models, key=lambda k: models[k]["agree"])
+    rule.__name__ = f"trusted agree ({threshold:g})"
+    return rule
+
+
 def gap(entry: dict, choice: str) -> float:
     """Test top-1 of ``choice`` minus the best single method's (points)."""
     top = {**entry["candidates_top1"], **entry["top1"]}
@@ -140,7 +155,7 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "suite.json")
     args = p.parse_args(argv)
     entries = [e for e in json.loads(args.results.read_text()) if e["half"] == args.half and "signals" in e]
-    rules = [actual("label-free"), actual("labelled"), *(by_signal(s) for s in SIGNALS),
+    rules = [actual("label-free"), actual("labelled"), *(by_signal(s) for s in SIGNALS), trusted_agreement(),
              *(fixed(m) for m in ("batch", "population", "relative", "distill"))]
     print(f"{args.half} half: {len(entries)} member(s) with signals; gap = test top-1 of the choice minus the best "
           "single method's (points)")
