@@ -23,7 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite_members import HALVES_SEED, MEMBERS, TRAIN_THREADS, TWINS, halves  # noqa: E402
+import suite_signals  # noqa: E402
+from suite_members import HALVES_SEED, MEMBERS, TRAIN_THREADS, TWINS, arch_of, halves  # noqa: E402
+from suite_signals import SINGLE, gap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "models" / "suite"
@@ -97,8 +99,6 @@ def ensemble_top1(model, test, masks: int, threads: int | None, channelwise) -> 
 
 def describe_member(name: str, report) -> dict:
     """What the member is: half, architecture, placement, rate, noise, recipe, its sites."""
-    from suite_members import arch_of
-
     train = json.loads((SUITE / "train" / name / "config.json").read_text())
     return {"name": name, "half": halves().get(name, "twin"), "arch": arch_of(name),
             "placement": train["placement"], "rate": train["dropout"] if train["placement"] != "none" else 0.0,
@@ -113,8 +113,6 @@ def choices(path: Path, calib, val, threads: int | None, name: str) -> tuple[dic
     (tools/suite_signals.py), and the candidates calibrated on all of ``calib`` (what either fix writes)."""
     from vsonnx.choose import ANCHOR, rank
     from vsonnx.recalibrate import FixOptions, candidate_models
-
-    import suite_signals
 
     split = candidate_models(path, calib, FixOptions.of(val_split=VAL_SPLIT, threads=threads, device="cpu"))
     ranking = rank(split.original, split.models, split.held_out, label_free=True, batch_size=split.batch_size,
@@ -248,7 +246,6 @@ SITUATIONS = (
     ("Linear -> BatchNorm1d head with dropout", lambda e: "head" in e["name"] or "mlp" in e["name"]),
     ("every member", lambda e: True),
 )
-SINGLE = ("batch", "population", "relative", "distill", "data-free")
 
 
 def which_method(entries: list[dict]) -> list[str]:
@@ -261,10 +258,9 @@ def which_method(entries: list[dict]) -> list[str]:
         group = [e for e in rows if belongs(e)]
         if not group:
             continue
-        best = [max(e["top1"][m] for m in SINGLE) for e in group]
         winners = [max(SINGLE, key=lambda m: e["top1"][m]) for e in group]
         counts = ", ".join(f"{m} {winners.count(m)}" for m in SINGLE if winners.count(m))
-        gaps = {m: [e["top1"][m] - b for e, b in zip(group, best)] for m in (*SINGLE, "label-free", "labelled")}
+        gaps = {m: [gap(e, m) for e in group] for m in (*SINGLE, "label-free", "labelled")}
         median = " / ".join(f"{np.median(gaps[m]):+.2f}" for m in SINGLE)
         choice = [f"{np.median(gaps[c]):+.2f}, {min(gaps[c]):+.2f}" for c in ("label-free", "labelled")]
         lines.append(f"| {label} | {len(group)} | {counts} | {median} | {choice[0]} | {choice[1]} |")

@@ -133,7 +133,7 @@ def trusted_agreement(threshold: float = 0.6):
 
 def gap(entry: dict, choice: str) -> float:
     """Test top-1 of ``choice`` minus the best single method's (points)."""
-    top = {**entry["candidates_top1"], **entry["top1"]}
+    top = {**entry.get("candidates_top1", {}), **entry["top1"]}
     return top[choice] - max(entry["top1"][m] for m in SINGLE if m in entry["top1"])
 
 

@@ -61,7 +61,7 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     for b in report.sites:
         b.data_free = notes.get(b.name)
     report.names = site_names(proto)
-    said = restoration_note(proto, "`fix --calib DATA` restores")
+    _, said = restoration_note(proto, "`fix --calib DATA` restores")
     if said:
         report.warnings.append(said)
     return report

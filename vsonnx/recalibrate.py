@@ -41,6 +41,7 @@ from .rewrite import apply_affine, inference_form, invalid_statistics, plan, val
 from .sites import ScanReport, find_sites
 from .stats import BnStatistics, Estimate, interpolate
 
+
 @dataclass
 class Candidate:
     """New statistics (and folded-layer corrections) that may be written, with the result behind them."""
@@ -199,10 +200,9 @@ def _restored(job: _Job, method: str) -> FixReport | None:
     """The fix of the Dropout sites that vsonnx.export recorded in the model's metadata and a tool removed
     since (e.g. onnxslim, which keeps metadata and folds the BNs after them): named-sites correction with
     population semantics (distill with --method distill); None when the metadata restores nothing."""
-    from .site_names import restoration_note, restored_sites
+    from .site_names import restoration_note
 
-    sites, _ = restored_sites(job.model)
-    said = restoration_note(job.model, "restored")
+    sites, said = restoration_note(job.model, "restored")
     if not sites:
         job.report.warnings += [said] if said else []
         return None

@@ -247,12 +247,13 @@ def restored_sites(model: onnx.ModelProto) -> tuple[dict[str, float], list[str]]
     return sites, missing
 
 
-def restoration_note(model: onnx.ModelProto, restores: str) -> str | None:
-    """What scan and fix say about Dropouts a tool removed after vsonnx.export (None when there are none):
-    how many, how many sites ``restores`` (e.g. "restored") from the metadata, which cannot be restored."""
+def restoration_note(model: onnx.ModelProto, restores: str) -> tuple[dict[str, float], str | None]:
+    """(the sites restored_sites gives, what scan and fix say about Dropouts a tool removed after vsonnx.export:
+    how many, how many sites ``restores`` (e.g. "restored") from the metadata, which cannot be restored; None
+    when there are none)."""
     removed = removed_dropouts(model)
     if not removed:
-        return None
+        return {}, None
     sites, missing = restored_sites(model)
     said = f"the model's vsonnx.dropouts metadata lists {len(removed)} Dropout(s) a tool removed after vsonnx.export"
     if sites:
@@ -260,7 +261,7 @@ def restoration_note(model: onnx.ModelProto, restores: str) -> str | None:
     if missing:
         said += (f"; what {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} fed is not recorded (an "
                  "export by an older vsonnx): name the modules after them with --dropout, e.g. the BNs they fed")
-    return said + "."
+    return sites, said + "."
 
 
 def resolve_sites(model: onnx.ModelProto, named: dict[str, float]) -> Sites:
