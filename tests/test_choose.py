@@ -8,7 +8,7 @@ from vsonnx.stats import BnStatistics
 def test_ranking_picks_the_best_candidate_only_when_it_beats_the_original():
     assert Ranking("top1", [80.0, 79.0, 82.0, 81.0]).best() == 1
     assert Ranking("top1", [80.0, 80.0, 79.0]).best() is None  # a tie keeps the original
-    assert Ranking("ensemble_ce", [0.10, 0.12, 0.08, 0.09]).best() == 1  # lower is better
+    assert Ranking("ensemble_disagreement", [0.10, 0.12, 0.08, 0.09]).best() == 1  # lower is better
     assert Ranking("ensemble_mse", [0.05, 0.06, 0.07]).best() is None
 
 
@@ -18,14 +18,14 @@ def test_label_free_ranking_keeps_the_anchor_unless_the_best_is_better_with_a_pa
     original, anchor = base + 0.05, base
     noise = base + rng.normal(0, 0.05, 2000) - 0.001  # lower mean, not significantly
     clear = base - 0.02 + rng.normal(0, 0.01, 2000)  # lower by 0.02, the interval far below zero
-    ranking = Ranking("ensemble_ce", [float(x.mean()) for x in (original, anchor, noise)], [original, anchor, noise])
+    ranking = Ranking("ensemble_mse", [float(x.mean()) for x in (original, anchor, noise)], [original, anchor, noise])
     assert ranking.best() == 1 and ranking.best(anchor=0) == 0
     low, high = ranking.paired_gain(0, 1)
     assert low < 0 < high  # independent check: the interval of the gain holds zero
-    ranking = Ranking("ensemble_ce", [float(x.mean()) for x in (original, anchor, clear)], [original, anchor, clear])
+    ranking = Ranking("ensemble_mse", [float(x.mean()) for x in (original, anchor, clear)], [original, anchor, clear])
     assert ranking.best(anchor=0) == 1 and ranking.paired_gain(0, 1)[0] > 0.015
     worse = [original, original + 0.01, original + 0.02]  # nothing beats the original: nothing is chosen
-    assert Ranking("ensemble_ce", [float(x.mean()) for x in worse], worse).best(anchor=0) is None
+    assert Ranking("ensemble_mse", [float(x.mean()) for x in worse], worse).best(anchor=0) is None
 
 
 def test_population_and_relative_give_the_interpolation_family():
@@ -37,3 +37,30 @@ def test_population_and_relative_give_the_interpolation_family():
     assert [a for _, a, _ in family("relative", old, new)] == list(INTERPOLATION)
     assert [name for name, _, _ in family("batch", old, new)] == ["batch"]
     assert family("distill", old, new)[0][2] is new
+
+
+def disagreements(rates: list[float], n: int = 1000, seed: int = 0) -> Ranking:
+    """A label-free ranking whose models disagree with the ensemble on about ``rates`` of ``n`` images, the
+    same images where the rates allow (nested), plus independent flips."""
+    u = np.random.default_rng(seed).random(n)
+    per_sample = [(u < r).astype(np.float64) for r in rates]
+    return Ranking("ensemble_disagreement", [float(x.mean()) for x in per_sample], per_sample, n)
+
+
+def test_label_free_choice_trusts_the_ensemble_only_where_population_moves_towards_it():
+    names = ["batch", "population", "relative", "distill"]
+    # population, relative and distill all move towards the ensemble; distill clearly most: distill
+    assert disagreements([0.30, 0.15, 0.15, 0.12, 0.05]).choice(names) == (3, None)
+    # distill lower than relative by a hair (nested: 2 images of 1000): relative kept
+    assert disagreements([0.30, 0.15, 0.15, 0.120, 0.118]).choice(names) == (2, None)
+    # population moves away from the ensemble (stale stored statistics): population, whatever agrees most
+    stale = disagreements([0.30, 0.55, 0.55, 0.20, 0.03])
+    k, why = stale.choice(names)
+    assert k == 1 and "not trusted" in why and f"{stale.scores[2]:.0%} of" in why and f"{stale.scores[0]:.0%}," in why
+    # population a hair worse than the original is not evidence: the ensemble stays trusted
+    assert disagreements([0.300, 0.15, 0.302, 0.12, 0.05]).choice(names) == (3, None)
+    # labelled rankings and output distances are not subject to the trust test
+    assert Ranking("top1", [50.0, 40.0, 60.0, 55.0, 45.0]).choice(names) == (1, None)
+    mse = disagreements([0.30, 0.15, 0.55, 0.12, 0.05])
+    mse.criterion = "ensemble_mse"
+    assert mse.choice(names) == (3, None)

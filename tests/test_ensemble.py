@@ -34,7 +34,7 @@ def test_outputs_that_are_not_class_scores_need_output_and_loss():
     assert scores_tensor(model, output="seg_out", loss="mse") == scores_tensor(model, "seg_out", "mse")
 
 
-def test_divergence_equals_numpy_kl_and_mse():
+def test_divergence_equals_numpy_kl_mse_and_disagreement():
     rng = np.random.default_rng(0)
     p = softmax(rng.standard_normal((6, 5)))
     s = rng.standard_normal((6, 5))
@@ -45,6 +45,12 @@ def test_divergence_equals_numpy_kl_and_mse():
     seg_p, seg_s = softmax(rng.standard_normal((2, 3, 4, 4))), rng.standard_normal((2, 3, 4, 4))
     per_pixel = [divergence(seg_p[:, :, i, j], seg_s[:, :, i, j], "kl") for i in range(4) for j in range(4)]
     np.testing.assert_allclose(divergence(seg_p, seg_s, "kl"), np.mean(per_pixel, axis=0), rtol=1e-12)
+    differs = [[float(np.argmax(p[n]) != np.argmax(s[n]))] for n in range(6)]  # one loop per sample
+    np.testing.assert_array_equal(divergence(p, s, "disagree"), np.ravel(differs))
+    assert divergence(p, np.log(p), "disagree").sum() == 0
+    pixels = [[np.argmax(seg_p[n, :, i, j]) != np.argmax(seg_s[n, :, i, j]) for i in range(4) for j in range(4)]
+              for n in range(2)]
+    np.testing.assert_allclose(divergence(seg_p, seg_s, "disagree"), np.mean(pixels, axis=1))
 
 
 def test_ensemble_average_matches_pytorch_dropout_ensemble(tmp_path):

@@ -24,11 +24,13 @@ def test_fix_report_lists_refusals_candidates_and_what_was_written():
     assert "refused bn2: 2: BatchNormalization is in training mode" in text
     assert "chosen: relative" in text and "Wrote m.fixed.onnx (relative, 1.25 s)" in text
     assert "0.500" in text and "75.00" in text  # new/old variance, the winner's top-1
-    report.criterion = "ensemble_ce"
+    report.criterion = "ensemble_disagreement"
     report.candidates = [{"name": "original", "val_top1": None, "val_ensemble": 0.0123},
                          {"name": "relative", "val_top1": None, "val_ensemble": 0.01}]
     text = render_fix(report)
-    assert "cross-entropy vs the dropout ensemble" in text and "0.01230" in text
+    assert "disagreeing with the dropout ensemble's classes" in text and "0.01230" in text
+    report.criterion = "ensemble_mse"
+    assert "distance from the dropout ensemble" in render_fix(report)
 
 
 def test_scan_shows_what_fix_would_do():

@@ -4,6 +4,7 @@
     python tools/suite.py assign                                   # models/suite/halves.json (seeded, first)
     python tools/suite.py train --data ../shared/data/cifar10      # train what is missing, one after another
     python tools/suite.py evaluate --data ../shared/data/cifar10   # models/suite.json and models/SUITE.md
+    python tools/suite.py choose --data ../shared/data/cifar10     # the label-free choice again (vsonnx.choose)
 
 Members and their training arguments are in ``tools/suite_members.py``. Each trained member lands in
 ``models/suite/NAME.onnx`` with its training card, configuration and log in ``models/suite/train/NAME/``.
@@ -107,26 +108,67 @@ def describe_member(name: str, report) -> dict:
             "sites": len(report.sites), "site_paths": sorted({b.path for b in report.sites})}
 
 
-def choices(path: Path, calib, val, threads: int | None, name: str) -> tuple[dict, dict, list]:
-    """The label-free and the labelled choice as ``fix --val-split 0.2`` and ``fix --val`` make them (the same
-    candidates, calibrated as the fix does, ranked with vsonnx.choose), the held-out signals of every candidate
-    (tools/suite_signals.py), and the candidates calibrated on all of ``calib`` (what either fix writes)."""
-    from vsonnx.choose import ANCHOR, rank
+def label_free_choice(path: Path, calib, threads: int | None) -> tuple[str, object, object]:
+    """The candidate ``fix --val-split 0.2`` writes (or "original"): the same candidates, calibrated as the fix
+    does, ranked and chosen with vsonnx.choose; with the split candidates and the ranking."""
+    from vsonnx.choose import rank
     from vsonnx.recalibrate import FixOptions, candidate_models
 
     split = candidate_models(path, calib, FixOptions.of(val_split=VAL_SPLIT, threads=threads, device="cpu"))
     ranking = rank(split.original, split.models, split.held_out, label_free=True, batch_size=split.batch_size,
                    channelwise=split.channelwise, device="cpu", threads=threads)
-    best = ranking.best(split.names.index(ANCHOR))
+    best, _ = ranking.choice(split.names)
+    return (split.names[best] if best is not None else "original"), split, ranking
+
+
+def choices(path: Path, calib, val, threads: int | None, name: str) -> tuple[dict, dict, list]:
+    """The label-free and the labelled choice as ``fix --val-split 0.2`` and ``fix --val`` make them, the
+    held-out signals of every candidate (tools/suite_signals.py), and the candidates calibrated on all of
+    ``calib`` (what either fix writes)."""
+    from vsonnx.choose import rank
+    from vsonnx.recalibrate import FixOptions, candidate_models
+
+    label_free, split, ranking = label_free_choice(path, calib, threads)
     signals = suite_signals.measure(name, split, threads, ROOT / "runs" / "suite-signals")
-    signals["fix_ce"] = dict(zip(["original", *split.names], (round(v, 5) for v in ranking.scores)))
+    signals["fix_scores"] = fix_scores(ranking, split.names)
     full = candidate_models(path, calib, FixOptions.of(threads=threads, device="cpu"))
     labelled = rank(full.original, full.models, val, label_free=False, batch_size=full.batch_size, device="cpu",
                     threads=threads)
-    chosen = {"label-free": split.names[best] if best is not None else "original",
+    chosen = {"label-free": label_free,
               "labelled": full.names[k] if (k := labelled.best()) is not None else "original"}
     signals["val_top1"] = dict(zip(["original", *full.names], (round(v, 2) for v in labelled.scores)))
     return chosen, signals, list(zip(full.names, full.models))
+
+
+def fix_scores(ranking, names: list[str]) -> dict:
+    """The label-free ranking's criterion and score per model, as the fix reports them."""
+    return {"criterion": ranking.criterion,
+            **dict(zip(["original", *names], (round(v, 5) for v in ranking.scores)))}
+
+
+def choose_again(data: Path, names: list[str], threads: int | None, results: Path = RESULTS) -> None:
+    """Make the label-free choice of each evaluated member again with the current vsonnx.choose (its
+    candidates' test top-1 are kept in ``results``: only the held-out ranking is rerun), rewriting
+    ``results`` and SUITE.md after each member."""
+    from vsonnx.data import ArraySource
+    from vsonnx.model import load_model
+
+    done = {e["name"]: e for e in json.loads(results.read_text())}
+    for name in names:
+        entry = done.get(name)
+        if entry is None or "candidates_top1" not in entry:
+            continue
+        path = SUITE / f"{name}.onnx"
+        model = load_model(path)
+        calib_x, _, _ = split_training_images(model, data)
+        calib = ArraySource.from_arrays(model, calib_x, None, shuffle=False, name="calibration images")
+        chosen, split, ranking = label_free_choice(path, calib, threads)
+        entry["chosen"]["label-free"] = chosen
+        entry["signals"]["fix_scores"] = fix_scores(ranking, split.names)
+        entry["signals"].pop("fix_ce", None)
+        entry["top1"]["label-free"] = {**entry["candidates_top1"], **entry["top1"]}[chosen]
+        write_results(results, done)
+        print(f"[suite] {name}: label-free {chosen} {entry['top1']['label-free']}", flush=True)
 
 
 def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int | None, masks: int,
@@ -282,6 +324,11 @@ def main(argv=None) -> None:
     e.add_argument("--test-limit", type=int, default=None, help="first N test images (default: all 10,000)")
     e.add_argument("--masks", type=int, default=ENSEMBLE_MASKS, help="dropout masks of the ensemble")
     e.add_argument("--results", type=Path, default=RESULTS, help="JSON written (SUITE.md goes beside it)")
+    c = sub.add_parser("choose", help="make the label-free choice of evaluated members again (vsonnx.choose)")
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--only", default=None, help="comma-separated member names")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--results", type=Path, default=RESULTS, help="JSON rewritten (SUITE.md goes beside it)")
     args = p.parse_args(argv)
     if args.step == "assign":
         print(assign())
@@ -292,6 +339,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown members: {unknown}")
         if args.step == "train":
             train(args.data, names, args.runs)
+        elif args.step == "choose":
+            choose_again(args.data, names, args.threads, args.results)
         else:
             evaluate(args.data, names, args.threads, args.test_limit, args.masks, args.results)
 

@@ -71,15 +71,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def divergence(target: np.ndarray, scores: np.ndarray, loss: str) -> np.ndarray:
-    """Per-sample loss of ``scores`` against ``target`` (probabilities for kl and ce, scores for mse), float64;
-    ``ce``: the cross-entropy against the target's most probable class, -log softmax(scores)[argmax target]."""
+    """Per-sample loss of ``scores`` against ``target`` (probabilities for kl and disagree, scores for mse), float64;
+    ``disagree``: 1 where the scores' class differs from the target's (the share of positions, if any)."""
     scores = np.asarray(scores, np.float64).reshape(len(scores), scores.shape[1] if scores.ndim > 1 else 1, -1)
     target = np.asarray(target, np.float64).reshape(scores.shape)
     if loss == "mse":
         return ((scores - target) ** 2).mean(axis=(1, 2))
-    if loss == "ce":
-        picked = np.take_along_axis(log_softmax(scores), target.argmax(axis=1)[:, None], axis=1)
-        return -picked[:, 0].mean(axis=1)
+    if loss == "disagree":
+        return (scores.argmax(axis=1) != target.argmax(axis=1)).mean(axis=1)
     terms = target * (np.log(np.maximum(target, 1e-30)) - log_softmax(scores))
     return terms.sum(axis=1).mean(axis=1)
 

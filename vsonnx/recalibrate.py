@@ -394,7 +394,7 @@ def _screened(candidate: Candidate, expected: list[str] = ()) -> tuple[Candidate
 def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | None:
     """Rank the original and every candidate on the validation data (vsonnx.choose); the best candidate, or
     None when the original is at least as good."""
-    from .choose import ANCHOR, rank
+    from .choose import rank
 
     o = job.options
     source = job.val_source or open_source(o.choice.val, job.model, shuffle=True, seed=0, limit=o.choice.val_limit,
@@ -413,9 +413,8 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
     for c, score in zip(candidates, ranking.scores[1:]):
         c.score = score
     job.report.val_samples = ranking.samples
-    names = [c.name for c in candidates]
-    anchor = names.index(ANCHOR) if ranking.criterion != "top1" and ANCHOR in names else None
-    best = ranking.best(anchor)
+    best, why = ranking.choice([c.name for c in candidates])
+    job.report.warnings += [why] if why else []
     return None if best is None else candidates[best]
 
 

@@ -97,8 +97,8 @@ def render_fix(report) -> str:
         out.append(f"{name}: {note}")
     if report.candidates:
         key, header, digits = (("val_top1", "val top-1 %", 2) if report.criterion == "top1" else
-                               ("val_ensemble", "cross-entropy vs the dropout ensemble (lower is better)"
-                                if report.criterion == "ensemble_ce" else
+                               ("val_ensemble", "share disagreeing with the dropout ensemble's classes (lower "
+                                "is better)" if report.criterion == "ensemble_disagreement" else
                                 "distance from the dropout ensemble (lower is better)", 5))
         out.append(table(["candidate", header], [[c["name"], fmt(c[key], digits)] for c in report.candidates], "lr"))
         if report.chosen:
