@@ -481,7 +481,7 @@ def placement(c: dict) -> str:
 
 
 def readme_guide(cards: dict[str, dict]) -> list[str]:
-    """README.md's 'What to expect' paragraph and 'Which method when' table, from the cards (by name)."""
+    """README.md's 'What to expect' paragraph, from the cards (by name)."""
     def acc(name, fix=""):
         value = cards[name].get(f"ort_test_acc_fixed_{fix}" if fix else "ort_test_acc")
         return "-" if value is None else f"{value:.2f}%"
@@ -489,51 +489,19 @@ def readme_guide(cards: dict[str, dict]) -> list[str]:
     def fixes(name):
         return " / ".join(acc(name, f) for f in ("batch", "population", "relative", "distill", "data-free"))
 
-    def versus(name):
-        d = cards[name]["distill_minus_relative"]
-        return (f"{display_name(cards[name])} {acc(name, 'distill')} vs {acc(name, 'relative')} ({d['points']:+.2f}, "
-                f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}])")
-
     placed_a = [n for n in ("preresnet20-a05", "densenet40-a05") if n in cards]
-    placed_b = [n for n in ("preresnet20-b05", "densenet40-b05", "wrn16-4-b03") if n in cards]
     chosen = [n for n, c in sorted(cards.items()) if "label_free_chosen" in c]
-    below = [cards[n][f"ort_test_acc_fixed_{LABEL_FREE}"] - cards[n]["ort_test_acc_fixed_relative"] for n in chosen]
-    b_points = [cards[n]["distill_minus_relative"]["points"] for n in placed_b]
-    sd = cards.get("preresnet20-sd03")
-    lines = [wrap(
-        "What to expect (CIFAR-10 test accuracy with onnxruntime; this paragraph and the table below are generated "
+    return [wrap(
+        "What to expect on the reference models (CIFAR-10 test accuracy with onnxruntime; this paragraph is generated "
         "by `tools/reproduce.py` from `models/*.json`, see `models/README.md` and `models/RESULTS.md`): "
         + "; ".join(f"{display_name(cards[n])} with Dropout-({cards[n]['dropout']['placement']}) "
                     f"{cards[n]['dropout']['ratio']} goes from {acc(n)} to {fixes(n)}" for n in placed_a)
         + " (batch / population / relative / distill / data-free). With Dropout-(b) the shift is small and so is "
         f"the change ({display_name(cards['preresnet20-b05'])}: {acc('preresnet20-b05')} -> {fixes('preresnet20-b05')}), "
-        "which is why `fix --val` can refuse to write a model that is not better.", indent=""), "",
-        wrap("Which method when (same 5,000 calibration images, 10,000 test images; distill - relative with its "
-             "paired 95% interval on the same test images):", indent=""), "",
-        "| situation | use | measured |", "|---|---|---|",
-        "| dropout right before BN (placement a), data at hand | `--method distill` | "
-        + "; ".join(versus(n) for n in placed_a) + " |",
-        "| dropout before a conv (placement b), data at hand | `--method relative` | "
-        + ("distill loses there: " if max(b_points) < 0 else "distill gains nothing there: ")
-        + "; ".join(versus(n) for n in placed_b) + " |",
-        "| placement unknown, no labels | `--val-split 0.2` (or `--val` on unlabelled data) | "
+        "which is why `fix --val` can refuse to write a model that is not better. The label-free choice "
+        "(`--val-split 0.2`) wrote "
         + "; ".join(f"{display_name(cards[n])} ({placement(cards[n])}): {cards[n]['label_free_chosen']}, "
-                    f"{acc(n, LABEL_FREE)}" for n in chosen)
-        + f"; against the relative fix {min(below):+.2f} to {max(below):+.2f} points |",
-        "| labelled validation data | `--val DATA` | ranks every candidate by top-1; writes nothing when none beats "
-        "the original |",
-        "| no data | `--data-free` | " + ", ".join(f"{display_name(cards[n])} ({cards[n]['dropout']['placement']}) "
-                                               f"{acc(n, 'data-free')}" for n in placed_a) + " |",
-    ]
-    if sd is not None:
-        d = sd["distill_minus_relative"]
-        lines.append(f"| stochastic depth (per-sample branch drop before a BN) | `--method relative` | small shift: the "
-                     f"{sd['epochs']}-epoch {display_name(sd)} with drop rate {sd['dropout']['ratio']} goes "
-                     f"{acc('preresnet20-sd03')} -> {acc('preresnet20-sd03', 'relative')} (batch "
-                     f"{acc('preresnet20-sd03', 'batch')}, data-free {acc('preresnet20-sd03', 'data-free')}); distill "
-                     f"{acc('preresnet20-sd03', 'distill')} ({d['points']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]) |")
-    lines.append("| the paper's method, or fastest | `--method batch` | one pass (see the performance numbers below) |")
-    return lines
+                    f"{acc(n, LABEL_FREE)}" for n in chosen) + ".", indent="")]
 
 
 def main() -> None:
