@@ -64,3 +64,22 @@ def test_label_free_choice_trusts_the_ensemble_only_where_population_moves_towar
     mse = disagreements([0.30, 0.15, 0.55, 0.12, 0.05])
     mse.criterion = "ensemble_mse"
     assert mse.choice(names) == (3, None)
+
+
+def test_labelled_choice_keeps_the_label_free_prior_unless_labels_show_better():
+    names = ["batch", "population", "relative", "distill"]
+    rng = np.random.default_rng(1)
+    u = rng.random(2000)
+    near = u + rng.normal(0, 0.1, 2000)  # the same images mostly; 8% differ, both ways
+    misses = {"original": u < 0.50, "batch": u < 0.40, "population": u < 0.40, "relative": u < 0.39,
+              "distill": near < 0.386}
+    per_sample = [misses[n].astype(np.float64) for n in ["original", *names]]
+    ranking = Ranking("top1", [100 * (1 - float(m.mean())) for m in per_sample], per_sample, 2000)
+    assert ranking.choice(names) == (3, None)  # no prior: the best top-1
+    assert ranking.scores[4] > ranking.scores[3] and ranking.choice(names, prior=2) == (2, None)  # the prior stays
+    clear = [m.copy() for m in per_sample]
+    clear[4] = (u < 0.33).astype(np.float64)  # distill 6 points better: labels win
+    ranking = Ranking("top1", [100 * (1 - float(m.mean())) for m in clear], clear, 2000)
+    assert ranking.choice(names, prior=2) == (3, None)
+    worse = [per_sample[0], *(per_sample[0] + 0 for _ in names)]  # nothing beats the original: nothing
+    assert Ranking("top1", [100 * (1 - float(m.mean())) for m in worse], worse, 2000).choice(names, 2) == (None, None)

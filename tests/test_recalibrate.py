@@ -128,7 +128,7 @@ def test_val_writes_nothing_when_the_original_is_best(site_net):
             "-o", tmp / "out.onnx", "--json")
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 1 and not report["written"] and not (tmp / "out.onnx").exists()
-    assert report["candidates"][0] == {"name": "original", "val_top1": 100.0, "val_ensemble": None}
+    assert report["candidates"][0]["name"] == "original" and report["candidates"][0]["val_top1"] == 100.0
     r = run("fix", model_path, "--calib", tmp / "val_orig.npz", "--val", tmp / "val_orig.npz", "--batch-size", 8)
     assert "validation data is the calibration data" in r.output
 

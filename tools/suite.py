@@ -113,33 +113,37 @@ def describe_member(name: str, report) -> dict:
 def label_free_choice(path: Path, calib, threads: int | None) -> tuple[str, object, object]:
     """The candidate ``fix --val-split 0.2`` writes (or "original"): the same candidates, calibrated as the fix
     does, ranked and chosen with vsonnx.choose; with the split candidates and the ranking."""
-    from vsonnx.choose import rank
+    from vsonnx.choose import choose
     from vsonnx.recalibrate import FixOptions, candidate_models
 
     split = candidate_models(path, calib, FixOptions.of(val_split=VAL_SPLIT, threads=threads, device="cpu"))
-    ranking = rank(split.original, split.models, split.held_out, label_free=True, batch_size=split.batch_size,
-                   channelwise=split.channelwise, device="cpu", threads=threads)
-    best, _ = ranking.choice(split.names)
-    return (split.names[best] if best is not None else "original"), split, ranking
+    chosen = choose(split.original, split.models, split.names, split.held_out, label_free=True,
+                    batch_size=split.batch_size, channelwise=split.channelwise, device="cpu", threads=threads)
+    return (split.names[chosen.index] if chosen.index is not None else "original"), split, chosen.ranking
+
+
+def labelled_choice(path: Path, calib, val, threads: int | None) -> tuple[str, object, object]:
+    """The candidate ``fix --val`` on labelled ``val`` writes (or "original"), with the candidates calibrated
+    on all of ``calib`` and the top-1 ranking."""
+    from vsonnx.choose import choose
+    from vsonnx.recalibrate import FixOptions, candidate_models
+
+    full = candidate_models(path, calib, FixOptions.of(threads=threads, device="cpu"))
+    chosen = choose(full.original, full.models, full.names, val, label_free=False, batch_size=full.batch_size,
+                    channelwise=full.channelwise, device="cpu", threads=threads)
+    return (full.names[chosen.index] if chosen.index is not None else "original"), full, chosen.ranking
 
 
 def choices(path: Path, calib, val, threads: int | None, name: str) -> tuple[dict, dict, list]:
     """The label-free and the labelled choice as ``fix --val-split 0.2`` and ``fix --val`` make them, the
     held-out signals of every candidate (tools/suite_signals.py), and the candidates calibrated on all of
     ``calib`` (what either fix writes)."""
-    from vsonnx.choose import rank
-    from vsonnx.recalibrate import FixOptions, candidate_models
-
     label_free, split, ranking = label_free_choice(path, calib, threads)
     signals = suite_signals.measure(name, split, threads, ROOT / "runs" / "suite-signals")
     signals["fix_scores"] = fix_scores(ranking, split.names)
-    full = candidate_models(path, calib, FixOptions.of(threads=threads, device="cpu"))
-    labelled = rank(full.original, full.models, val, label_free=False, batch_size=full.batch_size, device="cpu",
-                    threads=threads)
-    chosen = {"label-free": label_free,
-              "labelled": full.names[k] if (k := labelled.best()) is not None else "original"}
-    signals["val_top1"] = dict(zip(["original", *full.names], (round(v, 2) for v in labelled.scores)))
-    return chosen, signals, list(zip(full.names, full.models))
+    labelled, full, by_top1 = labelled_choice(path, calib, val, threads)
+    signals["val_top1"] = dict(zip(["original", *full.names], (round(v, 2) for v in by_top1.scores)))
+    return {"label-free": label_free, "labelled": labelled}, signals, list(zip(full.names, full.models))
 
 
 def fix_scores(ranking, names: list[str]) -> dict:
@@ -149,8 +153,8 @@ def fix_scores(ranking, names: list[str]) -> dict:
 
 
 def choose_again(data: Path, names: list[str], threads: int | None, results: Path = RESULTS) -> None:
-    """Make the label-free choice of each evaluated member again with the current vsonnx.choose (its
-    candidates' test top-1 are kept in ``results``: only the held-out ranking is rerun), rewriting
+    """Make the label-free and the labelled choice of each evaluated member again with the current
+    vsonnx.choose (its candidates' test top-1 are kept in ``results``: only the rankings are rerun), rewriting
     ``results`` and SUITE.md after each member."""
     from vsonnx.data import ArraySource
     from vsonnx.model import load_model
@@ -162,15 +166,18 @@ def choose_again(data: Path, names: list[str], threads: int | None, results: Pat
             continue
         path = SUITE / f"{name}.onnx"
         model = load_model(path)
-        calib_x, _, _ = split_training_images(model, data)
+        calib_x, val_x, val_y = split_training_images(model, data)
         calib = ArraySource.from_arrays(model, calib_x, None, shuffle=False, name="calibration images")
-        chosen, split, ranking = label_free_choice(path, calib, threads)
-        entry["chosen"]["label-free"] = chosen
+        val = ArraySource.from_arrays(model, val_x, val_y, shuffle=False, name="validation images")
+        label_free, split, ranking = label_free_choice(path, calib, threads)
         entry["signals"]["fix_scores"] = fix_scores(ranking, split.names)
         entry["signals"].pop("fix_ce", None)
-        entry["top1"]["label-free"] = {**entry["candidates_top1"], **entry["top1"]}[chosen]
+        labelled, _, _ = labelled_choice(path, calib, val, threads)
+        entry["chosen"] = {"label-free": label_free, "labelled": labelled}
+        every = {**entry["candidates_top1"], **entry["top1"]}
+        entry["top1"].update({column: every[choice] for column, choice in entry["chosen"].items()})
         write_results(results, done)
-        print(f"[suite] {name}: label-free {chosen} {entry['top1']['label-free']}", flush=True)
+        print(f"[suite] {name}: {entry['chosen']} {entry['top1']}", flush=True)
 
 
 def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int | None, masks: int,

@@ -4,9 +4,10 @@ the digest of statistics written into provenance).
 JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever added):
   model, output (str|null), written (bool), message (str), method (label of the method whose constants were
   written, or that was asked for when nothing was), chosen (candidate written, or null), samples (int),
-  provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_ensemble}] (the score
-  of the criterion used, the other null), criterion ("top1", "ensemble_disagreement", "ensemble_mse" or
-  null), val_samples (images the candidates were ranked on, or null),
+  provider, seconds, passes, refused {bn: "N: reason"}, candidates [{name, val_top1, val_ensemble}] (top-1
+  with labels, else null; share disagreeing with the dropout ensemble's classes, or the distance for --loss
+  mse), criterion ("top1", "ensemble_disagreement", "ensemble_mse" or null), val_samples (images the
+  candidates were ranked on, or null),
   batchnorms [{name, site (the site's path, "downstream", or "none" for a BN --all re-estimates with no site
   before it), old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str],
   folded [layer]: Conv/Gemm layers whose folded BN was corrected relative to its lost statistics (named sites).

@@ -393,29 +393,31 @@ def _screened(candidate: Candidate, expected: list[str] = ()) -> tuple[Candidate
 
 def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | None:
     """Rank the original and every candidate on the validation data (vsonnx.choose); the best candidate, or
-    None when the original is at least as good."""
-    from .choose import rank
+    None when the original is at least as good. With labels, the label-free choice on the same images is the
+    prior that labels must beat."""
+    from .choose import choose
 
     o = job.options
     source = job.val_source or open_source(o.choice.val, job.model, shuffle=True, seed=0, limit=o.choice.val_limit,
                                            preprocess=o.preprocess)
     models = [_with_candidate(job.model, c) for c in candidates]
+    names = [c.name for c in candidates]
     distill = {**REGISTRY["distill"].settings, **o.method.settings.get("distill", {})}
     r = o.runtime
-    ranking = rank(job.model, models, source, label_free=o.choice.val_split is not None, masks=o.choice.val_masks,
-                   seed=o.data.seed, channelwise=job.scan.channelwise_dropouts,
-                   scores=(distill["scores"], distill["loss"]), batch_size=r.batch_size, device=r.device,
-                   threads=r.threads, progress=r.progress)
-    key, other = ("val_top1", "val_ensemble") if ranking.criterion == "top1" else ("val_ensemble", "val_top1")
+    chosen = choose(job.model, models, names, source, label_free=o.choice.val_split is not None,
+                    masks=o.choice.val_masks, seed=o.data.seed, channelwise=job.scan.channelwise_dropouts,
+                    scores=(distill["scores"], distill["loss"]), batch_size=r.batch_size, device=r.device,
+                    threads=r.threads, progress=r.progress)
+    ranking, unlabelled = chosen.ranking, chosen.unlabelled
     job.report.criterion = ranking.criterion
-    job.report.candidates = [{"name": name, key: float(score), other: None} for name, score in
-                             zip(["original"] + [c.name for c in candidates], ranking.scores)]
+    job.report.candidates = [
+        {"name": name, "val_top1": float(ranking.scores[k]) if ranking.criterion == "top1" else None,
+         "val_ensemble": float(unlabelled.scores[k])} for k, name in enumerate(["original", *names])]
     for c, score in zip(candidates, ranking.scores[1:]):
         c.score = score
     job.report.val_samples = ranking.samples
-    best, why = ranking.choice([c.name for c in candidates])
-    job.report.warnings += [why] if why else []
-    return None if best is None else candidates[best]
+    job.report.warnings += [chosen.why] if chosen.why else []
+    return None if chosen.index is None else candidates[chosen.index]
 
 
 def _label(candidate: Candidate) -> str:
