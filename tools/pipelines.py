@@ -292,7 +292,7 @@ def timm_models(folder: Path, x_stats: np.ndarray) -> list[tuple]:
 def row(pipeline, network, command, report, folded, fixed, before, ref, framework, labels=None) -> dict:
     """One table row; ``labels`` (a trained network's test labels) add top-1 of the fixed model, of the
     framework's reference and of the model before the fix."""
-    restored = next((w for w in report.warnings if w.startswith("restored")), None)
+    restored = next((w for w in report.warnings if "vsonnx.dropouts metadata" in w and "; restored" in w), None)
     top1 = None if labels is None else {k: round(100 * float(np.mean(v.argmax(1) == labels)), 2)
                                          for k, v in (("fixed", fixed), ("reference", ref), ("unfixed", before))}
     return {"top1": top1, "pipeline": pipeline, "network": network, "command": command, "written": report.written,
