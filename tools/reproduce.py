@@ -57,7 +57,7 @@ def reproducible_command(train_card: dict, name: str) -> str:
 
 # Card key of every method of the registry that the cards measure (the data-free ones under their CLI name),
 # and the label-free choice (`fix --val-split`: candidates calibrated on 80% of the calibration images,
-# ranked by cross-entropy against the dropout ensemble's classes on the other 20%).
+# chosen on the other 20% by agreement with the dropout ensemble's classes: vsonnx.choose).
 CARD_NAMES = {**{m: m for m in CALIBRATED}, "synthesized": "data-free", "closed_form": "data-free-closed-form"}
 LABEL_FREE = "label-free-choice"
 VAL_SPLIT = 0.2
@@ -348,8 +348,9 @@ RESULTS_INTRO = [
     "the stored statistics instead of replacing them. The distill fix (`--method distill`, 200 steps) fits the",
     "BN constants so that the network with dropout off matches its own dropout ensemble (no labels). The",
     f"label-free choice (`--val-split {VAL_SPLIT}`) calibrates every method on {1 - VAL_SPLIT:.0%} of the calibration images",
-    "and ranks them by cross-entropy against the dropout ensemble's classes (8 masks) on the other "
-    f"{VAL_SPLIT:.0%}: relative unless a candidate is better with a paired 95% test, or nothing; the chosen",
+    "and ranks them by agreement with the dropout ensemble's classes (8 masks) on the other "
+    f"{VAL_SPLIT:.0%}: population where population agrees less than the original (an ensemble not trusted), else",
+    "relative unless a candidate agrees more with a paired 95% test, or nothing; the chosen",
     "method is then run again on all 5,000 images.",
     "\"Gap closed\" = (error before - error after) /",
     "(error before - error of the no-dropout twin trained with the same recipe); the paper's column uses its",
