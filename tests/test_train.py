@@ -165,11 +165,11 @@ def test_which_method_when_counts_winners_and_gaps_per_situation():
                          entry("m2", "b", [60, 61, 62, 61.5, 60, 61.5, 62]),  # relative best
                          {"name": "t", "half": "twin", "placement": "none", "noise": "dropout", "top1": {}}])
     by_label = {r.split(" | ")[0].lstrip("| "): r for r in rows[2:]}
-    assert by_label["dropout right before BN (placement a)"].split(" | ")[1:4] == ["1", "`--method distill`",
-                                                                                   "distill 1"]
+    assert by_label["dropout right before BN (placement a)"].split(" | ")[1:4] == [
+        "1", "`--method distill` (worst +0.00)", "distill 1"]
     every = by_label["every member"].split(" | ")
     # use: the best median gap, distill (-0.25) before relative (-1.00)
-    assert every[1:4] == ["2", "`--method distill`", "relative 1, distill 1"]
+    assert every[1:4] == ["2", "`--method distill` (worst -0.50)", "relative 1, distill 1"]
     # medians over the two members: batch (-4, -2) -> -3; distill (0, -0.5) -> -0.25; label-free (-2, -0.5)
     assert every[4] == "-3.00 / -2.00 / -1.00 / -0.25 / -3.50"
     assert every[5] == "-1.25, -2.00" and every[6].rstrip(" |") == "+0.00, +0.00"

@@ -305,7 +305,7 @@ def which_method(entries: list[dict]) -> list[str]:
     """'Which method when' from the evaluated members with dropout (both halves): per situation how often each
     single method is the best, each one's median gap to the best, and the choices' median and worst gaps."""
     rows = [e for e in entries if e["half"] != "twin" and all(k in e["top1"] for k in SINGLE)]
-    lines = ["| situation | members | use (best median) | best (times) | median gap to the best: "
+    lines = ["| situation | members | use (best median gap) | best (times) | median gap to the best: "
              + " / ".join(SINGLE) + " | label-free choice: median, worst | labelled choice: median, worst |",
              "|---|---|---|---|---|---|---|"]
     for label, belongs in SITUATIONS:
@@ -318,7 +318,8 @@ def which_method(entries: list[dict]) -> list[str]:
         use = max(SINGLE, key=lambda m: (np.median(gaps[m]), min(gaps[m])))
         median = " / ".join(f"{np.median(gaps[m]):+.2f}" for m in SINGLE)
         choice = [f"{np.median(gaps[c]):+.2f}, {min(gaps[c]):+.2f}" for c in ("label-free", "labelled")]
-        lines.append(f"| {label} | {len(group)} | `--method {use}` | {counts} | {median} | {choice[0]} | {choice[1]} |")
+        lines.append(f"| {label} | {len(group)} | `--method {use}` (worst {min(gaps[use]):+.2f}) | {counts} | {median} "
+                     f"| {choice[0]} | {choice[1]} |")
     return lines
 
 
