@@ -4,7 +4,7 @@
     python tools/suite.py assign                                   # models/suite/halves.json (seeded, first)
     python tools/suite.py train --data ../shared/data/cifar10      # train what is missing, one after another
     python tools/suite.py evaluate --data ../shared/data/cifar10   # models/suite.json and models/SUITE.md
-    python tools/suite.py choose --data ../shared/data/cifar10     # the label-free choice again (vsonnx.choose)
+    python tools/suite.py choose --data ../shared/data/cifar10     # both choices again (vsonnx.choose)
     python tools/suite.py tables                                   # SUITE.md, README's "Which method when"
 
 Members and their training arguments are in ``tools/suite_members.py``. Each trained member lands in
@@ -72,10 +72,10 @@ def train(data: Path, names: list[str], runs: Path) -> None:
               flush=True)
 
 
-def split_training_images(model, data: Path) -> tuple:
-    """(calibration x, validation x, validation y): 5,000 + 2,000 disjoint shuffled training images (seed 0),
-    preprocessed for ``model`` once."""
-    from vsonnx.data import open_source
+def training_sources(model, data: Path) -> tuple:
+    """(calibration source, labelled validation source): 5,000 + 2,000 disjoint shuffled training images
+    (seed 0), preprocessed for ``model`` once."""
+    from vsonnx.data import ArraySource, open_source
 
     source = open_source(data / "train", model, shuffle=True, seed=0, limit=CALIB_SAMPLES + VAL_SAMPLES)
     xs, ys = [], []
@@ -83,7 +83,9 @@ def split_training_images(model, data: Path) -> tuple:
         xs.append(next(iter(batch.feeds.values())))
         ys.append(batch.labels)
     x, y = np.concatenate(xs), np.concatenate(ys)
-    return x[:CALIB_SAMPLES], x[CALIB_SAMPLES:], y[CALIB_SAMPLES:]
+    return (ArraySource.from_arrays(model, x[:CALIB_SAMPLES], None, shuffle=False, name="calibration images"),
+            ArraySource.from_arrays(model, x[CALIB_SAMPLES:], y[CALIB_SAMPLES:], shuffle=False,
+                                    name="validation images"))
 
 
 def ensemble_top1(model, test, masks: int, threads: int | None, channelwise) -> float:
@@ -110,38 +112,29 @@ def describe_member(name: str, report) -> dict:
             "sites": len(report.sites), "site_paths": sorted({b.path for b in report.sites})}
 
 
-def label_free_choice(path: Path, calib, threads: int | None) -> tuple[str, object, object]:
-    """The candidate ``fix --val-split 0.2`` writes (or "original"): the same candidates, calibrated as the fix
-    does, ranked and chosen with vsonnx.choose; with the split candidates and the ranking."""
+def fix_choice(path: Path, calib, val, threads: int | None) -> tuple[str, object, object]:
+    """The candidate the fix writes (or "original"): ``fix --val-split 0.2`` where ``val`` is None, else
+    ``fix --val`` on ``val``; the same candidates, calibrated as the fix does, chosen with vsonnx.choose. With
+    the candidates and the ranking by the criterion used."""
     from vsonnx.choose import choose
     from vsonnx.recalibrate import FixOptions, candidate_models
 
-    split = candidate_models(path, calib, FixOptions.of(val_split=VAL_SPLIT, threads=threads, device="cpu"))
-    chosen = choose(split.original, split.models, split.names, split.held_out, label_free=True,
-                    batch_size=split.batch_size, channelwise=split.channelwise, device="cpu", threads=threads)
-    return (split.names[chosen.index] if chosen.index is not None else "original"), split, chosen.ranking
-
-
-def labelled_choice(path: Path, calib, val, threads: int | None) -> tuple[str, object, object]:
-    """The candidate ``fix --val`` on labelled ``val`` writes (or "original"), with the candidates calibrated
-    on all of ``calib`` and the top-1 ranking."""
-    from vsonnx.choose import choose
-    from vsonnx.recalibrate import FixOptions, candidate_models
-
-    full = candidate_models(path, calib, FixOptions.of(threads=threads, device="cpu"))
-    chosen = choose(full.original, full.models, full.names, val, label_free=False, batch_size=full.batch_size,
-                    channelwise=full.channelwise, device="cpu", threads=threads)
-    return (full.names[chosen.index] if chosen.index is not None else "original"), full, chosen.ranking
+    split = None if val is not None else VAL_SPLIT
+    got = candidate_models(path, calib, FixOptions.of(val_split=split, threads=threads, device="cpu"))
+    chosen = choose(got.original, got.models, got.names, got.held_out if val is None else val,
+                    label_free=val is None, batch_size=got.batch_size, channelwise=got.channelwise, device="cpu",
+                    threads=threads)
+    return (got.names[chosen.index] if chosen.index is not None else "original"), got, chosen.ranking
 
 
 def choices(path: Path, calib, val, threads: int | None, name: str) -> tuple[dict, dict, list]:
     """The label-free and the labelled choice as ``fix --val-split 0.2`` and ``fix --val`` make them, the
     held-out signals of every candidate (tools/suite_signals.py), and the candidates calibrated on all of
     ``calib`` (what either fix writes)."""
-    label_free, split, ranking = label_free_choice(path, calib, threads)
+    label_free, split, ranking = fix_choice(path, calib, None, threads)
     signals = suite_signals.measure(name, split, threads, ROOT / "runs" / "suite-signals")
     signals["fix_scores"] = fix_scores(ranking, split.names)
-    labelled, full, by_top1 = labelled_choice(path, calib, val, threads)
+    labelled, full, by_top1 = fix_choice(path, calib, val, threads)
     signals["val_top1"] = dict(zip(["original", *full.names], (round(v, 2) for v in by_top1.scores)))
     return {"label-free": label_free, "labelled": labelled}, signals, list(zip(full.names, full.models))
 
@@ -156,7 +149,6 @@ def choose_again(data: Path, names: list[str], threads: int | None, results: Pat
     """Make the label-free and the labelled choice of each evaluated member again with the current
     vsonnx.choose (its candidates' test top-1 are kept in ``results``: only the rankings are rerun), rewriting
     ``results`` and SUITE.md after each member."""
-    from vsonnx.data import ArraySource
     from vsonnx.model import load_model
 
     done = {e["name"]: e for e in json.loads(results.read_text())}
@@ -165,14 +157,11 @@ def choose_again(data: Path, names: list[str], threads: int | None, results: Pat
         if entry is None or "candidates_top1" not in entry:
             continue
         path = SUITE / f"{name}.onnx"
-        model = load_model(path)
-        calib_x, val_x, val_y = split_training_images(model, data)
-        calib = ArraySource.from_arrays(model, calib_x, None, shuffle=False, name="calibration images")
-        val = ArraySource.from_arrays(model, val_x, val_y, shuffle=False, name="validation images")
-        label_free, split, ranking = label_free_choice(path, calib, threads)
+        calib, val = training_sources(load_model(path), data)
+        label_free, split, ranking = fix_choice(path, calib, None, threads)
         entry["signals"]["fix_scores"] = fix_scores(ranking, split.names)
         entry["signals"].pop("fix_ce", None)
-        labelled, _, _ = labelled_choice(path, calib, val, threads)
+        labelled, _, _ = fix_choice(path, calib, val, threads)
         entry["chosen"] = {"label-free": label_free, "labelled": labelled}
         every = {**entry["candidates_top1"], **entry["top1"]}
         entry["top1"].update({column: every[choice] for column, choice in entry["chosen"].items()})
@@ -187,7 +176,7 @@ def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int 
     labelled training images chooses, or the original where it writes nothing); ensemble64 is kept from
     ``previous`` (an earlier evaluation with as many masks)."""
     from vsonnx.accuracy import run_scorers
-    from vsonnx.data import ArraySource, open_source
+    from vsonnx.data import open_source
     from vsonnx.model import load_model
     from vsonnx.recalibrate import FixOptions, fix_data_free
     from vsonnx.sites import find_sites
@@ -196,12 +185,10 @@ def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int 
     model = load_model(path)
     report = find_sites(model, str(path))
     entry = describe_member(name, report)
-    calib_x, val_x, val_y = split_training_images(model, data)
     test = open_source(data / "test", model, shuffle=False, limit=test_limit)
     models, seconds, chosen = {"original": model}, {}, {}
     if report.sites:
-        calib = ArraySource.from_arrays(model, calib_x, None, shuffle=False, name="calibration images")
-        val = ArraySource.from_arrays(model, val_x, val_y, shuffle=False, name="validation images")
+        calib, val = training_sources(model, data)
         t0 = time.perf_counter()
         chosen, entry["signals"], candidates = choices(path, calib, val, threads, name)
         seconds["candidates"] = round(time.perf_counter() - t0, 1)
@@ -354,7 +341,7 @@ def main(argv=None) -> None:
     e.add_argument("--test-limit", type=int, default=None, help="first N test images (default: all 10,000)")
     e.add_argument("--masks", type=int, default=ENSEMBLE_MASKS, help="dropout masks of the ensemble")
     e.add_argument("--results", type=Path, default=RESULTS, help="JSON written (SUITE.md goes beside it)")
-    c = sub.add_parser("choose", help="make the label-free choice of evaluated members again (vsonnx.choose)")
+    c = sub.add_parser("choose", help="make the label-free and labelled choices of evaluated members again")
     c.add_argument("--data", type=Path, required=True)
     c.add_argument("--only", default=None, help="comma-separated member names")
     c.add_argument("--threads", type=int, default=None)
