@@ -175,6 +175,25 @@ def test_which_method_when_counts_winners_and_gaps_per_situation():
     assert every[5] == "-1.25, -2.00" and every[6].rstrip(" |") == "+0.00, +0.00"
 
 
+def test_choices_per_half_give_what_the_check_half_must_meet():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite import choices_per_half
+
+    def entry(half, original, single, label_free, labelled):
+        return {"half": half, "top1": {"original": original, **dict(zip(SINGLE_METHODS, single)),
+                                       "label-free": label_free, "labelled": labelled}}
+
+    rows = choices_per_half([entry("check", 50, [55, 56, 57, 58, 54], 57.5, 58),    # gaps -0.5, 0
+                             entry("check", 60, [59, 59, 59, 59, 59], 59, 58.95),   # below the original
+                             entry("check", 40, [45, 45, 45, 46, 45], 46, 45.8),    # gaps 0, -0.2
+                             entry("twin", 40, [40] * 5, 40, 40)])
+    assert len(rows) == 3  # header, rule, the check half (no design members, twins never counted)
+    assert rows[2] == "| check | 3 | +0.00, -0.50 | 1 of 3 | -0.05, -0.20 | 2 of 3 |"
+
+
+SINGLE_METHODS = ("batch", "population", "relative", "distill", "data-free")
+
+
 def test_trusted_agreement_falls_back_to_population_where_the_ensemble_disagrees_with_the_data():
     sys.path.insert(0, str(ROOT / "tools"))
     from suite_signals import compare_rules, trusted_agreement

@@ -272,10 +272,32 @@ def suite_markdown(entries: list[dict]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     evaluated = [e for e in entries if e["half"] != "twin"]
-    lines += ["## Which method when", "",
+    lines += ["## The choices per half", "", *choices_per_half(entries), "",
+              "## Which method when", "",
               f"From the {len(evaluated)} evaluated member(s) with dropout, both halves; gap = top-1 minus the best "
               "single method's top-1 on the same member (points).", "", *which_method(entries), ""]
     return "\n".join(lines)
+
+
+def choices_per_half(entries: list[dict]) -> list[str]:
+    """Per half, the label-free and labelled choices against the best single method (gap, points) and against
+    the original: what issue 23 asks of the check half (label-free median >= -0.2, worst >= -0.5, never below
+    the original; labelled within 0.1 of the best)."""
+    lines = ["| half | members | label-free gap: median, worst | label-free below the original | labelled gap: "
+             "median, worst | labelled within 0.1 of the best |", "|---|---|---|---|---|---|"]
+    for half in ("design", "check"):
+        group = [e for e in entries if e["half"] == half and all(k in e["top1"] for k in (*SINGLE, "label-free",
+                                                                                          "labelled"))]
+        if not group:
+            continue
+        cells = [half, str(len(group))]
+        for column in ("label-free", "labelled"):
+            gaps = [gap(e, column) for e in group]
+            cells.append(f"{np.median(gaps):+.2f}, {min(gaps):+.2f}")
+            cells.append(f"{sum(e['top1'][column] < e['top1']['original'] for e in group)} of {len(group)}"
+                         if column == "label-free" else f"{sum(g >= -0.1 for g in gaps)} of {len(group)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 SITUATIONS = (
