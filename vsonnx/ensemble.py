@@ -10,8 +10,8 @@
   fetching the scores; ``probabilities(feeds, masks)`` averages softmax(scores) over ``masks`` runs.
 - ``ensemble_divergence``: how far each candidate model is from the ensemble on data without labels.
 - ``divergence``: per-sample KL(p || softmax(scores)) = sum_c p_c (log p_c - log q_c) (softmax over axis 1,
-  summed over it and averaged over any further axes), the cross-entropy against the ensemble's class
-  -log q_(argmax p) (``ce``), or the mean squared difference for ``mse``.
+  summed over it and averaged over any further axes), disagreement with the ensemble's class
+  [argmax q != argmax p] (``disagree``), or the mean squared difference for ``mse``.
 """
 from __future__ import annotations
 

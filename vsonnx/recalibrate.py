@@ -5,8 +5,8 @@ provenance):
 - ``fix_calibrated(model, calib, method)``: a calibrated method of the registry (vsonnx.methods: batch,
   population, relative, distill). With ``val`` (or ``val_split``) every calibrated method is a candidate,
   population and relative with their interpolation families (vsonnx.choose); the best by validation top-1
-  (labelled ``val``) or, without labels, by cross-entropy against the dropout ensemble's classes is written, nothing when the
-  original is best (unless ``force``).
+  (labelled ``val``) or, without labels, by how rarely it disagrees with the dropout ensemble's classes is
+  written (vsonnx.choose), nothing when the original is best (unless ``force``).
 - ``fix_data_free(model)``: ``synthesized`` (inputs synthesised from the BN statistics, every BN in scope),
   or with ``synthetic=0`` ``closed_form`` (the paper's formulas, sites only). With ``val`` the correction is
   written only when it beats the original.
