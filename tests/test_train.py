@@ -178,9 +178,10 @@ def test_which_method_when_counts_winners_and_gaps_per_situation():
 def test_choices_per_half_give_what_the_check_half_must_meet():
     sys.path.insert(0, str(ROOT / "tools"))
     from suite import choices_per_half
+    from suite_signals import SINGLE
 
     def entry(half, original, single, label_free, labelled):
-        return {"half": half, "top1": {"original": original, **dict(zip(SINGLE_METHODS, single)),
+        return {"half": half, "top1": {"original": original, **dict(zip(SINGLE, single)),
                                        "label-free": label_free, "labelled": labelled}}
 
     rows = choices_per_half([entry("check", 50, [55, 56, 57, 58, 54], 57.5, 58),    # gaps -0.5, 0
@@ -189,9 +190,6 @@ def test_choices_per_half_give_what_the_check_half_must_meet():
                              entry("twin", 40, [40] * 5, 40, 40)])
     assert len(rows) == 3  # header, rule, the check half (no design members, twins never counted)
     assert rows[2] == "| check | 3 | +0.00, -0.50 | 1 of 3 | -0.05, -0.20 | 2 of 3 |"
-
-
-SINGLE_METHODS = ("batch", "population", "relative", "distill", "data-free")
 
 
 def test_trusted_agreement_falls_back_to_population_where_the_ensemble_disagrees_with_the_data():

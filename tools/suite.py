@@ -290,12 +290,11 @@ def choices_per_half(entries: list[dict]) -> list[str]:
                                                                                           "labelled"))]
         if not group:
             continue
-        cells = [half, str(len(group))]
-        for column in ("label-free", "labelled"):
-            gaps = [gap(e, column) for e in group]
-            cells.append(f"{np.median(gaps):+.2f}, {min(gaps):+.2f}")
-            cells.append(f"{sum(e['top1'][column] < e['top1']['original'] for e in group)} of {len(group)}"
-                         if column == "label-free" else f"{sum(g >= -0.1 for g in gaps)} of {len(group)}")
+        free, labelled = ([gap(e, column) for e in group] for column in ("label-free", "labelled"))
+        below = sum(e["top1"]["label-free"] < e["top1"]["original"] for e in group)
+        within = sum(g >= -0.1 for g in labelled)
+        cells = [half, str(len(group)), f"{np.median(free):+.2f}, {min(free):+.2f}", f"{below} of {len(group)}",
+                 f"{np.median(labelled):+.2f}, {min(labelled):+.2f}", f"{within} of {len(group)}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
