@@ -5,6 +5,7 @@
     python tools/suite.py train --data ../shared/data/cifar10      # train what is missing, one after another
     python tools/suite.py evaluate --data ../shared/data/cifar10   # models/suite.json and models/SUITE.md
     python tools/suite.py choose --data ../shared/data/cifar10     # both choices again (vsonnx.choose)
+    python tools/suite.py resolve --data ../shared/data/cifar10    # paired test intervals of the choices' gaps
     python tools/suite.py tables                                   # SUITE.md, README's "Which method when"
 
 Members and their training arguments are in ``tools/suite_members.py``. Each trained member lands in
@@ -25,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import suite_resolution  # noqa: E402
 import suite_signals  # noqa: E402
 from suite_members import HALVES_SEED, MEMBERS, TRAIN_THREADS, TWINS, arch_of, halves  # noqa: E402
 from readme_block import replace_block, wrap  # noqa: E402
@@ -163,10 +165,31 @@ def choose_again(data: Path, names: list[str], threads: int | None, results: Pat
         entry["signals"].pop("fix_ce", None)
         labelled, _, _ = fix_choice(path, calib, val, threads)
         entry["chosen"] = {"label-free": label_free, "labelled": labelled}
+        entry.pop("gap_interval", None)
         every = {**entry["candidates_top1"], **entry["top1"]}
         entry["top1"].update({column: every[choice] for column, choice in entry["chosen"].items()})
         write_results(results, done)
         print(f"[suite] {name}: {entry['chosen']} {entry['top1']}", flush=True)
+
+
+def resolve(data: Path, names: list[str], threads: int | None, results: Path = RESULTS) -> None:
+    """Store each evaluated member's ``gap_interval`` (tools/suite_resolution.py: the paired 95% interval of
+    each choice's gap on the test images), rewriting ``results`` and SUITE.md after each member."""
+    from vsonnx.data import open_source
+    from vsonnx.model import load_model
+
+    done = {e["name"]: e for e in json.loads(results.read_text())}
+    for name in names:
+        entry = done.get(name)
+        if entry is None or "candidates_top1" not in entry or "gap_interval" in entry:
+            continue
+        path = SUITE / f"{name}.onnx"
+        model = load_model(path)
+        calib, _ = training_sources(model, data)
+        test = open_source(data / "test", model, shuffle=False, limit=entry["test_samples"])
+        entry["gap_interval"] = suite_resolution.measure(entry, path, calib, test, threads)
+        write_results(results, done)
+        print(f"[suite] {name}: {entry['gap_interval']}", flush=True)
 
 
 def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int | None, masks: int,
@@ -273,6 +296,11 @@ def suite_markdown(entries: list[dict]) -> str:
         lines.append("")
     evaluated = [e for e in entries if e["half"] != "twin"]
     lines += ["## The choices per half", "", *choices_per_half(entries), "",
+              "## How finely the test images resolve the gaps", "",
+              wrap("Per member and choice with a gap to the best single method: the gap (points) with its paired "
+                   "95% interval on the same test images (`python tools/suite.py resolve`, "
+                   "tools/suite_resolution.py). Resolved: the interval excludes 0.", indent=""), "",
+              *suite_resolution.resolution_table(entries), "",
               "## Which method when", "",
               f"From the {len(evaluated)} evaluated member(s) with dropout, both halves; gap = top-1 minus the best "
               "single method's top-1 on the same member (points).", "", *which_method(entries), ""]
@@ -362,11 +390,13 @@ def main(argv=None) -> None:
     e.add_argument("--test-limit", type=int, default=None, help="first N test images (default: all 10,000)")
     e.add_argument("--masks", type=int, default=ENSEMBLE_MASKS, help="dropout masks of the ensemble")
     e.add_argument("--results", type=Path, default=RESULTS, help="JSON written (SUITE.md goes beside it)")
-    c = sub.add_parser("choose", help="make the label-free and labelled choices of evaluated members again")
-    c.add_argument("--data", type=Path, required=True)
-    c.add_argument("--only", default=None, help="comma-separated member names")
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--results", type=Path, default=RESULTS, help="JSON rewritten (SUITE.md goes beside it)")
+    for step, what in (("choose", "make the label-free and labelled choices of evaluated members again"),
+                       ("resolve", "paired 95% test intervals of the choices' gaps to the best single method")):
+        c = sub.add_parser(step, help=what)
+        c.add_argument("--data", type=Path, required=True)
+        c.add_argument("--only", default=None, help="comma-separated member names")
+        c.add_argument("--threads", type=int, default=None)
+        c.add_argument("--results", type=Path, default=RESULTS, help="JSON rewritten (SUITE.md goes beside it)")
     args = p.parse_args(argv)
     if args.step == "assign":
         print(assign())
@@ -381,6 +411,8 @@ def main(argv=None) -> None:
             train(args.data, names, args.runs)
         elif args.step == "choose":
             choose_again(args.data, names, args.threads, args.results)
+        elif args.step == "resolve":
+            resolve(args.data, names, args.threads, args.results)
         else:
             evaluate(args.data, names, args.threads, args.test_limit, args.masks, args.results)
 
