@@ -207,3 +207,51 @@ def test_trusted_agreement_falls_back_to_population_where_the_ensemble_disagrees
     assert (rule(healthy), rule(stale)) == ("distill", "population")
     (name, median, worst, mean), = compare_rules([healthy, stale], [rule])
     assert (median, worst) == (0.0, 0.0)
+
+
+def test_suite_resolution_is_the_paired_interval_of_the_stored_models(setup):
+    """measure recalibrates the candidates, checks their stored top-1 and gives the gap's paired 95% interval,
+    checked against hits counted with a plain onnxruntime session (graph optimisations off)."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_resolution import measure, needed, resolution_table
+
+    from vsonnx.data.sources import open_source
+    from vsonnx.model import load_model
+    from vsonnx.recalibrate import FixOptions, candidate_models
+
+    from conftest import cnn_with_sites, save
+
+    tmp, _ = setup
+    model_path = save(cnn_with_sites(seed=3), tmp / "m3.onnx")  # its candidates' classes differ (seed 0's do not)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((400, 3, 8, 8)) + 0.3).astype(np.float32)
+    got = candidate_models(model_path, tmp / "calib.npz", FixOptions.of(threads=1, device="cpu"))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    logits = {n: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+              .run(None, {"x": x})[0] for n, m in zip(got.names, got.models)}
+    y = np.where(rng.random(400) < 0.5, logits["relative"].argmax(1), rng.integers(0, 5, 400))
+    np.savez(tmp / "test.npz", x=x, y=y)
+    hits = {n: (v.argmax(1) == y).astype(np.float64) for n, v in logits.items()}
+    top1 = {n: round(100 * h.mean(), 2) for n, h in hits.items()}
+    best = max(("batch", "population", "relative", "distill"), key=top1.__getitem__)
+    chosen = min(top1, key=top1.__getitem__)
+    assert top1[chosen] < top1[best], top1
+    entry = {"name": "m", "half": "check", "top1": {m: top1[m] for m in ("batch", "population", "relative", "distill")},
+             "candidates_top1": top1, "chosen": {"label-free": chosen, "labelled": best}}
+    assert needed(entry) == {"label-free": (chosen, best)}  # the labelled choice is the best: no interval
+    test = open_source(tmp / "test.npz", load_model(model_path), shuffle=False)
+    got_interval = measure(entry, Path(model_path), tmp / "calib.npz", test, threads=1)
+    d = hits[chosen] - hits[best]
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    np.testing.assert_allclose(got_interval["label-free"], 100 * np.array([d.mean(), d.mean() - half,
+                                                                          d.mean() + half]), atol=0.006)
+    entry["gap_interval"] = got_interval
+    row = resolution_table([entry])[2]
+    assert row.startswith(f"| m | check | label-free | {chosen} | {best} | ")
+    assert row.endswith(" | yes |") == (got_interval["label-free"][2] < 0)
+    entry["candidates_top1"] = {**top1, chosen: top1[chosen] + 0.5}  # not what the models score now
+    with pytest.raises(SystemExit, match="evaluate the member again"):
+        measure(entry, Path(model_path), tmp / "calib.npz", test, threads=1)

@@ -58,7 +58,7 @@ def measure(entry: dict, path: Path, calib, test, threads: int | None) -> dict[s
         if top1 != stored[n]:
             raise SystemExit(f"{entry['name']}: {n} scores {top1:.2f}% now, {stored[n]:.2f}% in models/suite.json; "
                              "evaluate the member again before measuring its resolution")
-    return {c: [round(v, 2) for v in paired_interval(scorers[best], scorers[chosen])]
+    return {c: [round(float(v), 2) for v in paired_interval(scorers[best], scorers[chosen])]
             for c, (chosen, best) in pairs.items()}
 
 
