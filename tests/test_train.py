@@ -180,16 +180,20 @@ def test_choices_per_half_give_what_the_check_half_must_meet():
     from suite import choices_per_half
     from suite_signals import SINGLE
 
-    def entry(half, original, single, label_free, labelled):
+    def entry(half, original, single, label_free, labelled, intervals=None):
         return {"half": half, "top1": {"original": original, **dict(zip(SINGLE, single)),
-                                       "label-free": label_free, "labelled": labelled}}
+                                       "label-free": label_free, "labelled": labelled},
+                **({"gap_interval": intervals} if intervals is not None else {})}
 
-    rows = choices_per_half([entry("check", 50, [55, 56, 57, 58, 54], 57.5, 58),    # gaps -0.5, 0
-                             entry("check", 60, [59, 59, 59, 59, 59], 59, 58.95),   # below the original
-                             entry("check", 40, [45, 45, 45, 46, 45], 46, 45.8),    # gaps 0, -0.2
-                             entry("twin", 40, [40] * 5, 40, 40)])
+    members = [entry("check", 50, [55, 56, 57, 58, 54], 57.5, 58, {"label-free": [-0.5, -0.8, -0.2]}),  # resolved
+               entry("check", 60, [59, 59, 59, 59, 59], 59, 58.95, {}),   # below the original
+               entry("check", 40, [45, 45, 45, 46, 45], 46, 45.8, {"labelled": [-0.2, -0.5, 0.1]}),  # not resolved
+               entry("twin", 40, [40] * 5, 40, 40)]
+    rows = choices_per_half(members)
     assert len(rows) == 3  # header, rule, the check half (no design members, twins never counted)
-    assert rows[2] == "| check | 3 | +0.00, -0.50 | 1 of 3 | -0.05, -0.20 | 2 of 3 |"
+    assert rows[2] == "| check | 3 | +0.00, -0.50 | 1 of 3 | -0.05, -0.20 | 2 of 3 | label-free 1, labelled 0 |"
+    del members[1]["gap_interval"]  # not measured yet: no count
+    assert choices_per_half(members)[2].endswith("| 2 of 3 | - |")
 
 
 def test_trusted_agreement_falls_back_to_population_where_the_ensemble_disagrees_with_the_data():

@@ -62,6 +62,14 @@ def measure(entry: dict, path: Path, calib, test, threads: int | None) -> dict[s
             for c, (chosen, best) in pairs.items()}
 
 
+def resolved_below(entries: list[dict]) -> str:
+    """'label-free N, labelled M': the members whose choice's paired interval lies below 0 ("-" where a member
+    has no measured interval yet)."""
+    if not all("gap_interval" in e for e in entries):
+        return "-"
+    return ", ".join(f"{c} {sum(e['gap_interval'].get(c, [0, 0, 0])[2] < 0 for e in entries)}" for c in CHOICES)
+
+
 def resolution_table(entries: list[dict]) -> list[str]:
     """SUITE.md's rows: per member and choice with a non-zero gap, the gap and its paired 95% interval."""
     lines = ["| member | half | choice | chose | best single method | gap | paired 95% interval | resolved |",
