@@ -74,12 +74,12 @@ def train(data: Path, names: list[str], runs: Path) -> None:
               flush=True)
 
 
-def training_sources(model, data: Path) -> tuple:
-    """(calibration source, labelled validation source): 5,000 + 2,000 disjoint shuffled training images
-    (seed 0), preprocessed for ``model`` once."""
+def training_sources(model, data: Path, val_samples: int = VAL_SAMPLES) -> tuple:
+    """(calibration source, labelled validation source): 5,000 + ``val_samples`` (2,000) disjoint shuffled
+    training images (seed 0), preprocessed for ``model`` once."""
     from vsonnx.data import ArraySource, open_source
 
-    source = open_source(data / "train", model, shuffle=True, seed=0, limit=CALIB_SAMPLES + VAL_SAMPLES)
+    source = open_source(data / "train", model, shuffle=True, seed=0, limit=CALIB_SAMPLES + val_samples)
     xs, ys = [], []
     for batch in source.batches(500):
         xs.append(next(iter(batch.feeds.values())))
@@ -147,10 +147,12 @@ def fix_scores(ranking, names: list[str]) -> dict:
             **dict(zip(["original", *names], (round(v, 5) for v in ranking.scores)))}
 
 
-def choose_again(data: Path, names: list[str], threads: int | None, results: Path = RESULTS) -> None:
+def choose_again(data: Path, names: list[str], threads: int | None, results: Path = RESULTS,
+                 val_samples: int = VAL_SAMPLES) -> None:
     """Make the label-free and the labelled choice of each evaluated member again with the current
     vsonnx.choose (its candidates' test top-1 are kept in ``results``: only the rankings are rerun), rewriting
-    ``results`` and SUITE.md after each member."""
+    ``results`` and SUITE.md after each member. ``val_samples``: labelled images of the labelled choice (a
+    study of how many it needs: write such a run to other ``results``)."""
     from vsonnx.model import load_model
 
     done = {e["name"]: e for e in json.loads(results.read_text())}
@@ -159,7 +161,7 @@ def choose_again(data: Path, names: list[str], threads: int | None, results: Pat
         if entry is None or "candidates_top1" not in entry:
             continue
         path = SUITE / f"{name}.onnx"
-        calib, val = training_sources(load_model(path), data)
+        calib, val = training_sources(load_model(path), data, val_samples)
         label_free, split, ranking = fix_choice(path, calib, None, threads)
         entry["signals"]["fix_scores"] = fix_scores(ranking, split.names)
         entry["signals"].pop("fix_ce", None)
@@ -402,6 +404,9 @@ def main(argv=None) -> None:
         c.add_argument("--only", default=None, help="comma-separated member names")
         c.add_argument("--threads", type=int, default=None)
         c.add_argument("--results", type=Path, default=RESULTS, help="JSON rewritten (SUITE.md goes beside it)")
+        if step == "choose":
+            c.add_argument("--val-samples", type=int, default=VAL_SAMPLES,
+                           help="labelled training images of the labelled choice (default %(default)s)")
     args = p.parse_args(argv)
     if args.step == "assign":
         print(assign())
@@ -415,7 +420,7 @@ def main(argv=None) -> None:
         if args.step == "train":
             train(args.data, names, args.runs)
         elif args.step == "choose":
-            choose_again(args.data, names, args.threads, args.results)
+            choose_again(args.data, names, args.threads, args.results, args.val_samples)
         elif args.step == "resolve":
             resolve(args.data, names, args.threads, args.results)
         else:
