@@ -176,9 +176,12 @@ def choose_again(data: Path, names: list[str], threads: int | None, results: Pat
 
 def resolve(data: Path, names: list[str], threads: int | None, results: Path = RESULTS) -> None:
     """Store each evaluated member's ``gap_interval`` (tools/suite_resolution.py: the paired 95% interval of
-    each choice's gap on the test images), rewriting ``results`` and SUITE.md after each member."""
+    each choice's gap on the test images) of the models ``evaluate`` scored, rebuilt: the candidates calibrated
+    on all of the calibration images (what either fix writes) and, where a gap needs it, data-free; rewriting
+    ``results`` and SUITE.md after each member."""
     from vsonnx.data import open_source
     from vsonnx.model import load_model
+    from vsonnx.recalibrate import FixOptions, candidate_models
 
     done = {e["name"]: e for e in json.loads(results.read_text())}
     for name in names:
@@ -186,15 +189,30 @@ def resolve(data: Path, names: list[str], threads: int | None, results: Path = R
         if entry is None or "candidates_top1" not in entry or "gap_interval" in entry:
             continue
         path = SUITE / f"{name}.onnx"
-        if suite_resolution.needed(entry):
+        pairs = suite_resolution.needed(entry)
+        if pairs:
             model = load_model(path)
             calib, _ = training_sources(model, data)
+            got = candidate_models(path, calib, FixOptions.of(threads=threads, device="cpu"))
+            models = {"original": got.original, **dict(zip(got.names, got.models))}
+            if any("data-free" in pair for pair in pairs.values()):
+                models["data-free"] = data_free_model(path, model, threads)
             test = open_source(data / "test", model, shuffle=False, limit=entry["test_samples"])
-            entry["gap_interval"] = suite_resolution.measure(entry, path, calib, test, threads)
+            entry["gap_interval"] = suite_resolution.measure(entry, models, test, threads)
         else:
             entry["gap_interval"] = {}  # every choice is the best single method
         write_results(results, done)
         print(f"[suite] {name}: {entry['gap_interval']}", flush=True)
+
+
+def data_free_model(path: Path, model, threads: int | None):
+    """What ``fix --data-free`` writes for the member at ``path`` (``model`` where it writes nothing)."""
+    from vsonnx.model import load_model
+    from vsonnx.recalibrate import FixOptions, fix_data_free
+
+    with tempfile.TemporaryDirectory(prefix="vsonnx-suite-") as tmp:
+        result = fix_data_free(path, FixOptions.of(output=Path(tmp) / "df.onnx", threads=threads, device="cpu"))
+        return load_model(result.output) if result.written else model
 
 
 def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int | None, masks: int,
@@ -206,7 +224,6 @@ def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int 
     from vsonnx.accuracy import run_scorers
     from vsonnx.data import open_source
     from vsonnx.model import load_model
-    from vsonnx.recalibrate import FixOptions, fix_data_free
     from vsonnx.sites import find_sites
 
     path = SUITE / f"{name}.onnx"
@@ -221,11 +238,9 @@ def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int 
         chosen, entry["signals"], candidates = choices(path, calib, val, threads, name)
         seconds["candidates"] = round(time.perf_counter() - t0, 1)
         models.update(candidates)
-        with tempfile.TemporaryDirectory(prefix="vsonnx-suite-") as tmp:
-            t0 = time.perf_counter()
-            result = fix_data_free(path, FixOptions.of(output=Path(tmp) / "df.onnx", threads=threads, device="cpu"))
-            seconds["data-free"] = round(time.perf_counter() - t0, 1)
-            models["data-free"] = load_model(result.output) if result.written else model
+        t0 = time.perf_counter()
+        models["data-free"] = data_free_model(path, model, threads)
+        seconds["data-free"] = round(time.perf_counter() - t0, 1)
     scorers = run_scorers(models, test, device="cpu", threads=threads)
     every = {k: round(s.report(k).top1, 2) for k, s in scorers.items()}
     entry["candidates_top1"] = {k: v for k, v in every.items() if k not in ("original", "data-free")}

@@ -5,16 +5,13 @@ the two models differ on a few percent of the images, and the paired 95% interva
 
     d_i = hit_choice,i - hit_best,i,   mean(d) +- 1.96 sd(d) / sqrt(n)   (vsonnx.accuracy.paired_interval),
 
-is then wider than the gap. ``measure`` recalibrates a member's candidates exactly as ``tools/suite.py
-evaluate`` did (all of the calibration images, one thread), checks that every model it scores reproduces the
-top-1 stored in models/suite.json (refuses otherwise: the interval would be of other models), and returns, per
-choice whose gap is not zero, the gap and its interval. Members whose choice is the best have no interval
-(the gap is 0 on every image).
+is then wider than the gap. ``measure`` scores a member's models as ``tools/suite.py evaluate`` did
+(``tools/suite.py resolve`` rebuilds them: the candidates calibrated on all of the calibration images, and
+data-free), checks that every model it scores reproduces the top-1 stored in models/suite.json (refuses
+otherwise: the interval would be of other models), and returns, per choice whose gap is not zero, the gap and
+its interval. Members whose choice is the best have no interval (the gap is 0 on every image).
 """
 from __future__ import annotations
-
-import tempfile
-from pathlib import Path
 
 from suite_signals import SINGLE
 
@@ -33,25 +30,14 @@ def needed(entry: dict) -> dict[str, tuple[str, str]]:
             if entry["chosen"][c] != best and every[entry["chosen"][c]] != top[best]}
 
 
-def measure(entry: dict, path: Path, calib, test, threads: int | None) -> dict[str, list[float]]:
-    """Choice column -> [gap, low, high] (points, paired 95% on ``test``) for the choices ``needed`` lists."""
+def measure(entry: dict, models: dict, test, threads: int | None) -> dict[str, list[float]]:
+    """Choice column -> [gap, low, high] (points, paired 95% on ``test``) for the choices ``needed`` lists;
+    ``models``: name -> model, holding at least the chosen and the best ones."""
     from vsonnx.accuracy import paired_interval, run_scorers
-    from vsonnx.model import load_model
-    from vsonnx.recalibrate import FixOptions, candidate_models, fix_data_free
 
     pairs = needed(entry)
-    if not pairs:
-        return {}
-    names = {n for pair in pairs.values() for n in pair}
-    got = candidate_models(path, calib, FixOptions.of(threads=threads, device="cpu"))
-    models = {n: m for n, m in zip(got.names, got.models) if n in names}
-    if "original" in names:
-        models["original"] = got.original
-    with tempfile.TemporaryDirectory(prefix="vsonnx-resolution-") as tmp:
-        if "data-free" in names:
-            result = fix_data_free(path, FixOptions.of(output=Path(tmp) / "df.onnx", threads=threads, device="cpu"))
-            models["data-free"] = load_model(result.output) if result.written else got.original
-        scorers = run_scorers(models, test, device="cpu", threads=threads)
+    scored = {n for pair in pairs.values() for n in pair}
+    scorers = run_scorers({n: models[n] for n in scored}, test, device="cpu", threads=threads)
     stored = {**entry["candidates_top1"], **entry["top1"]}
     for n, scorer in scorers.items():
         top1 = round(scorer.report(n).top1, 2)
@@ -74,9 +60,10 @@ def resolution_table(entries: list[dict]) -> list[str]:
     """SUITE.md's rows: per member and choice with a non-zero gap, the gap and its paired 95% interval."""
     lines = ["| member | half | choice | chose | best single method | gap | paired 95% interval | resolved |",
              "|---|---|---|---|---|---|---|---|"]
-    for e in entries:
-        for column, (gap, low, high) in sorted(e.get("gap_interval", {}).items()):
-            chosen, best = e["chosen"][column], needed(e)[column][1]
+    for e in (e for e in entries if e.get("gap_interval")):
+        pairs = needed(e)
+        for column, (gap, low, high) in sorted(e["gap_interval"].items()):
+            chosen, best = pairs[column]
             resolved = "yes" if high < 0 or low > 0 else "no"
             lines.append(f"| {e['name']} | {e['half']} | {column} | {chosen} | {best} | {gap:+.2f} | "
                          f"[{low:+.2f}, {high:+.2f}] | {resolved} |")
