@@ -361,6 +361,7 @@ def test_arrays_of_strings_are_user_errors(tmp_path, name, array):
     (["fix", "M", "--data-free", "--seed", "-1"], "--seed"),
     (["eval", "M", "--data", "XY", "--seed", "-2"], "--seed"),
     (["fix", "M", "--calib", "X", "--threads", "-1"], "--threads"),
+    (["fix", "M", "--calib", "X", "--val", "XY", "--val-split", "0.2"], "alternatives"),
 ])
 def test_run_settings_are_checked_on_every_command(tmp_path, args, needle):
     path = save(cnn_with_sites(), tmp_path / "m.onnx")

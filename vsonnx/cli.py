@@ -216,7 +216,8 @@ def _provider_line(provider: str | None) -> None:
                                         "labels, by agreement with the dropout ensemble without)."),
         Opt("--val-limit", type=int, default=None, help="Use the first N validation samples."),
         Opt("--val-split", type=float, default=None, metavar="F",
-            help="Hold out a fraction F of --calib (seeded) and choose among candidates on it without labels."),
+            help="Hold out a fraction F of --calib (seeded) and choose among candidates on it without labels "
+                 "(instead of --val)."),
         Opt("--val-masks", type=int, default=8, show_default=True,
             help="Dropout masks averaged into the ensemble that label-free choosing compares with."),
         Opt("--force", is_flag=True, help="With --val: write even when no candidate beats the original."))),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .methods.synthesized import DEFAULT_SAMPLES, DEFAULT_STEPS
+from .errors import VsonnxError
 from .settings import check_settings
 
 
@@ -46,6 +47,12 @@ class ChoiceOptions:
     val_split: float | None = None
     val_masks: int = 8
     force: bool = False
+
+    def __post_init__(self):
+        if self.val is not None and self.val_split is not None:
+            raise VsonnxError("--val and --val-split are alternatives: the candidates are ranked on one validation "
+                              "set.", "pass --val DATA to rank on your own data, or --val-split F to hold out a "
+                              "fraction of --calib.")
 
     @property
     def choosing(self) -> bool:
