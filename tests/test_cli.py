@@ -1,6 +1,8 @@
 """The command line: help, scan output, user errors as exit 3 with Error/Hint and no traceback."""
 import json
 
+import numpy as np
+
 import pytest
 
 from conftest import cnn_with_sites, run, save
@@ -90,3 +92,17 @@ def test_python_dash_m_and_fast_help():
     assert proc.returncode == 0 and "scan" in proc.stdout
     assert "onnxruntime" not in proc.stderr and "torch" not in proc.stderr  # heavy imports stay lazy
 
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--val-limit", "10"], "apply only when choosing"),
+    (["--force"], "apply only when choosing"),
+    (["--val-masks", "4"], "apply only when choosing"),
+    (["--val-split", "0.25", "--val-limit", "10"], "--val-limit is ignored with --val-split"),
+])
+def test_choice_options_without_their_mode_are_named(tmp_path, model_file, extra, needle):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    r = run("fix", model_file, "--calib", tmp_path / "x.npy", "-o", tmp_path / "o.onnx", "--steps", "2", *extra)
+    assert r.exit_code in (0, 1) and needle in r.output, r.output
+    plain = run("fix", model_file, "--calib", tmp_path / "x.npy", "-o", tmp_path / "p.onnx")
+    assert plain.exit_code == 0 and "warning" not in plain.output

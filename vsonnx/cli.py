@@ -294,6 +294,10 @@ def _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, va
     if named and val:
         warn("--val is ignored with --dropout/--sites.")
     choosing = val is not None or on_command_line("val_split")
+    if not choosing and on_command_line("val_limit", "val_masks", "force"):
+        warn("--val-limit/--val-masks/--force apply only when choosing among candidates (--val or --val-split).")
+    elif val is None and on_command_line("val_limit"):
+        warn("--val-limit is ignored with --val-split (it limits --val data; --limit limits --calib).")
     if method != "distill" and not choosing and on_command_line("distill_steps", "distill_lr", "scores", "loss"):
         warn("--steps/--lr/--scores/--loss apply to --method distill and to choosing with --val/--val-split.")
 
