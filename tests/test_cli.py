@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-
 import pytest
 
 from conftest import cnn_with_sites, run, save
