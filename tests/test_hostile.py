@@ -579,5 +579,7 @@ def test_an_unwritable_plot_path_fails_before_measuring(tmp_path):
     before = snapshot(tmp_path)
     r = run("scan", path, "--calib", tmp_path / "x.npy", "--plot", "/proc/vsonnx-shift.png")
     assert_user_error(r, tmp_path, before, "/proc")
+    assert "writable --plot path" in r.output
     r = run("scan", path, "--calib", tmp_path / "x.npy", "--plot", tmp_path / "missing" / "shift.png")
     assert_user_error(r, tmp_path, before, "does not exist")
+    assert "another --plot path" in r.output

@@ -398,7 +398,7 @@ def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, li
     if plot and not calib:
         raise VsonnxError("--plot needs measurements.", "add --calib DATA.")
     if plot:
-        check_output_path(plot, None, False)  # before the measurement, not after
+        check_output_path(plot, None, False, "--plot")  # before the measurement, not after
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
     reports = scan_models(models, named=named, calib=calib, limit=limit or 5000, shuffle=shuffle, seed=seed,
                           preprocess=_preprocess(calib, mean, std, size, layout, scale), batch_size=batch_size,

@@ -162,6 +162,7 @@ def plot_shift(reports: list[ScanReport], path: str | Path, labels: list[str] | 
     ax.legend()
     fig.tight_layout()
     try:
-        return atomic_write(check_output_path(path, None, False), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        return atomic_write(check_output_path(path, None, False, "--plot"),
+                            lambda tmp: fig.savefig(tmp, dpi=120, format="png"), option="--plot")
     finally:
         plt.close(fig)

@@ -131,18 +131,20 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return pa.resolve() == pb.resolve()
 
 
-def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None, in_place: bool) -> Path:
-    """Refuse an output that would overwrite the input without ``in_place``, or whose folder is missing."""
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None, in_place: bool,
+                      option: str = "-o") -> Path:
+    """Refuse an output that would overwrite the input without ``in_place``, or whose folder is missing;
+    hints name the command-line ``option`` that gave the path."""
     out = Path(output)
     if input_path is not None and same_file(out, input_path) and not in_place:
         raise VsonnxError(
             f"output '{out}' is the input model; vsonnx never overwrites its input unless asked.",
-            "pass another -o path, or add --in-place to replace the input.",
+            f"pass another {option} path, or add --in-place to replace the input.",
         )
     if not out.parent.exists():
-        raise VsonnxError(f"output folder '{out.parent}' does not exist.", "create it first or choose another -o path.")
+        raise VsonnxError(f"output folder '{out.parent}' does not exist.", f"create it first or choose another {option} path.")
     if not out.parent.is_dir():
-        raise VsonnxError(f"output folder '{out.parent}' is not a folder.", "choose another -o path.")
+        raise VsonnxError(f"output folder '{out.parent}' is not a folder.", f"choose another {option} path.")
     if out.is_dir():
         raise VsonnxError(f"output '{out}' is a folder.", "pass a file path such as model.fixed.onnx.")
     if out.exists() and not stat.S_ISREG(out.stat().st_mode):
@@ -153,13 +155,13 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise _write_error(out, exc) from None
+        raise _write_error(out, exc, option) from None
     return out
 
 
-def _write_error(out: Path, exc: OSError) -> VsonnxError:
+def _write_error(out: Path, exc: OSError, option: str = "-o") -> VsonnxError:
     return VsonnxError(f"cannot write '{out}': {exc.strerror or exc}.",
-                       "choose a writable -o path on a file system with free space.")
+                       f"choose a writable {option} path on a file system with free space.")
 
 
 def pid_alive(pid: int) -> bool:
@@ -217,10 +219,11 @@ def _file_mode(out: Path) -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(out: Path, write: Callable[[str], None], mode_from: Path | None = None) -> Path:
+def atomic_write(out: Path, write: Callable[[str], None], mode_from: Path | None = None, option: str = "-o") -> Path:
     """Write ``out`` through a temporary file in its folder renamed over it; ``write(tmp_path)`` writes the
     content. OS errors become user errors; the temporary file never stays. The file keeps the mode of
-    ``mode_from`` (the input, for --in-place) or of the file it replaces, or gets the umask's."""
+    ``mode_from`` (the input, for --in-place) or of the file it replaces, or gets the umask's; error hints name
+    ``option``."""
     remove_stale(out.parent, rf"\.{re.escape(out.name)}\.vsonnx-(?P<pid>\d+)\..*\.tmp")
     mode = _file_mode(mode_from if mode_from is not None else out)
     tmp = None
@@ -231,7 +234,7 @@ def atomic_write(out: Path, write: Callable[[str], None], mode_from: Path | None
         os.chmod(tmp, mode)
         os.replace(tmp, out)
     except OSError as exc:
-        raise _write_error(out, exc) from None
+        raise _write_error(out, exc, option) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
