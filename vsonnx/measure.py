@@ -46,7 +46,7 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     from .methods.closed_form import data_free_statistics
     from .site_names import restoration_note, site_names
 
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model, runtime=False)
     report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
     try:  # fix first turns a training-mode export into inference form
         converted, changed = inference_form(proto)

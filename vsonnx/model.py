@@ -1,6 +1,7 @@
 """Loading and saving ONNX models safely.
 
-- ``load_model`` reads a path (external data included) and turns every failure into a VsonnxError.
+- ``load_model`` reads a path (external data included) and turns every failure into a VsonnxError; a model
+  that will run in onnxruntime must fit in one protobuf message (2 GB).
 - ``save_model`` validates nothing by itself; it writes to a temporary file in the target folder and
   renames it over the target (atomic on POSIX), refuses to overwrite the input model unless asked, lowers
   the IR version to what the installed onnxruntime reads, and records provenance in metadata_props under
@@ -28,6 +29,7 @@ import onnx
 from .errors import VsonnxError, warn
 
 METADATA_PREFIX = "vsonnx."
+PROTOBUF_LIMIT_BYTES = 2**31 - 1  # the largest message protobuf serializes
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,8 +57,18 @@ def max_ir_version() -> int:
     return 7
 
 
-def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model; raise VsonnxError with a hint for every way the file can be wrong."""
+def too_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` (external data loaded) exceeds what one protobuf message holds."""
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT_BYTES
+    except Exception:  # protobuf's EncodeError: it cannot even size it
+        return True
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True, runtime: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model; raise VsonnxError with a hint for every way the file can be wrong. ``runtime``: the
+    model will run in onnxruntime (every command but a scan without data), so it must fit in one protobuf
+    message (2 GB): sessions, shape inference and working copies take it serialized."""
     p = Path(path)
     if not p.exists():
         raise VsonnxError(f"model file '{p}' does not exist.", "check the path (and the current directory).")
@@ -76,6 +88,11 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
             f"'{p}' does not contain an ONNX graph.",
             "the file parsed as protobuf but holds no model; check that it is an .onnx file.",
         )
+    if runtime and load_external_data and too_large(model):
+        raise VsonnxError(f"'{p}' is over 2 GB with its external data: onnxruntime sessions and shape inference "
+                          "take a model as one protobuf message, limited to 2 GB.",
+                          "vsonnx runs models up to 2 GB; `vsonnx scan MODEL` (without --calib) still lists its "
+                          "sites and what the closed form would do.")
     if model.ir_version < 3:
         raise VsonnxError(
             f"'{p}' has IR version {model.ir_version}; vsonnx supports IR 3 and newer.",
@@ -249,10 +266,10 @@ def save_model(
     in_place: bool = False,
     provenance: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model`` to ``path`` atomically (temp file + rename) at an IR version onnxruntime reads.
+    """Write ``model`` to ``path`` atomically (temp file + rename) at an IR version onnxruntime reads, as one
+    file (external data of the input included: models over 2 GB are refused when loaded).
 
-    ``provenance`` entries are stored as ``vsonnx.<key>`` metadata. Models over 2 GB are written with
-    external data next to the output.
+    ``provenance`` entries are stored as ``vsonnx.<key>`` metadata.
     """
     out = check_output_path(path, input_path, in_place)
     model.ir_version = min(model.ir_version, max_ir_version())
@@ -260,11 +277,7 @@ def save_model(
         set_metadata(model, {METADATA_PREFIX + k: v for k, v in provenance.items()})
 
     def write(tmp: str) -> None:
-        if model.ByteSize() > 1_800_000_000:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=out.name + ".data")
-        else:
-            onnx.save_model(model, tmp)
+        onnx.save_model(model, tmp)
 
     in_place = input_path is not None and same_file(out, input_path)
     return atomic_write(out, write, mode_from=Path(input_path) if in_place else None)
