@@ -1,9 +1,11 @@
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from vsonnx.data import ArraySource, open_source
-from vsonnx.errors import VsonnxError
+from vsonnx.errors import VsonnxError, VsonnxWarning
 
 from conftest import GraphBuilder, cnn_with_sites
 
@@ -253,3 +255,16 @@ def test_batch_size_follows_a_static_batch_dimension(tmp_path):
         assert r.exit_code == 0, r.output
     np.savez(tmp_path / "val.npz", x=arrays(20)[0], y=arrays(20)[1])
     assert run("eval", path, "--data", tmp_path / "val.npz").exit_code == 0
+
+
+def test_integer_arrays_for_a_float_input_are_warned_and_fed_unchanged(tmp_path):
+    model = cnn_with_sites()
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 3, 8, 8)).astype(np.uint8)
+    np.save(tmp_path / "u8.npy", pixels)
+    with pytest.warns(VsonnxWarning, match="uint8 values, fed unchanged to float input 'x'"):
+        source = open_source(tmp_path / "u8.npy", model, shuffle=False)
+    np.testing.assert_array_equal(next(source.batches(4)).feeds["x"], pixels.astype(np.float32))
+    np.save(tmp_path / "f.npy", pixels.astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VsonnxWarning)
+        open_source(tmp_path / "f.npy", model, shuffle=False)

@@ -169,6 +169,11 @@ class ArraySource(Source):
         total = int(self.offsets[-1])
         if total == 0:
             raise VsonnxError(f"'{spec}' holds no samples.", "check the arrays' first axis (samples).")
+        for s in inputs:
+            kind = parts[0][0][s.name].dtype
+            if kind.kind in "iu" and np.issubdtype(s.dtype, np.floating):
+                warn(f"'{spec}' holds {kind} values, fed unchanged to float input '{s.name}': arrays are taken as "
+                     "preprocessed (for raw pixels pass an image folder, which gets the model's preprocessing).")
         self.order = _order(total, shuffle, seed, limit)
         self.size = len(self.order)
 
