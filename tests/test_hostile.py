@@ -583,3 +583,23 @@ def test_an_unwritable_plot_path_fails_before_measuring(tmp_path):
     r = run("scan", path, "--calib", tmp_path / "x.npy", "--plot", tmp_path / "missing" / "shift.png")
     assert_user_error(r, tmp_path, before, "does not exist")
     assert "another --plot path" in r.output
+
+
+def test_an_operator_shape_inference_cannot_follow_is_named(tmp_path):
+    """onnxruntime's offline optimisation writes com.microsoft operators (FusedConv, Gelu, ...) that onnx shape
+    inference does not know: the BN after one has an input of unknown rank, and the error names the operator."""
+    from onnx import helper as onnx_helper
+
+    model = cnn_with_sites()
+    first_bn = next(i for i, n in enumerate(model.graph.node) if n.op_type == "BatchNormalization")
+    bn = model.graph.node[first_bn]
+    gelu = onnx_helper.make_node("Gelu", [bn.input[0]], ["gelu_out"], name="gelu", domain="com.microsoft")
+    bn.input[0] = "gelu_out"
+    model.graph.node.insert(first_bn, gelu)
+    model.opset_import.append(onnx_helper.make_opsetid("com.microsoft", 1))
+    path = save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    before = snapshot(tmp_path)
+    assert_user_error(run("fix", path, "--calib", tmp_path / "x.npy", "-o", tmp_path / "o.onnx"), tmp_path, before,
+                      "does not follow com.microsoft:Gelu")
+    assert run("scan", path).exit_code == 0

@@ -198,6 +198,19 @@ class GraphIndex:
                     stack.extend(o for o in node.output if o)
         return result
 
+    def upstream_nodes(self, tensor: str) -> list[onnx.NodeProto]:
+        """Every node ``tensor`` (transitively) depends on."""
+        seen: set[int] = set()
+        result: list[onnx.NodeProto] = []
+        stack = [tensor]
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is not None and id(node) not in seen:
+                seen.add(id(node))
+                result.append(node)
+                stack.extend(i for i in node.input if i)
+        return result
+
     def levels(self, targets: list[str]) -> dict[str, int]:
         """Level of each target node (a BN, or any node whose output is corrected): the longest chain of
         targets strictly upstream of it."""

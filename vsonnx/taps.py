@@ -47,6 +47,13 @@ def bn_tap(index: GraphIndex, node: onnx.NodeProto, shapes: TensorShapes) -> Tap
     """The input of a BN, shifted by its stored running mean. Refuses an input of unknown rank or rank < 2."""
     shape = shapes.get(node.input[0])
     if shape is None or len(shape) < 2:
+        unknown = sorted({f"{n.domain}:{n.op_type}" for n in index.upstream_nodes(node.input[0])
+                          if n.domain not in ("", "ai.onnx")})
+        if shape is None and unknown:  # onnx shape inference stops at operators of other domains
+            raise VsonnxError(f"the rank of the input of BatchNormalization '{index.node_name(node)}' is unknown: "
+                              f"onnx shape inference does not follow {', '.join(unknown[:3])} before it.",
+                              "use the model from before onnxruntime's offline optimisation (which writes such "
+                              "operators), or an export with standard ONNX operators only.")
         raise VsonnxError(f"the rank of the input of BatchNormalization '{index.node_name(node)}' is unknown "
                           f"or below 2.", "run onnx shape inference / re-export with static ranks.")
     mean = index.constant(node.input[3])
