@@ -268,3 +268,24 @@ def test_integer_arrays_for_a_float_input_are_warned_and_fed_unchanged(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", VsonnxWarning)
         open_source(tmp_path / "f.npy", model, shuffle=False)
+
+
+def test_class_folders_are_labelled_in_the_model_order_its_metadata_names(tmp_path):
+    """vsonnx.export writes vsonnx.class_names; a class folder is labelled with that list's index, not with
+    its place among the sorted folder names (a model whose classes are not in alphabetical order would score
+    the wrong classes). Folders the list does not name keep the sorted order, with a warning."""
+    from vsonnx.model import set_metadata
+
+    write_images(tmp_path / "data", classes=("cat", "dog", "ant"), per_class=2)
+    model = cnn_with_sites(classes=3)
+    set_metadata(model, {"vsonnx.class_names": '["dog", "ant", "cat"]'})
+    _, y = collect(open_source(tmp_path / "data", model, shuffle=False, preprocess={"size": 8}))
+    assert list(y) == [1, 1, 2, 2, 0, 0]  # sorted folders: ant, cat, dog
+    set_metadata(model, {"vsonnx.class_names": '["n01", "n02", "n03"]'})
+    with pytest.warns(VsonnxWarning, match="not among the model's class names"):
+        _, y = collect(open_source(tmp_path / "data", model, shuffle=False, preprocess={"size": 8}))
+    assert list(y) == [0, 0, 1, 1, 2, 2]
+    set_metadata(model, {"vsonnx.class_names": '{"0": "ant"}'})
+    with pytest.warns(VsonnxWarning, match="not a JSON list of strings"):
+        _, y = collect(open_source(tmp_path / "data", model, shuffle=False, preprocess={"size": 8}))
+    assert list(y) == [0, 0, 1, 1, 2, 2]

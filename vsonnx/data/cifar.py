@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import VsonnxError
+from ..errors import VsonnxError, warn
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
@@ -32,9 +32,11 @@ def default_cache() -> Path:
     return Path(os.environ.get("VSONNX_CACHE", Path.home() / ".cache" / "vsonnx"))
 
 
-def image_folder_files(root: Path, skipped: dict[str, int] | None = None) -> tuple[list[Path], list[int], list[str]]:
-    """(files, labels, class names) of an ImageFolder tree root/<class>/<image>, classes sorted. What is left
-    out is counted by reason in ``skipped``: images at the root beside class folders, folders nested in a
+def image_folder_files(root: Path, skipped: dict[str, int] | None = None, class_names: list[str] | None = None
+                       ) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names) of an ImageFolder tree root/<class>/<image>, classes sorted; labels number
+    them in that order, or in ``class_names``'s (the model's output order, ``labels_in_model_order``). What is
+    left out is counted by reason in ``skipped``: images at the root beside class folders, folders nested in a
     class folder, files that are not images."""
     skipped = {} if skipped is None else skipped
     entries = sorted(root.iterdir())
@@ -52,7 +54,24 @@ def image_folder_files(root: Path, skipped: dict[str, int] | None = None) -> tup
                 labels.append(label)
             else:
                 _count(skipped, "files that are not images", 1)
-    return files, labels, classes
+    return files, labels_in_model_order(root, labels, classes, class_names), classes
+
+
+def labels_in_model_order(root: Path, labels: list[int], classes: list[str],
+                          class_names: list[str] | None) -> list[int]:
+    """Class-folder labels (sorted folder names: 0, 1, ...) renumbered to the model's output order where
+    every class folder is one of the model's class names; else the sorted order, with a warning when the
+    model names its classes."""
+    if not class_names:
+        return labels
+    unknown = [c for c in classes if c not in class_names]
+    if unknown:
+        warn(f"'{root}': class folder(s) {', '.join(unknown[:3])} are not among the model's class names "
+             f"(vsonnx.class_names metadata: {', '.join(class_names[:3])}, ...); labels follow the sorted folder "
+             "names.")
+        return labels
+    order = np.array([class_names.index(c) for c in classes], np.int64)
+    return list(order[np.asarray(labels, np.int64)])
 
 
 def _count(counts: dict[str, int], reason: str, n: int) -> None:

@@ -1,5 +1,5 @@
 """Image preprocessing: resize, scale, normalise and lay out images as the model's input wants, from
-flags or the model's vsonnx.preprocess metadata."""
+flags or the model's vsonnx.preprocess metadata; the class names the model's metadata gives its outputs."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..errors import VsonnxError
+from ..errors import VsonnxError, warn
 from ..model import get_metadata
 
 
@@ -115,3 +115,18 @@ def _checked(key: str, value, origin: str):
     if not ok:
         raise VsonnxError(f"{origin}: {key} {value!r} is not {what}.", hint)
     return out
+
+
+def model_class_names(model: onnx.ModelProto) -> list[str] | None:
+    """The class names in the model's output order (``vsonnx.class_names`` metadata, written by vsonnx.export)."""
+    raw = get_metadata(model).get("vsonnx.class_names")
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        warn("the model's vsonnx.class_names metadata is not a JSON list of strings: ignored.")
+        return None
+    return names

@@ -22,7 +22,7 @@ from ..errors import VsonnxError, warn
 
 
 from .inputs import ARRAY_SUFFIXES, LABEL_KEYS, InputSpec, _check_array, _check_channels, _numeric
-from .preprocess import Preprocess
+from .preprocess import Preprocess, model_class_names
 
 
 @dataclass
@@ -93,9 +93,9 @@ class MemoryBudget:
 
 class ImageFolderSource(Source):
     def __init__(self, root: Path, inputs: list[InputSpec], pre: Preprocess, *, shuffle: bool, seed: int,
-                 limit: int | None, workers: int = 4):
+                 limit: int | None, workers: int = 4, class_names: list[str] | None = None):
         skipped: dict[str, int] = {}
-        files, labels, classes = image_folder_files(root, skipped)
+        files, labels, classes = image_folder_files(root, skipped, class_names)
         if classes:
             self.has_labels = True
         else:
@@ -377,7 +377,8 @@ def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = Tru
     pre = Preprocess.resolve(model, inputs, **(preprocess or {}))
     for note in pre.notes:
         warn(note)
-    return ImageFolderSource(path, inputs, pre, shuffle=shuffle, seed=seed, limit=limit, workers=workers)
+    return ImageFolderSource(path, inputs, pre, shuffle=shuffle, seed=seed, limit=limit, workers=workers,
+                             class_names=model_class_names(model))
 
 
 def source_identity(spec) -> dict[str, str]:
