@@ -91,3 +91,19 @@ def test_compare_says_whether_the_difference_is_significant(setup, tmp_path):
     verdict = "B is better" if low > 0 else "B is worse" if high < 0 else "not significant"
     text = run("compare", a, b, "--data", tmp_path / "data.npz").output
     assert f"paired 95% interval [{low:+.2f}, {high:+.2f}]" in text and verdict in text
+
+
+def test_compare_warns_where_model_b_expects_other_preprocessing_or_classes(tmp_path):
+    import onnx
+
+    from vsonnx.model import set_metadata
+
+    a, b, _, _ = two_models(tmp_path)
+    for path, names in ((a, '["a", "b", "c", "d", "e"]'), (b, '["e", "d", "c", "b", "a"]')):
+        model = onnx.load(str(path))
+        set_metadata(model, {"vsonnx.class_names": names})
+        onnx.save(model, str(path))
+    r = run("compare", a, b, "--data", tmp_path / "data.npz")
+    assert r.exit_code == 0 and "model B's vsonnx.class_names metadata differs from model A's" in r.output
+    r = run("compare", a, a, "--data", tmp_path / "data.npz")
+    assert r.exit_code == 0 and "differs" not in r.output

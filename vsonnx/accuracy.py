@@ -15,8 +15,8 @@ import onnx
 from .working_copy import working_copy
 from .data import Source, check_finite, open_source, resolve_batch_size
 from .settings import check_settings
-from .errors import VsonnxError
-from .model import load_model
+from .errors import VsonnxError, warn
+from .model import get_metadata, load_model
 from .runtime import make_session, progress_bar, run
 
 
@@ -145,6 +145,14 @@ class CompareReport:
                 "max_abs_diff": self.max_abs_diff}
 
 
+def _warn_if_data_contract_differs(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    """Both models are fed model A's preprocessing and labels: say so where B's metadata says otherwise."""
+    meta_a, meta_b = get_metadata(a), get_metadata(b)
+    for key in ("vsonnx.preprocess", "vsonnx.class_names"):
+        if key in meta_a and key in meta_b and meta_a[key] != meta_b[key]:
+            warn(f"model B's {key} metadata differs from model A's; both models are fed and scored with A's.")
+
+
 def compare(model_a, model_b, data, *, batch_size: int | None = None, device: str = "auto", threads: int | None = None,
             limit: int | None = None, shuffle: bool = True, seed: int = 0,
             preprocess: dict | None = None, progress: bool = False) -> CompareReport:
@@ -153,6 +161,7 @@ def compare(model_a, model_b, data, *, batch_size: int | None = None, device: st
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     a = load_model(model_a)
     b = load_model(model_b)
+    _warn_if_data_contract_differs(a, b)
     batch_size = resolve_batch_size(a, batch_size, 256)
     source = _open(a, data, limit, shuffle, seed, preprocess)
     sa, sb = Scorer(a, device, threads), Scorer(b, device, threads)
