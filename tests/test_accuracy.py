@@ -107,3 +107,15 @@ def test_compare_warns_where_model_b_expects_other_preprocessing_or_classes(tmp_
     assert r.exit_code == 0 and "model B's vsonnx.class_names metadata differs from model A's" in r.output
     r = run("compare", a, a, "--data", tmp_path / "data.npz")
     assert r.exit_code == 0 and "differs" not in r.output
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_labels_the_model_cannot_predict_are_a_user_error(tmp_path, bad):
+    from conftest import cnn_with_sites, save
+
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")  # 5 classes
+    y = np.zeros(16, np.int64)
+    y[3] = bad
+    np.savez(tmp_path / "d.npz", x=np.zeros((16, 3, 8, 8), np.float32), y=y)
+    r = run("eval", path, "--data", tmp_path / "d.npz")
+    assert r.exit_code == 3 and "could never be predicted" in r.output

@@ -49,6 +49,10 @@ class Scorer:
         logits = run(self.session, [self.output], feeds)[0]
         self.seconds += time.perf_counter() - t0
         logits = logits.reshape(len(labels), -1)
+        if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+            raise VsonnxError(f"labels from {labels.min()} to {labels.max()}, but the model has {logits.shape[1]} "
+                              "class scores: such labels could never be predicted.",
+                              "check that the data's classes are the model's (class folders, or labels 'y').")
         self.samples += len(labels)
         self.hits.append(logits.argmax(1) == labels)
         self.correct1 += int(self.hits[-1].sum())
