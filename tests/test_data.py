@@ -289,3 +289,23 @@ def test_class_folders_are_labelled_in_the_model_order_its_metadata_names(tmp_pa
     with pytest.warns(VsonnxWarning, match="not a JSON list of strings"):
         _, y = collect(open_source(tmp_path / "data", model, shuffle=False, preprocess={"size": 8}))
     assert list(y) == [0, 0, 1, 1, 2, 2]
+
+
+def gray_model(channels: int = 4) -> "onnx.ModelProto":
+    g = GraphBuilder(seed=1)
+    h = g.bn(g.dropout(g.conv("x", 1, channels), 0.5, "drop"), channels, "bn")
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h])])
+    return g.build(g.gemm(h, channels, 3), input_shape=("N", 1, 8, 8))
+
+
+def test_a_one_channel_model_gets_grayscale_images_as_pil_converts_them(tmp_path):
+    write_images(tmp_path / "d", classes=("a", "b"), per_class=3)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "d" / "a" / "gray.png")
+    x, y = collect(open_source(tmp_path / "d", gray_model(), shuffle=False, preprocess={"mean": (0.5,), "std": (0.25,)}))
+    files = sorted((tmp_path / "d" / "a").iterdir()) + sorted((tmp_path / "d" / "b").iterdir())
+    want = np.stack([np.asarray(Image.open(f).convert("L"), np.float32) / 255 for f in files])
+    assert x.shape == (7, 1, 8, 8) and list(y) == [0] * 4 + [1] * 3
+    np.testing.assert_allclose(x[:, 0], (want - 0.5) / 0.25, atol=1e-5)
+    np.testing.assert_array_equal(np.round(x[3, 0] * 0.25 * 255 + 0.5 * 255), np.arange(64).reshape(8, 8))
+    with pytest.raises(VsonnxError, match="3 values, but the model takes 1-channel"):
+        open_source(tmp_path / "d", gray_model(), preprocess={"mean": (0.5, 0.5, 0.5), "std": (0.25,)})

@@ -79,6 +79,13 @@ def _count(counts: dict[str, int], reason: str, n: int) -> None:
         counts[reason] = counts.get(reason, 0) + n
 
 
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """uint8 grayscale of uint8 RGB pixels (..., 3) as PIL's convert("L") computes it (ITU-R 601-2 luma,
+    L = (19595 R + 38470 G + 7471 B + 2^15) >> 16): a gray image decoded to RGB comes back unchanged."""
+    weights = np.array([19595, 38470, 7471], np.uint32)
+    return ((rgb.astype(np.uint32) @ weights + 0x8000) >> 16).astype(np.uint8)
+
+
 def decode_rgb(path: Path, target: tuple[int, int] | None = None, hold=None) -> np.ndarray:
     """uint8 RGB pixels of an image file. Images of more than 8 bits per channel (16-bit PNG/TIFF: PIL modes
     I;16*, I and F) are scaled to 0..255 (value / 257 for 16-bit data), not saturated as PIL's RGB

@@ -83,10 +83,15 @@ def _layout_of(shape) -> str:
     return "nchw"
 
 
-def _check_channels(spec: InputSpec, channels: int, layout: str, what: str) -> None:
+def input_channels(spec: InputSpec, layout: str) -> int | None:
+    """The channel count a 4-D image input declares in ``layout``, or None (not 4-D, or symbolic)."""
     if spec.shape is None or len(spec.shape) != 4:
-        return
-    expected = spec.shape[1] if layout == "nchw" else spec.shape[3]
+        return None
+    return spec.shape[1] if layout == "nchw" else spec.shape[3]
+
+
+def _check_channels(spec: InputSpec, channels: int, layout: str, what: str) -> None:
+    expected = input_channels(spec, layout)
     if expected is not None and expected != channels:
         raise VsonnxError(
             f"{what} have {channels} channels, model input '{spec.name}' expects {expected} "

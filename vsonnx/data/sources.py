@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .cifar import IMAGE_SUFFIXES, decode_rgb, image_folder_files
+from .cifar import IMAGE_SUFFIXES, decode_rgb, image_folder_files, luma
 from ..errors import VsonnxError, warn
 
 
-from .inputs import ARRAY_SUFFIXES, LABEL_KEYS, InputSpec, _check_array, _check_channels, _numeric
+from .inputs import (ARRAY_SUFFIXES, LABEL_KEYS, InputSpec, _check_array, _check_channels, _numeric,
+                     input_channels)
 from .preprocess import Preprocess, model_class_names
 
 
@@ -122,18 +123,24 @@ class ImageFolderSource(Source):
         self.budget = MemoryBudget(DECODE_BUDGET)
         self.spec = str(root)
         self.classes = classes
-        _check_channels(self.input, 3, pre.layout, f"images in '{root}' (RGB)")
+        self.channels = 1 if input_channels(self.input, pre.layout) == 1 else 3  # grayscale models get luma
+        _check_channels(self.input, self.channels, pre.layout, f"images in '{root}' (RGB)")
+        for key in ("mean", "std"):
+            if self.channels == 1 and len(getattr(pre, key) or ()) == 3:
+                raise VsonnxError(f"{key} has 3 values, but the model takes 1-channel (grayscale) images.",
+                                  f"pass one --{key} value.")
 
     def _load(self, files: list[str]) -> np.ndarray:
         h, w = self.pre.size
-        out = np.empty((len(files), h, w, 3), np.uint8)
+        out = np.empty((len(files), h, w, self.channels), np.uint8)
         for i, f in enumerate(files):
-            out[i] = decode_rgb(f, (h, w), self.budget.hold)
+            rgb = decode_rgb(f, (h, w), self.budget.hold)
+            out[i] = rgb if self.channels == 3 else luma(rgb)[..., None]
         return out
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         h, w = self.pre.size
-        need = 2 * batch_size * h * w * 3 * (1 + 2 * 4)  # two batches in flight: uint8 pixels, two float32 copies
+        need = 2 * batch_size * h * w * self.channels * (1 + 2 * 4)  # two batches in flight: uint8 pixels, two float32 copies
         if need > available_memory() // 2:
             raise VsonnxError(f"a batch of {batch_size} images of {h} x {w} needs {need / 2**30:.1f} GiB, more than "
                               f"half of the {available_memory() / 2**30:.1f} GiB of memory available.",
