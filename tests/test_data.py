@@ -309,3 +309,22 @@ def test_a_one_channel_model_gets_grayscale_images_as_pil_converts_them(tmp_path
     np.testing.assert_array_equal(np.round(x[3, 0] * 0.25 * 255 + 0.5 * 255), np.arange(64).reshape(8, 8))
     with pytest.raises(VsonnxError, match="3 values, but the model takes 1-channel"):
         open_source(tmp_path / "d", gray_model(), preprocess={"mean": (0.5, 0.5, 0.5), "std": (0.25,)})
+
+
+def test_bgr_models_get_the_channels_reversed_before_normalising(tmp_path):
+    """--channels bgr (or "channels": "bgr" in the model's metadata): OpenCV/Caffe-style models see B, G, R,
+    and --mean/--std are in that order."""
+    from vsonnx.model import set_metadata
+
+    write_images(tmp_path / "d", classes=("a",), per_class=2)
+    norm = {"mean": (0.1, 0.2, 0.3), "std": (0.5, 0.25, 0.125)}
+    rgb, _ = collect(open_source(tmp_path / "d", MODEL, shuffle=False, preprocess={"mean": (0,), "std": (1,)}))
+    want = (rgb[:, ::-1] - np.array(norm["mean"])[:, None, None]) / np.array(norm["std"])[:, None, None]
+    bgr, _ = collect(open_source(tmp_path / "d", MODEL, shuffle=False, preprocess={**norm, "channels": "bgr"}))
+    np.testing.assert_allclose(bgr, want, atol=1e-5)
+    model = cnn_with_sites()
+    set_metadata(model, {"vsonnx.preprocess": '{"channels": "bgr", "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.25, 0.125]}'})
+    from_meta, _ = collect(open_source(tmp_path / "d", model, shuffle=False))
+    np.testing.assert_allclose(from_meta, want, atol=1e-5)
+    with pytest.raises(VsonnxError, match="rgb or bgr"):
+        open_source(tmp_path / "d", MODEL, preprocess={"channels": "grb"})

@@ -212,7 +212,8 @@ def export(
 ) -> onnx.ModelProto:
     """Export ``module`` to ``path`` keeping Dropout nodes and unfolded inference-mode BN.
 
-    ``preprocess``: {"mean": [...], "std": [...], "size": [H, W], "layout": "nchw", "scale": 1/255}.
+    ``preprocess``: {"mean": [...], "std": [...], "size": [H, W], "layout": "nchw", "scale": 1/255} (and
+    "channels": "bgr" for a model trained on BGR images).
     Metadata is stored under ``vsonnx.*`` keys; ``metadata`` adds free-form entries (JSON-encoded if not
     str). With ``verify`` the ONNX outputs on ``example_input`` must match PyTorch to 1e-4 (max abs).
     ``exporter``: ``"dynamo"`` (the default, as for ``torch.onnx.export``: torch's default exporter without

@@ -18,7 +18,8 @@ from .inputs import InputSpec, _layout_of
 @dataclass
 class Preprocess:
     """Image preprocessing: resize to ``size`` (H, W), multiply by ``scale``, subtract ``mean``, divide by
-    ``std`` (per channel), lay out as ``nchw`` or ``nhwc``. A model with an integer input (e.g. uint8) gets
+    ``std`` (per channel, in the model's channel order), lay out as ``nchw`` or ``nhwc``; ``channels`` "bgr"
+    reverses the decoded RGB first (OpenCV/Caffe-style models). A model with an integer input (e.g. uint8) gets
     the pixels themselves (0..255) in its layout: scaling and normalising are the model's business then.
     Every value is checked, whether it comes from a flag or from the model's metadata: mean and std have 1
     or 3 values (std > 0), size is 1 or 2 positive integers, scale a positive number."""
@@ -28,22 +29,24 @@ class Preprocess:
     std: tuple[float, ...] | None = None
     scale: float = 1 / 255
     layout: str = "nchw"
+    channels: str = "rgb"
     notes: list[str] = field(default_factory=list)
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
 
     @classmethod
     def resolve(cls, model: onnx.ModelProto, inputs: list[InputSpec], *, mean=None, std=None, size=None,
-                scale=None, layout=None) -> "Preprocess":
+                scale=None, layout=None, channels=None) -> "Preprocess":
         """Flags win over the model's ``vsonnx.preprocess`` metadata; the size falls back on the model's
         static input shape."""
         meta = _preprocess_metadata(model)
-        given = {"mean": mean, "std": std, "size": size, "scale": scale, "layout": layout}
+        given = {"mean": mean, "std": std, "size": size, "scale": scale, "layout": layout, "channels": channels}
         values = {k: _checked(k, v, "--" + k) if v is not None else _checked(k, meta.get(k), f"the model's "
                   f"vsonnx.preprocess metadata ({k})") for k, v in given.items()}
         shape = inputs[0].shape if inputs else None
         layout = values["layout"] or _layout_of(shape)
         pre = cls(size=values["size"], mean=values["mean"], std=values["std"],
                   scale=1 / 255 if values["scale"] is None else values["scale"], layout=layout,
+                  channels=values["channels"] or "rgb",
                   dtype=inputs[0].dtype if inputs else np.dtype(np.float32))
         if layout != "nchw" and values["layout"] is None:
             pre.notes.append(f"images laid out NHWC: the model's input shape ({' x '.join(str(d or 'N') for d in shape)}) "
@@ -64,7 +67,9 @@ class Preprocess:
         return pre
 
     def apply(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC images -> the model's layout and element type."""
+        """uint8 NHWC images -> the model's channel order, layout and element type."""
+        if self.channels == "bgr" and images.shape[-1] == 3:
+            images = images[..., ::-1]
         if self.dtype.kind in "iub":  # integer inputs take the pixels as they are
             x = images.astype(self.dtype, copy=False)
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.layout == "nchw" else x
@@ -84,7 +89,7 @@ def _preprocess_metadata(model: onnx.ModelProto) -> dict:
         meta = None
     if not isinstance(meta, dict):
         raise VsonnxError("the model's vsonnx.preprocess metadata is not a JSON object.",
-                          "pass --mean/--std/--size/--layout/--scale, or fix the metadata.")
+                          "pass --mean/--std/--size/--layout/--scale/--channels, or fix the metadata.")
     return meta
 
 
@@ -106,12 +111,15 @@ def _checked(key: str, value, origin: str):
         elif key == "scale":
             out = float(value)
             ok, what = bool(np.isfinite(out) and out > 0), "a positive number"
+        elif key == "channels":
+            out = str(value).lower()
+            ok, what = out in ("rgb", "bgr"), "rgb or bgr"
         else:
             out = str(value).lower()
             ok, what = out in ("nchw", "nhwc"), "nchw or nhwc"
     except (TypeError, ValueError):
         ok, what = False, {"mean": "1 or 3 numbers", "std": "1 or 3 numbers", "size": "1 or 2 positive integers",
-                           "scale": "a positive number"}.get(key, "nchw or nhwc")
+                           "scale": "a positive number", "channels": "rgb or bgr"}.get(key, "nchw or nhwc")
     if not ok:
         raise VsonnxError(f"{origin}: {key} {value!r} is not {what}.", hint)
     return out
