@@ -328,3 +328,21 @@ def test_bgr_models_get_the_channels_reversed_before_normalising(tmp_path):
     np.testing.assert_allclose(from_meta, want, atol=1e-5)
     with pytest.raises(VsonnxError, match="rgb or bgr"):
         open_source(tmp_path / "d", MODEL, preprocess={"channels": "grb"})
+
+
+def test_resize_then_centre_crop_follows_torchvision(tmp_path):
+    """--resize N: the shorter side to N, the longer to int(N * long / short), then the centre crop at
+    int(round((size - crop) / 2)) (torchvision's Resize(N) + CenterCrop, values worked out from its code)."""
+    from vsonnx.data.cifar import resized_then_cropped
+
+    assert resized_then_cropped(40, 30, 20, (16, 16)) == ((26, 20), (5, 2, 21, 18))
+    assert resized_then_cropped(30, 45, 20, (16, 16)) == ((20, 30), (2, 7, 18, 23))
+    assert resized_then_cropped(256, 256, 256, (224, 224)) == ((256, 256), (16, 16, 240, 240))
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    image.save(tmp_path / "d" / "a" / "0.png")
+    x, _ = collect(open_source(tmp_path / "d", MODEL, preprocess={"size": 16, "resize": 20, "mean": (0,), "std": (1,)}))
+    want = np.asarray(image.resize((26, 20), Image.BILINEAR).crop((5, 2, 21, 18)), np.float32) / 255
+    np.testing.assert_allclose(x[0], want.transpose(2, 0, 1), atol=1e-6)
+    with pytest.raises(VsonnxError, match="below the 16 x 16 crop"):
+        open_source(tmp_path / "d", MODEL, preprocess={"size": 16, "resize": 12})

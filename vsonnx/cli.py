@@ -162,6 +162,9 @@ PREPROCESSING = (
     Opt("--scale", type=float, default=None, help="Pixel scale before mean/std [default: 1/255]."),
     Opt("--channels", type=click.Choice(["rgb", "bgr"]), default=None,
         help="Channel order of image inputs (bgr: OpenCV/Caffe-style models) [default: model metadata, else rgb]."),
+    Opt("--resize", type=int, default=None,
+        help="Resize the shorter image side to N, then centre-crop --size (torchvision's Resize(N) + CenterCrop, "
+             "e.g. 256 for 224 x 224) [default: model metadata, else resize straight to --size]."),
 )
 RUNTIME = (
     Opt("--batch-size", type=int, default=None,
@@ -175,9 +178,9 @@ data_options = with_options(RUNTIME[0], *SAMPLING, *PREPROCESSING, *RUNTIME[1:])
 """Options shared by every command that reads data (calibration or evaluation)."""
 
 
-def _preprocess(data, mean, std, size, layout, scale, channels) -> dict:
+def _preprocess(data, mean, std, size, layout, scale, channels, resize) -> dict:
     given = {"mean": _floats(mean, "--mean"), "std": _floats(std, "--std"), "size": _size(size),
-             "layout": layout, "scale": scale, "channels": channels}
+             "layout": layout, "scale": scale, "channels": channels, "resize": resize}
     flags = [f"--{k}" for k, v in given.items() if v is not None]
     path = Path(str(data))
     if flags and (path.suffix in (".npy", ".npz") or ":" in str(data) and not path.exists()):
@@ -244,7 +247,8 @@ def _provider_line(provider: str | None) -> None:
 @user_errors
 def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, sites_file, output, in_place, method,
         scope_all, val, val_limit, val_split, val_masks, force, distill_steps, distill_lr, scores, loss, as_json,
-        batch_size, limit, shuffle, seed, mean, std, size, layout, scale, channels, device, threads):
+        batch_size, limit, shuffle, seed, mean, std, size, layout, scale, channels, resize, device,
+        threads):
     """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
     from . import recalibrate
     from .site_names import parse_dropout_specs
@@ -254,7 +258,7 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
     options = recalibrate.FixOptions.of(
         output=output, scope="all" if scope_all else "sites", batch_size=batch_size, device=device, threads=threads,
-        limit=limit, shuffle=shuffle, seed=seed, preprocess=_preprocess(calib, mean, std, size, layout, scale, channels),
+        limit=limit, shuffle=shuffle, seed=seed, preprocess=_preprocess(calib, mean, std, size, layout, scale, channels, resize),
         val=val, val_limit=val_limit, val_split=val_split, val_masks=val_masks, force=force, in_place=in_place,
         progress=not as_json, synthetic=synthetic, synthetic_steps=synthetic_steps,
         method_options={"distill": {"steps": distill_steps, "lr": distill_lr, "scores": scores, "loss": loss}})
@@ -309,9 +313,9 @@ def accuracy_command(command):
     ``data, as_json, run`` with ``run`` the keyword arguments of vsonnx.accuracy's functions."""
     @functools.wraps(command)
     def with_run(*args, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, channels,
-                 device, threads, **kwargs):
+                 resize, device, threads, **kwargs):
         run = dict(batch_size=batch_size, device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
-                   preprocess=_preprocess(data, mean, std, size, layout, scale, channels), progress=not as_json)
+                   preprocess=_preprocess(data, mean, std, size, layout, scale, channels, resize), progress=not as_json)
         return command(*args, data=data, as_json=as_json, run=run, **kwargs)
 
     return LABELLED_DATA(JSON(data_options(user_errors(with_run))))
@@ -389,7 +393,7 @@ def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device,
 @data_options
 @user_errors
 def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, limit, shuffle, seed, mean, std, size,
-         layout, scale, channels, device, threads):
+         layout, scale, channels, resize, device, threads):
     """List the BatchNormalization layers of MODELS and their Dropout->BN variance-shift sites; with --calib,
     measure each BN's shift and compare it with the paper's prediction. --limit defaults to 5000 here."""
     from .measure import plot_shift, scan_models
@@ -403,7 +407,7 @@ def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, li
         check_output_path(plot, None, False, "--plot")  # before the measurement, not after
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
     reports = scan_models(models, named=named, calib=calib, limit=limit or 5000, shuffle=shuffle, seed=seed,
-                          preprocess=_preprocess(calib, mean, std, size, layout, scale, channels), batch_size=batch_size,
+                          preprocess=_preprocess(calib, mean, std, size, layout, scale, channels, resize), batch_size=batch_size,
                           device=device, threads=threads, progress=not as_json)
     if plot:
         plot_shift(reports, plot)

@@ -86,12 +86,25 @@ def luma(rgb: np.ndarray) -> np.ndarray:
     return ((rgb.astype(np.uint32) @ weights + 0x8000) >> 16).astype(np.uint8)
 
 
-def decode_rgb(path: Path, target: tuple[int, int] | None = None, hold=None) -> np.ndarray:
+def resized_then_cropped(width: int, height: int, short: int, target: tuple[int, int]) -> tuple[tuple[int, int], tuple]:
+    """torchvision's Resize(short) then CenterCrop(target): the resized (W, H), the shorter side made ``short``
+    and the longer ``int(short * long / short_before)``, and the crop box (left, top, right, bottom) of
+    ``target`` = (H, W) centred with ``int(round((size - crop) / 2))``."""
+    if width <= height:
+        size = (short, int(short * height / width))
+    else:
+        size = (int(short * width / height), short)
+    top, left = int(round((size[1] - target[0]) / 2.0)), int(round((size[0] - target[1]) / 2.0))
+    return size, (left, top, left + target[1], top + target[0])
+
+
+def decode_rgb(path: Path, target: tuple[int, int] | None = None, hold=None, resize: int | None = None) -> np.ndarray:
     """uint8 RGB pixels of an image file. Images of more than 8 bits per channel (16-bit PNG/TIFF: PIL modes
     I;16*, I and F) are scaled to 0..255 (value / 257 for 16-bit data), not saturated as PIL's RGB
     conversion does.
 
-    ``target`` = (H, W): the image is resized to it (bilinear) right after decoding. Memory: a JPEG is decoded
+    ``target`` = (H, W): the image is resized to it (bilinear) right after decoding; with ``resize``, its
+    shorter side is resized to ``resize`` and the centre ``target`` cropped (``resized_then_cropped``). Memory: a JPEG is decoded
     reduced (by up to 8x, never below the target); an image that would still exceed ``MAX_PIXELS`` once
     decoded is refused before decoding; ``hold(bytes)``, when given, is a context manager entered around the
     decode and resize with the bytes they need (a shared memory budget)."""
@@ -101,6 +114,10 @@ def decode_rgb(path: Path, target: tuple[int, int] | None = None, hold=None) -> 
 
     try:
         with Image.open(path) as im:
+            box = None
+            if target is not None and resize is not None:
+                (w, h), box = resized_then_cropped(im.width, im.height, resize, target)
+                target = (h, w)
             if target is not None and im.format == "JPEG":
                 im.draft("RGB", (target[1], target[0]))
             if im.width * im.height > MAX_PIXELS:
@@ -115,7 +132,7 @@ def decode_rgb(path: Path, target: tuple[int, int] | None = None, hold=None) -> 
                     rgb = im if im.mode == "RGB" else im.convert("RGB")
                 if target is not None and rgb.size != (target[1], target[0]):
                     rgb = rgb.resize((target[1], target[0]), Image.BILINEAR)
-                return np.asarray(rgb)
+                return np.asarray(rgb if box is None else rgb.crop(box))
     except VsonnxError:
         raise
     except Exception as exc:

@@ -19,7 +19,9 @@ from .inputs import InputSpec, _layout_of
 class Preprocess:
     """Image preprocessing: resize to ``size`` (H, W), multiply by ``scale``, subtract ``mean``, divide by
     ``std`` (per channel, in the model's channel order), lay out as ``nchw`` or ``nhwc``; ``channels`` "bgr"
-    reverses the decoded RGB first (OpenCV/Caffe-style models). A model with an integer input (e.g. uint8) gets
+    reverses the decoded RGB first (OpenCV/Caffe-style models); ``resize`` N: the shorter image side is resized
+    to N and the centre ``size`` cropped (torchvision's Resize(N) + CenterCrop), else images are resized to
+    ``size`` directly. A model with an integer input (e.g. uint8) gets
     the pixels themselves (0..255) in its layout: scaling and normalising are the model's business then.
     Every value is checked, whether it comes from a flag or from the model's metadata: mean and std have 1
     or 3 values (std > 0), size is 1 or 2 positive integers, scale a positive number."""
@@ -30,23 +32,25 @@ class Preprocess:
     scale: float = 1 / 255
     layout: str = "nchw"
     channels: str = "rgb"
+    resize: int | None = None
     notes: list[str] = field(default_factory=list)
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
 
     @classmethod
     def resolve(cls, model: onnx.ModelProto, inputs: list[InputSpec], *, mean=None, std=None, size=None,
-                scale=None, layout=None, channels=None) -> "Preprocess":
+                scale=None, layout=None, channels=None, resize=None) -> "Preprocess":
         """Flags win over the model's ``vsonnx.preprocess`` metadata; the size falls back on the model's
         static input shape."""
         meta = _preprocess_metadata(model)
-        given = {"mean": mean, "std": std, "size": size, "scale": scale, "layout": layout, "channels": channels}
+        given = {"mean": mean, "std": std, "size": size, "scale": scale, "layout": layout, "channels": channels,
+                 "resize": resize}
         values = {k: _checked(k, v, "--" + k) if v is not None else _checked(k, meta.get(k), f"the model's "
                   f"vsonnx.preprocess metadata ({k})") for k, v in given.items()}
         shape = inputs[0].shape if inputs else None
         layout = values["layout"] or _layout_of(shape)
         pre = cls(size=values["size"], mean=values["mean"], std=values["std"],
                   scale=1 / 255 if values["scale"] is None else values["scale"], layout=layout,
-                  channels=values["channels"] or "rgb",
+                  channels=values["channels"] or "rgb", resize=values["resize"],
                   dtype=inputs[0].dtype if inputs else np.dtype(np.float32))
         if layout != "nchw" and values["layout"] is None:
             pre.notes.append(f"images laid out NHWC: the model's input shape ({' x '.join(str(d or 'N') for d in shape)}) "
@@ -89,7 +93,7 @@ def _preprocess_metadata(model: onnx.ModelProto) -> dict:
         meta = None
     if not isinstance(meta, dict):
         raise VsonnxError("the model's vsonnx.preprocess metadata is not a JSON object.",
-                          "pass --mean/--std/--size/--layout/--scale/--channels, or fix the metadata.")
+                          "pass --mean/--std/--size/--layout/--scale/--channels/--resize, or fix the metadata.")
     return meta
 
 
@@ -111,6 +115,9 @@ def _checked(key: str, value, origin: str):
         elif key == "scale":
             out = float(value)
             ok, what = bool(np.isfinite(out) and out > 0), "a positive number"
+        elif key == "resize":
+            out = int(value)
+            ok, what = out > 0 and float(value) == out, "a positive integer"
         elif key == "channels":
             out = str(value).lower()
             ok, what = out in ("rgb", "bgr"), "rgb or bgr"
@@ -119,7 +126,8 @@ def _checked(key: str, value, origin: str):
             ok, what = out in ("nchw", "nhwc"), "nchw or nhwc"
     except (TypeError, ValueError):
         ok, what = False, {"mean": "1 or 3 numbers", "std": "1 or 3 numbers", "size": "1 or 2 positive integers",
-                           "scale": "a positive number", "channels": "rgb or bgr"}.get(key, "nchw or nhwc")
+                           "scale": "a positive number", "channels": "rgb or bgr",
+                           "resize": "a positive integer"}.get(key, "nchw or nhwc")
     if not ok:
         raise VsonnxError(f"{origin}: {key} {value!r} is not {what}.", hint)
     return out

@@ -125,6 +125,9 @@ class ImageFolderSource(Source):
         self.classes = classes
         self.channels = 1 if input_channels(self.input, pre.layout) == 1 else 3  # grayscale models get luma
         _check_channels(self.input, self.channels, pre.layout, f"images in '{root}' (RGB)")
+        if pre.resize is not None and pre.resize < min(pre.size):
+            raise VsonnxError(f"--resize {pre.resize} is below the {pre.size[0]} x {pre.size[1]} crop.",
+                              "pass a --resize of at least the input size (e.g. 256 for a 224 x 224 model).")
         for key in ("mean", "std"):
             if self.channels == 1 and len(getattr(pre, key) or ()) == 3:
                 raise VsonnxError(f"{key} has 3 values, but the model takes 1-channel (grayscale) images.",
@@ -134,7 +137,7 @@ class ImageFolderSource(Source):
         h, w = self.pre.size
         out = np.empty((len(files), h, w, self.channels), np.uint8)
         for i, f in enumerate(files):
-            rgb = decode_rgb(f, (h, w), self.budget.hold)
+            rgb = decode_rgb(f, (h, w), self.budget.hold, self.pre.resize)
             out[i] = rgb if self.channels == 3 else luma(rgb)[..., None]
         return out
 
