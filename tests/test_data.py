@@ -291,7 +291,7 @@ def test_class_folders_are_labelled_in_the_model_order_its_metadata_names(tmp_pa
     assert list(y) == [0, 0, 1, 1, 2, 2]
 
 
-def gray_model(channels: int = 4) -> "onnx.ModelProto":
+def gray_model(channels: int = 4):
     g = GraphBuilder(seed=1)
     h = g.bn(g.dropout(g.conv("x", 1, channels), 0.5, "drop"), channels, "bn")
     h = g.node("Flatten", [g.node("GlobalAveragePool", [h])])

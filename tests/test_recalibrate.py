@@ -495,3 +495,24 @@ def test_fix_options_groups_and_flat_keywords_are_the_same_settings():
         FixOptions.of(batchsize=8)
     with pytest.raises(vsonnx.VsonnxError):  # settings are still checked once
         FixOptions.of(batch_size=0)
+
+
+def test_a_model_given_in_memory_is_fixed_checked_and_left_unchanged(tmp_path):
+    """vsonnx.fix, scan, evaluate and compare take a ModelProto as they take a path: fixed into the output it
+    needs (the same statistics as from the file), checked like a loaded model, the caller's proto untouched."""
+    model = cnn_with_sites()
+    before = model.SerializeToString()
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    from_proto = vsonnx.fix(model, tmp_path / "x.npy", method="population", output=tmp_path / "a.onnx")
+    from_file = vsonnx.fix(save(model, tmp_path / "m.onnx"), tmp_path / "x.npy", method="population",
+                           output=tmp_path / "b.onnx")
+    assert from_proto.written and from_proto.model == "<memory>" and model.SerializeToString() == before
+    constants = [{t.name: t.raw_data for t in onnx.load(str(p)).graph.initializer} for p in (tmp_path / "a.onnx",
+                                                                                            tmp_path / "b.onnx")]
+    assert constants[0] == constants[1]
+    with pytest.raises(vsonnx.VsonnxError, match="needs an output path"):
+        vsonnx.fix(model, tmp_path / "x.npy")
+    assert vsonnx.scan(model).model == "<memory>"
+    model.opset_import[0].version = 5
+    with pytest.raises(vsonnx.VsonnxError, match="the model given in memory uses ONNX opset 5"):
+        vsonnx.scan(model)

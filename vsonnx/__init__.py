@@ -27,7 +27,8 @@ def export(module, example_input, path, **kwargs):
 
 def fix(model, calib=None, **kwargs):
     """Re-estimate BN statistics on calibration data (a calibrated method of vsonnx.methods), or without
-    data (data_free=True), or at named dropout sites (dropout_sites=...); see vsonnx.recalibrate.fix."""
+    data (data_free=True), or at named dropout sites (dropout_sites=...); ``model``: a path or a ModelProto
+    (then ``output=`` is needed); see vsonnx.recalibrate.fix."""
     from .recalibrate import fix as _fix
 
     return _fix(model, calib, **kwargs)

@@ -16,7 +16,7 @@ from .working_copy import working_copy
 from .data import Source, check_finite, open_source, resolve_batch_size
 from .settings import check_settings
 from .errors import VsonnxError, warn
-from .model import get_metadata, load_model
+from .model import get_metadata, input_model
 from .runtime import make_session, progress_bar, run
 
 
@@ -88,9 +88,8 @@ def evaluate(model, data, *, batch_size: int | None = None, device: str = "auto"
     """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``; ``batch_size`` None:
     the model's static batch size, else 256."""
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    proto, name = input_model(model)
     batch_size = resolve_batch_size(proto, batch_size, 256)
-    name = "<memory>" if isinstance(model, onnx.ModelProto) else str(model)
     source = _open(proto, data, limit, shuffle, seed, preprocess)
     return score_together({name: proto}, source, batch_size=batch_size, device=device, threads=threads,
                           progress=progress)[name]
@@ -163,8 +162,7 @@ def compare(model_a, model_b, data, *, batch_size: int | None = None, device: st
     """Evaluate two models on the same batches: accuracies, delta_top1 = b - a with its paired 95% interval,
     prediction agreement (%), max |logit difference|. Preprocessing metadata is taken from model A."""
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
-    a = load_model(model_a)
-    b = load_model(model_b)
+    (a, name_a), (b, name_b) = input_model(model_a), input_model(model_b)
     _warn_if_data_contract_differs(a, b)
     batch_size = resolve_batch_size(a, batch_size, 256)
     source = _open(a, data, limit, shuffle, seed, preprocess)
@@ -181,6 +179,6 @@ def compare(model_a, model_b, data, *, batch_size: int | None = None, device: st
             agree += int((la.argmax(1) == lb.argmax(1)).sum())
             max_diff = max(max_diff, float(np.max(np.abs(la - lb))) if la.size else 0.0)
             bar.update(len(batch))
-    ra, rb = sa.report(str(model_a)), sb.report(str(model_b))
+    ra, rb = sa.report(name_a), sb.report(name_b)
     _, low, high = paired_interval(sa, sb)
     return CompareReport(ra, rb, rb.top1 - ra.top1, 100.0 * agree / ra.samples, max_diff, (low, high))

@@ -24,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from .data import open_source, resolve_batch_size
 from .settings import check_settings
@@ -32,7 +31,7 @@ from .graph import GraphIndex, tensor_shapes
 from .runtime import measure_moments
 from .taps import bn_tap, tensor_tap
 from .working_copy import working_copy
-from .model import atomic_write, check_output_path, load_model
+from .model import atomic_write, check_output_path, input_model
 from .noise import noise_variance
 from .errors import VsonnxError
 from .rewrite import inference_form, plan
@@ -46,8 +45,8 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     from .methods.closed_form import data_free_statistics
     from .site_names import restoration_note, site_names
 
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model, runtime=False)
-    report = find_sites(proto, model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model)))
+    proto, name = input_model(model, runtime=False)
+    report = find_sites(proto, model_name or name)
     try:  # fix first turns a training-mode export into inference form
         converted, changed = inference_form(proto)
     except VsonnxError:
@@ -86,8 +85,8 @@ def measure_shift(model, calib, *, limit: int | None = 5000, shuffle: bool = Tru
                   preprocess: dict | None = None, batch_size: int | None = None, device: str = "auto",
                   threads: int | None = None, progress: bool = False, model_name: str | None = None) -> ScanReport:
     """``find_sites`` plus measured and predicted shift per BN (fields set on each BatchNormInfo)."""
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    name = model_name or ("<memory>" if isinstance(model, onnx.ModelProto) else str(model))
+    proto, name = input_model(model)
+    name = model_name or name
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     batch_size = resolve_batch_size(proto, batch_size)
     report = scan(proto, name)

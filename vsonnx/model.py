@@ -83,38 +83,58 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True, runt
             f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'parse error'}).",
             "the file may be truncated, corrupt or of another format; re-export it with vsonnx.export or torch.onnx.export.",
         ) from None
+    return checked_model(model, f"'{p}'", runtime=runtime and load_external_data)
+
+
+IN_MEMORY = "<memory>"  # the name of a model given as a ModelProto
+
+
+def input_model(model, *, runtime: bool = True) -> tuple[onnx.ModelProto, str]:
+    """(model, its name) of a path (``load_model``) or of a ModelProto given in memory: checked as a loaded one
+    is, on a copy (the caller's proto is never changed), and named ``IN_MEMORY``."""
+    if isinstance(model, onnx.ModelProto):
+        import copy
+
+        return checked_model(copy.deepcopy(model), "the model given in memory", runtime=runtime), IN_MEMORY
+    return load_model(model, runtime=runtime), str(model)
+
+
+def checked_model(model: onnx.ModelProto, what: str, *, runtime: bool = True) -> onnx.ModelProto:
+    """``model`` (read from the file or given in memory, named by ``what``) after the checks every input model
+    passes: a graph, size (``runtime``: see load_model), IR and opset versions, node order (sorted in place,
+    with a warning) and structure (vsonnx.graph_check)."""
     if not model.graph.node and not model.graph.input:
         raise VsonnxError(
-            f"'{p}' does not contain an ONNX graph.",
+            f"{what} does not contain an ONNX graph.",
             "the file parsed as protobuf but holds no model; check that it is an .onnx file.",
         )
-    if runtime and load_external_data and too_large(model):
-        raise VsonnxError(f"'{p}' is over 2 GB with its external data: onnxruntime sessions and shape inference "
+    if runtime and too_large(model):
+        raise VsonnxError(f"{what} is over 2 GB with its external data: onnxruntime sessions and shape inference "
                           "take a model as one protobuf message, limited to 2 GB.",
                           "vsonnx runs models up to 2 GB; `vsonnx scan MODEL` (without --calib) still lists its "
                           "sites and what the closed form would do.")
     if model.ir_version < 3:
         raise VsonnxError(
-            f"'{p}' has IR version {model.ir_version}; vsonnx supports IR 3 and newer.",
+            f"{what} has IR version {model.ir_version}; vsonnx supports IR 3 and newer.",
             "re-export the model with a recent exporter.",
         )
     opset = default_opset(model)
     if opset is not None and opset < 7:
         raise VsonnxError(
-            f"'{p}' uses ONNX opset {opset}; vsonnx supports opset 7 and newer.",
+            f"{what} uses ONNX opset {opset}; vsonnx supports opset 7 and newer.",
             "convert it with onnx.version_converter.convert_version(model, 17).",
         )
     if opset is not None and opset > onnx.defs.onnx_opset_version():
         raise VsonnxError(
-            f"'{p}' uses ONNX opset {opset}, newer than this onnx package knows ({onnx.defs.onnx_opset_version()}).",
+            f"{what} uses ONNX opset {opset}, newer than this onnx package knows ({onnx.defs.onnx_opset_version()}).",
             "upgrade the onnx package, or export with a lower opset.",
         )
     from .graph_check import check_structure, sort_topologically
 
     if sort_topologically(model):
-        warn(f"'{p}': its nodes were not in topological order (as ONNX requires); vsonnx sorted them, and a "
+        warn(f"{what}: its nodes were not in topological order (as ONNX requires); vsonnx sorted them, and a "
              "model it writes has them in that order.")
-    check_structure(model, f"'{p}'")
+    check_structure(model, what)
     return model
 
 

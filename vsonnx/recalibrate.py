@@ -36,7 +36,7 @@ from .fix_options import FixOptions
 from .fix_report import FixReport, describe, digest, site_notes, synthesis_provenance, written_message
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
-from .model import check_output_path, load_model, save_model, same_file
+from .model import IN_MEMORY, check_output_path, input_model, save_model, same_file
 from .rewrite import apply_affine, inference_form, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
 from .stats import BnStatistics, Estimate, interpolate
@@ -69,6 +69,7 @@ class _Job:
     val_source: object = None  # the held-out part of the calibration data (val_split)
     calib: object = None  # the calibration data of a calibrated fix
     every_candidate: bool = False  # calibrate every candidate even without validation data (candidate_models)
+    given: object = None  # the caller's model argument: a path, or a ModelProto (``path`` is then <memory>)
 
     @property
     def choosing(self) -> bool:
@@ -85,18 +86,30 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".fixed.onnx")
 
 
+def _input_model(model_path, options: FixOptions) -> tuple[Path, onnx.ModelProto, Path]:
+    """(input path, model, output path): a path is loaded; a ModelProto given in memory is checked as a loaded
+    one is (on a copy: the caller's proto is never changed) and needs an output path."""
+    if isinstance(model_path, onnx.ModelProto) and options.output.path is None:
+        raise VsonnxError("a model given in memory needs an output path.", "pass output='fixed.onnx'.")
+    model, name = input_model(model_path)
+    path = Path(name)
+    if name == IN_MEMORY:
+        return path, model, check_output_path(options.output.path, None, False)
+    return path, model, check_output_path(options.output.path or default_output(path), path, options.output.in_place)
+
+
 def _start(model_path, options: FixOptions, method: str) -> _Job:
     """Load, check the output path, find the BNs in scope and what the rewrite refuses."""
-    path = Path(model_path)
-    model, converted = inference_form(load_model(path))
+    path, model, out = _input_model(model_path, options)
+    model, converted = inference_form(model)
     options = options.with_batch_size(resolve_batch_size(model, options.runtime.batch_size))
-    out = check_output_path(options.output.path or default_output(path), path, options.output.in_place)
     index = GraphIndex(model)
     scan = find_sites(model, str(path), index)
     report = FixReport(str(path), method, 0, None, False, "", warnings=converted + list(scan.warnings))
     decisions = plan(model, scan, options.method.scope, index)
     report.refused = {d.name: d.refusal for d in decisions if d.refusal}
-    return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report, index)
+    return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report, index,
+                given=model_path)
 
 
 def _nothing_to_do(job: _Job) -> str | None:
@@ -206,7 +219,7 @@ def _restored(job: _Job, method: str) -> FixReport | None:
     if not sites:
         job.report.warnings += [said] if said else []
         return None
-    report = fix_named_sites(job.path, job.calib, sites, job.options, "distill" if method == "distill" else "named_sites")
+    report = fix_named_sites(job.given, job.calib, sites, job.options, "distill" if method == "distill" else "named_sites")
     if method not in ("population", "distill", "named_sites"):
         said += f" Corrected with population semantics, not {method} (the named-sites correction)."
     report.warnings.insert(0, said)
@@ -371,7 +384,7 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     fixed = _with_candidate(job.model, winner)
     validate(fixed, job.model)
     written = winner.name if winner.result.method in CALIBRATED else _label(winner)
-    save_model(fixed, job.out, input_path=job.path, in_place=job.options.output.in_place, provenance={
+    save_model(fixed, job.out, input_path=None if str(job.path) == IN_MEMORY else job.path, in_place=job.options.output.in_place, provenance={
         "method": written,
         "samples": str(winner.result.samples), "scope": job.options.method.scope,
         "batch_size": str(job.options.runtime.batch_size), "shuffle": str(job.options.data.shuffle),
