@@ -260,3 +260,19 @@ def test_suite_resolution_is_the_paired_interval_of_the_stored_models(setup):
     entry["candidates_top1"] = {**top1, chosen: top1[chosen] + 0.5}  # not what the models score now
     with pytest.raises(SystemExit, match="evaluate the member again"):
         measure(entry, models, test, threads=1)
+
+
+def test_validation_bias_is_distills_validation_advantage_minus_its_test_advantage():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_resolution import validation_bias
+
+    def entry(half, val, test):
+        return {"half": half, "signals": {"val_top1": dict(zip(("relative", "population", "distill"), val))},
+                "candidates_top1": dict(zip(("relative", "population", "distill"), test))}
+
+    rows = validation_bias([entry("design", (50, 50, 51), (60, 60, 60.5)),   # +0.5 / +0.5
+                            entry("design", (50, 49, 50), (60, 59, 61)),     # -1.0 / -1.0
+                            entry("design", (50, 50, 52), (60, 61, 61)),     # +1.0 / +2.0
+                            entry("check", (40, 40, 40), (50, 50, 50)), {"half": "check"}])
+    assert rows[2] == "| design | 3 | +0.50 | +0.50 | 2 of 3 |"
+    assert rows[3] == "| check | 1 | +0.00 | +0.00 | 0 of 1 |"

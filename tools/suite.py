@@ -321,6 +321,9 @@ def suite_markdown(entries: list[dict]) -> str:
                    "95% interval on the same test images (`python tools/suite.py resolve`, "
                    "tools/suite_resolution.py). Resolved: the interval excludes 0.", indent=""), "",
               *suite_resolution.resolution_table(entries), "",
+              wrap("Are the labelled choice's validation images biased? They are training images, which the "
+                   "networks were trained on (tools/suite_resolution.py, validation_bias):", indent=""), "",
+              *suite_resolution.validation_bias(entries), "",
               "## Which method when", "",
               f"From the {len(evaluated)} evaluated member(s) with dropout, both halves; gap = top-1 minus the best "
               "single method's top-1 on the same member (points).", "", *which_method(entries), ""]

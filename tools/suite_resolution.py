@@ -10,9 +10,15 @@ is then wider than the gap. ``measure`` scores a member's models as ``tools/suit
 data-free), checks that every model it scores reproduces the top-1 stored in models/suite.json (refuses
 otherwise: the interval would be of other models), and returns, per choice whose gap is not zero, the gap and
 its interval. Members whose choice is the best have no interval (the gap is 0 on every image).
+
+``validation_bias``: the labelled choice ranks on 2,000 *training* images, which the networks were trained on;
+does that favour distill (fitted to the dropout ensemble, the training-time behaviour) more than the test
+images do? Per member, distill's top-1 advantage over relative (and over population) on those validation images
+minus its advantage on the test images.
 """
 from __future__ import annotations
 
+import numpy as np
 from suite_signals import SINGLE
 
 CHOICES = ("label-free", "labelled")
@@ -67,4 +73,23 @@ def resolution_table(entries: list[dict]) -> list[str]:
             resolved = "yes" if high < 0 or low > 0 else "no"
             lines.append(f"| {e['name']} | {e['half']} | {column} | {chosen} | {best} | {gap:+.2f} | "
                          f"[{low:+.2f}, {high:+.2f}] | {resolved} |")
+    return lines
+
+
+def validation_bias(entries: list[dict]) -> list[str]:
+    """SUITE.md's rows: per half, the median of distill's advantage on the labelled validation images minus its
+    advantage on the test images (points), over relative and over population, and how many members it is
+    positive for."""
+    lines = ["| half | members | distill - relative: validation minus test, median | distill - population: "
+             "validation minus test, median | members with validation favouring distill more (vs relative) |",
+             "|---|---|---|---|---|"]
+    for half in ("design", "check"):
+        group = [e for e in entries if e["half"] == half and "val_top1" in e.get("signals", {})]
+        if not group:
+            continue
+        excess = {other: np.array([(e["signals"]["val_top1"]["distill"] - e["signals"]["val_top1"][other])
+                                   - (e["candidates_top1"]["distill"] - e["candidates_top1"][other])
+                                   for e in group]) for other in ("relative", "population")}
+        lines.append(f"| {half} | {len(group)} | {np.median(excess['relative']):+.2f} | "
+                     f"{np.median(excess['population']):+.2f} | {int((excess['relative'] > 0).sum())} of {len(group)} |")
     return lines
