@@ -29,6 +29,13 @@ class Opt:
     def __call__(self, func):
         return click.option(*self.args, **self.kwargs)(func)
 
+    @property
+    def name(self) -> str:
+        """The parameter name click passes the value under (as click derives it)."""
+        named = [a for a in self.args if not a.startswith("-")]
+        flag = max((a.split("/")[0] for a in self.args), key=len)
+        return named[0] if named else flag.lstrip("-").replace("-", "_")
+
 
 def with_options(*options: Opt):
     """A decorator applying ``options`` in the order given (the first is listed first in --help)."""
@@ -178,9 +185,20 @@ data_options = with_options(RUNTIME[0], *SAMPLING, *PREPROCESSING, *RUNTIME[1:])
 """Options shared by every command that reads data (calibration or evaluation)."""
 
 
-def _preprocess(data, mean, std, size, layout, scale, channels, resize) -> dict:
-    given = {"mean": _floats(mean, "--mean"), "std": _floats(std, "--std"), "size": _size(size),
-             "layout": layout, "scale": scale, "channels": channels, "resize": resize}
+def image_flags(command):
+    """The PREPROCESSING options reach ``command`` as one dict ``image`` (flag name -> value as given)."""
+    @functools.wraps(command)
+    def with_image(*args, **kwargs):
+        return command(*args, image={o.name: kwargs.pop(o.name) for o in PREPROCESSING}, **kwargs)
+
+    return with_image
+
+
+def _preprocess(data, image: dict) -> dict:
+    """The preprocessing flags given (``image``, from image_flags) in vsonnx.data's form; a warning where the
+    data holds preprocessed arrays or a reader, which they do not apply to."""
+    given = {**image, "mean": _floats(image["mean"], "--mean"), "std": _floats(image["std"], "--std"),
+             "size": _size(image["size"])}
     flags = [f"--{k}" for k, v in given.items() if v is not None]
     path = Path(str(data))
     if flags and (path.suffix in (".npy", ".npz") or ":" in str(data) and not path.exists()):
@@ -245,10 +263,10 @@ def _provider_line(provider: str | None) -> None:
     ("Runtime", RUNTIME),
 )
 @user_errors
+@image_flags
 def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, sites_file, output, in_place, method,
         scope_all, val, val_limit, val_split, val_masks, force, distill_steps, distill_lr, scores, loss, as_json,
-        batch_size, limit, shuffle, seed, mean, std, size, layout, scale, channels, resize, device,
-        threads):
+        batch_size, limit, shuffle, seed, image, device, threads):
     """Re-estimate the BN statistics behind Dropout->BN sites of MODEL, train-free, and write the result."""
     from . import recalibrate
     from .site_names import parse_dropout_specs
@@ -258,7 +276,7 @@ def fix(model, calib, data_free, synthetic, synthetic_steps, dropout_specs, site
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
     options = recalibrate.FixOptions.of(
         output=output, scope="all" if scope_all else "sites", batch_size=batch_size, device=device, threads=threads,
-        limit=limit, shuffle=shuffle, seed=seed, preprocess=_preprocess(calib, mean, std, size, layout, scale, channels, resize),
+        limit=limit, shuffle=shuffle, seed=seed, preprocess=_preprocess(calib, image),
         val=val, val_limit=val_limit, val_split=val_split, val_masks=val_masks, force=force, in_place=in_place,
         progress=not as_json, synthetic=synthetic, synthetic_steps=synthetic_steps,
         method_options={"distill": {"steps": distill_steps, "lr": distill_lr, "scores": scores, "loss": loss}})
@@ -312,13 +330,12 @@ def accuracy_command(command):
     """The options of eval and compare (labelled data, JSON, reading and runtime), which take the parameters
     ``data, as_json, run`` with ``run`` the keyword arguments of vsonnx.accuracy's functions."""
     @functools.wraps(command)
-    def with_run(*args, data, as_json, batch_size, limit, shuffle, seed, mean, std, size, layout, scale, channels,
-                 resize, device, threads, **kwargs):
+    def with_run(*args, data, as_json, batch_size, limit, shuffle, seed, image, device, threads, **kwargs):
         run = dict(batch_size=batch_size, device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
-                   preprocess=_preprocess(data, mean, std, size, layout, scale, channels, resize), progress=not as_json)
+                   preprocess=_preprocess(data, image), progress=not as_json)
         return command(*args, data=data, as_json=as_json, run=run, **kwargs)
 
-    return LABELLED_DATA(JSON(data_options(user_errors(with_run))))
+    return LABELLED_DATA(JSON(data_options(user_errors(image_flags(with_run)))))
 
 
 @main.command("eval", context_settings=CONTEXT)
@@ -392,8 +409,9 @@ def demo(data, model_path, calib_limit, test_limit, out_dir, batch_size, device,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (a list for several models).")
 @data_options
 @user_errors
-def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, limit, shuffle, seed, mean, std, size,
-         layout, scale, channels, resize, device, threads):
+@image_flags
+def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, limit, shuffle, seed, image, device,
+         threads):
     """List the BatchNormalization layers of MODELS and their Dropout->BN variance-shift sites; with --calib,
     measure each BN's shift and compare it with the paper's prediction. --limit defaults to 5000 here."""
     from .measure import plot_shift, scan_models
@@ -407,7 +425,7 @@ def scan(models, calib, plot, dropout_specs, sites_file, as_json, batch_size, li
         check_output_path(plot, None, False, "--plot")  # before the measurement, not after
     named = parse_dropout_specs(dropout_specs, sites_file) if (dropout_specs or sites_file) else None
     reports = scan_models(models, named=named, calib=calib, limit=limit or 5000, shuffle=shuffle, seed=seed,
-                          preprocess=_preprocess(calib, mean, std, size, layout, scale, channels, resize), batch_size=batch_size,
+                          preprocess=_preprocess(calib, image), batch_size=batch_size,
                           device=device, threads=threads, progress=not as_json)
     if plot:
         plot_shift(reports, plot)
