@@ -90,6 +90,7 @@ def validation_bias(entries: list[dict]) -> list[str]:
         excess = {other: np.array([(e["signals"]["val_top1"]["distill"] - e["signals"]["val_top1"][other])
                                    - (e["candidates_top1"]["distill"] - e["candidates_top1"][other])
                                    for e in group]) for other in ("relative", "population")}
+        positive = int((excess["relative"] > 0).sum())
         lines.append(f"| {half} | {len(group)} | {np.median(excess['relative']):+.2f} | "
-                     f"{np.median(excess['population']):+.2f} | {int((excess['relative'] > 0).sum())} of {len(group)} |")
+                     f"{np.median(excess['population']):+.2f} | {positive} of {len(group)} |")
     return lines

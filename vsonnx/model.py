@@ -179,7 +179,8 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
             f"pass another {option} path, or add --in-place to replace the input.",
         )
     if not out.parent.exists():
-        raise VsonnxError(f"output folder '{out.parent}' does not exist.", f"create it first or choose another {option} path.")
+        raise VsonnxError(f"output folder '{out.parent}' does not exist.",
+                          f"create it first or choose another {option} path.")
     if not out.parent.is_dir():
         raise VsonnxError(f"output folder '{out.parent}' is not a folder.", f"choose another {option} path.")
     if out.is_dir():

@@ -219,7 +219,8 @@ def _restored(job: _Job, method: str) -> FixReport | None:
     if not sites:
         job.report.warnings += [said] if said else []
         return None
-    report = fix_named_sites(job.given, job.calib, sites, job.options, "distill" if method == "distill" else "named_sites")
+    named = "distill" if method == "distill" else "named_sites"
+    report = fix_named_sites(job.given, job.calib, sites, job.options, named)
     if method not in ("population", "distill", "named_sites"):
         said += f" Corrected with population semantics, not {method} (the named-sites correction)."
     report.warnings.insert(0, said)
@@ -384,7 +385,8 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     fixed = _with_candidate(job.model, winner)
     validate(fixed, job.model)
     written = winner.name if winner.result.method in CALIBRATED else _label(winner)
-    save_model(fixed, job.out, input_path=None if str(job.path) == IN_MEMORY else job.path, in_place=job.options.output.in_place, provenance={
+    given = None if str(job.path) == IN_MEMORY else job.path
+    save_model(fixed, job.out, input_path=given, in_place=job.options.output.in_place, provenance={
         "method": written,
         "samples": str(winner.result.samples), "scope": job.options.method.scope,
         "batch_size": str(job.options.runtime.batch_size), "shuffle": str(job.options.data.shuffle),

@@ -104,10 +104,10 @@ def decode_rgb(path: Path, target: tuple[int, int] | None = None, hold=None, res
     conversion does.
 
     ``target`` = (H, W): the image is resized to it (bilinear) right after decoding; with ``resize``, its
-    shorter side is resized to ``resize`` and the centre ``target`` cropped (``resized_then_cropped``). Memory: a JPEG is decoded
-    reduced (by up to 8x, never below the target); an image that would still exceed ``MAX_PIXELS`` once
-    decoded is refused before decoding; ``hold(bytes)``, when given, is a context manager entered around the
-    decode and resize with the bytes they need (a shared memory budget)."""
+    shorter side is resized to ``resize`` and the centre ``target`` cropped (``resized_then_cropped``).
+    Memory: a JPEG is decoded reduced (by up to 8x, never below the target); an image that would still exceed
+    ``MAX_PIXELS`` once decoded is refused before decoding; ``hold(bytes)``, when given, is a context manager
+    entered around the decode and resize with the bytes they need (a shared memory budget)."""
     from contextlib import nullcontext
 
     from PIL import Image

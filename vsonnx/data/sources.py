@@ -143,7 +143,7 @@ class ImageFolderSource(Source):
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         h, w = self.pre.size
-        need = 2 * batch_size * h * w * self.channels * (1 + 2 * 4)  # two batches in flight: uint8 pixels, two float32 copies
+        need = 2 * batch_size * h * w * self.channels * (1 + 2 * 4)  # two batches in flight: uint8, two float32
         if need > available_memory() // 2:
             raise VsonnxError(f"a batch of {batch_size} images of {h} x {w} needs {need / 2**30:.1f} GiB, more than "
                               f"half of the {available_memory() / 2**30:.1f} GiB of memory available.",
