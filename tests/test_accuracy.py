@@ -119,3 +119,14 @@ def test_labels_the_model_cannot_predict_are_a_user_error(tmp_path, bad):
     np.savez(tmp_path / "d.npz", x=np.zeros((16, 3, 8, 8), np.float32), y=y)
     r = run("eval", path, "--data", tmp_path / "d.npz")
     assert r.exit_code == 3 and "could never be predicted" in r.output
+
+
+def test_outputs_that_are_not_class_scores_are_a_user_error(tmp_path):
+    """A segmentation-like output [N, C, H, W] flattened would make argmax pick a pixel, not a class."""
+    from conftest import GraphBuilder, save
+
+    g = GraphBuilder(seed=0)
+    path = save(g.build(g.conv("x", 3, 5), input_shape=("N", 3, 8, 8)), tmp_path / "seg.onnx")
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=np.zeros(4, np.int64))
+    r = run("eval", path, "--data", tmp_path / "d.npz")
+    assert r.exit_code == 3 and "eval scores class scores [N, C]" in r.output

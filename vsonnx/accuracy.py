@@ -48,6 +48,10 @@ class Scorer:
         t0 = time.perf_counter()
         logits = run(self.session, [self.output], feeds)[0]
         self.seconds += time.perf_counter() - t0
+        if logits.ndim < 2 or int(np.prod(logits.shape[2:])) != 1 or len(logits) != len(labels):
+            raise VsonnxError(f"the model's output '{self.output}' has shape {tuple(logits.shape)} for {len(labels)} "
+                              "samples; eval scores class scores [N, C] (or [N, C, 1, 1]).",
+                              "accuracy of other outputs (segmentation maps, detections) is not what eval computes.")
         logits = logits.reshape(len(labels), -1)
         if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
             raise VsonnxError(f"labels from {labels.min()} to {labels.max()}, but the model has {logits.shape[1]} "
