@@ -130,3 +130,38 @@ def test_outputs_that_are_not_class_scores_are_a_user_error(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=np.zeros(4, np.int64))
     r = run("eval", path, "--data", tmp_path / "d.npz")
     assert r.exit_code == 3 and "eval scores class scores [N, C]" in r.output
+
+
+def test_scores_names_the_output_holding_the_class_scores(tmp_path):
+    """A model whose first output is a map and whose second holds the class scores: --scores picks the second,
+    and its top-1 equals numpy's argmax of that output; an unknown name is a user error listing the outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from conftest import cnn_with_sites, save
+
+    model = cnn_with_sites()
+    conv_out = model.graph.node[0].output[0]
+    model.graph.output.insert(0, helper.make_tensor_value_info(conv_out, onnx.TensorProto.FLOAT, None))
+    path = save(model, tmp_path / "two.onnx")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 40)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    scores_name = model.graph.output[1].name
+    r = run("eval", path, "--data", tmp_path / "d.npz", "--scores", scores_name, "--json")
+    got = json.loads(r.output[r.output.index("{"):])
+    logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([scores_name], {"x": x})[0]
+    assert got["top1"] == pytest.approx(100 * np.mean(logits.argmax(1) == y))
+    assert run("eval", path, "--data", tmp_path / "d.npz").exit_code == 3  # the first output is a map
+    r = run("compare", path, path, "--data", tmp_path / "d.npz", "--scores", "nope")
+    assert r.exit_code == 3 and "is not an output of the model" in r.output and scores_name in r.output
+    np.save(tmp_path / "x.npy", x)
+    fix = ["fix", path, "--calib", tmp_path / "x.npy", "--val", tmp_path / "d.npz", "--steps", "2", "-o",
+           tmp_path / "o.onnx"]
+    assert run(*fix).exit_code == 3  # labelled --val scores the first output, a map
+    r = run(*fix, "--scores", scores_name, "--json")
+    report = json.loads(r.output[r.output.index("{"):])
+    assert r.exit_code in (0, 1) and report["criterion"] == "top1"
+    assert report["candidates"][0]["val_top1"] == pytest.approx(100 * np.mean(logits.argmax(1) == y))

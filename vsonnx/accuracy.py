@@ -36,9 +36,13 @@ class EvalReport:
 class Scorer:
     """Runs one model batch by batch and counts top-1/top-5 hits (feed every model the same batches)."""
 
-    def __init__(self, model: onnx.ModelProto, device: str, threads: int | None):
+    def __init__(self, model: onnx.ModelProto, device: str, threads: int | None, scores: str | None = None):
         self.session = make_session(working_copy(model), device=device, threads=threads)
-        self.output = self.session.get_outputs()[0].name
+        names = [o.name for o in self.session.get_outputs()]
+        if scores is not None and scores not in names:
+            raise VsonnxError(f"--scores '{scores}' is not an output of the model (outputs: {', '.join(names)}).",
+                              "name the graph output that holds the class scores.")
+        self.output = scores or names[0]
         self.seconds = 0.0
         self.correct1 = self.correct5 = self.samples = 0
         self.top5_ok = True
@@ -51,7 +55,8 @@ class Scorer:
         if logits.ndim < 2 or int(np.prod(logits.shape[2:])) != 1 or len(logits) != len(labels):
             raise VsonnxError(f"the model's output '{self.output}' has shape {tuple(logits.shape)} for {len(labels)} "
                               "samples; eval scores class scores [N, C] (or [N, C, 1, 1]).",
-                              "accuracy of other outputs (segmentation maps, detections) is not what eval computes.")
+                              "name the output holding the class scores with --scores; other outputs (segmentation "
+                              "maps, detections) are not what eval scores.")
         logits = logits.reshape(len(labels), -1)
         if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
             raise VsonnxError(f"labels from {labels.min()} to {labels.max()}, but the model has {logits.shape[1]} "
@@ -88,28 +93,31 @@ def _open(model: onnx.ModelProto, data, limit, shuffle, seed, preprocess) -> Sou
 
 def evaluate(model, data, *, batch_size: int | None = None, device: str = "auto", threads: int | None = None,
              limit: int | None = None, shuffle: bool = True, seed: int = 0, preprocess: dict | None = None,
-             progress: bool = False) -> EvalReport:
-    """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``; ``batch_size`` None:
-    the model's static batch size, else 256."""
+             progress: bool = False, scores: str | None = None) -> EvalReport:
+    """Top-1/top-5 accuracy of ``model`` (path or ModelProto) on labelled ``data``, its class scores read from
+    the output ``scores`` (default: the first); ``batch_size`` None: the model's static batch size, else 256."""
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     proto, name = input_model(model)
     batch_size = resolve_batch_size(proto, batch_size, 256)
     source = _open(proto, data, limit, shuffle, seed, preprocess)
     return score_together({name: proto}, source, batch_size=batch_size, device=device, threads=threads,
-                          progress=progress)[name]
+                          progress=progress, scores=scores)[name]
 
 
 def score_together(models: dict[str, onnx.ModelProto], source: Source, *, batch_size: int = 256,
-                   device: str = "auto", threads: int | None = None, progress: bool = False) -> dict[str, EvalReport]:
+                   device: str = "auto", threads: int | None = None, progress: bool = False,
+                   scores: str | None = None) -> dict[str, EvalReport]:
     """Evaluate several models on the same labelled batches (the data is decoded once)."""
-    scorers = run_scorers(models, source, batch_size=batch_size, device=device, threads=threads, progress=progress)
+    scorers = run_scorers(models, source, batch_size=batch_size, device=device, threads=threads, progress=progress,
+                          scores=scores)
     return {name: scorer.report(name) for name, scorer in scorers.items()}
 
 
 def run_scorers(models: dict[str, onnx.ModelProto], source: Source, *, batch_size: int = 256, device: str = "auto",
-                threads: int | None = None, progress: bool = False) -> dict[str, Scorer]:
-    """The Scorers of ``models`` after one pass over the labelled batches of ``source`` (decoded once)."""
-    scorers = {name: Scorer(model, device, threads) for name, model in models.items()}
+                threads: int | None = None, progress: bool = False, scores: str | None = None) -> dict[str, Scorer]:
+    """The Scorers of ``models`` after one pass over the labelled batches of ``source`` (decoded once), each
+    reading the output ``scores`` (default: its first)."""
+    scorers = {name: Scorer(model, device, threads, scores) for name, model in models.items()}
     with progress_bar("evaluating", source.size, progress) as bar:
         for batch in _labelled(source).batches(batch_size):
             check_finite(batch, source)
@@ -162,15 +170,16 @@ def _warn_if_data_contract_differs(a: onnx.ModelProto, b: onnx.ModelProto) -> No
 
 def compare(model_a, model_b, data, *, batch_size: int | None = None, device: str = "auto", threads: int | None = None,
             limit: int | None = None, shuffle: bool = True, seed: int = 0,
-            preprocess: dict | None = None, progress: bool = False) -> CompareReport:
+            preprocess: dict | None = None, progress: bool = False, scores: str | None = None) -> CompareReport:
     """Evaluate two models on the same batches: accuracies, delta_top1 = b - a with its paired 95% interval,
-    prediction agreement (%), max |logit difference|. Preprocessing metadata is taken from model A."""
+    prediction agreement (%), max |logit difference|. Preprocessing metadata is taken from model A; class scores
+    from the output ``scores`` of both (default: each one's first)."""
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     (a, name_a), (b, name_b) = input_model(model_a), input_model(model_b)
     _warn_if_data_contract_differs(a, b)
     batch_size = resolve_batch_size(a, batch_size, 256)
     source = _open(a, data, limit, shuffle, seed, preprocess)
-    sa, sb = Scorer(a, device, threads), Scorer(b, device, threads)
+    sa, sb = Scorer(a, device, threads, scores), Scorer(b, device, threads, scores)
     agree = 0
     max_diff = 0.0
     with progress_bar("comparing", source.size, progress) as bar:

@@ -140,7 +140,7 @@ def rank(model: onnx.ModelProto, candidates: list[onnx.ModelProto], source: Sour
         from .accuracy import run_scorers
 
         scorers = run_scorers({str(k): m for k, m in enumerate(models)}, source, batch_size=batch_size,
-                              device=device, threads=threads, progress=progress)
+                              device=device, threads=threads, progress=progress, scores=scores[0])
         reports = [s.report(k) for k, s in scorers.items()]
         misses = [1.0 - np.concatenate(s.hits).astype(np.float64) for s in scorers.values()]
         return Ranking("top1", [r.top1 for r in reports], misses, reports[0].samples)

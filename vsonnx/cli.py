@@ -72,6 +72,8 @@ def synthetic_option(help_text: str) -> Opt:
 
 LABELLED_DATA = click.option("--data", required=True,
                              help="Labelled data: class-folder tree, .npz with y, or FILE.py:FUNC.")
+SCORES = click.option("--scores", default=None, metavar="OUTPUT",
+                      help="The graph output holding the class scores [N, C] [default: the first output].")
 
 
 def user_errors(func):
@@ -250,7 +252,8 @@ def _provider_line(provider: str | None) -> None:
         Opt("--lr", "distill_lr", type=float, default=REGISTRY["distill"].settings["lr"], show_default=True,
             help="distill: Adam learning rate (cosine decay)."),
         Opt("--scores", default=None, metavar="OUTPUT",
-            help="distill and label-free --val: the output compared with the dropout ensemble [default: the first]."),
+            help="distill and --val/--val-split: the output compared with the dropout ensemble, or scored against "
+                 "labels [default: the first]."),
         Opt("--loss", type=click.Choice(["kl", "mse"]), default=None,
             help="distill and label-free --val: kl (softmax over axis 1) or mse; outputs that are not class "
                  "scores [N, C] need --scores and --loss."))),
@@ -327,15 +330,15 @@ def _warn_ignored_fix_options(data_free, calib, synthetic, scope_all, method, va
 
 
 def accuracy_command(command):
-    """The options of eval and compare (labelled data, JSON, reading and runtime), which take the parameters
-    ``data, as_json, run`` with ``run`` the keyword arguments of vsonnx.accuracy's functions."""
+    """The options of eval and compare (labelled data, scores output, JSON, reading and runtime), which take
+    the parameters ``data, as_json, run`` with ``run`` the keyword arguments of vsonnx.accuracy's functions."""
     @functools.wraps(command)
-    def with_run(*args, data, as_json, batch_size, limit, shuffle, seed, image, device, threads, **kwargs):
+    def with_run(*args, data, as_json, scores, batch_size, limit, shuffle, seed, image, device, threads, **kwargs):
         run = dict(batch_size=batch_size, device=device, threads=threads, limit=limit, shuffle=shuffle, seed=seed,
-                   preprocess=_preprocess(data, image), progress=not as_json)
+                   preprocess=_preprocess(data, image), progress=not as_json, scores=scores)
         return command(*args, data=data, as_json=as_json, run=run, **kwargs)
 
-    return LABELLED_DATA(JSON(data_options(user_errors(image_flags(with_run)))))
+    return LABELLED_DATA(SCORES(JSON(data_options(user_errors(image_flags(with_run))))))
 
 
 @main.command("eval", context_settings=CONTEXT)
