@@ -105,3 +105,24 @@ def test_choice_options_without_their_mode_are_named(tmp_path, model_file, extra
     assert r.exit_code in (0, 1) and needle in r.output, r.output
     plain = run("fix", model_file, "--calib", tmp_path / "x.npy", "-o", tmp_path / "p.onnx")
     assert plain.exit_code == 0 and "warning" not in plain.output
+
+
+def test_scan_says_what_data_the_model_expects(tmp_path):
+    """Input shape, the vsonnx.preprocess metadata (or what to pass without it) and the class names, in the
+    table and in the JSON."""
+    from vsonnx.model import set_metadata
+
+    model = cnn_with_sites()
+    plain = save(model, tmp_path / "plain.onnx")
+    set_metadata(model, {"vsonnx.preprocess": '{"mean": [0.5], "std": [0.25], "channels": "bgr"}',
+                         "vsonnx.class_names": json.dumps([f"c{i}" for i in range(5)])})
+    described = save(model, tmp_path / "meta.onnx")
+    r = run("scan", plain)
+    assert "input 'x': N x 3 x 8 x 8 float32" in r.output and "no vsonnx.preprocess metadata" in r.output
+    r = run("scan", described)
+    assert "image preprocessing (vsonnx.preprocess metadata): channels bgr, mean [0.5], std [0.25]" in r.output
+    assert "5 class names (vsonnx.class_names): c0, c1, c2, c3, c4" in r.output
+    data = json.loads(run("scan", described, "--json").output)["data"]
+    assert data == {"inputs": [{"name": "x", "shape": [None, 3, 8, 8], "dtype": "float32"}],
+                    "preprocess": {"mean": [0.5], "std": [0.25], "channels": "bgr"},
+                    "class_names": ["c0", "c1", "c2", "c3", "c4"]}

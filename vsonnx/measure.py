@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import open_source, resolve_batch_size
+from .data import data_contract, open_source, resolve_batch_size
 from .settings import check_settings
 from .graph import GraphIndex, tensor_shapes
 from .runtime import measure_moments
@@ -60,6 +60,7 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
     for b in report.sites:
         b.data_free = notes.get(b.name)
     report.names = site_names(proto)
+    report.data = data_contract(proto)
     _, said = restoration_note(proto, "`fix --calib DATA` restores")
     if said:
         report.warnings.append(said)

@@ -36,7 +36,7 @@ def render_scan(report) -> str:
         if measured:
             row += [fmt(b.real_var_ratio), fmt(b.shift_metric), fmt(b.mean_shift)]
         rows.append(row + [fmt(b.predicted_var_ratio)] + ([fmt(b.prediction_error)] if measured else []))
-    out = [f"model: {report.model}"]
+    out = [f"model: {report.model}", *_data_lines(report.data)]
     if measured:
         c = report.calibration
         out.append(f"measured on {c['samples']} samples of {c['source']} ({c['provider']}); real = variance of the "
@@ -75,6 +75,29 @@ def render_scan(report) -> str:
         out += data_free
     out += [f"warning: {w}" for w in report.warnings]
     return "\n".join(out)
+
+
+def _data_lines(data: dict) -> list[str]:
+    """The model's inputs, its preprocessing metadata and class names, or what to pass where it has none."""
+    if not data:
+        return []
+    lines = [f"input '{i['name']}': {' x '.join(str(d or 'N') for d in i['shape']) if i['shape'] else '?'} "
+             f"{i['dtype']}" for i in data["inputs"]]
+    meta = data["preprocess"]
+    if meta == "malformed":
+        lines.append("image preprocessing: the vsonnx.preprocess metadata is not a JSON object (commands that read "
+                     "images refuse it)")
+    elif meta:
+        lines.append("image preprocessing (vsonnx.preprocess metadata): "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(meta.items())))
+    else:
+        lines.append("image preprocessing: no vsonnx.preprocess metadata; images need --mean/--std (else pixels are "
+                     "only scaled by 1/255) and --size where the input size is not static")
+    names = data["class_names"]
+    if names:
+        lines.append(f"{len(names)} class names (vsonnx.class_names): {', '.join(names[:5])}"
+                     + (", ..." if len(names) > 5 else ""))
+    return lines
 
 
 def _mean_ratio(new, old) -> float | None:

@@ -113,6 +113,7 @@ class ScanReport:
     folded_batchnorms: list[dict] = field(default_factory=list)
     # what each name `fix --dropout NAME=RATIO` accepts would mean (vsonnx.site_names.site_names)
     names: dict[str, str] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # what the model says about its data (vsonnx.data.data_contract)
 
     @property
     def sites(self) -> list[BatchNormInfo]:
@@ -134,7 +135,7 @@ class ScanReport:
             rows.append(row)
         out = {"model": self.model, "batchnorms": rows, "dropouts": [asdict(d) for d in self.dropouts],
                "subgraph_batchnorms": list(self.subgraph_batchnorms), "subgraph_fix": dict(self.subgraph_fix),
-               "folded_batchnorms": list(self.folded_batchnorms), "names": dict(self.names),
+               "folded_batchnorms": list(self.folded_batchnorms), "names": dict(self.names), "data": dict(self.data),
                "warnings": list(self.warnings)}
         if measured:
             out["calibration"] = self.calibration

@@ -20,7 +20,7 @@ replay (several passes, splits); run settings are checked in vsonnx.settings.
 
 from ..settings import check_settings
 from .inputs import ARRAY_SUFFIXES, LABEL_KEYS, InputSpec, resolve_batch_size, static_batch
-from .preprocess import Preprocess
+from .preprocess import Preprocess, data_contract
 from .replay import ReplaySource, SplitSource, replayable, split_source
 from .sources import (DECODE_BUDGET, ArraySource, Batch, ImageFolderSource, MemoryBudget, ReaderSource, Source,
                       available_memory, check_finite, open_source, source_identity)

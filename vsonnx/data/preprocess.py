@@ -146,3 +146,15 @@ def model_class_names(model: onnx.ModelProto) -> list[str] | None:
         warn("the model's vsonnx.class_names metadata is not a JSON list of strings: ignored.")
         return None
     return names
+
+
+def data_contract(model: onnx.ModelProto) -> dict:
+    """What the model says about the data it takes, as scan shows it: its inputs (name, shape, dtype), its
+    vsonnx.preprocess metadata (None when absent, "malformed" when not a JSON object) and its class names."""
+    try:
+        meta = _preprocess_metadata(model) or None
+    except VsonnxError:
+        meta = "malformed"
+    inputs = [{"name": i.name, "shape": list(i.shape) if i.shape is not None else None, "dtype": str(i.dtype)}
+              for i in InputSpec.all_of(model)]
+    return {"inputs": inputs, "preprocess": meta, "class_names": model_class_names(model)}
