@@ -603,3 +603,25 @@ def test_an_operator_shape_inference_cannot_follow_is_named(tmp_path):
     assert_user_error(run("fix", path, "--calib", tmp_path / "x.npy", "-o", tmp_path / "o.onnx"), tmp_path, before,
                       "does not follow com.microsoft:Gelu")
     assert run("scan", path).exit_code == 0
+
+
+def test_a_model_vsonnx_already_fixed_is_not_corrected_twice(tmp_path):
+    """Relative corrections, distill, data-free and choosing start from the training-time statistics a fixed
+    model no longer holds: refused (exit 3, nothing written); batch and population re-estimate from the data
+    alone and run again with a warning, giving what they give on the original model."""
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    x = tmp_path / "x.npy"
+    assert run("fix", path, "--calib", x, "--method", "relative", "-o", tmp_path / "once.onnx").exit_code == 0
+    before = snapshot(tmp_path)
+    for extra in (["--calib", x, "--method", "relative"], ["--calib", x, "--method", "distill", "--steps", "2"],
+                  ["--data-free"], ["--calib", x, "--val-split", "0.25"], ["--calib", x, "--dropout", "bn_direct=0.5"]):
+        assert_user_error(run("fix", tmp_path / "once.onnx", *extra, "-o", tmp_path / "twice.onnx"), tmp_path, before,
+                          "was already fixed by vsonnx (relative)")
+    r = run("fix", tmp_path / "once.onnx", "--calib", x, "--method", "population", "-o", tmp_path / "again.onnx")
+    assert r.exit_code == 0 and "already fixed by vsonnx (relative); population replaces" in r.output
+    assert run("fix", path, "--calib", x, "--method", "population", "-o", tmp_path / "direct.onnx").exit_code == 0
+    again, direct = ({t.name: numpy_helper.to_array(t) for t in load_model(tmp_path / f).graph.initializer}
+                     for f in ("again.onnx", "direct.onnx"))
+    for name, value in direct.items():  # equal up to float32 rounding (moments are taken about the stored mean)
+        np.testing.assert_allclose(again[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -36,7 +36,8 @@ from .fix_options import FixOptions
 from .fix_report import FixReport, describe, digest, site_notes, synthesis_provenance, written_message
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
-from .model import IN_MEMORY, check_output_path, input_model, save_model, same_file
+from .fix_input import check_not_fixed_before, input_of_fix
+from .model import IN_MEMORY, save_model, same_file
 from .rewrite import apply_affine, inference_form, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
 from .stats import BnStatistics, Estimate, interpolate
@@ -82,25 +83,9 @@ class _Job:
                                o.data.seed, {**o.method.settings.get(method, {}), **method_options})
 
 
-def default_output(model_path: Path) -> Path:
-    return model_path.with_name(model_path.stem + ".fixed.onnx")
-
-
-def _input_model(model_path, options: FixOptions) -> tuple[Path, onnx.ModelProto, Path]:
-    """(input path, model, output path): a path is loaded; a ModelProto given in memory is checked as a loaded
-    one is (on a copy: the caller's proto is never changed) and needs an output path."""
-    if isinstance(model_path, onnx.ModelProto) and options.output.path is None:
-        raise VsonnxError("a model given in memory needs an output path.", "pass output='fixed.onnx'.")
-    model, name = input_model(model_path)
-    path = Path(name)
-    if name == IN_MEMORY:
-        return path, model, check_output_path(options.output.path, None, False)
-    return path, model, check_output_path(options.output.path or default_output(path), path, options.output.in_place)
-
-
 def _start(model_path, options: FixOptions, method: str) -> _Job:
     """Load, check the output path, find the BNs in scope and what the rewrite refuses."""
-    path, model, out = _input_model(model_path, options)
+    path, model, out = input_of_fix(model_path, options.output.path, options.output.in_place)
     model, converted = inference_form(model)
     options = options.with_batch_size(resolve_batch_size(model, options.runtime.batch_size))
     index = GraphIndex(model)
@@ -110,6 +95,12 @@ def _start(model_path, options: FixOptions, method: str) -> _Job:
     report.refused = {d.name: d.refusal for d in decisions if d.refusal}
     return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report, index,
                 given=model_path)
+
+
+def _not_fixed_before(job: _Job, method: str) -> None:
+    """vsonnx.fix_input.check_not_fixed_before for this job: refuses, or adds its warning to the report."""
+    said = check_not_fixed_before(job.model, job.path, method, job.choosing)
+    job.report.warnings += [said] if said else []
 
 
 def _nothing_to_do(job: _Job) -> str | None:
@@ -138,6 +129,7 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
     entry = get(method)
     with collected_warnings() as caught:
         job = _start(model_path, options, entry.label)
+        _not_fixed_before(job, method)
         job.calib = calib
         if (reason := _nothing_to_do(job)) is None:
             if calib is None:
@@ -196,6 +188,7 @@ def candidate_models(model_path, calib, options: FixOptions | None = None) -> Ca
     options = options or FixOptions()
     job = _start(model_path, options, "batch")
     job.every_candidate = True
+    _not_fixed_before(job, "every candidate")
     if (reason := _nothing_to_do(job)) is not None:
         raise VsonnxError(reason, "see `vsonnx scan MODEL`.")
     source, _ = _calibration_source(job, calib)
@@ -258,6 +251,7 @@ def fix_data_free(model_path, options: FixOptions | None = None) -> FixReport:
     method = "synthesized" if options.method.synthetic > 0 else "closed_form"
     with collected_warnings() as caught:
         job = _start(model_path, options, REGISTRY[method].label)
+        _not_fixed_before(job, "data-free")
         if (reason := _nothing_to_do(job)) is None:
             closed = REGISTRY["closed_form"].run(job.request())
             result = closed if method == "closed_form" else REGISTRY[method].run(
@@ -296,6 +290,7 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
         raise VsonnxError("--dropout/--sites need calibration data.", "add --calib DATA.")
     with collected_warnings() as caught:
         job = _start(model_path, options, REGISTRY[method].label)
+        _not_fixed_before(job, "the named-sites correction" if method == "named_sites" else method)
         job.report.warnings = [w for w in job.report.warnings if "no Dropout" not in w and "folded" not in w]
         resolved = resolve_sites(job.model, sites)
         source = _open_calibration(job, calib)
