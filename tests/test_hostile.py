@@ -618,6 +618,7 @@ def test_a_model_vsonnx_already_fixed_is_not_corrected_twice(tmp_path):
                   ["--data-free"], ["--calib", x, "--val-split", "0.25"], ["--calib", x, "--dropout", "bn_direct=0.5"]):
         assert_user_error(run("fix", tmp_path / "once.onnx", *extra, "-o", tmp_path / "twice.onnx"), tmp_path, before,
                           "was already fixed by vsonnx (relative)")
+    assert "written by vsonnx fix (relative)" in run("scan", tmp_path / "once.onnx").output
     r = run("fix", tmp_path / "once.onnx", "--calib", x, "--method", "population", "-o", tmp_path / "again.onnx")
     assert r.exit_code == 0 and "already fixed by vsonnx (relative); population replaces" in r.output
     assert run("fix", path, "--calib", x, "--method", "population", "-o", tmp_path / "direct.onnx").exit_code == 0
