@@ -165,3 +165,19 @@ def test_scores_names_the_output_holding_the_class_scores(tmp_path):
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code in (0, 1) and report["criterion"] == "top1"
     assert report["candidates"][0]["val_top1"] == pytest.approx(100 * np.mean(logits.argmax(1) == y))
+
+
+def test_eval_on_the_calibration_data_of_a_fixed_model_is_warned(tmp_path):
+    from conftest import cnn_with_sites, save
+
+    path = save(cnn_with_sites(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    for name in ("calib.npz", "held_out.npz"):
+        np.savez(tmp_path / name, x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32), y=rng.integers(0, 5, 32))
+    assert run("fix", path, "--calib", tmp_path / "calib.npz", "-o", tmp_path / "f.onnx").exit_code == 0
+    r = run("eval", tmp_path / "f.onnx", "--data", tmp_path / "calib.npz")
+    assert r.exit_code == 0 and "was calibrated on" in r.output and "optimistic" in r.output
+    assert run("fix", path, "--calib", tmp_path / "calib.npz", "-o", tmp_path / "g.onnx").exit_code == 0
+    r = run("compare", path, tmp_path / "g.onnx", "--data", tmp_path / "calib.npz")  # (a new message: shown)
+    assert r.exit_code == 0 and "g.onnx was calibrated on" in r.output and "m.onnx was" not in r.output
+    assert "calibrated on" not in run("eval", tmp_path / "f.onnx", "--data", tmp_path / "held_out.npz").output

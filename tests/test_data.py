@@ -346,3 +346,13 @@ def test_resize_then_centre_crop_follows_torchvision(tmp_path):
     np.testing.assert_allclose(x[0], want.transpose(2, 0, 1), atol=1e-6)
     with pytest.raises(VsonnxError, match="below the 16 x 16 crop"):
         open_source(tmp_path / "d", MODEL, preprocess={"size": 16, "resize": 12})
+
+
+def test_a_limit_without_shuffling_that_misses_classes_is_warned(tmp_path):
+    write_images(tmp_path, classes=("a", "b", "c"), per_class=4)
+    with pytest.warns(VsonnxWarning, match="the 4 images taken .* cover 1 of 3 classes"):
+        open_source(tmp_path, MODEL, shuffle=False, limit=4, preprocess={"mean": (0,), "std": (1,)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VsonnxWarning)
+        open_source(tmp_path, MODEL, shuffle=False, limit=12, preprocess={"mean": (0,), "std": (1,)})
+        open_source(tmp_path, MODEL, shuffle=True, limit=2, preprocess={"mean": (0,), "std": (1,)})

@@ -7,13 +7,14 @@ through the same working copy as calibration (symbolic batch dimension, dropout 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
 
 from .working_copy import working_copy
-from .data import Source, check_finite, open_source, resolve_batch_size
+from .data import Source, check_finite, open_source, resolve_batch_size, source_identity
 from .settings import check_settings
 from .errors import VsonnxError, warn
 from .model import get_metadata, input_model
@@ -98,6 +99,7 @@ def evaluate(model, data, *, batch_size: int | None = None, device: str = "auto"
     the output ``scores`` (default: the first); ``batch_size`` None: the model's static batch size, else 256."""
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     proto, name = input_model(model)
+    _warn_if_calibrated_on(proto, data, name)
     batch_size = resolve_batch_size(proto, batch_size, 256)
     source = _open(proto, data, limit, shuffle, seed, preprocess)
     return score_together({name: proto}, source, batch_size=batch_size, device=device, threads=threads,
@@ -160,6 +162,21 @@ class CompareReport:
                 "max_abs_diff": self.max_abs_diff}
 
 
+def _warn_if_calibrated_on(model: onnx.ModelProto, data, name: str) -> None:
+    """Accuracy on the data a fixed model was calibrated on (its provenance metadata: the data's name, then its
+    SHA-256 as source_identity computes it) is optimistic: say so."""
+    meta = get_metadata(model)
+    if "vsonnx.calibration_sha256" not in meta or isinstance(data, Source):
+        return
+    text = str(data)
+    label = Path(text).name if Path(text).exists() or ":" not in text else None
+    if label != meta.get("vsonnx.calibration_source"):
+        return
+    if source_identity(data).get("calibration_sha256") == meta["vsonnx.calibration_sha256"]:
+        warn(f"{name} was calibrated on '{data}' (its provenance metadata): accuracy on the data a fix was "
+             "calibrated on is optimistic; evaluate on held-out images.")
+
+
 def _warn_if_data_contract_differs(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
     """Both models are fed model A's preprocessing and labels: say so where B's metadata says otherwise."""
     meta_a, meta_b = get_metadata(a), get_metadata(b)
@@ -177,6 +194,8 @@ def compare(model_a, model_b, data, *, batch_size: int | None = None, device: st
     check_settings(batch_size=batch_size, seed=seed, threads=threads)
     (a, name_a), (b, name_b) = input_model(model_a), input_model(model_b)
     _warn_if_data_contract_differs(a, b)
+    for proto, name in ((a, name_a), (b, name_b)):
+        _warn_if_calibrated_on(proto, data, name)
     batch_size = resolve_batch_size(a, batch_size, 256)
     source = _open(a, data, limit, shuffle, seed, preprocess)
     sa, sb = Scorer(a, device, threads, scores), Scorer(b, device, threads, scores)

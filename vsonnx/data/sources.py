@@ -118,6 +118,10 @@ class ImageFolderSource(Source):
         order = _order(len(files), shuffle, seed, limit)
         self.files = [str(files[i]) for i in order]  # str: a third of the memory of a Path per image
         self.labels = np.asarray(labels, np.int64)[order] if self.has_labels else None
+        if not shuffle and self.labels is not None and len(set(self.labels.tolist())) < len(classes):
+            warn(f"'{root}': the {len(order)} images taken (--limit without shuffling) cover "
+                 f"{len(set(self.labels.tolist()))} of {len(classes)} classes: statistics of them are biased "
+                 "(shuffle, the default, or raise --limit).")
         self.size = len(self.files)
         self.input, self.pre, self.workers = inputs[0], pre, workers
         self.budget = MemoryBudget(DECODE_BUDGET)
