@@ -356,3 +356,20 @@ def test_a_limit_without_shuffling_that_misses_classes_is_warned(tmp_path):
         warnings.simplefilter("error", VsonnxWarning)
         open_source(tmp_path, MODEL, shuffle=False, limit=12, preprocess={"mean": (0,), "std": (1,)})
         open_source(tmp_path, MODEL, shuffle=True, limit=2, preprocess={"mean": (0,), "std": (1,)})
+
+
+def test_float_arrays_that_look_like_raw_pixels_are_warned_where_the_model_scales_pixels(tmp_path):
+    from vsonnx.model import set_metadata
+
+    model = cnn_with_sites()
+    set_metadata(model, {"vsonnx.preprocess": '{"mean": [0.5], "std": [0.25]}'})  # default scale 1/255
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "raw.npy", pixels)
+    np.save(tmp_path / "ready.npy", (pixels / 255 - 0.5) / 0.25)
+    with pytest.warns(VsonnxWarning, match="values up to 255 look like raw pixels"):
+        x, _ = collect(open_source(tmp_path / "raw.npy", model, shuffle=False))
+    np.testing.assert_array_equal(x, pixels)  # fed as given
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VsonnxWarning)
+        open_source(tmp_path / "ready.npy", model)
+        open_source(tmp_path / "raw.npy", cnn_with_sites())  # no metadata: nothing to compare with

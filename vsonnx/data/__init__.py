@@ -27,5 +27,5 @@ from .sources import (DECODE_BUDGET, ArraySource, Batch, ImageFolderSource, Memo
 
 __all__ = ["ARRAY_SUFFIXES", "DECODE_BUDGET", "LABEL_KEYS", "ArraySource", "Batch", "ImageFolderSource", "InputSpec",
            "MemoryBudget", "Preprocess", "ReaderSource", "ReplaySource", "Source", "SplitSource", "available_memory",
-           "check_finite", "check_settings", "open_source", "replayable", "resolve_batch_size", "source_identity",
-           "split_source", "static_batch"]
+           "check_finite", "check_settings", "data_contract", "open_source", "replayable", "resolve_batch_size",
+           "source_identity", "split_source", "static_batch"]

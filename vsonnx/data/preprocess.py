@@ -158,3 +158,22 @@ def data_contract(model: onnx.ModelProto) -> dict:
     inputs = [{"name": i.name, "shape": list(i.shape) if i.shape is not None else None, "dtype": str(i.dtype)}
               for i in InputSpec.all_of(model)]
     return {"inputs": inputs, "preprocess": meta, "class_names": model_class_names(model)}
+
+
+def raw_pixel_note(model: onnx.ModelProto, spec: InputSpec, array: np.ndarray, where: str) -> str | None:
+    """Arrays are fed as given; where the model's vsonnx.preprocess metadata scales pixels to 0..1 before
+    normalising, float arrays whose first 256 samples reach beyond 20 look like raw pixels: what to say, or None."""
+    try:
+        meta = _preprocess_metadata(model)
+    except VsonnxError:
+        return None
+    scale = meta.get("scale", 1 / 255) if meta else None
+    if scale is None or array.dtype.kind != "f" or not len(array) or not isinstance(scale, (int, float)) \
+            or scale * 255 > 1.01:
+        return None
+    peak = float(np.nanmax(np.asarray(array[:256])))
+    if peak <= 20:
+        return None
+    return (f"'{where}': values up to {peak:g} look like raw pixels, but the model's vsonnx.preprocess metadata "
+            f"scales pixels by {scale:g} (and normalises them) for input '{spec.name}': arrays are fed as given "
+            "(preprocess them, or pass the images as a folder).")

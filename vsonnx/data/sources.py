@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .cifar import IMAGE_SUFFIXES, decode_rgb, image_folder_files, luma
 from ..errors import VsonnxError, warn
-
-
+from .cifar import IMAGE_SUFFIXES, decode_rgb, image_folder_files, luma
 from .inputs import (ARRAY_SUFFIXES, LABEL_KEYS, InputSpec, _check_array, _check_channels, _numeric,
                      input_channels)
-from .preprocess import Preprocess, model_class_names
+from .preprocess import Preprocess, model_class_names, raw_pixel_note
 
 
 @dataclass
@@ -381,11 +379,11 @@ def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = Tru
     if path.is_file():
         if path.suffix not in ARRAY_SUFFIXES:
             raise VsonnxError(f"'{path}' is not a .npy or .npz file.", "pass an image folder, .npy/.npz, or FILE.py:FUNC.")
-        return ArraySource([path], inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text)
+        return _checked_scale(ArraySource([path], inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text), model)
     entries = sorted(path.iterdir())
     arrays = [f for f in entries if f.is_file() and f.suffix in ARRAY_SUFFIXES]
     if arrays:
-        return ArraySource(arrays, inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text)
+        return _checked_scale(ArraySource(arrays, inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text), model)
     if not entries:
         raise VsonnxError(f"data folder '{path}' is empty.", "pass a folder with images or .npy/.npz files.")
     pre = Preprocess.resolve(model, inputs, **(preprocess or {}))
@@ -393,6 +391,14 @@ def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = Tru
         warn(note)
     return ImageFolderSource(path, inputs, pre, shuffle=shuffle, seed=seed, limit=limit, workers=workers,
                              class_names=model_class_names(model))
+
+
+def _checked_scale(source: ArraySource, model: onnx.ModelProto) -> ArraySource:
+    """``source``, after the warning raw_pixel_note gives for its first samples, if any."""
+    first = source.inputs[0] if source.inputs else None
+    if first is not None and (note := raw_pixel_note(model, first, source.parts[0][0][first.name], source.spec)):
+        warn(note)
+    return source
 
 
 def source_identity(spec) -> dict[str, str]:
