@@ -103,8 +103,10 @@ def check(args) -> dict:
                 rows.append({"method": method, "fixed_on": device, "provider": report.provider,
                              "fix_s": round(report.seconds, 2),
                              "stat_error": statistics_error(bn_statistics(model), reference)})
-    evals = {spec: score_together(models, test, batch_size=args.batch_size or 256, device=device_spec(spec)[0],
-                                  threads=device_spec(spec)[1]) for spec in args.devices}
+    evals = {}
+    for spec in args.devices:
+        device, threads = device_spec(spec)
+        evals[spec] = score_together(models, test, batch_size=args.batch_size or 256, device=device, threads=threads)
     top1 = {name: {d: evals[d][name].top1 for d in args.devices} for name in models}
     speed = {name: {d: round(evals[d][name].images_per_s) for d in args.devices} for name in models}
     same_top1 = top1_agrees(top1, args.devices[0])

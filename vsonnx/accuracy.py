@@ -7,7 +7,6 @@ through the same working copy as calibration (symbolic batch dimension, dropout 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -168,10 +167,8 @@ def _warn_if_calibrated_on(model: onnx.ModelProto, data, name: str) -> None:
     meta = get_metadata(model)
     if "vsonnx.calibration_sha256" not in meta or isinstance(data, Source):
         return
-    text = str(data)
-    label = Path(text).name if Path(text).exists() or ":" not in text else None
-    if label != meta.get("vsonnx.calibration_source"):
-        return
+    if source_identity(data, hashed=False)["calibration_source"] != meta.get("vsonnx.calibration_source"):
+        return  # another name: nothing to hash
     if source_identity(data).get("calibration_sha256") == meta["vsonnx.calibration_sha256"]:
         warn(f"{name} was calibrated on '{data}' (its provenance metadata): accuracy on the data a fix was "
              "calibrated on is optimistic; evaluate on held-out images.")

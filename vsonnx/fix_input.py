@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 
 from .errors import VsonnxError
-from .model import IN_MEMORY, check_output_path, get_metadata, input_model
+from .model import IN_MEMORY, check_output_path, fixed_with, input_model
 
 REESTIMATES = ("batch", "population")  # blind to the stored statistics: they may run on a fixed model again
 
@@ -29,20 +29,20 @@ def input_of_fix(model, output, in_place: bool) -> tuple[Path, onnx.ModelProto, 
     return path, proto, check_output_path(output or default_output(path), path, in_place)
 
 
-def check_not_fixed_before(model: onnx.ModelProto, path: Path, method: str, choosing: bool) -> str | None:
+def check_not_fixed_before(model: onnx.ModelProto, path: Path, method: str, label: str,
+                           choosing: bool) -> str | None:
     """A model vsonnx fix wrote (``vsonnx.recalibrated`` metadata) no longer holds the training-time statistics
     that relative corrections (relative, data-free, folded layers), distill's dropout-on teacher and the
     label-free ensemble start from: fixing it again corrects twice (a second relative fix took PreResNet-20 (a)
     from 80.70% to 56.25% on 2,000 test images). Batch and population re-estimate from the data alone and may
-    run again: the warning to give is returned (None for a model vsonnx did not fix); every other fix, and
-    choosing, is refused."""
-    meta = get_metadata(model)
-    if "vsonnx.recalibrated" not in meta:
+    run again: the warning to give is returned (None for a model vsonnx did not fix); every other fix (``method``,
+    a registry name, said as ``label``), and choosing, is refused."""
+    done = fixed_with(model)
+    if done is None:
         return None
-    done = meta.get("vsonnx.method", "?")
     if method in REESTIMATES and not choosing:
-        return f"'{path}' was already fixed by vsonnx ({done}); {method} replaces its statistics with new estimates."
+        return f"'{path}' was already fixed by vsonnx ({done}); {label} replaces its statistics with new estimates."
     raise VsonnxError(f"'{path}' was already fixed by vsonnx ({done}): its BN statistics are no longer the "
-                      f"training-time ones that {'choosing' if choosing else method} starts from, so it would "
+                      f"training-time ones that {'choosing' if choosing else label} starts from, so it would "
                       "correct them twice.",
                       "fix the original model, or re-estimate this one with --method batch or population.")

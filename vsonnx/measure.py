@@ -31,7 +31,7 @@ from .graph import GraphIndex, tensor_shapes
 from .runtime import measure_moments
 from .taps import bn_tap, tensor_tap
 from .working_copy import working_copy
-from .model import atomic_write, check_output_path, get_metadata, input_model
+from .model import atomic_write, check_output_path, fixed_with, input_model
 from .noise import noise_variance
 from .errors import VsonnxError
 from .rewrite import inference_form, plan
@@ -61,9 +61,8 @@ def scan(model, model_name: str | None = None, scope: str = "sites") -> ScanRepo
         b.data_free = notes.get(b.name)
     report.names = site_names(proto)
     report.data = data_contract(proto)
-    meta = get_metadata(proto)
-    if "vsonnx.recalibrated" in meta:
-        report.warnings.append(f"this model was written by vsonnx fix ({meta.get('vsonnx.method', '?')}): its BN "
+    if (done := fixed_with(proto)) is not None:
+        report.warnings.append(f"this model was written by vsonnx fix ({done}): its BN "
                                "statistics are corrected already; fix refuses to correct them twice (batch and "
                                "population may re-estimate them).")
     _, said = restoration_note(proto, "`fix --calib DATA` restores")

@@ -161,6 +161,13 @@ def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
             prop.key, prop.value = key, str(value)
 
 
+def fixed_with(model: onnx.ModelProto) -> str | None:
+    """The method a vsonnx fix wrote ``model`` with ("?" where unnamed), or None when no fix wrote it (its
+    ``vsonnx.recalibrated`` provenance metadata)."""
+    meta = get_metadata(model)
+    return meta.get("vsonnx.method", "?") if "vsonnx.recalibrated" in meta else None
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     pa, pb = Path(a), Path(b)
     if pa.exists() and pb.exists():

@@ -37,7 +37,7 @@ from .fix_report import FixReport, describe, digest, site_notes, synthesis_prove
 from .graph import GraphIndex
 from .methods import CALIBRATED, REGISTRY, EstimateRequest, get
 from .fix_input import check_not_fixed_before, input_of_fix
-from .model import IN_MEMORY, save_model, same_file
+from .model import save_model, same_file
 from .rewrite import apply_affine, inference_form, invalid_statistics, plan, validate, with_statistics
 from .sites import ScanReport, find_sites
 from .stats import BnStatistics, Estimate, interpolate
@@ -83,24 +83,22 @@ class _Job:
                                o.data.seed, {**o.method.settings.get(method, {}), **method_options})
 
 
-def _start(model_path, options: FixOptions, method: str) -> _Job:
-    """Load, check the output path, find the BNs in scope and what the rewrite refuses."""
+def _start(model_path, options: FixOptions, method: str, every_candidate: bool = False) -> _Job:
+    """Load, check the output path and that no fix wrote the model before (vsonnx.fix_input), find the BNs in
+    scope and what the rewrite refuses; ``method``: the registry method the job runs."""
     path, model, out = input_of_fix(model_path, options.output.path, options.output.in_place)
+    label = REGISTRY[method].label
+    again = check_not_fixed_before(model, path, method, label, options.choice.choosing or every_candidate)
     model, converted = inference_form(model)
     options = options.with_batch_size(resolve_batch_size(model, options.runtime.batch_size))
     index = GraphIndex(model)
     scan = find_sites(model, str(path), index)
-    report = FixReport(str(path), method, 0, None, False, "", warnings=converted + list(scan.warnings))
+    report = FixReport(str(path), label, 0, None, False, "",
+                       warnings=converted + list(scan.warnings) + ([again] if again else []))
     decisions = plan(model, scan, options.method.scope, index)
     report.refused = {d.name: d.refusal for d in decisions if d.refusal}
     return _Job(path, model, out, options, scan, [d.name for d in decisions if not d.refusal], report, index,
-                given=model_path)
-
-
-def _not_fixed_before(job: _Job, method: str) -> None:
-    """vsonnx.fix_input.check_not_fixed_before for this job: refuses, or adds its warning to the report."""
-    said = check_not_fixed_before(job.model, job.path, method, job.choosing)
-    job.report.warnings += [said] if said else []
+                every_candidate=every_candidate, given=model_path)
 
 
 def _nothing_to_do(job: _Job) -> str | None:
@@ -126,10 +124,9 @@ def fix_calibrated(model_path, calib, method: str = "batch", options: FixOptions
     """Re-estimate the statistics of the BNs in scope on ``calib`` with a calibrated registry method and write
     the fixed model (default ``MODEL.fixed.onnx``); with ``options.choice.val`` choose among candidates."""
     options = options or FixOptions()
-    entry = get(method)
+    get(method)  # an unknown method is a user error before any work
     with collected_warnings() as caught:
-        job = _start(model_path, options, entry.label)
-        _not_fixed_before(job, method)
+        job = _start(model_path, options, method)
         job.calib = calib
         if (reason := _nothing_to_do(job)) is None:
             if calib is None:
@@ -186,9 +183,7 @@ def candidate_models(model_path, calib, options: FixOptions | None = None) -> Ca
     held-out part with ``options.choice.val_split``) exactly as the fix calibrates them; for studying the choice
     (tools/suite.py). A user error when no BN is in scope."""
     options = options or FixOptions()
-    job = _start(model_path, options, "batch")
-    job.every_candidate = True
-    _not_fixed_before(job, "every candidate")
+    job = _start(model_path, options, "batch", every_candidate=True)
     if (reason := _nothing_to_do(job)) is not None:
         raise VsonnxError(reason, "see `vsonnx scan MODEL`.")
     source, _ = _calibration_source(job, calib)
@@ -250,8 +245,7 @@ def fix_data_free(model_path, options: FixOptions | None = None) -> FixReport:
     _no_split(options, "--data-free")
     method = "synthesized" if options.method.synthetic > 0 else "closed_form"
     with collected_warnings() as caught:
-        job = _start(model_path, options, REGISTRY[method].label)
-        _not_fixed_before(job, "data-free")
+        job = _start(model_path, options, method)
         if (reason := _nothing_to_do(job)) is None:
             closed = REGISTRY["closed_form"].run(job.request())
             result = closed if method == "closed_form" else REGISTRY[method].run(
@@ -289,8 +283,7 @@ def fix_named_sites(model_path, calib, sites: dict[str, float], options: FixOpti
     if calib is None:
         raise VsonnxError("--dropout/--sites need calibration data.", "add --calib DATA.")
     with collected_warnings() as caught:
-        job = _start(model_path, options, REGISTRY[method].label)
-        _not_fixed_before(job, "the named-sites correction" if method == "named_sites" else method)
+        job = _start(model_path, options, method)
         job.report.warnings = [w for w in job.report.warnings if "no Dropout" not in w and "folded" not in w]
         resolved = resolve_sites(job.model, sites)
         source = _open_calibration(job, calib)
@@ -380,7 +373,7 @@ def _finish(job: _Job, candidates: list[Candidate], provenance: dict[str, str], 
     fixed = _with_candidate(job.model, winner)
     validate(fixed, job.model)
     written = winner.name if winner.result.method in CALIBRATED else _label(winner)
-    given = None if str(job.path) == IN_MEMORY else job.path
+    given = None if isinstance(job.given, onnx.ModelProto) else job.path
     save_model(fixed, job.out, input_path=given, in_place=job.options.output.in_place, provenance={
         "method": written,
         "samples": str(winner.result.samples), "scope": job.options.method.scope,

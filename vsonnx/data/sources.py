@@ -116,10 +116,10 @@ class ImageFolderSource(Source):
         order = _order(len(files), shuffle, seed, limit)
         self.files = [str(files[i]) for i in order]  # str: a third of the memory of a Path per image
         self.labels = np.asarray(labels, np.int64)[order] if self.has_labels else None
-        if not shuffle and self.labels is not None and len(set(self.labels.tolist())) < len(classes):
-            warn(f"'{root}': the {len(order)} images taken (--limit without shuffling) cover "
-                 f"{len(set(self.labels.tolist()))} of {len(classes)} classes: statistics of them are biased "
-                 "(shuffle, the default, or raise --limit).")
+        covered = len(np.unique(self.labels)) if self.labels is not None else 0
+        if not shuffle and 0 < covered < len(classes):
+            warn(f"'{root}': the {len(order)} images taken (--limit without shuffling) cover {covered} of "
+                 f"{len(classes)} classes: statistics of them are biased (shuffle, the default, or raise --limit).")
         self.size = len(self.files)
         self.input, self.pre, self.workers = inputs[0], pre, workers
         self.budget = MemoryBudget(DECODE_BUDGET)
@@ -401,21 +401,22 @@ def _checked_scale(source: ArraySource, model: onnx.ModelProto) -> ArraySource:
     return source
 
 
-def source_identity(spec) -> dict[str, str]:
+def source_identity(spec, hashed: bool = True) -> dict[str, str]:
     """What identifies a data source in a written model's provenance without its path: the last path
-    component (``FILE.py:FUNC`` keeps the file's name and the function), and a SHA-256 (16 hex digits) of
-    a file's bytes, or of a folder's sorted relative file names and sizes (contents of 50,000 images are
-    not read again). A Source object passed from Python is named by its class."""
+    component (``FILE.py:FUNC`` keeps the file's name and the function), and (``hashed``) a SHA-256 (16 hex
+    digits) of a file's bytes, or of a folder's sorted relative file names and sizes (contents of 50,000 images
+    are not read again). A Source object passed from Python is named by its class."""
     if isinstance(spec, Source):
         return {"calibration_source": type(spec).__name__}
     text = str(spec)
     path = Path(text)
-    reader = ":" in text and not path.exists()
-    if reader:
+    if ":" in text and not path.exists():  # a reader
         file, _, func = text.rpartition(":")
         path, name = Path(file), f"{Path(file).name}:{func}"
     else:
         name = path.name
+    if not hashed:
+        return {"calibration_source": name}
     digest = hashlib.sha256()
     if path.is_file():
         with open(path, "rb") as f:
