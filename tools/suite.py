@@ -42,10 +42,12 @@ COLUMNS = ("original", *METHODS, "data-free", "label-free", "labelled", "ensembl
 
 
 def assign() -> Path:
-    """Write the seeded design/check assignment; refuses to change one already written."""
+    """Write the seeded design/check assignment (with the FRESH members, all check); refuses to change the
+    half of a member already written."""
     path = SUITE / "halves.json"
     table = {"seed": HALVES_SEED, "halves": halves(HALVES_SEED)}
-    if path.exists() and json.loads(path.read_text()) != table:
+    written = json.loads(path.read_text()) if path.exists() else {"seed": HALVES_SEED, "halves": {}}
+    if written["seed"] != HALVES_SEED or any(table["halves"].get(k) != v for k, v in written["halves"].items()):
         raise SystemExit(f"{path} exists and differs from the assignment of seed {HALVES_SEED}: "
                          "the halves are fixed before tuning; do not reassign")
     SUITE.mkdir(parents=True, exist_ok=True)

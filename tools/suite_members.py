@@ -5,6 +5,9 @@ trainable on 2 CPU cores in minutes, plus no-dropout twins.
 ``MEMBERS`` maps a name to its ``tools/train.py`` arguments; ``halves(seed)`` is the seeded design/check
 assignment (stratified by architecture: each architecture's members are shuffled and dealt alternately), fixed
 before any rule is tuned and written to ``models/suite/halves.json`` by ``python tools/suite.py assign``.
+``FRESH`` members were chosen and trained after every rule had been fixed (vsonnx at commit ``RULES_FIXED_AT``):
+nothing was ever decided on them, so they all belong to the check half and leave the seeded deal of the others
+unchanged.
 """
 from __future__ import annotations
 
@@ -55,6 +58,17 @@ MEMBERS: dict[str, list[str]] = {
     "plain6-none": [*_PLAIN, "--epochs", "4"],
 }
 
+RULES_FIXED_AT = "e1de711"
+FRESH: dict[str, list[str]] = {
+    "pre8-b02-adam": [*_PRE8, *_drop("b", 0.2), "--optimizer", "adam", "--lr", "0.002", "--epochs", "3"],
+    "plain6-a04-long": [*_PLAIN, *_drop("a", 0.4), "--epochs", "8"],
+    "plain6mlp-b04-noaug": [*_PLAIN, "--head", "mlp", *_drop("b", 0.4), "--no-augment", "--epochs", "4"],
+    "pre8-2d-a05-bnm001": [*_PRE8, *_drop("a", 0.5, "--noise", "dropout2d"), "--bn-momentum", "0.01",
+                           "--epochs", "3"],
+}
+SEEDED = dict(MEMBERS)  # the members dealt into halves by the seed
+MEMBERS.update(FRESH)
+
 TWINS = {"pre8-a05": "pre8-none", "pre8-b05": "pre8-none", "plain6-a03": "plain6-none",
          "plain6-b03": "plain6-none"}
 
@@ -68,7 +82,7 @@ def halves(seed: int = HALVES_SEED) -> dict[str, str]:
     """Name -> ``design`` or ``check`` for every member with dropout; stratified by architecture."""
     rng = random.Random(seed)
     by_arch: dict[str, list[str]] = {}
-    for name in sorted(MEMBERS):
+    for name in sorted(SEEDED):
         if name not in TWINS.values():
             by_arch.setdefault(arch_of(name), []).append(name)
     assignment, turn = {}, 0
@@ -78,4 +92,5 @@ def halves(seed: int = HALVES_SEED) -> dict[str, str]:
         for name in names:
             assignment[name] = ("design", "check")[turn % 2]
             turn += 1
+    assignment.update(dict.fromkeys(FRESH, "check"))
     return dict(sorted(assignment.items()))
