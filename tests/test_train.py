@@ -127,7 +127,9 @@ def test_suite_table_shows_each_column_and_the_gap_to_the_ensemble():
     text = suite_markdown([entry])
     row = next(line for line in text.splitlines() if line.startswith("| m |"))
     assert "57.77 (relative a=0.75)" in row and row.endswith("| -0.46 |")  # best fix 59.50 - ensemble 59.96
-    assert "## check half" in text and "## design half" not in text
+    assert "## check half" in text and "## design half" not in text and "Fresh (*)" not in text
+    text = suite_markdown([entry, {**entry, "name": "f", "fresh": True}])
+    assert "| f* |" in text and "Fresh (*)" in text
 
 
 def test_suite_signals_on_a_hand_built_case():
@@ -196,6 +198,11 @@ def test_choices_per_half_give_what_the_check_half_must_meet():
     assert rows[2] == "| check | 3 | +0.00, -0.50 | 1 of 3 | -0.05, -0.20 | 2 of 3 | label-free 1, labelled 0 |"
     del members[1]["gap_interval"]  # not measured yet: no count
     assert choices_per_half(members)[2].endswith("| 2 of 3 | - |")
+    members[2]["fresh"] = True  # trained after the rules were fixed: counted in the check half and on its own
+    rows = choices_per_half(members)
+    assert rows[2].startswith("| check | 3 |")
+    assert rows[3] == ("| check, fresh only (*) | 1 | +0.00, +0.00 | 0 of 1 | -0.20, -0.20 | 0 of 1 "
+                       "| label-free 0, labelled 0 |")
 
 
 def test_trusted_agreement_falls_back_to_population_where_the_ensemble_disagrees_with_the_data():

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite_resolution  # noqa: E402
 import suite_signals  # noqa: E402
-from suite_members import HALVES_SEED, MEMBERS, TRAIN_THREADS, TWINS, arch_of, halves  # noqa: E402
+from suite_members import (FRESH, HALVES_SEED, MEMBERS, RULES_FIXED_AT, TRAIN_THREADS, TWINS,  # noqa: E402
+                           arch_of, halves)
 from readme_block import replace_block, wrap  # noqa: E402
 from suite_signals import SINGLE, gap  # noqa: E402
 
@@ -109,7 +110,7 @@ def ensemble_top1(model, test, masks: int, threads: int | None, channelwise) -> 
 def describe_member(name: str, report) -> dict:
     """What the member is: half, architecture, placement, rate, noise, recipe, its sites."""
     train = json.loads((SUITE / "train" / name / "config.json").read_text())
-    return {"name": name, "half": halves().get(name, "twin"), "arch": arch_of(name),
+    return {"name": name, "half": halves().get(name, "twin"), "fresh": name in FRESH, "arch": arch_of(name),
             "placement": train["placement"], "rate": train["dropout"] if train["placement"] != "none" else 0.0,
             "noise": train["noise"], "recipe": {k: train.get(k) for k in ("epochs", "optimizer", "lr", "bn_momentum",
                                                                            "augment", "depth")},
@@ -305,13 +306,17 @@ def suite_markdown(entries: list[dict]) -> str:
         rows = [e for e in entries if e["half"] == half]
         if not rows:
             continue
-        lines += [f"## {half} half" if half != "twin" else "## no-dropout twins", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [f"## {half} half" if half != "twin" else "## no-dropout twins", ""]
+        if any(e.get("fresh") for e in rows):
+            lines += [wrap(f"Fresh (*): chosen and trained after every rule had been fixed (vsonnx at "
+                           f"{RULES_FIXED_AT}; `FRESH` in tools/suite_members.py); nothing was decided on them.",
+                           indent=""), ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for e in rows:
             top = e["top1"]
             fixes = [top[k] for k in (*METHODS, "data-free") if k in top]
             gap = f"{max(fixes) - top['ensemble64']:+.2f}" if fixes and "ensemble64" in top else "-"
-            cells = [e["name"], e["arch"], e["placement"], f"{e['rate']:g}",
+            cells = [e["name"] + ("*" if e.get("fresh") else ""), e["arch"], e["placement"], f"{e['rate']:g}",
                      *[f"{top[k]:.2f}" + (f" ({e['chosen'][k]})" if k in e.get("chosen", {}) else "")
                        if k in top else "-" for k in COLUMNS], gap]
             lines.append("| " + " | ".join(cells) + " |")
@@ -339,9 +344,10 @@ def choices_per_half(entries: list[dict]) -> list[str]:
     lines = ["| half | members | label-free gap: median, worst | label-free below the original | labelled gap: "
              "median, worst | labelled within 0.1 of the best | gaps resolved below 0: label-free, labelled |",
              "|---|---|---|---|---|---|---|"]
-    for half in ("design", "check"):
-        group = [e for e in entries if e["half"] == half and all(k in e["top1"] for k in (*SINGLE, "label-free",
-                                                                                          "labelled"))]
+    complete = [e for e in entries if all(k in e["top1"] for k in (*SINGLE, "label-free", "labelled"))]
+    groups = [(half, [e for e in complete if e["half"] == half]) for half in ("design", "check")]
+    groups.append(("check, fresh only (*)", [e for e in complete if e.get("fresh")]))
+    for half, group in groups:
         if not group:
             continue
         free, labelled = ([gap(e, column) for e in group] for column in ("label-free", "labelled"))
