@@ -264,6 +264,8 @@ def test_integer_arrays_for_a_float_input_are_warned_and_fed_unchanged(tmp_path)
     with pytest.warns(VsonnxWarning, match="uint8 values, fed unchanged to float input 'x'"):
         source = open_source(tmp_path / "u8.npy", model, shuffle=False)
     np.testing.assert_array_equal(next(source.batches(4)).feeds["x"], pixels.astype(np.float32))
+    with pytest.warns(VsonnxWarning, match="uint8 values, fed unchanged"):  # the same check for in-memory arrays
+        ArraySource.from_arrays(model, pixels, None)
     np.save(tmp_path / "f.npy", pixels.astype(np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("error", VsonnxWarning)

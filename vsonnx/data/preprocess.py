@@ -160,9 +160,21 @@ def data_contract(model: onnx.ModelProto) -> dict:
     return {"inputs": inputs, "preprocess": meta, "class_names": model_class_names(model)}
 
 
-def raw_pixel_note(model: onnx.ModelProto, spec: InputSpec, array: np.ndarray, where: str) -> str | None:
-    """Arrays are fed as given; where the model's vsonnx.preprocess metadata scales pixels to 0..1 before
-    normalising, float arrays whose first 256 samples reach beyond 20 look like raw pixels: what to say, or None."""
+def array_notes(model: onnx.ModelProto, inputs: list[InputSpec], arrays: dict[str, np.ndarray],
+                where: str) -> list[str]:
+    """Arrays are fed as given; what looks unlike preprocessed inputs in ``arrays`` (the first part of the data
+    at ``where``), to say so: integer arrays for a float input, and, where the model's vsonnx.preprocess
+    metadata scales pixels to 0..1 before normalising, float arrays of the first input whose first 256
+    samples reach beyond 20 (raw pixels)."""
+    notes = [f"'{where}' holds {arrays[s.name].dtype} values, fed unchanged to float input '{s.name}': arrays are "
+             "taken as preprocessed (for raw pixels pass an image folder, which gets the model's preprocessing)."
+             for s in inputs if arrays[s.name].dtype.kind in "iu" and np.issubdtype(s.dtype, np.floating)]
+    if inputs and (note := _raw_pixel_note(model, inputs[0], arrays[inputs[0].name], where)):
+        notes.append(note)
+    return notes
+
+
+def _raw_pixel_note(model: onnx.ModelProto, spec: InputSpec, array: np.ndarray, where: str) -> str | None:
     try:
         meta = _preprocess_metadata(model)
     except VsonnxError:

@@ -21,7 +21,7 @@ from ..errors import VsonnxError, warn
 from .cifar import IMAGE_SUFFIXES, decode_rgb, image_folder_files, luma
 from .inputs import (ARRAY_SUFFIXES, LABEL_KEYS, InputSpec, _check_array, _check_channels, _numeric,
                      input_channels)
-from .preprocess import Preprocess, model_class_names, raw_pixel_note
+from .preprocess import Preprocess, array_notes, model_class_names
 
 
 @dataclass
@@ -181,11 +181,6 @@ class ArraySource(Source):
         total = int(self.offsets[-1])
         if total == 0:
             raise VsonnxError(f"'{spec}' holds no samples.", "check the arrays' first axis (samples).")
-        for s in inputs:
-            kind = parts[0][0][s.name].dtype
-            if kind.kind in "iu" and np.issubdtype(s.dtype, np.floating):
-                warn(f"'{spec}' holds {kind} values, fed unchanged to float input '{s.name}': arrays are taken as "
-                     "preprocessed (for raw pixels pass an image folder, which gets the model's preprocessing).")
         self.order = _order(total, shuffle, seed, limit)
         self.size = len(self.order)
 
@@ -195,8 +190,8 @@ class ArraySource(Source):
         """In-memory preprocessed inputs for a one-input model (labels optional)."""
         inputs = InputSpec.all_of(model)
         _check_array(x, inputs[0], name)
-        return cls([], inputs, shuffle=shuffle, seed=seed, limit=limit, spec=name,
-                   parts=[({inputs[0].name: x}, y)])
+        return _checked_values(cls([], inputs, shuffle=shuffle, seed=seed, limit=limit, spec=name,
+                                   parts=[({inputs[0].name: x}, y)]), model)
 
     @staticmethod
     def _read(path: Path, inputs: list[InputSpec]):
@@ -379,11 +374,11 @@ def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = Tru
     if path.is_file():
         if path.suffix not in ARRAY_SUFFIXES:
             raise VsonnxError(f"'{path}' is not a .npy or .npz file.", "pass an image folder, .npy/.npz, or FILE.py:FUNC.")
-        return _checked_scale(ArraySource([path], inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text), model)
+        return _checked_values(ArraySource([path], inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text), model)
     entries = sorted(path.iterdir())
     arrays = [f for f in entries if f.is_file() and f.suffix in ARRAY_SUFFIXES]
     if arrays:
-        return _checked_scale(ArraySource(arrays, inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text), model)
+        return _checked_values(ArraySource(arrays, inputs, shuffle=shuffle, seed=seed, limit=limit, spec=text), model)
     if not entries:
         raise VsonnxError(f"data folder '{path}' is empty.", "pass a folder with images or .npy/.npz files.")
     pre = Preprocess.resolve(model, inputs, **(preprocess or {}))
@@ -393,10 +388,9 @@ def open_source(spec: str | Path, model: onnx.ModelProto, *, shuffle: bool = Tru
                              class_names=model_class_names(model))
 
 
-def _checked_scale(source: ArraySource, model: onnx.ModelProto) -> ArraySource:
-    """``source``, after the warning raw_pixel_note gives for its first samples, if any."""
-    first = source.inputs[0] if source.inputs else None
-    if first is not None and (note := raw_pixel_note(model, first, source.parts[0][0][first.name], source.spec)):
+def _checked_values(source: ArraySource, model: onnx.ModelProto) -> ArraySource:
+    """``source``, after the warnings array_notes gives for its first part, if any."""
+    for note in array_notes(model, source.inputs, source.parts[0][0], source.spec):
         warn(note)
     return source
 
