@@ -118,6 +118,17 @@ def test_val_writes_the_best_candidate_and_names_it(site_net):
     assert get_metadata(load_model(report["output"]))["vsonnx.method"] == report["chosen"]
     written = ort_predictions(load_model(report["output"]), x)
     assert 100.0 * np.mean(written == labels) == 100
+    # the evidence: the chosen candidate over the original, per image hit differences, mean +- 1.96 sd / sqrt(n)
+    d = (written == labels).astype(float) - (ort_predictions(load_model(model_path), x) == labels)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    first = report["evidence"][0]
+    assert (first["candidate"], first["over"]) == (report["chosen"], "original")
+    np.testing.assert_allclose([first["gain"], *first["ci95"]], 100 * np.array([d.mean(), d.mean() - half,
+                                                                                   d.mean() + half]), atol=1e-4)
+    assert all(e["over"] != report["chosen"] for e in report["evidence"])
+    r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val", tmp / "val_rel.npz", "--batch-size", 8,
+            "--method", "population", "-o", tmp / "again.onnx")
+    assert f"  {report['chosen']} vs original: top-1 {first['gain']:+.2f} points, paired 95% interval" in r.output
 
 
 def test_val_writes_nothing_when_the_original_is_best(site_net):
@@ -129,6 +140,8 @@ def test_val_writes_nothing_when_the_original_is_best(site_net):
     report = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 1 and not report["written"] and not (tmp / "out.onnx").exists()
     assert report["candidates"][0]["name"] == "original" and report["candidates"][0]["val_top1"] == 100.0
+    best = report["evidence"][0]  # nothing chosen: the best candidate against the original, not better
+    assert best["over"] == "original" and best["gain"] <= 0 and len(report["evidence"]) == 1
     r = run("fix", model_path, "--calib", tmp / "val_orig.npz", "--val", tmp / "val_orig.npz", "--batch-size", 8)
     assert "validation data is the calibration data" in r.output
 
@@ -235,7 +248,7 @@ def test_fix_json_schema(setup):
     report = json.loads(r.output[r.output.index("{"):])
     assert set(report) == {"schema_version", "model", "output", "written", "message", "method", "chosen", "samples",
                            "provider", "seconds", "passes", "refused", "candidates", "batchnorms", "notes", "warnings",
-                           "criterion", "val_samples", "folded"}
+                           "criterion", "val_samples", "evidence", "folded"}
     assert report["schema_version"] == 1 and report["chosen"] == report["method"] == "batch"
 
 

@@ -129,11 +129,17 @@ def run_scorers(models: dict[str, onnx.ModelProto], source: Source, *, batch_siz
 
 
 def paired_interval(a: Scorer, b: Scorer) -> tuple[float, float, float]:
-    """Top-1 of b minus top-1 of a (points) on the same samples, with its paired 95% interval: the mean of
-    d_i = hit_b,i - hit_a,i  +- 1.96 * sd(d) / sqrt(n) (normal approximation, fine for thousands of samples)."""
+    """Top-1 of b minus top-1 of a (points) on the same samples, with its paired 95% interval
+    (``mean_interval`` of d_i = hit_b,i - hit_a,i)."""
     d = np.concatenate(b.hits).astype(np.float64) - np.concatenate(a.hits).astype(np.float64)
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return 100 * d.mean(), 100 * (d.mean() - half), 100 * (d.mean() + half)
+    return tuple(100 * v for v in mean_interval(d))
+
+
+def mean_interval(d: np.ndarray) -> tuple[float, float, float]:
+    """The mean of per-sample differences ``d`` and its 95% interval, mean +- 1.96 sd(d) / sqrt(n) (normal
+    approximation, fine for hundreds of samples and more; unbounded for one sample)."""
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.inf
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
 def evaluate_candidates(model: onnx.ModelProto, candidates: list[onnx.ModelProto], data, *, batch_size: int = 256,

@@ -62,7 +62,6 @@ INTERPOLATION = (0.25, 0.5, 0.75, 0.875, 1.0)
 FAMILY_METHODS = ("population", "relative")
 ANCHOR = "relative"  # the label-free default, replaced only by a significantly better candidate
 FALLBACK = "population"  # chosen where the dropout ensemble is not trusted
-Z95 = 1.959964
 
 
 def candidate_methods() -> list[str]:
@@ -96,7 +95,7 @@ class Ranking:
         with a paired 95% interval entirely below zero (``paired_gain``)."""
         sign = 1 if self.criterion == "top1" else -1
         original, candidates = sign * self.scores[0], [sign * s for s in self.scores[1:]]
-        k = max(range(len(candidates)), key=candidates.__getitem__)
+        k = self.best_raw()
         if anchor is not None and self.per_sample is not None and k != anchor:
             low, _ = self.paired_gain(anchor, k)
             k = k if low > 0 else anchor
@@ -111,23 +110,33 @@ class Ranking:
             return self.best(prior), None
         if self.criterion == "ensemble_disagreement" and FALLBACK in names:
             k = names.index(FALLBACK)
-            if self.per_sample is not None and self._interval(k + 1, 0)[0] > 0:
+            if self.per_sample is not None and self._interval(k + 1, 0)[1] > 0:
                 return k, (f"the dropout ensemble is not trusted: {FALLBACK} (statistics measured on the data) "
                            f"disagrees with its classes on {self.scores[k + 1]:.0%} of the held-out samples, the "
                            f"original on {self.scores[0]:.0%}, so the stored statistics it runs look stale (e.g. a "
                            f"cumulative BN average); chose {FALLBACK}.")
         return self.best(names.index(ANCHOR) if ANCHOR in names else None), None
 
+    def best_raw(self) -> int:
+        """Index of the best candidate by the criterion alone (no anchor, no test against the original)."""
+        sign = 1 if self.criterion == "top1" else -1
+        return max(range(len(self.scores) - 1), key=lambda k: sign * self.scores[k + 1])
+
     def paired_gain(self, anchor: int, k: int) -> tuple[float, float]:
         """95% interval of the mean per-image loss of candidate ``anchor`` minus that of candidate ``k``
         (positive: ``k`` is better), over the same held-out images."""
-        return self._interval(anchor + 1, k + 1)
+        return self.gain(k, anchor)[1:]
 
-    def _interval(self, a: int, b: int) -> tuple[float, float]:
-        """95% interval of the mean per-image loss of model ``a`` minus model ``b`` (0: the original)."""
-        d = self.per_sample[a] - self.per_sample[b]
-        half = Z95 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.inf
-        return float(d.mean() - half), float(d.mean() + half)
+    def gain(self, k: int, over: int | None = None) -> tuple[float, float, float]:
+        """Mean per-image loss of candidate ``over`` (None: the original) minus that of candidate ``k``
+        (positive: ``k`` is better), with its paired 95% interval (normal approximation)."""
+        return self._interval(0 if over is None else over + 1, k + 1)
+
+    def _interval(self, a: int, b: int) -> tuple[float, float, float]:
+        """Mean per-image loss of model ``a`` minus model ``b`` (0: the original) and its 95% interval."""
+        from .accuracy import mean_interval
+
+        return mean_interval(self.per_sample[a] - self.per_sample[b])
 
 
 def rank(model: onnx.ModelProto, candidates: list[onnx.ModelProto], source: Source, *, label_free: bool,
@@ -158,13 +167,39 @@ def rank(model: onnx.ModelProto, candidates: list[onnx.ModelProto], source: Sour
 @dataclass
 class Choice:
     """What --val / --val-split chose: ``index`` into the candidates (None: the original), the ranking by the
-    criterion used, the label-free ranking on the same images (the same object without labels), and why
-    the ensemble was not trusted, where it was not."""
+    criterion used, the label-free ranking on the same images (the same object without labels), why the
+    ensemble was not trusted, where it was not, and ``prior``: the candidate the labels had to beat (the
+    label-free choice on the same images) or, without labels, the anchor (relative)."""
 
     index: int | None
     ranking: Ranking
     unlabelled: Ranking
     why: str | None = None
+    prior: int | None = None
+
+    def evidence(self, names: list[str]) -> list[dict]:
+        """How far the images ranked on separate what was chosen from what it was chosen over: per comparison
+        (the chosen candidate against the original, and against ``prior`` where it differs; with nothing
+        chosen, the best candidate against the original),
+        the mean per-image gain in the criterion's units with its paired 95% interval (positive: the first
+        is better). Top-1 and disagreement are in points (percent of images)."""
+        r = self.ranking
+        if r.per_sample is None or len(r.scores) < 2:
+            return []
+        unit = 1.0 if r.criterion == "ensemble_mse" else 100.0
+        if self.index is None:
+            pairs = [(r.best_raw(), None)]
+        else:
+            pairs = [(self.index, None)] + ([(self.index, self.prior)] if self.prior not in (None, self.index) else [])
+
+        role = "the default" if r.criterion != "top1" else "the label-free choice on the same samples"
+
+        def row(k: int, over: int | None) -> dict:
+            mean, low, high = r.gain(k, over)
+            return {"candidate": names[k], "over": "original" if over is None else names[over],
+                    "over_is": "the original" if over is None else role,
+                    "gain": round(unit * mean, 6), "ci95": [round(unit * low, 6), round(unit * high, 6)]}
+        return [row(k, over) for k, over in pairs]
 
 
 def choose(model: onnx.ModelProto, candidates: list[onnx.ModelProto], names: list[str], source: Source, *,
@@ -175,7 +210,7 @@ def choose(model: onnx.ModelProto, candidates: list[onnx.ModelProto], names: lis
     ranking = rank(model, candidates, source, label_free=label_free, **settings)
     if ranking.criterion != "top1":
         index, why = ranking.choice(names)
-        return Choice(index, ranking, ranking, why)
+        return Choice(index, ranking, ranking, why, names.index(ANCHOR) if ANCHOR in names and not why else None)
     unlabelled = rank(model, candidates, source, label_free=True, **settings)
     prior, _ = unlabelled.choice(names)
-    return Choice(ranking.choice(names, prior)[0], ranking, unlabelled)
+    return Choice(ranking.choice(names, prior)[0], ranking, unlabelled, prior=prior)

@@ -419,6 +419,7 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
     for c, score in zip(candidates, ranking.scores[1:]):
         c.score = score
     job.report.val_samples = ranking.samples
+    job.report.evidence = chosen.evidence(names)
     job.report.warnings += [chosen.why] if chosen.why else []
     return None if chosen.index is None else candidates[chosen.index]
 

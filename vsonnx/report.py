@@ -126,11 +126,25 @@ def render_fix(report) -> str:
         out.append(table(["candidate", header], [[c["name"], fmt(c[key], digits)] for c in report.candidates], "lr"))
         if report.chosen:
             out.append(f"chosen: {report.chosen}")
+        out += [_evidence_line(e, report) for e in report.evidence]
     summary = report.message
     if report.written:
         summary += f" Wrote {report.output} ({report.method}, {fmt(report.seconds, 2)} s)."
     out.append(summary)
     return "\n".join(out)  # the CLI prints report.warnings on stderr
+
+
+def _evidence_line(e: dict, report) -> str:
+    """One comparison behind a choice: the gain by the criterion with its paired 95% interval."""
+    what = {"top1": "top-1", "ensemble_disagreement": "agreement with the dropout ensemble's classes"}
+    measure = what.get(report.criterion, "distance from the dropout ensemble's outputs (mse), lower by")
+    unit, digits = (" points", 2) if report.criterion in what else ("", 4)
+    low, high = e["ci95"]
+    who = e["candidate"] if report.chosen else f"best candidate {e['candidate']}"
+    over = e["over"] if e["over"] == "original" else f"{e['over']} ({e['over_is']})"
+    return (f"  {who} vs {over}: {measure} {e['gain']:+.{digits}f}{unit}, paired 95% interval "
+            f"[{low:+.{digits}f}, {high:+.{digits}f}] on {report.val_samples} samples"
+            f" ({'resolved' if low > 0 or high < 0 else 'not resolved'})")
 
 
 def render_eval(reports) -> str:
