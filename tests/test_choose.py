@@ -83,3 +83,29 @@ def test_labelled_choice_keeps_the_label_free_prior_unless_labels_show_better():
     assert ranking.choice(names, prior=2) == (3, None)
     worse = [per_sample[0], *(per_sample[0] + 0 for _ in names)]  # nothing beats the original: nothing
     assert Ranking("top1", [100 * (1 - float(m.mean())) for m in worse], worse, 2000).choice(names, 2) == (None, None)
+
+
+def test_evidence_is_the_paired_interval_of_each_comparison_behind_a_choice():
+    """Hand-built per-image disagreements: the chosen candidate vs the original and vs the prior it replaced,
+    or, where the prior was kept, the best candidate vs the prior; each against numpy's textbook interval."""
+    from vsonnx.choose import Choice
+
+    rng = np.random.default_rng(1)
+    losses = [(rng.random(400) < p).astype(float) for p in (0.30, 0.20, 0.19, 0.10)]  # original, a, b, c
+
+    def textbook(over, k):
+        d = losses[over] - losses[k]
+        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+        return [100 * d.mean(), 100 * (d.mean() - half), 100 * (d.mean() + half)]
+
+    ranking = Ranking("ensemble_disagreement", [float(x.mean()) for x in losses], losses, 400)
+    names = ["a", "b", "c"]
+    replaced = Choice(2, ranking, ranking, prior=0).evidence(names)  # c replaced a
+    assert [(e["candidate"], e["over"]) for e in replaced] == [("c", "original"), ("c", "a")]
+    np.testing.assert_allclose([replaced[1]["gain"], *replaced[1]["ci95"]], textbook(1, 3), atol=1e-5)
+    np.testing.assert_allclose([replaced[0]["gain"], *replaced[0]["ci95"]], textbook(0, 3), atol=1e-5)
+    kept = Choice(0, ranking, ranking, prior=0).evidence(names)  # a kept: c, the best, against it
+    assert [(e["candidate"], e["over"]) for e in kept] == [("a", "original"), ("c", "a")]
+    nothing = Choice(None, ranking, ranking, prior=0).evidence(names)
+    assert [(e["candidate"], e["over"]) for e in nothing] == [("c", "original")]
+    assert Choice(2, Ranking("top1", [1.0, 2.0], None), None).evidence(["x"]) == []  # no per-image losses

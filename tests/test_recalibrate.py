@@ -125,7 +125,6 @@ def test_val_writes_the_best_candidate_and_names_it(site_net):
     assert (first["candidate"], first["over"]) == (report["chosen"], "original")
     np.testing.assert_allclose([first["gain"], *first["ci95"]], 100 * np.array([d.mean(), d.mean() - half,
                                                                                    d.mean() + half]), atol=1e-4)
-    assert all(e["over"] != report["chosen"] for e in report["evidence"])
     r = run("fix", model_path, "--calib", tmp / "calib.npz", "--val", tmp / "val_rel.npz", "--batch-size", 8,
             "--method", "population", "-o", tmp / "again.onnx")
     assert f"  {report['chosen']} vs original: top-1 {first['gain']:+.2f} points, paired 95% interval" in r.output

@@ -178,19 +178,21 @@ class Choice:
     prior: int | None = None
 
     def evidence(self, names: list[str]) -> list[dict]:
-        """How far the images ranked on separate what was chosen from what it was chosen over: per comparison
-        (the chosen candidate against the original, and against ``prior`` where it differs; with nothing
-        chosen, the best candidate against the original),
-        the mean per-image gain in the criterion's units with its paired 95% interval (positive: the first
-        is better). Top-1 and disagreement are in points (percent of images)."""
+        """How far the images ranked on separate what was chosen from what it was chosen over, per comparison:
+        the chosen candidate against the original, then against ``prior`` where it replaced it, or, where
+        ``prior`` was kept, the best candidate by the criterion against it; with nothing chosen, the best
+        candidate against the original. Each: the mean per-image gain in the criterion's units with its
+        paired 95% interval (positive: the first is better); top-1 and disagreement in points (percent of
+        samples). Empty below two samples."""
         r = self.ranking
-        if r.per_sample is None or len(r.scores) < 2:
+        if r.per_sample is None or len(r.scores) < 2 or r.samples < 2:
             return []
         unit = 1.0 if r.criterion == "ensemble_mse" else 100.0
-        if self.index is None:
-            pairs = [(r.best_raw(), None)]
-        else:
-            pairs = [(self.index, None)] + ([(self.index, self.prior)] if self.prior not in (None, self.index) else [])
+        best = r.best_raw()
+        pairs = [(best if self.index is None else self.index, None)]
+        if self.index is not None and self.prior is not None:
+            pairs += [(self.index, self.prior)] if self.prior != self.index else \
+                [(best, self.prior)] if best != self.prior else []
 
         role = "the default" if r.criterion != "top1" else "the label-free choice on the same samples"
 

@@ -8,10 +8,10 @@ JSON schema of ``FixReport.to_dict()`` (``schema_version`` 1; keys are only ever
   with labels, else null; share disagreeing with the dropout ensemble's classes, or the distance for --loss
   mse), criterion ("top1", "ensemble_disagreement", "ensemble_mse" or null), val_samples (images the
   candidates were ranked on, or null), evidence [{candidate, over, over_is, gain, ci95 [low, high]}]: the chosen
-  candidate (or the best, where none was) against the original and against the candidate it had to beat
-  (the label-free choice on the same images with labels, relative without), the mean per-image gain by the
-  criterion (top-1 or agreement with the ensemble in points, mse in its units; positive: better) with its
-  paired 95% interval,
+  candidate (or the best, where none was) against the original, and the choice against the candidate it had
+  to beat (the label-free choice on the same images with labels, relative without; vsonnx.choose.Choice.evidence),
+  the mean per-image gain by the criterion (top-1 or agreement with the ensemble in points, mse in its units;
+  positive: better) with its paired 95% interval,
   batchnorms [{name, site (the site's path, "downstream", or "none" for a BN --all re-estimates with no site
   before it), old_mean, old_var, new_mean, new_var}], notes {name: str}, warnings [str],
   folded [layer]: Conv/Gemm layers whose folded BN was corrected relative to its lost statistics (named sites).

@@ -140,7 +140,7 @@ def _evidence_line(e: dict, report) -> str:
     measure = what.get(report.criterion, "distance from the dropout ensemble's outputs (mse), lower by")
     unit, digits = (" points", 2) if report.criterion in what else ("", 4)
     low, high = e["ci95"]
-    who = e["candidate"] if report.chosen else f"best candidate {e['candidate']}"
+    who = e["candidate"] if e["candidate"] == report.chosen else f"best candidate {e['candidate']}"
     over = e["over"] if e["over"] == "original" else f"{e['over']} ({e['over_is']})"
     return (f"  {who} vs {over}: {measure} {e['gain']:+.{digits}f}{unit}, paired 95% interval "
             f"[{low:+.{digits}f}, {high:+.{digits}f}] on {report.val_samples} samples"
