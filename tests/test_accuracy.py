@@ -14,7 +14,11 @@ def test_eval_and_compare(setup):
     r = run("eval", model_path, "--data", tmp / "val.npz", "--json")
     d = json.loads(r.output[r.output.index("{"):])
     assert r.exit_code == 0 and d["samples"] == 32 and set(d) == {"model", "samples", "top1", "top5", "provider",
-                                                                   "images_per_s"}
+                                                                   "images_per_s", "top1_ci95"}
+    from vsonnx.accuracy import wilson_interval
+
+    assert d["top1_ci95"] == pytest.approx(wilson_interval(round(d["top1"] * 32 / 100), 32))
+    assert d["top1_ci95"][0] <= d["top1"] <= d["top1_ci95"][1]
     r = run("compare", model_path, model_path, "--data", tmp / "val.npz", "--json")
     d = json.loads(r.output[r.output.index("{"):])
     assert d["delta_top1"] == 0 and d["agreement"] == 100 and d["max_abs_diff"] == 0
@@ -79,6 +83,17 @@ def test_paired_interval_equals_the_textbook_formula():
     delta, low, high = paired_interval(a, b)
     assert delta == pytest.approx(100 * d.mean())
     assert (low, high) == pytest.approx((100 * (d.mean() - 1.96 * se), 100 * (d.mean() + 1.96 * se)))
+
+
+def test_wilson_interval_equals_scipy():
+    """Reference values: scipy.stats.binomtest(k, n).proportion_ci(method="wilson") (scipy 1.17, z = 1.959964;
+    ours takes 1.96), in percent, including both ends (0 and n hits), where p +- z se would be empty."""
+    from vsonnx.accuracy import wilson_interval
+
+    reference = {(81, 263): (25.52885, 36.62096), (0, 10): (0.0, 27.75328), (10, 10): (72.24672, 100.0),
+                 (7925, 10000): (78.44404, 80.03349), (3, 500): (0.20426, 1.74903)}
+    for (k, n), expected in reference.items():
+        assert wilson_interval(k, n) == pytest.approx(expected, abs=2e-3)
 
 
 def test_compare_says_whether_the_difference_is_significant(setup, tmp_path):

@@ -28,9 +28,18 @@ class EvalReport:
     top5: float | None
     provider: str
     images_per_s: float
+    top1_ci95: tuple[float, float] = (float("nan"), float("nan"))  # Wilson score interval, percent
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion hits / n, in percent: (p + z^2/2n +- z sqrt(p(1-p)/n +
+    z^2/4n^2)) / (1 + z^2/n); unlike p +- z sqrt(p(1-p)/n) it stays inside [0, 100] and is not empty at 0 or n."""
+    p, zz = hits / n, z * z / n
+    centre, half = p + zz / 2, z * np.sqrt(p * (1 - p) / n + zz / (4 * n))
+    return float(100 * (centre - half) / (1 + zz)), float(100 * (centre + half) / (1 + zz))
 
 
 class Scorer:
@@ -77,7 +86,8 @@ class Scorer:
             raise VsonnxError("the evaluation data yielded no samples.", "check --data and --limit.")
         return EvalReport(name, self.samples, 100.0 * self.correct1 / self.samples,
                           100.0 * self.correct5 / self.samples if self.top5_ok else None,
-                          self.session.get_providers()[0], self.samples / max(self.seconds, 1e-9))
+                          self.session.get_providers()[0], self.samples / max(self.seconds, 1e-9),
+                          wilson_interval(self.correct1, self.samples))
 
 
 def _labelled(source: Source) -> Source:

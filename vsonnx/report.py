@@ -148,8 +148,10 @@ def _evidence_line(e: dict, report) -> str:
 
 
 def render_eval(reports) -> str:
-    rows = [[r.model, r.samples, fmt(r.top1, 2), fmt(r.top5, 2), f"{r.images_per_s:.0f}", r.provider] for r in reports]
-    return table(["model", "samples", "top-1 %", "top-5 %", "images/s", "provider"], rows, "lrrrrl")
+    rows = [[r.model, r.samples, fmt(r.top1, 2), "[{:.2f}, {:.2f}]".format(*r.top1_ci95), fmt(r.top5, 2),
+             f"{r.images_per_s:.0f}", r.provider] for r in reports]
+    return table(["model", "samples", "top-1 %", "top-1 95% interval", "top-5 %", "images/s", "provider"], rows,
+                 "lrrrrrl")
 
 
 def render_compare(report) -> str:
