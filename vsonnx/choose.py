@@ -44,7 +44,8 @@ worst -26.58 (models/SUITE.md has both halves). A candidate that does not beat t
 criterion is never written (except population when the
 ensemble is not trusted, which is then not a measure of anything). With ``--val-split`` the chosen method
 (and strength a) is then run again on all of ``--calib`` (vsonnx.recalibrate), so the split costs no
-calibration data.
+calibration data. The fix reports the paired intervals behind a choice (``Choice.evidence``): how firmly the
+images ranked on separate the chosen candidate from the original and from the candidate it had to beat.
 """
 from __future__ import annotations
 
