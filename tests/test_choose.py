@@ -95,7 +95,7 @@ def test_evidence_is_the_paired_interval_of_each_comparison_behind_a_choice():
 
     def textbook(over, k):
         d = losses[over] - losses[k]
-        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+        half = 1.959964 * d.std(ddof=1) / np.sqrt(len(d))  # the rule's z (vsonnx.choose.Z95)
         return [100 * d.mean(), 100 * (d.mean() - half), 100 * (d.mean() + half)]
 
     ranking = Ranking("ensemble_disagreement", [float(x.mean()) for x in losses], losses, 400)

@@ -145,10 +145,10 @@ def paired_interval(a: Scorer, b: Scorer) -> tuple[float, float, float]:
     return tuple(100 * v for v in mean_interval(d))
 
 
-def mean_interval(d: np.ndarray) -> tuple[float, float, float]:
-    """The mean of per-sample differences ``d`` and its 95% interval, mean +- 1.96 sd(d) / sqrt(n) (normal
+def mean_interval(d: np.ndarray, z: float = 1.96) -> tuple[float, float, float]:
+    """The mean of per-sample differences ``d`` and its 95% interval, mean +- z sd(d) / sqrt(n) (normal
     approximation, fine for hundreds of samples and more; unbounded for one sample)."""
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.inf
+    half = z * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.inf
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 

@@ -63,6 +63,7 @@ INTERPOLATION = (0.25, 0.5, 0.75, 0.875, 1.0)
 FAMILY_METHODS = ("population", "relative")
 ANCHOR = "relative"  # the label-free default, replaced only by a significantly better candidate
 FALLBACK = "population"  # chosen where the dropout ensemble is not trusted
+Z95 = 1.959964  # the paired tests of the rule (compare's interval takes 1.96)
 
 
 def candidate_methods() -> list[str]:
@@ -137,7 +138,7 @@ class Ranking:
         """Mean per-image loss of model ``a`` minus model ``b`` (0: the original) and its 95% interval."""
         from .accuracy import mean_interval
 
-        return mean_interval(self.per_sample[a] - self.per_sample[b])
+        return mean_interval(self.per_sample[a] - self.per_sample[b], Z95)
 
 
 def rank(model: onnx.ModelProto, candidates: list[onnx.ModelProto], source: Source, *, label_free: bool,
