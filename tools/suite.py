@@ -300,7 +300,9 @@ def suite_markdown(entries: list[dict]) -> str:
              "do not edit by hand. Top-1 (%) with onnxruntime on the test images; calibration: 5,000 shuffled "
              "training images; label-free: `fix --val-split 0.2`; labelled: `fix --val` on 2,000 other training "
              "images; ensemble64: the same weights with dropout on, softmax averaged over 64 masks. "
-             "Members and the seeded design/check halves: `tools/suite_members.py`, `models/suite/halves.json`.", ""]
+             "Members and the seeded design/check halves: `tools/suite_members.py`, `models/suite/halves.json`. "
+             f"The models with their training cards, configurations and logs: `models/suite/`, {stored_megabytes()}.",
+             ""]
     head = ["member", "arch", "placement", "rate", *COLUMNS, "best fix - ensemble64"]
     for half in ("design", "check", "twin"):
         rows = [e for e in entries if e["half"] == half]
@@ -335,6 +337,13 @@ def suite_markdown(entries: list[dict]) -> str:
               f"From the {len(evaluated)} evaluated member(s) with dropout, both halves; gap = top-1 minus the best "
               "single method's top-1 on the same member (points).", "", *which_method(entries), ""]
     return "\n".join(lines)
+
+
+def stored_megabytes() -> str:
+    """How much the suite keeps in the repository (models/suite: ONNX models, cards, logs)."""
+    files = [f for f in SUITE.rglob("*") if f.is_file()]
+    models = sum(f.suffix == ".onnx" for f in files)
+    return f"{models} models, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB in all"
 
 
 def choices_per_half(entries: list[dict]) -> list[str]:
