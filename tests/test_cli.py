@@ -1,5 +1,6 @@
 """The command line: help, scan output, user errors as exit 3 with Error/Hint and no traceback."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_scan_bad_files_exit_3(tmp_path, content, needle):
 
 
 def test_truncated_model_exit_3(tmp_path, model_file):
-    data = open(model_file, "rb").read()
+    data = Path(model_file).read_bytes()
     path = tmp_path / "trunc.onnx"
     path.write_bytes(data[: len(data) // 2])
     r = run("scan", path)

@@ -1,5 +1,6 @@
 """Model I/O: atomic writes that keep metadata, IR lowering, refusals to overwrite, external data."""
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,10 +30,10 @@ def test_save_is_atomic_keeps_metadata_and_lowers_ir(tmp_path):
 
 
 def test_save_refuses_to_overwrite_input_unless_in_place(tmp_path, model_file):
-    before = open(model_file, "rb").read()
+    before = Path(model_file).read_bytes()
     with pytest.raises(VsonnxError, match="never overwrites"):
         save_model(load_model(model_file), model_file, input_path=model_file)
-    assert open(model_file, "rb").read() == before
+    assert Path(model_file).read_bytes() == before
     save_model(load_model(model_file), model_file, input_path=model_file, in_place=True)
 
 

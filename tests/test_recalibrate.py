@@ -21,7 +21,7 @@ def initializer(model, name):
 
 def test_fix_rewrites_only_bn_statistics_and_records_provenance(setup):
     tmp, model_path = setup
-    before = open(model_path, "rb").read()
+    before = Path(model_path).read_bytes()
     r = run("fix", model_path, "--calib", tmp / "calib.npz", "--batch-size", 8, "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.output[r.output.index("{"):])
@@ -29,7 +29,7 @@ def test_fix_rewrites_only_bn_statistics_and_records_provenance(setup):
     assert {b["name"] for b in report["batchnorms"]} == {"bn_direct", "bn_weight"}
     for b in report["batchnorms"]:
         assert set(b) >= {"name", "site", "old_mean", "old_var", "new_mean", "new_var"}
-    assert open(model_path, "rb").read() == before  # input untouched
+    assert Path(model_path).read_bytes() == before  # input untouched
     old, new = load_model(model_path), load_model(report["output"])
     changed = {t.name for t, u in zip(old.graph.initializer, new.graph.initializer)
                if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(u))}
@@ -263,10 +263,10 @@ def test_fix_json_schema(setup):
 def test_cli_user_errors_exit_3_and_leave_no_output(setup, args, needle):
     tmp, model_path = setup
     np.save(tmp / "nan.npy", np.full((4, 3, 8, 8), np.nan, np.float32))
-    before = open(model_path, "rb").read()
+    before = Path(model_path).read_bytes()
     r = run(*[a.format(m=model_path, t=tmp) for a in args])
     assert r.exit_code == 3 and needle in r.output and "Hint:" in r.output
-    assert open(model_path, "rb").read() == before
+    assert Path(model_path).read_bytes() == before
     assert not (tmp / "m.fixed.onnx").exists()
 
 
