@@ -65,6 +65,8 @@ FRESH: dict[str, list[str]] = {
     "plain6mlp-b04-noaug": [*_PLAIN, "--head", "mlp", *_drop("b", 0.4), "--no-augment", "--epochs", "4"],
     "pre8-2d-a05-bnm001": [*_PRE8, *_drop("a", 0.5, "--noise", "dropout2d"), "--bn-momentum", "0.01",
                            "--epochs", "3"],
+    "plain6-2d-b03": [*_PLAIN, *_drop("b", 0.3, "--noise", "dropout2d"), "--epochs", "4"],
+    "pre8-a04-cumulative": [*_PRE8, *_drop("a", 0.4), "--bn-momentum", "cumulative", "--epochs", "2"],
 }
 SEEDED = dict(MEMBERS)  # the members dealt into halves by the seed
 MEMBERS.update(FRESH)
