@@ -286,6 +286,8 @@ def evaluate(data: Path, names: list[str], threads: int | None, test_limit: int 
 def write_results(results: Path, done: dict[str, dict]) -> None:
     """suite.json and SUITE.md beside it, from the members evaluated so far."""
     entries = sorted(done.values(), key=lambda e: e["name"])
+    for e in entries:
+        e.setdefault("fresh", e["name"] in FRESH)  # entries written before fresh members existed
     results.write_text(json.dumps(entries, indent=1) + "\n")
     (results.parent / "SUITE.md").write_text(suite_markdown(entries))
     if results == RESULTS:
