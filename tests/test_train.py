@@ -285,3 +285,25 @@ def test_validation_bias_is_distills_validation_advantage_minus_its_test_advanta
                             entry("check", (40, 40, 40), (50, 50, 50)), {"half": "check"}])
     assert rows[2] == "| design | 3 | +0.50 | +0.50 | 2 of 3 |"
     assert rows[3] == "| check | 1 | +0.00 | +0.00 | 0 of 1 |"
+
+
+def test_suite_merge_copies_resolved_members_of_parallel_runs_unchanged(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite import merge
+
+    def entry(name, **more):
+        return {"name": name, "half": "check", "arch": "plain", "placement": "a", "rate": 0.3, "top1": {}, **more}
+
+    results = tmp_path / "suite.json"
+    results.write_text(json.dumps([entry("old", gap_interval={})]))
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps([entry("new", gap_interval={}, seconds={"x": 1})]))
+    assert merge([part], results) == ["new"]
+    merged = {e["name"]: e for e in json.loads(results.read_text())}
+    assert set(merged) == {"old", "new"} and merged["new"]["seconds"] == {"x": 1}
+    assert (tmp_path / "SUITE.md").exists()
+    with pytest.raises(SystemExit):  # already there
+        merge([part], results)
+    part.write_text(json.dumps([entry("unresolved")]))
+    with pytest.raises(SystemExit):
+        merge([part], results)

@@ -7,6 +7,7 @@
     python tools/suite.py choose --data ../shared/data/cifar10     # both choices again (vsonnx.choose)
     python tools/suite.py resolve --data ../shared/data/cifar10    # paired test intervals of the choices' gaps
     python tools/suite.py tables                                   # SUITE.md, README's "Which method when"
+    python tools/suite.py merge runs/a.json runs/b.json            # members evaluated in parallel (--results)
 
 Members and their training arguments are in ``tools/suite_members.py``. Each trained member lands in
 ``models/suite/NAME.onnx`` with its training card, configuration and log in ``models/suite/train/NAME/``.
@@ -283,6 +284,21 @@ def evaluate(data: Path, names: list[str], threads: int | None, test_limit: int 
     write_results(results, done)
 
 
+def merge(parts: list[Path], results: Path = RESULTS) -> list[str]:
+    """Copy into ``results`` the members that parallel runs evaluated and resolved into other ``--results``
+    files, unchanged; refuses a member already in ``results`` or not yet resolved. The names merged."""
+    done = {e["name"]: e for e in json.loads(results.read_text())}
+    added = {}
+    for part in parts:
+        for e in json.loads(part.read_text()):
+            if e["name"] in done or e["name"] in added or "gap_interval" not in e:
+                raise SystemExit(f"{part}: {e['name']} is already in {results.name} or another part, or not "
+                                 "resolved yet (python tools/suite.py resolve --results ...)")
+            added[e["name"]] = e
+    write_results(results, {**done, **added})
+    return sorted(added)
+
+
 def write_results(results: Path, done: dict[str, dict]) -> None:
     """suite.json and SUITE.md beside it, from the members evaluated so far."""
     entries = sorted(done.values(), key=lambda e: e["name"])
@@ -423,6 +439,8 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="step", required=True)
     sub.add_parser("assign", help="write models/suite/halves.json")
     sub.add_parser("tables", help="rewrite models/SUITE.md and README.md's 'Which method when' from suite.json")
+    m = sub.add_parser("merge", help="copy members evaluated into other --results files into models/suite.json")
+    m.add_argument("parts", type=Path, nargs="+")
     t = sub.add_parser("train", help="train the members not yet in models/suite")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--only", default=None, help="comma-separated member names")
@@ -449,6 +467,8 @@ def main(argv=None) -> None:
         print(assign())
     elif args.step == "tables":
         write_results(RESULTS, {e["name"]: e for e in json.loads(RESULTS.read_text())})
+    elif args.step == "merge":
+        print("merged:", ", ".join(merge(args.parts)))
     else:
         names = args.only.split(",") if args.only else list(MEMBERS)
         unknown = sorted(set(names) - set(MEMBERS))
