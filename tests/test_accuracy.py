@@ -19,6 +19,8 @@ def test_eval_and_compare(setup):
 
     assert d["top1_ci95"] == pytest.approx(wilson_interval(round(d["top1"] * 32 / 100), 32))
     assert d["top1_ci95"][0] <= d["top1"] <= d["top1_ci95"][1]
+    text = run("eval", model_path, "--data", tmp / "val.npz").output
+    assert "top-1 95% interval" in text and "[{:.2f}, {:.2f}]".format(*d["top1_ci95"]) in text
     r = run("compare", model_path, model_path, "--data", tmp / "val.npz", "--json")
     d = json.loads(r.output[r.output.index("{"):])
     assert d["delta_top1"] == 0 and d["agreement"] == 100 and d["max_abs_diff"] == 0
