@@ -111,7 +111,7 @@ def ensemble_top1(model, test, masks: int, threads: int | None, channelwise) -> 
 def describe_member(name: str, report) -> dict:
     """What the member is: half, architecture, placement, rate, noise, recipe, its sites."""
     train = json.loads((SUITE / "train" / name / "config.json").read_text())
-    return {"name": name, "half": halves().get(name, "twin"), "fresh": name in FRESH, "arch": arch_of(name),
+    return {"name": name, "half": halves().get(name, "twin"), "arch": arch_of(name),
             "placement": train["placement"], "rate": train["dropout"] if train["placement"] != "none" else 0.0,
             "noise": train["noise"], "recipe": {k: train.get(k) for k in ("epochs", "optimizer", "lr", "bn_momentum",
                                                                            "augment", "depth")},
@@ -303,7 +303,7 @@ def write_results(results: Path, done: dict[str, dict]) -> None:
     """suite.json and SUITE.md beside it, from the members evaluated so far."""
     entries = sorted(done.values(), key=lambda e: e["name"])
     for e in entries:
-        e.setdefault("fresh", e["name"] in FRESH)  # entries written before fresh members existed
+        e["fresh"] = e["name"] in FRESH  # trained after the rules were fixed (tools/suite_members.py)
     results.write_text(json.dumps(entries, indent=1) + "\n")
     (results.parent / "SUITE.md").write_text(suite_markdown(entries))
     if results == RESULTS:

@@ -28,7 +28,7 @@ class EvalReport:
     top5: float | None
     provider: str
     images_per_s: float
-    top1_ci95: tuple[float, float] = (float("nan"), float("nan"))  # Wilson score interval, percent
+    top1_ci95: tuple[float, float]  # Wilson score interval of top1 (wilson_interval), percent
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -117,7 +117,7 @@ class Ranking:
             return self.best(prior), None
         if self.criterion == "ensemble_disagreement" and FALLBACK in names:
             k = names.index(FALLBACK)
-            if self.per_sample is not None and self._interval(k + 1, 0)[1] > 0:
+            if self.per_sample is not None and self.gain(k)[2] < 0:  # more disagreement than the original
                 return k, (f"the dropout ensemble is not trusted: {FALLBACK} (statistics measured on the data) "
                            f"disagrees with its classes on {self.scores[k + 1]:.0%} of the held-out samples, the "
                            f"original on {self.scores[0]:.0%}, so the stored statistics it runs look stale (e.g. a "
@@ -137,13 +137,9 @@ class Ranking:
     def gain(self, k: int, over: int | None = None) -> tuple[float, float, float]:
         """Mean per-image loss of candidate ``over`` (None: the original) minus that of candidate ``k``
         (positive: ``k`` is better), with its paired 95% interval (normal approximation)."""
-        return self._interval(0 if over is None else over + 1, k + 1)
-
-    def _interval(self, a: int, b: int) -> tuple[float, float, float]:
-        """Mean per-image loss of model ``a`` minus model ``b`` (0: the original) and its 95% interval."""
         from .accuracy import mean_interval
 
-        return mean_interval(self.per_sample[a] - self.per_sample[b], Z95)
+        return mean_interval(self.per_sample[0 if over is None else over + 1] - self.per_sample[k + 1], Z95)
 
 
 def rank(model: onnx.ModelProto, candidates: list[onnx.ModelProto], source: Source, *, label_free: bool,
