@@ -307,3 +307,32 @@ def test_suite_merge_copies_resolved_members_of_parallel_runs_unchanged(tmp_path
     part.write_text(json.dumps([entry("unresolved")]))
     with pytest.raises(SystemExit):
         merge([part], results)
+
+
+def test_the_suite_tools_help_renders_for_every_step(capsys):
+    """argparse %-formats help strings: a bare '%' breaks --help (it did for ``resolve``)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite import main
+
+    for argv in (["--help"], *([step, "--help"] for step in ("assign", "tables", "merge", "train", "evaluate",
+                                                             "choose", "resolve"))):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 0, argv
+    assert "paired 95% test intervals" in capsys.readouterr().out
+
+
+
+@pytest.mark.parametrize("tool", ["bench_fix", "bench_graph_edits", "bench_nets", "fingerprint", "fuzz_graphs",
+                                  "gpu_check", "pipelines", "reproduce", "suite_signals", "train"])
+def test_every_tools_help_renders(tool, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", "--help"])
+    entry = getattr(module, "main", None) or module.parse_args
+    with pytest.raises(SystemExit) as stop:
+        entry()
+    assert stop.value.code == 0 and "usage:" in capsys.readouterr().out

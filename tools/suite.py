@@ -453,7 +453,7 @@ def main(argv=None) -> None:
     e.add_argument("--masks", type=int, default=ENSEMBLE_MASKS, help="dropout masks of the ensemble")
     e.add_argument("--results", type=Path, default=RESULTS, help="JSON written (SUITE.md goes beside it)")
     for step, what in (("choose", "make the label-free and labelled choices of evaluated members again"),
-                       ("resolve", "paired 95% test intervals of the choices' gaps to the best single method")):
+                       ("resolve", "paired 95%% test intervals of the choices' gaps to the best single method")):
         c = sub.add_parser(step, help=what)
         c.add_argument("--data", type=Path, required=True)
         c.add_argument("--only", default=None, help="comma-separated member names")
