@@ -67,6 +67,12 @@ FRESH: dict[str, list[str]] = {
                            "--epochs", "3"],
     "plain6-2d-b03": [*_PLAIN, *_drop("b", 0.3, "--noise", "dropout2d"), "--epochs", "4"],
     "pre8-a04-cumulative": [*_PRE8, *_drop("a", 0.4), "--bn-momentum", "cumulative", "--epochs", "2"],
+    # second batch (session 16), chosen before any of its results, where the check half was thin: stochastic
+    # depth (none there), DenseNet's concat sites, WRN, an MLP head with slow BN statistics
+    "pre8-sd04": [*_PRE8, *_drop("depth", 0.4), "--epochs", "3"],
+    "dense10-a05-adam": [*_DENSE, *_drop("a", 0.5), "--optimizer", "adam", "--lr", "0.002", "--epochs", "2"],
+    "wrn10-2-a04-noaug": [*_WRN, *_drop("a", 0.4), "--no-augment", "--epochs", "2"],
+    "plain6mlp-a03-bnm001": [*_PLAIN, "--head", "mlp", *_drop("a", 0.3), "--bn-momentum", "0.01", "--epochs", "4"],
 }
 SEEDED = dict(MEMBERS)  # the members dealt into halves by the seed
 MEMBERS.update(FRESH)
