@@ -73,6 +73,10 @@ FRESH: dict[str, list[str]] = {
     "dense10-a05-adam": [*_DENSE, *_drop("a", 0.5), "--optimizer", "adam", "--lr", "0.002", "--epochs", "2"],
     "wrn10-2-a04-noaug": [*_WRN, *_drop("a", 0.4), "--no-augment", "--epochs", "2"],
     "plain6mlp-a03-bnm001": [*_PLAIN, "--head", "mlp", *_drop("a", 0.3), "--bn-momentum", "0.01", "--epochs", "4"],
+    # third batch (session 16), chosen after the second's results, before its own: the two situations where the
+    # label-free choice lost most there (stochastic depth, dropout before a conv)
+    "pre8-sd03-bnm001": [*_PRE8, *_drop("depth", 0.3), "--bn-momentum", "0.01", "--epochs", "3"],
+    "pre8-b04-noaug": [*_PRE8, *_drop("b", 0.4), "--no-augment", "--epochs", "3"],
 }
 SEEDED = dict(MEMBERS)  # the members dealt into halves by the seed
 MEMBERS.update(FRESH)
