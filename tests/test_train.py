@@ -322,7 +322,6 @@ def test_the_suite_tools_help_renders_for_every_step(capsys):
     assert "paired 95% test intervals" in capsys.readouterr().out
 
 
-
 @pytest.mark.parametrize("tool", ["bench_fix", "bench_graph_edits", "bench_nets", "fingerprint", "fuzz_graphs",
                                   "gpu_check", "pipelines", "reproduce", "suite_signals", "train"])
 def test_every_tools_help_renders(tool, monkeypatch, capsys):
