@@ -40,8 +40,8 @@ The label-free rule (``Ranking.choice``), chosen on the design half of the varia
    (pre8-sd02, stochastic depth: distill 0.2 points below relative).
 On the design half (label-free choice minus the best single method's test top-1, per member) this rule
 gives median +0.00, worst -0.09 points; ranking by cross-entropy with the relative anchor gave median -0.94,
-worst -26.58 (models/SUITE.md has both halves). On ten members trained after the rule was fixed (SUITE.md's
-fresh members, in two batches): label-free median +0.00, worst -0.35, never below the original; the trust test
+worst -26.58 (models/SUITE.md has both halves). On twelve members trained after the rule was fixed (SUITE.md's
+fresh members, in three batches): label-free median -0.04, worst -0.35, never below the original; the trust test
 chose population on the fresh cumulative-average member, where relative and distill were 5.5 and 7.4 points
 below; the anchor kept relative on a stochastic-depth member (pre8-sd04), where distill was 1.38 points below
 and population 0.35 above (test interval [-0.75, +0.05]: not resolved).
