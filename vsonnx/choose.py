@@ -48,9 +48,9 @@ and population 0.35 above (test interval [-0.75, +0.05]: not resolved).
 Its known miss is with labels: on plain6-2d-b03 (Dropout2d before a conv, the ensemble 0.6 points below batch)
 the label-free choice on the validation images was distill, and 2,000 labelled images favoured relative by
 0.55 points, not enough to overrule it: distill scored 0.67 below batch on the test images; with 8,000
-labelled images (``python tools/suite.py choose --val-samples 8000``) the labels chose batch there, but over the twelve fresh members they came within 0.1 of the best
-no more often (8 of 12 with either). A candidate
-that does not beat the original by the criterion is never written (except population when the ensemble is not
+labelled images (``python tools/suite.py choose --val-samples 8000``) the labels chose batch there, but over
+the twelve fresh members they came within 0.1 of the best no more often (8 of 12 with either). A candidate that
+does not beat the original by the criterion is never written (except population when the ensemble is not
 trusted, which is then not a measure of anything). With ``--val-split`` the chosen method
 (and strength a) is then run again on all of ``--calib`` (vsonnx.recalibrate), so the split costs no
 calibration data. The fix reports the paired intervals behind a choice (``Choice.evidence``): how firmly the
