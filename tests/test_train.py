@@ -14,8 +14,9 @@ from vsonnx.data.cifar import load_cifar
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
+def load_tool(name: str):
+    """tools/NAME.py as the module ``NAME_tool``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -37,7 +38,7 @@ def image_tree(root: Path, per_class: int = 6, classes: int = 10) -> Path:
 def test_training_smoke_run_writes_model_and_card(tmp_path):
     data = image_tree(tmp_path / "data")
     out = tmp_path / "run"
-    train = load_train_module()
+    train = load_tool("train")
     result = train.main(["--arch", "preresnet", "--depth", "8", "--dropout", "0.5", "--placement", "a",
                          "--data", str(data), "--epochs", "2", "--batch-size", "16", "--out", str(out),
                          "--seed", "1", "--no-progress"])
@@ -86,7 +87,7 @@ def test_train_script_user_error_has_no_traceback(tmp_path):
 
 def test_suite_options_reach_the_network_and_the_optimiser():
     """--bn-momentum (a number or 'cumulative'), --optimizer adam, --width/--head of the plain CNN."""
-    train = load_train_module()
+    train = load_tool("train")
     import torch
 
     args = train.parse_args(["--arch", "plain", "--depth", "6", "--width", "8", "--head", "mlp", "--placement", "a",
@@ -322,14 +323,11 @@ def test_the_suite_tools_help_renders_for_every_step(capsys):
     assert "paired 95% test intervals" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("tool", ["bench_fix", "bench_graph_edits", "bench_nets", "fingerprint", "fuzz_graphs",
-                                  "gpu_check", "pipelines", "reproduce", "suite_signals", "train"])
+@pytest.mark.parametrize("tool", sorted(p.stem for p in (ROOT / "tools").glob("*.py")
+                                         if "ArgumentParser(" in p.read_text()))
 def test_every_tools_help_renders(tool, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))
-    spec.loader.exec_module(module)
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # tools import their siblings
+    module = load_tool(tool)
     monkeypatch.setattr(sys, "argv", [f"{tool}.py", "--help"])
     entry = getattr(module, "main", None) or module.parse_args
     with pytest.raises(SystemExit) as stop:
