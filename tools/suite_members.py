@@ -77,6 +77,12 @@ FRESH: dict[str, list[str]] = {
     # label-free choice lost most there (stochastic depth, dropout before a conv)
     "pre8-sd03-bnm001": [*_PRE8, *_drop("depth", 0.3), "--bn-momentum", "0.01", "--epochs", "3"],
     "pre8-b04-noaug": [*_PRE8, *_drop("b", 0.4), "--no-augment", "--epochs", "3"],
+    # fourth batch (session 17), chosen before any of its results: the trust test on a cumulative BN average in
+    # another architecture (an MLP head; both cumulative members so far are PreResNets), and short training
+    # (one epoch: only in the design half so far)
+    "plain6mlp-a04-cumulative": [*_PLAIN, "--head", "mlp", *_drop("a", 0.4), "--bn-momentum", "cumulative",
+                                 "--epochs", "4"],
+    "pre8-a02-short": [*_PRE8, *_drop("a", 0.2), "--epochs", "1"],
 }
 SEEDED = dict(MEMBERS)  # the members dealt into halves by the seed
 MEMBERS.update(FRESH)
