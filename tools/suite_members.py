@@ -83,6 +83,11 @@ FRESH: dict[str, list[str]] = {
     "plain6mlp-a04-cumulative": [*_PLAIN, "--head", "mlp", *_drop("a", 0.4), "--bn-momentum", "cumulative",
                                  "--epochs", "4"],
     "pre8-a02-short": [*_PRE8, *_drop("a", 0.2), "--epochs", "1"],
+    # fifth batch (session 17), chosen with the fourth, before any result of either, to be trained after it:
+    # the two situations where the choices still miss most (stochastic depth, dropout before a conv), each with
+    # something the suite has not combined with them (Adam; a plain CNN at rate 0.5)
+    "pre8-sd02-adam": [*_PRE8, *_drop("depth", 0.2), "--optimizer", "adam", "--lr", "0.002", "--epochs", "3"],
+    "plain6-b05": [*_PLAIN, *_drop("b", 0.5), "--epochs", "4"],
 }
 SEEDED = dict(MEMBERS)  # the members dealt into halves by the seed
 MEMBERS.update(FRESH)
