@@ -88,6 +88,10 @@ FRESH: dict[str, list[str]] = {
     # something the suite has not combined with them (Adam; a plain CNN at rate 0.5)
     "pre8-sd02-adam": [*_PRE8, *_drop("depth", 0.2), "--optimizer", "adam", "--lr", "0.002", "--epochs", "3"],
     "plain6-b05": [*_PLAIN, *_drop("b", 0.5), "--epochs", "4"],
+    # sixth batch (session 17), chosen after the fourth's results, before the fifth's: the two architectures
+    # with no fresh member at placement b or none at all (DenseNet's concat sites at b, ResNeXt)
+    "dense10-b04-bnm001": [*_DENSE, *_drop("b", 0.4), "--bn-momentum", "0.01", "--epochs", "2"],
+    "resnext11-a04-noaug": [*_RESNEXT, *_drop("a", 0.4), "--no-augment", "--epochs", "2"],
 }
 SEEDED = dict(MEMBERS)  # the members dealt into halves by the seed
 MEMBERS.update(FRESH)
