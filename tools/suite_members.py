@@ -92,6 +92,12 @@ FRESH: dict[str, list[str]] = {
     # with no fresh member at placement b or none at all (DenseNet's concat sites at b, ResNeXt)
     "dense10-b04-bnm001": [*_DENSE, *_drop("b", 0.4), "--bn-momentum", "0.01", "--epochs", "2"],
     "resnext11-a04-noaug": [*_RESNEXT, *_drop("a", 0.4), "--no-augment", "--epochs", "2"],
+    # seventh batch (session 17), chosen after the fifth's results, before its own, to test what the check half's
+    # three stochastic-depth members suggest (relative 0.14-0.35 below population on each; pooled -0.26, paired
+    # 95% about [-0.47, -0.05]; on the design half's pre8-sd02 relative was 0.04 above): does population beat
+    # relative on stochastic depth? No rule changed.
+    "pre8-sd05": [*_PRE8, *_drop("depth", 0.5), "--epochs", "3"],
+    "pre8-sd03-noaug": [*_PRE8, *_drop("depth", 0.3), "--no-augment", "--epochs", "3"],
 }
 SEEDED = dict(MEMBERS)  # the members dealt into halves by the seed
 MEMBERS.update(FRESH)
