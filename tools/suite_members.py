@@ -95,7 +95,9 @@ FRESH: dict[str, list[str]] = {
     # seventh batch (session 17), chosen after the fifth's results, before its own, to test what the check half's
     # three stochastic-depth members suggest (relative 0.14-0.35 below population on each; pooled -0.26, paired
     # 95% about [-0.47, -0.05]; on the design half's pre8-sd02 relative was 0.04 above): does population beat
-    # relative on stochastic depth? No rule changed.
+    # relative on stochastic depth? No rule changed. Decided before their results: the label-free choice becomes
+    # population on networks whose every site is stochastic depth only if population's test top-1 is at least
+    # relative's on both.
     "pre8-sd05": [*_PRE8, *_drop("depth", 0.5), "--epochs", "3"],
     "pre8-sd03-noaug": [*_PRE8, *_drop("depth", 0.3), "--no-augment", "--epochs", "3"],
 }
