@@ -66,6 +66,21 @@ def test_label_free_choice_trusts_the_ensemble_only_where_population_moves_towar
     assert mse.choice(names) == (3, None)
 
 
+def test_on_stochastic_depth_the_ensemble_is_not_trusted_and_population_is_chosen():
+    names = ["batch", "population", "relative", "distill"]
+    healthy = disagreements([0.30, 0.15, 0.15, 0.12, 0.05])  # distill agrees most, clearly
+    assert healthy.choice(names) == (3, None)
+    k, why = healthy.choice(names, stochastic_depth=True)
+    assert k == 1 and "not trusted" in why and "stochastic depth" in why
+    mse = disagreements([0.30, 0.15, 0.15, 0.12, 0.05])
+    mse.criterion = "ensemble_mse"
+    assert mse.choice(names, stochastic_depth=True)[0] == 1
+    without = disagreements([0.30, 0.15, 0.12, 0.05])  # no population candidate: the rule of the others
+    assert without.choice(["batch", "relative", "distill"], stochastic_depth=True) == (2, None)
+    top1 = Ranking("top1", [50.0, 40.0, 60.0, 55.0, 45.0])
+    assert top1.choice(names, stochastic_depth=True) == (1, None)  # labels: the best top-1, no override
+
+
 def test_labelled_choice_keeps_the_label_free_prior_unless_labels_show_better():
     names = ["batch", "population", "relative", "distill"]
     rng = np.random.default_rng(1)

@@ -60,6 +60,30 @@ def test_both_exporters_write_it_and_scan_finds_per_sample_sites(tmp_path, expor
     assert len(report.dropouts) == 3 and all(d.noise == "sample" and d.ratio == pytest.approx(0.3)
                                              for d in report.dropouts)
     assert len(report.sites) == 3 and all(b.path == "merge" for b in report.sites)  # blocks 2, 3 and the final BN
+    assert report.stochastic_depth
+
+
+def test_the_label_free_choice_writes_population_with_a_warning(exported):
+    """Every site is stochastic depth: the dropout ensemble is not trusted (vsonnx.choose, rule 1), population
+    is written and a warning says why; what is written equals population run alone on all the calibration
+    images (--val-split chooses on a part, then re-runs the method on all); a net with element dropout at its
+    sites is not stochastic depth."""
+    _, model, tmp = exported
+    x = (np.random.default_rng(5).standard_normal((256, 3, 8, 8)) * 2 + 0.5).astype(np.float32)
+    np.savez(tmp / "calib.npz", x=x)
+    chosen = vsonnx.fix(tmp / "sd.onnx", tmp / "calib.npz", val_split=0.25, output=tmp / "chosen.onnx",
+                        batch_size=64, method_options={"distill": {"steps": 5}})
+    assert chosen.written and chosen.chosen == "population"
+    assert any("stochastic depth" in w and "not trusted" in w for w in chosen.warnings)
+    alone = vsonnx.fix(tmp / "sd.onnx", tmp / "calib.npz", method="population", output=tmp / "alone.onnx",
+                       batch_size=64)
+    assert alone.written
+    for a, b in zip(load_model(tmp / "chosen.onnx").graph.initializer, load_model(tmp / "alone.onnx").graph.initializer):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), rtol=1e-6, atol=1e-7)
+    torch.manual_seed(0)
+    element = build("preresnet", 8, 5, DropoutConfig("a", 0.3)).eval()
+    vsonnx.export(element, torch.randn(2, 3, 8, 8), tmp / "element.onnx", exporter="torchscript")
+    assert not find_sites(load_model(tmp / "element.onnx")).stochastic_depth
 
 
 def test_simulation_drops_whole_samples(exported):

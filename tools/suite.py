@@ -128,8 +128,8 @@ def fix_choice(path: Path, calib, val, threads: int | None) -> tuple[str, object
     split = None if val is not None else VAL_SPLIT
     got = candidate_models(path, calib, FixOptions.of(val_split=split, threads=threads, device="cpu"))
     chosen = choose(got.original, got.models, got.names, got.held_out if val is None else val,
-                    label_free=val is None, batch_size=got.batch_size, channelwise=got.channelwise, device="cpu",
-                    threads=threads)
+                    label_free=val is None, batch_size=got.batch_size, channelwise=got.channelwise,
+                    stochastic_depth=got.stochastic_depth, device="cpu", threads=threads)
     return (got.names[chosen.index] if chosen.index is not None else "original"), got, chosen.ranking
 
 

@@ -168,7 +168,8 @@ def _calibration_source(job: _Job, calib):
 class CandidateModels:
     """What ``fix --val``/``--val-split`` ranks, as it fits them: the original (inference form), every
     candidate's name and model, the held-out part of the calibration data (``val_split``, else None), the
-    batch size the fix runs with and the Dropouts simulated channel-wise in the ensemble."""
+    batch size the fix runs with, the Dropouts simulated channel-wise in the ensemble and whether every site's
+    noise is stochastic depth."""
 
     original: onnx.ModelProto
     names: list[str]
@@ -176,6 +177,7 @@ class CandidateModels:
     held_out: object
     batch_size: int
     channelwise: frozenset[str]
+    stochastic_depth: bool = False
 
 
 def candidate_models(model_path, calib, options: FixOptions | None = None) -> CandidateModels:
@@ -189,7 +191,8 @@ def candidate_models(model_path, calib, options: FixOptions | None = None) -> Ca
     source, _ = _calibration_source(job, calib)
     candidates = [_screened(c, job.names)[0] for c in _calibrated_candidates(job, source, "batch")]
     return CandidateModels(job.model, [c.name for c in candidates], [_with_candidate(job.model, c) for c in candidates],
-                           job.val_source, job.options.runtime.batch_size, job.scan.channelwise_dropouts)
+                           job.val_source, job.options.runtime.batch_size, job.scan.channelwise_dropouts,
+                           job.scan.stochastic_depth)
 
 
 def _with_candidate(model: onnx.ModelProto, candidate: Candidate) -> onnx.ModelProto:
@@ -409,6 +412,7 @@ def _validate_candidates(job: _Job, candidates: list[Candidate]) -> Candidate | 
     r = o.runtime
     chosen = choose(job.model, models, names, source, label_free=o.choice.val_split is not None,
                     masks=o.choice.val_masks, seed=o.data.seed, channelwise=job.scan.channelwise_dropouts,
+                    stochastic_depth=job.scan.stochastic_depth,
                     scores=(distill["scores"], distill["loss"]), batch_size=r.batch_size, device=r.device,
                     threads=r.threads, progress=r.progress)
     ranking, unlabelled = chosen.ranking, chosen.unlabelled

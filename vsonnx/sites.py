@@ -120,6 +120,12 @@ class ScanReport:
         return [b for b in self.batchnorms if b.site]
 
     @property
+    def stochastic_depth(self) -> bool:
+        """Whether every site's noise is stochastic depth (a residual branch dropped per sample)."""
+        reaching = [d for b in self.sites for d in b.dropouts]
+        return bool(reaching) and all(d.per_sample for d in reaching)
+
+    @property
     def channelwise_dropouts(self) -> frozenset[str]:
         """Dropout nodes that drop whole channels (Dropout1d/2d/3d, from vsonnx.export's metadata)."""
         return frozenset(d.name for d in self.dropouts if d.channelwise)
