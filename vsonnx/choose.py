@@ -31,9 +31,10 @@ The label-free rule (``Ranking.choice``), chosen on the design half of the varia
    the original, with a paired 95% interval (per image) above zero, the ensemble is not trusted and
    population is chosen (with a warning saying why).
    Nor is it trusted where every site's noise is stochastic depth (a residual branch dropped per sample;
-   ``SiteReport.stochastic_depth``): population is chosen (with a warning). Its ensemble drops whole branches
+   ``ScanReport.stochastic_depth``): population is chosen (with a warning). Its ensemble drops whole branches
    and was less accurate than population on five of the suite's six such networks; distill, which it ranks
-   first, was below population on all six (by 0.17-1.38 points), relative on five (by 0.04-0.35). Not chosen on the design half (its one such member, pre8-sd02, had relative 0.04 above population):
+   first, was below population on all six (by 0.17-1.38 points), relative on five (by 0.04-0.35).
+   Not chosen on the design half (its one such member, pre8-sd02, had relative 0.04 above population):
    suggested by the check half's three (relative 0.14-0.35 below population on each; so no longer a check of
    it) and kept by a test registered before two more were trained (tools/suite_members.py: population at least
    relative's top-1 on both; it was, by 0.04 and 0.06, where the rule before chose distill on pre8-sd05, 0.74
