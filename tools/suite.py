@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite_resolution  # noqa: E402
 import suite_signals  # noqa: E402
-from suite_members import (FRESH, HALVES_SEED, MEMBERS, RULES_FIXED_AT, TRAIN_THREADS, TWINS,  # noqa: E402
+from suite_members import (DECIDED_ON, FRESH, HALVES_SEED, MEMBERS, RULES_FIXED_AT, TRAIN_THREADS, TWINS,  # noqa: E402
                            arch_of, halves)
 from readme_block import replace_block, wrap  # noqa: E402
 from suite_signals import SINGLE, gap  # noqa: E402
@@ -304,6 +304,7 @@ def write_results(results: Path, done: dict[str, dict]) -> None:
     entries = sorted(done.values(), key=lambda e: e["name"])
     for e in entries:
         e["fresh"] = e["name"] in FRESH  # trained after the rules were fixed (tools/suite_members.py)
+        e["decided_on"] = [rule for rule, names in DECIDED_ON.items() if e["name"] in names]
     results.write_text(json.dumps(entries, indent=1) + "\n")
     (results.parent / "SUITE.md").write_text(suite_markdown(entries))
     if results == RESULTS:
@@ -328,15 +329,18 @@ def suite_markdown(entries: list[dict]) -> str:
             continue
         lines += [f"## {half} half" if half != "twin" else "## no-dropout twins", ""]
         if any(e.get("fresh") for e in rows):
-            lines += [wrap(f"Fresh (*): chosen and trained after every rule had been fixed (vsonnx at "
-                           f"{RULES_FIXED_AT}; `FRESH` in tools/suite_members.py); nothing was decided on them.",
+            lines += [wrap(f"Fresh (*): chosen and trained after the rules had been fixed (vsonnx at "
+                           f"{RULES_FIXED_AT}; `FRESH` in tools/suite_members.py). A later rule decided on a "
+                           "member (†, `DECIDED_ON`) makes it no check of that rule: "
+                           + "; ".join(f"{rule}: {', '.join(names)}" for rule, names in DECIDED_ON.items()) + ".",
                            indent=""), ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for e in rows:
             top = e["top1"]
             fixes = [top[k] for k in (*METHODS, "data-free") if k in top]
             gap = f"{max(fixes) - top['ensemble64']:+.2f}" if fixes and "ensemble64" in top else "-"
-            cells = [e["name"] + ("*" if e.get("fresh") else ""), e["arch"], e["placement"], f"{e['rate']:g}",
+            name = e["name"] + ("*" if e.get("fresh") else "") + ("†" if e.get("decided_on") else "")
+            cells = [name, e["arch"], e["placement"], f"{e['rate']:g}",
                      *[f"{top[k]:.2f}" + (f" ({e['chosen'][k]})" if k in e.get("chosen", {}) else "")
                        if k in top else "-" for k in COLUMNS], gap]
             lines.append("| " + " | ".join(cells) + " |")
@@ -373,7 +377,10 @@ def choices_per_half(entries: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     complete = [e for e in entries if all(k in e["top1"] for k in (*SINGLE, "label-free", "labelled"))]
     groups = [(half, [e for e in complete if e["half"] == half]) for half in ("design", "check")]
-    groups.append(("check, fresh only (*)", [e for e in complete if e.get("fresh")]))
+    groups += [("check, no rule decided on them (no †)", [e for e in complete if e["half"] == "check"
+                                                          and not e.get("decided_on")]),
+               ("check, fresh only (*), no †", [e for e in complete
+                                                 if e.get("fresh") and not e.get("decided_on")])]
     for half, group in groups:
         if not group:
             continue

@@ -50,9 +50,9 @@ The label-free rule (``Ranking.choice``), chosen on the design half of the varia
 On the design half (label-free choice minus the best single method's test top-1, per member) this rule
 gives median +0.00, worst -0.13 points (pre8-sd02, the stochastic-depth rule; -0.09 without it); ranking by
 cross-entropy with the relative anchor gave median -0.94, worst -26.58 (models/SUITE.md has both halves). On
-twenty members trained after rules 1 and 2 were fixed (SUITE.md's fresh members, seven batches, two of them the
-stochastic-depth test): label-free median +0.00, worst -0.22 (resnext11-a04-noaug: distill, batch best, not
-resolved), never below the original; the trust test chose population on both fresh cumulative-average members,
+the seventeen members trained after rules 1 and 2 were fixed and not used to decide the stochastic-depth rule
+(SUITE.md's fresh members without a dagger, seven batches, two of them that rule's test): label-free median
+-0.04, worst -0.22 (resnext11-a04-noaug: distill, batch best, not resolved), never below the original; the trust test chose population on both fresh cumulative-average members,
 where relative and distill were 5.5 and 7.4 points below (pre8-a04-cumulative) and 28.2 and 35.3 below
 (plain6mlp-a04-cumulative, an MLP head).
 Its known miss is with labels: on plain6-2d-b03 (Dropout2d before a conv, the ensemble 0.6 points below batch)
