@@ -202,8 +202,13 @@ def test_choices_per_half_give_what_the_check_half_must_meet():
     members[2]["fresh"] = True  # trained after the rules were fixed: counted in the check half and on its own
     rows = choices_per_half(members)
     assert rows[2].startswith("| check | 3 |")
-    assert rows[3] == ("| check, fresh only (*) | 1 | +0.00, +0.00 | 0 of 1 | -0.20, -0.20 | 0 of 1 "
+    assert rows[3] == ("| check, fresh only (*), no † | 1 | +0.00, +0.00 | 0 of 1 | -0.20, -0.20 | 0 of 1 "
                        "| label-free 0, labelled 0 |")
+    members[0]["decided_on"] = ["a rule"]  # a later rule was decided on it: left out of the rows without daggers
+    rows = choices_per_half(members)
+    assert rows[2].startswith("| check | 3 |") and len(rows) == 5
+    assert rows[3].startswith("| check, no rule decided on them (no †) | 2 | +0.00, +0.00 | 1 of 2 | -0.12, -0.20 |")
+    assert rows[4].startswith("| check, fresh only (*), no † | 1 |")
 
 
 def test_trusted_agreement_falls_back_to_population_where_the_ensemble_disagrees_with_the_data():

@@ -371,7 +371,9 @@ def stored_megabytes() -> str:
 def choices_per_half(entries: list[dict]) -> list[str]:
     """Per half, the label-free and labelled choices against the best single method (gap, points) and against
     the original: what issue 23 asks of the check half (label-free median >= -0.2, worst >= -0.5, never below
-    the original; labelled within 0.1 of the best), and how many gaps the test images resolve below 0."""
+    the original; labelled within 0.1 of the best), and how many gaps the test images resolve below 0. The
+    check half again without the members a later rule was decided on (``decided_on``), and its fresh members
+    without them."""
     lines = ["| half | members | label-free gap: median, worst | label-free below the original | labelled gap: "
              "median, worst | labelled within 0.1 of the best | gaps resolved below 0: label-free, labelled |",
              "|---|---|---|---|---|---|---|"]
@@ -381,8 +383,8 @@ def choices_per_half(entries: list[dict]) -> list[str]:
                                                           and not e.get("decided_on")]),
                ("check, fresh only (*), no †", [e for e in complete
                                                  if e.get("fresh") and not e.get("decided_on")])]
-    for half, group in groups:
-        if not group:
+    for k, (half, group) in enumerate(groups):
+        if not group or (k == 2 and len(group) == len(groups[1][1])):  # no dagger: the same as the check half
             continue
         free, labelled = ([gap(e, column) for e in group] for column in ("label-free", "labelled"))
         below = sum(e["top1"]["label-free"] < e["top1"]["original"] for e in group)
