@@ -100,6 +100,10 @@ FRESH: dict[str, list[str]] = {
     # relative's on both.
     "pre8-sd05": [*_PRE8, *_drop("depth", 0.5), "--epochs", "3"],
     "pre8-sd03-noaug": [*_PRE8, *_drop("depth", 0.3), "--no-augment", "--epochs", "3"],
+    # eighth batch (session 17), chosen after the stochastic-depth rule was adopted, before its own results: that
+    # rule on a deeper PreResNet and with slow BN statistics
+    "pre14-sd03": [*_PRE14, *_drop("depth", 0.3), "--epochs", "2"],
+    "pre8-sd04-bnm001": [*_PRE8, *_drop("depth", 0.4), "--bn-momentum", "0.01", "--epochs", "3"],
 }
 # check members a rule was later decided on, so no longer a check of it: rule -> members
 DECIDED_ON = {"stochastic depth: population (vsonnx.choose, session 17)": ("pre8-sd02-adam", "pre8-sd03-bnm001",
