@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite_resolution  # noqa: E402
 import suite_signals  # noqa: E402
-from suite_members import (DECIDED_ON, FRESH, HALVES_SEED, MEMBERS, RULES_FIXED_AT, TRAIN_THREADS, TWINS,  # noqa: E402
-                           arch_of, halves)
+from suite_members import (DECIDED_ON, FRESH, HALVES_SEED, MEMBERS, RULES_FIXED_AT,  # noqa: E402
+                           TRAIN_THREADS, TWINS, arch_of, halves)
 from readme_block import replace_block, wrap  # noqa: E402
 from suite_signals import SINGLE, gap  # noqa: E402
 
