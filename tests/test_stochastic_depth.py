@@ -78,7 +78,8 @@ def test_the_label_free_choice_writes_population_with_a_warning(exported):
     alone = vsonnx.fix(tmp / "sd.onnx", tmp / "calib.npz", method="population", output=tmp / "alone.onnx",
                        batch_size=64)
     assert alone.written
-    for a, b in zip(load_model(tmp / "chosen.onnx").graph.initializer, load_model(tmp / "alone.onnx").graph.initializer):
+    chosen_model, alone_model = load_model(tmp / "chosen.onnx"), load_model(tmp / "alone.onnx")
+    for a, b in zip(chosen_model.graph.initializer, alone_model.graph.initializer):
         np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), rtol=1e-6, atol=1e-7)
     torch.manual_seed(0)
     element = build("preresnet", 8, 5, DropoutConfig("a", 0.3)).eval()
