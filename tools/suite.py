@@ -378,13 +378,14 @@ def choices_per_half(entries: list[dict]) -> list[str]:
              "median, worst | labelled within 0.1 of the best | gaps resolved below 0: label-free, labelled |",
              "|---|---|---|---|---|---|---|"]
     complete = [e for e in entries if all(k in e["top1"] for k in (*SINGLE, "label-free", "labelled"))]
-    groups = [(half, [e for e in complete if e["half"] == half]) for half in ("design", "check")]
-    groups += [("check, no rule decided on them (no †)", [e for e in complete if e["half"] == "check"
-                                                          and not e.get("decided_on")]),
-               ("check, fresh only (*), no †", [e for e in complete
-                                                 if e.get("fresh") and not e.get("decided_on")])]
-    for k, (half, group) in enumerate(groups):
-        if not group or (k == 2 and len(group) == len(groups[1][1])):  # no dagger: the same as the check half
+    check = [e for e in complete if e["half"] == "check"]
+    undecided = [e for e in check if not e.get("decided_on")]
+    groups = [("design", [e for e in complete if e["half"] == "design"]), ("check", check)]
+    if len(undecided) < len(check):
+        groups.append(("check, no rule decided on them (no †)", undecided))
+    groups.append(("check, fresh only (*), no †", [e for e in undecided if e.get("fresh")]))
+    for half, group in groups:
+        if not group:
             continue
         free, labelled = ([gap(e, column) for e in group] for column in ("label-free", "labelled"))
         below = sum(e["top1"]["label-free"] < e["top1"]["original"] for e in group)

@@ -54,16 +54,17 @@ gives median +0.00, worst -0.13 points (pre8-sd02, the stochastic-depth rule; -0
 cross-entropy with the relative anchor gave median -0.94, worst -26.58 (models/SUITE.md has both halves). On
 the nineteen members trained after rules 1 and 2 were fixed and not used to decide the stochastic-depth rule
 (SUITE.md's fresh members without a dagger, eight batches, four of them after that rule was registered):
-label-free median -0.01, worst -0.22 (resnext11-a04-noaug: distill, batch best, not resolved), never below the original; the
-trust test chose population on both fresh cumulative-average members, where relative and distill were 5.5 and
-7.4 points below (pre8-a04-cumulative) and 28.2 and 35.3 below (plain6mlp-a04-cumulative, an MLP head).
+label-free median -0.01, worst -0.22 (resnext11-a04-noaug: distill, batch best, not resolved), never below
+the original; the trust test chose population on both fresh cumulative-average members, where relative and
+distill were 5.5 and 7.4 points below (pre8-a04-cumulative) and 28.2 and 35.3 below (plain6mlp-a04-cumulative,
+an MLP head).
 Its known miss is with labels: on plain6-2d-b03 (Dropout2d before a conv, the ensemble 0.6 points below batch)
 the label-free choice on the validation images was distill, and 2,000 labelled images favoured relative by
 0.55 points, not enough to overrule it: distill scored 0.67 below batch on the test images; with 8,000
 labelled images (``python tools/suite.py choose --val-samples 8000``) the labels chose batch there, but over
 the first twelve fresh members they came within 0.1 of the best no more often (8 of 12 with either). A
-candidate that does not beat the original by the criterion is never written (except population when the ensemble is not
-trusted, which is then not a measure of anything). With ``--val-split`` the chosen method
+candidate that does not beat the original by the criterion is never written (except population when the
+ensemble is not trusted, which is then not a measure of anything). With ``--val-split`` the chosen method
 (and strength a) is then run again on all of ``--calib`` (vsonnx.recalibrate), so the split costs no
 calibration data. The fix reports the paired intervals behind a choice (``Choice.evidence``): how firmly the
 images ranked on separate the chosen candidate from the original and from the candidate it had to beat.
