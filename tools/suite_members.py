@@ -104,6 +104,12 @@ FRESH: dict[str, list[str]] = {
     # rule on a deeper PreResNet and with slow BN statistics
     "pre14-sd03": [*_PRE14, *_drop("depth", 0.3), "--epochs", "2"],
     "pre8-sd04-bnm001": [*_PRE8, *_drop("depth", 0.4), "--bn-momentum", "0.01", "--epochs", "3"],
+    # ninth batch (session 18), chosen before its results: the stochastic-depth rule off PreResNets (every suite
+    # stochastic-depth member so far is one), on Wide ResNets, once plain and once with Adam. Decided before
+    # training: the rule holds there if population's test top-1 is at least relative's on both and within 0.2
+    # of the best single method on both; otherwise the note says it fails on WRN (no rule changes this session).
+    "wrn10-2-sd03": [*_WRN, *_drop("depth", 0.3), "--epochs", "2"],
+    "wrn10-2-sd04-adam": [*_WRN, *_drop("depth", 0.4), "--optimizer", "adam", "--lr", "0.002", "--epochs", "2"],
 }
 # check members a rule was later decided on, so no longer a check of it: rule -> members
 DECIDED_ON = {"stochastic depth: population (vsonnx.choose, session 17)": ("pre8-sd02-adam", "pre8-sd03-bnm001",
