@@ -121,6 +121,18 @@ FRESH: dict[str, list[str]] = {
     # there (a deeper PreResNet, trained longer; a ResNeXt with slow BN statistics). Checks, no decision.
     "pre14-b03-long": [*_PRE14, *_drop("b", 0.3), "--epochs", "4"],
     "resnext11-b03-bnm001": [*_RESNEXT, *_drop("b", 0.3), "--bn-momentum", "0.01", "--epochs", "2"],
+    # twelfth batch (session 18), chosen after the eleventh's results, before its own, to test what the check half
+    # suggests (the design half cannot: there every challenger agreed with the ensemble 3+ points more than
+    # relative): distill replaces relative also where it agrees with the ensemble only 0.5-2 points more often,
+    # and there it lost to relative on 8 of 9 check members (by up to 0.53). Hypothesis M, not adopted: the
+    # challenger must also disagree with the ensemble at least 2 points (of held-out images) less often than
+    # relative (mean, fix_scores). Decided before training: M is kept for adoption only if, over this batch,
+    # the label-free choice under M has a total top-1 at least the current rule's and is nowhere below it by
+    # more than 0.1. Small-shift networks (placement b at low rates, Dropout2d), where the gap is small.
+    "pre8-b03": [*_PRE8, *_drop("b", 0.3), "--epochs", "3"],
+    "wrn10-2-b02": [*_WRN, *_drop("b", 0.2), "--epochs", "2"],
+    "dense10-2d-a02": [*_DENSE, *_drop("a", 0.2, "--noise", "dropout2d"), "--epochs", "2"],
+    "resnext11-b02": [*_RESNEXT, *_drop("b", 0.2), "--epochs", "2"],
 }
 # check members a rule was later decided on, so no longer a check of it: rule -> members
 DECIDED_ON = {"stochastic depth: population (vsonnx.choose, session 17)": ("pre8-sd02-adam", "pre8-sd03-bnm001",
