@@ -228,6 +228,24 @@ def test_trusted_agreement_falls_back_to_population_where_the_ensemble_disagrees
     assert (median, worst) == (0.0, 0.0)
 
 
+def test_agreement_margin_keeps_relative_unless_the_challenger_agrees_clearly_more():
+    """Hypothesis M: a challenger that replaced relative (the fewest disagreements) stays only where it disagrees
+    with the ensemble on at least 2 points fewer held-out images; fallbacks to population are left alone."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_signals import agreement_margin
+
+    def entry(chosen, relative, distill, population=0.2):
+        return {"chosen": {"label-free": chosen}, "signals": {"fix_scores": {
+            "criterion": "ensemble_disagreement", "original": 0.3, "population": population, "relative": relative,
+            "distill": distill}}}
+
+    rule = agreement_margin(2.0)
+    assert rule(entry("distill", 0.100, 0.085)) == "relative"      # 1.5 points fewer: not enough
+    assert rule(entry("distill", 0.100, 0.079)) == "distill"       # 2.1 points fewer
+    assert rule(entry("relative", 0.100, 0.050)) == "relative"     # the fix kept relative: unchanged
+    assert rule(entry("population", 0.100, 0.090, 0.4)) == "population"  # a fallback, not the fewest: unchanged
+
+
 def test_suite_resolution_is_the_paired_interval_of_the_stored_models(setup):
     """measure scores the chosen and the best model, checks their stored top-1 and gives the gap's paired 95%
     interval, checked against hits counted with a plain onnxruntime session (graph optimisations off)."""

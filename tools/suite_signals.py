@@ -131,6 +131,21 @@ def trusted_agreement(threshold: float = 0.6):
     return rule
 
 
+def agreement_margin(points: float = 2.0):
+    """Hypothesis M (tools/suite_members.py, twelfth batch; not the fix's rule): the fix's label-free choice,
+    except that a challenger replacing relative (the candidate with the fewest disagreements with the ensemble,
+    ``fix_scores``) must also disagree with it on at least ``points`` percent of the held-out images fewer than
+    relative does; else relative. The fallbacks to population (trust, stochastic depth) stay."""
+    def rule(entry: dict) -> str:
+        chosen = entry["chosen"]["label-free"]
+        scores = {k: v for k, v in entry["signals"]["fix_scores"].items() if k not in ("criterion", "original")}
+        if chosen == "relative" or chosen != min(scores, key=scores.get):
+            return chosen
+        return chosen if 100 * (scores["relative"] - scores[chosen]) >= points else "relative"
+    rule.__name__ = f"margin {points:g} (M)"
+    return rule
+
+
 def gap(entry: dict, choice: str) -> float:
     """Test top-1 of ``choice`` minus the best single method's (points)."""
     top = {**entry.get("candidates_top1", {}), **entry["top1"]}
@@ -153,14 +168,20 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Compare label-free rules of choice on one half of the suite.")
     p.add_argument("--half", choices=("design", "check"), default="design")
     p.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "suite.json")
+    p.add_argument("--only", help="comma-separated members (instead of a half), each listed with its choices")
     args = p.parse_args(argv)
-    entries = [e for e in json.loads(args.results.read_text()) if e["half"] == args.half and "signals" in e]
-    rules = [actual("label-free"), actual("labelled"), *(by_signal(s) for s in SIGNALS), trusted_agreement(),
+    only = args.only.split(",") if args.only else None
+    entries = [e for e in json.loads(args.results.read_text())
+               if "signals" in e and (e["name"] in only if only else e["half"] == args.half)]
+    listed = [actual("label-free"), actual("labelled"), agreement_margin()]
+    rules = [*listed, *(by_signal(s) for s in SIGNALS), trusted_agreement(),
              *(fixed(m) for m in ("batch", "population", "relative", "distill"))]
-    print(f"{args.half} half: {len(entries)} member(s) with signals; gap = test top-1 of the choice minus the best "
-          "single method's (points)")
+    print(f"{args.only or args.half + ' half'}: {len(entries)} member(s) with signals; gap = test top-1 of the "
+          "choice minus the best single method's (points)")
     for name, median, worst, mean in compare_rules(entries, rules):
         print(f"  {name:22s} median {median:+.2f}  worst {worst:+.2f}  mean {mean:+.2f}")
+    for e in entries if only else []:
+        print(f"  {e['name']}: " + "; ".join(f"{r.__name__} {r(e)} {gap(e, r(e)):+.2f}" for r in listed))
 
 
 if __name__ == "__main__":
