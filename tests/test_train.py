@@ -246,6 +246,19 @@ def test_agreement_margin_keeps_relative_unless_the_challenger_agrees_clearly_mo
     assert rule(entry("population", 0.100, 0.090, 0.4)) == "population"  # a fallback, not the fewest: unchanged
 
 
+def test_small_shift_population_applies_only_below_the_threshold():
+    """Hypothesis P: population where the original disagrees with the ensemble on under 16% of held-out images,
+    the fix's choice elsewhere."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_signals import small_shift_population
+
+    def entry(original):
+        return {"chosen": {"label-free": "distill"}, "signals": {"fix_scores": {"original": original}}}
+
+    rule = small_shift_population(0.16)
+    assert (rule(entry(0.15)), rule(entry(0.16)), rule(entry(0.40))) == ("population", "distill", "distill")
+
+
 def test_suite_resolution_is_the_paired_interval_of_the_stored_models(setup):
     """measure scores the chosen and the best model, checks their stored top-1 and gives the gap's paired 95%
     interval, checked against hits counted with a plain onnxruntime session (graph optimisations off)."""

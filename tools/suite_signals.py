@@ -147,6 +147,17 @@ def agreement_margin(points: float = 2.0):
     return rule
 
 
+def small_shift_population(threshold: float = 0.16):
+    """Hypothesis P (tools/suite_members.py, thirteenth batch; not the fix's rule): the fix's label-free choice,
+    except population where the original disagrees with the dropout ensemble's classes on under ``threshold``
+    of the held-out images (``fix_scores``): a small shift, where the fixes differ little."""
+    def rule(entry: dict) -> str:
+        small = entry["signals"]["fix_scores"]["original"] < threshold
+        return "population" if small else entry["chosen"]["label-free"]
+    rule.__name__ = f"small shift {threshold:g} (P)"
+    return rule
+
+
 def gap(entry: dict, choice: str) -> float:
     """Test top-1 of ``choice`` minus the best single method's (points)."""
     top = {**entry.get("candidates_top1", {}), **entry["top1"]}
@@ -174,7 +185,7 @@ def main(argv=None) -> None:
     only = args.only.split(",") if args.only else None
     entries = [e for e in json.loads(args.results.read_text())
                if "signals" in e and (e["name"] in only if only else e["half"] == args.half)]
-    listed = [actual("label-free"), actual("labelled"), agreement_margin()]
+    listed = [actual("label-free"), actual("labelled"), agreement_margin(), small_shift_population()]
     rules = [*listed, *(by_signal(s) for s in SIGNALS), trusted_agreement(),
              *(fixed(m) for m in ("batch", "population", "relative", "distill"))]
     print(f"{args.only or args.half + ' half'}: {len(entries)} member(s) with signals; gap = test top-1 of the "
