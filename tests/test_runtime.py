@@ -84,6 +84,32 @@ def test_devices():
             resolve_device("cuda")
 
 
+def test_cuda_sessions_run_float32_not_tf32(monkeypatch):
+    """The CUDA provider gets use_tf32=0 (its default TF32 moved BN statistics by 3e-4 and flipped test
+    predictions against the CPU provider on an H200), with the CPU provider behind it; the CPU device gets the
+    CPU provider alone. What reaches onnxruntime is captured, so this runs without a GPU."""
+    import onnxruntime as ort
+
+    import vsonnx.runtime as runtime
+
+    handed, real = [], ort.InferenceSession
+
+    class Capture:
+        def __init__(self, model, options, providers, **kwargs):
+            handed.append(providers)
+            self.inner = real(model, options, providers=["CPUExecutionProvider"], **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", Capture)
+    monkeypatch.setattr(runtime, "resolve_device", lambda device: device)
+    make_session(relu_model(), device="cuda")
+    make_session(relu_model(), device="cpu")
+    assert handed == [[("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
+                      ["CPUExecutionProvider"]]
+
+
 def test_progress_is_quiet_when_not_asked_or_not_a_terminal():
     with progress_bar("x", 10, enabled=False) as bar:
         assert bar.disable

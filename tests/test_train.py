@@ -56,6 +56,38 @@ def test_training_smoke_run_writes_model_and_card(tmp_path):
     assert len(json.loads((out / "log.json").read_text())) == 3 and resumed["epochs"] == 3
 
 
+def test_export_only_exports_the_finished_checkpoint_with_the_runs_facts(tmp_path):
+    """A run trained with --no-export (a GPU machine without the exporter) exported later: the ONNX computes what
+    the checkpoint's network computes, the card keeps the training run's command, and a checkpoint short of
+    the card's epochs or a folder without a run is refused."""
+    import torch
+
+    from vsonnx import VsonnxError
+    from vsonnx.model import load_model
+    from vsonnx.nets import DropoutConfig, build
+    from vsonnx.runtime import make_session
+
+    data, out = image_tree(tmp_path / "data"), tmp_path / "run"
+    train = load_tool("train")
+    trained = train.main(["--arch", "preresnet", "--depth", "8", "--dropout", "0.5", "--placement", "a",
+                          "--data", str(data), "--epochs", "1", "--batch-size", "16", "--out", str(out),
+                          "--seed", "1", "--no-progress", "--no-export"])
+    assert not (out / "model.onnx").exists()
+    exported = train.main(["--export-only", "--out", str(out), "--data", str(data)])
+    assert exported["command"] == trained["command"] and exported["onnx"] == str(out / "model.onnx")
+    net = build("preresnet", 8, 10, DropoutConfig("a", 0.5, "dropout")).eval()
+    net.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    got = make_session(load_model(out / "model.onnx"), device="cpu", optimize=False).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, net(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+    card = json.loads((out / "card.json").read_text())
+    (out / "card.json").write_text(json.dumps({**card, "epochs": 2}))
+    with pytest.raises(VsonnxError, match="epoch 1 of 2"):
+        train.main(["--export-only", "--out", str(out), "--data", str(data)])
+    with pytest.raises(VsonnxError, match="no config.json, card.json, checkpoint.pt"):
+        train.main(["--export-only", "--out", str(tmp_path / "nothing"), "--data", str(data)])
+
+
 def test_missing_data_names_the_flag(tmp_path):
     import vsonnx
     with pytest.raises(vsonnx.VsonnxError, match="--data"):

@@ -52,7 +52,7 @@ def reproducible_command(train_card: dict, name: str) -> str:
     for flag, value in (("--data", "../shared/data/cifar10"), ("--out", f"runs/{name}")):
         if flag in words:
             words[words.index(flag) + 1] = value
-    return " ".join(w for w in words if w not in ("--no-progress",))
+    return " ".join(w for w in words if w not in ("--no-progress", "--no-export"))
 
 
 # Card key of every method of the registry that the cards measure (the data-free ones under their CLI name),

@@ -7,6 +7,8 @@
 
 Writes to --out: config.json (every choice), log.csv and log.json (per epoch), checkpoint.pt (each epoch;
 --resume continues from it), model.onnx (vsonnx.export, with metadata) and card.json / card.md.
+A run trained with --no-export (a GPU machine without the exporter) is exported later, on the CPU, with
+`--export-only --out RUN --data DIR` (the network and facts come from RUN's config.json and card.json).
 The whole dataset is decoded once into memory as uint8 (150 MB for CIFAR); augmentation (pad 4 + random
 crop, horizontal flip) and normalisation run per batch on the training device.
 """
@@ -80,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-export", action="store_true")
+    p.add_argument("--export-only", action="store_true",
+                   help="train nothing: export OUT/checkpoint.pt of a finished run (one trained with --no-export, "
+                        "e.g. on a GPU machine without the exporter) with the network and facts of its "
+                        "config.json and card.json")
     return p.parse_args(argv)
 
 
@@ -266,6 +272,8 @@ def run_config(run: Run, argv, num_classes: int, dropout) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.export_only:
+        return export_finished(args)
     run = start(args)
     data = load_cifar(args.dataset, args.data, args.limit_train, args.limit_test)
     train_x, train_y = (torch.from_numpy(a) for a in data["train"])
@@ -330,6 +338,36 @@ def finish(run: Run, model, aug, test, data, config: dict, elapsed: float, dropo
                                                        "growth", "cardinality", "base_width")}}
     if not args.no_export:
         export_model(model, args, data["classes"], result)
+    (args.out / "card.json").write_text(json.dumps(result, indent=2))
+    (args.out / "card.md").write_text(card_markdown(result))
+    return result
+
+
+# The options of config.json that define the network: --export-only rebuilds it from these.
+NETWORK_OPTIONS = ("arch", "depth", "widen", "cardinality", "base_width", "growth", "width", "head", "bn_momentum",
+                   "dropout", "placement", "noise", "dataset")
+
+
+def export_finished(args: argparse.Namespace) -> dict:
+    """Export a finished run's last checkpoint on the CPU and rewrite its card, keeping the run's own facts
+    (device, command, wall time, PyTorch test accuracy). Refuses a run whose checkpoint stopped before its
+    last epoch (the card would describe another network)."""
+    files = {name: args.out / name for name in ("config.json", "card.json", "checkpoint.pt")}
+    missing = [name for name, path in files.items() if not path.exists()]
+    if missing:
+        raise vsonnx.VsonnxError(f"--export-only: no {', '.join(missing)} in '{args.out}'.",
+                                 "pass --out of a finished tools/train.py run.")
+    config, result = (json.loads(files[n].read_text()) for n in ("config.json", "card.json"))
+    checkpoint = torch.load(files["checkpoint.pt"], map_location="cpu", weights_only=False)
+    if checkpoint["epoch"] != result["epochs"]:
+        raise vsonnx.VsonnxError(f"--export-only: the checkpoint holds epoch {checkpoint['epoch']} of "
+                                 f"{result['epochs']}.", "finish the run with --resume first.")
+    for option in NETWORK_OPTIONS:
+        setattr(args, option, config[option])
+    classes = load_cifar(args.dataset, args.data, 1, 1)["classes"]
+    model, _, _ = build_network(Run(args, 0, 1, 0, "cpu", torch.device("cpu")), len(classes))
+    model.load_state_dict(checkpoint["model"])
+    export_model(model, args, classes, result)
     (args.out / "card.json").write_text(json.dumps(result, indent=2))
     (args.out / "card.md").write_text(card_markdown(result))
     return result
