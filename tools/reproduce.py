@@ -354,8 +354,9 @@ RESULTS_INTRO = [
     "method is then run again on all 5,000 images.",
     "\"Gap closed\" = (error before - error after) /",
     "(error before - error of the no-dropout twin trained with the same recipe); the paper's column uses its",
-    "own no-dropout error. Our networks are small and short-trained (see the cards), the paper's are",
-    "PreResNet-110 / WRN-28-10 trained for 160-300 epochs, so compare directions and fractions, not errors.",
+    "own no-dropout error. Our networks are short-trained (see the cards) and all but preresnet110-a05 are small;",
+    "preresnet110-a05 is the paper's PreResNet-110 with Dropout-(a) 0.5, trained on a GPU for fewer epochs than",
+    "the paper's 160-300, so compare directions and fractions, not errors.",
     "",
 ]
 
