@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import vsonnx
-from vsonnx.ensemble import DropoutEnsemble, divergence, scores_tensor, softmax
+from vsonnx.data import ArraySource
+from vsonnx.ensemble import DropoutEnsemble, divergence, ensemble_top1, scores_tensor, softmax
 from vsonnx.errors import VsonnxError
 from vsonnx.model import load_model
 
@@ -55,14 +56,15 @@ def test_divergence_equals_numpy_kl_mse_and_disagreement():
 
 def test_ensemble_average_matches_pytorch_dropout_ensemble(tmp_path):
     """Averaged over many masks, onnxruntime's simulated ensemble (element- and channel-wise dropouts) and
-    PyTorch's (Dropout modules in train mode, BN in eval) give the same mean probabilities."""
+    PyTorch's (Dropout modules in train mode, BN in eval) give the same mean probabilities, and the ensemble's
+    top-1 counts PyTorch's ensemble classes as hits."""
     net = trained_like(seed=2)
     path = tmp_path / "net.onnx"
     vsonnx.export(net, torch.randn(2, 3, 8, 8), path, exporter="torchscript")
     model = load_model(path)
     x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
-    ensemble = DropoutEnsemble(model, scores_tensor(model), channelwise=frozenset(
-        n.name for n in model.graph.node if n.op_type == "Dropout" and "drop_c" in n.name), seed=3, device="cpu")
+    ensemble_channelwise = frozenset(n.name for n in model.graph.node if n.op_type == "Dropout" and "drop_c" in n.name)
+    ensemble = DropoutEnsemble(model, scores_tensor(model), channelwise=ensemble_channelwise, seed=3, device="cpu")
     ours = ensemble.target({"input": x}, masks=3000)
     for m in net.modules():
         if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d):
@@ -72,3 +74,12 @@ def test_ensemble_average_matches_pytorch_dropout_ensemble(tmp_path):
         theirs = np.mean([torch.softmax(net(torch.from_numpy(x)), 1).numpy() for _ in range(3000)], axis=0)
     np.testing.assert_allclose(ours, theirs, atol=0.01)  # Monte-Carlo error of 3,000 masks: ~0.003
     assert not np.allclose(ensemble.target({"input": x}), ensemble.target({"input": x}))  # fresh masks
+    # ensemble_top1 scores PyTorch's ensemble classes as hits where PyTorch's top class leads by > 0.03
+    # (the Monte-Carlo error of 2,000 masks is ~0.005)
+    top2 = np.sort(theirs, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.03
+    labels = theirs.argmax(1)[clear]
+    assert clear.sum() >= 4
+    for y, expected in ((labels, 100.0), ((labels + 1) % theirs.shape[1], 0.0)):
+        source = ArraySource.from_arrays(model, x[clear], y, shuffle=False)
+        assert ensemble_top1(model, source, 2000, channelwise=ensemble_channelwise, seed=3, batch_size=3) == expected

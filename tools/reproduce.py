@@ -7,7 +7,8 @@ For each models/<name>.onnx (trained by tools/train.py; its training facts are i
 ORT test accuracy of the file; `vsonnx fix` with the batch and the population method, calibrated on 5,000
 shuffled training images (seed 0), and with `--data-free`; ORT test accuracy of every fixed model on the
 10,000 test images; `vsonnx scan --calib` (2,000 training images) of the original and of the population-
-fixed model, plotted as models/<name>.shift.png. Writes models/<name>.json and .md (the cards),
+fixed model, plotted as models/<name>.shift.png; with `--steps ensemble` the test accuracy of the model's own
+64-mask dropout ensemble. Writes models/<name>.json and .md (the cards),
 models/README.md (table of cards) and models/RESULTS.md (comparison with the paper's Table 3).
 Every number comes from this script or from the training run; nothing is typed by hand.
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from readme_block import replace_block, wrap  # noqa: E402
 from vsonnx.accuracy import paired_interval, run_scorers, score_together  # noqa: E402
 from vsonnx.data import open_source  # noqa: E402
+from vsonnx.ensemble import ensemble_top1  # noqa: E402
 from vsonnx.measure import measure_shift, median_prediction_error, plot_shift  # noqa: E402
 from vsonnx.methods import CALIBRATED, REGISTRY  # noqa: E402
 from vsonnx.methods.synthesized import DEFAULT_SAMPLES  # noqa: E402
@@ -180,6 +182,29 @@ def measure(name: str, data: Path, threads: int | None, fixes: tuple[str, ...] =
     return card
 
 
+ENSEMBLE_MASKS = 64
+
+
+def ensemble_accuracy(card: dict, data: Path, threads: int | None) -> None:
+    """Test top-1 of the MC-dropout ensemble of the model's own weights (softmax averaged over 64 masks): what
+    the weights hold, against which every fix of the card is judged. Nothing for a model without sites."""
+    if not card["sites"]:
+        return
+    path = MODELS / f"{card['name']}.onnx"
+    model = load_model(path)
+    test = open_source(data / "test", model, shuffle=False)
+    t0 = time.perf_counter()
+    card["ort_test_acc_ensemble64"] = round(ensemble_top1(
+        model, test, ENSEMBLE_MASKS, channelwise=find_sites(model, str(path)).channelwise_dropouts, threads=threads), 2)
+    card["ensemble64_s"] = round(time.perf_counter() - t0, 1)
+
+
+def best_fix(c: dict) -> tuple[str, float]:
+    """The card's most accurate fix (card name, test top-1 %)."""
+    return max(((m, c[f"ort_test_acc_fixed_{m}"]) for m in FIXES if f"ort_test_acc_fixed_{m}" in c),
+               key=lambda pair: pair[1])
+
+
 def reference_net(card: dict):
     """The PyTorch network of a card with the weights of its vsonnx export (eval mode)."""
     import torch
@@ -285,6 +310,11 @@ def card_markdown(c: dict) -> str:
         d = c["distill_minus_relative"]
         lines.append(f"- distill - relative on the same test images: {d['points']:+.2f} points, paired 95% interval "
                      f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
+    if "ort_test_acc_ensemble64" in c:
+        best, top1 = best_fix(c)
+        lines.append(f"- the same weights with dropout on, softmax averaged over {ENSEMBLE_MASKS} masks (what the "
+                     f"weights hold; {c['ensemble64_s']} s): {c['ort_test_acc_ensemble64']:.2f}%; best fix ({best}) "
+                     f"{top1 - c['ort_test_acc_ensemble64']:+.2f} points from it")
     if "shift_plot" in c:
         lines.append(f"- shift at the sites (median over sites of max(real/moving, moving/real)): "
                      f"{c['median_site_shift_before']} as trained, {c['median_site_shift_after']} after the "
@@ -384,6 +414,9 @@ def results(cards: list[dict]) -> str:
               f"{c['distill_minus_relative']['points']:+.2f} | [{c['distill_minus_relative']['ci95'][0]:+.2f}, "
               f"{c['distill_minus_relative']['ci95'][1]:+.2f}] |"
               for c in cards if "distill_minus_relative" in c and "ort_test_acc_fixed_relative" in c]
+    ensembles = [f"| {c['name']} | {c['ort_test_acc']:.2f} | {best_fix(c)[1]:.2f} ({best_fix(c)[0]}) | "
+                 f"{c['ort_test_acc_ensemble64']:.2f} | {best_fix(c)[1] - c['ort_test_acc_ensemble64']:+.2f} |"
+                 for c in cards if "ort_test_acc_ensemble64" in c]
     errors = [f"- {c['name']}: median relative error of the predicted Var_test/Var_train at the sites "
               f"{c['median_prediction_error']}; median site shift {c['median_site_shift_before']} -> "
               f"{c['median_site_shift_after']} after the population fix" for c in cards if "shift_plot" in c]
@@ -397,6 +430,14 @@ def results(cards: list[dict]) -> str:
         "| model | relative | distill | distill - relative | 95% interval |",
         "|---|---|---|---|---|",
         *paired,
+        "",
+        f"The best fix against the dropout ensemble of the same weights ({ENSEMBLE_MASKS} masks, softmax averaged; "
+        "test accuracy %;",
+        "`--steps ensemble`, measured where listed): how far BN constants alone get from what the weights hold.",
+        "",
+        "| model | as trained | best fix | ensemble | best fix - ensemble |",
+        "|---|---|---|---|---|",
+        *ensembles,
         "",
         "Stock `torch.onnx.export` (Dropout removed, Conv+BN folded) fixed with `vsonnx fix --dropout` naming the",
         "dropout sites, against the population fix of the `vsonnx.export` model (test accuracy %; target: within",
@@ -512,8 +553,8 @@ def main() -> None:
     p.add_argument("--names", nargs="*", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--steps", default="cards,folded",
-                   help="cards (measure, fix, plot), fixes (only --fixes, into existing cards) and/or folded "
-                        "(stock export)")
+                   help="cards (measure, fix, plot), fixes (only --fixes, into existing cards), ensemble (the "
+                        "64-mask dropout ensemble's accuracy) and/or folded (stock export)")
     p.add_argument("--fixes", default=",".join(FIXES), help=f"with --steps fixes: some of {','.join(FIXES)}")
     args = p.parse_args()
     steps = set(args.steps.split(","))
@@ -531,6 +572,8 @@ def main() -> None:
             card = measure(name, args.data, args.threads, fixes, json.loads(path.read_text()))
         else:
             card = json.loads(path.read_text())
+        if "ensemble" in steps:
+            ensemble_accuracy(card, args.data, args.threads)
         if "folded" in steps:
             card["folded"] = folded_experiment(card, args.data, args.threads)
             card["folded_default_exporter"] = folded_experiment(card, args.data, args.threads, exporter="dynamo")

@@ -94,20 +94,6 @@ def training_sources(model, data: Path, val_samples: int = VAL_SAMPLES) -> tuple
                                     name="validation images"))
 
 
-def ensemble_top1(model, test, masks: int, threads: int | None, channelwise) -> float:
-    """Top-1 of the MC-dropout ensemble of the same weights: softmax averaged over ``masks`` dropout masks."""
-    from vsonnx.ensemble import DropoutEnsemble, scores_tensor
-
-    ensemble = DropoutEnsemble(model, scores_tensor(model), channelwise=channelwise, seed=0, device="cpu",
-                               threads=threads)
-    hits = seen = 0
-    for batch in test.batches(500):
-        target = ensemble.target(batch.feeds, masks)
-        hits += int((target.argmax(1) == batch.labels).sum())
-        seen += len(batch.labels)
-    return 100.0 * hits / seen
-
-
 def describe_member(name: str, report) -> dict:
     """What the member is: half, architecture, placement, rate, noise, recipe, its sites."""
     train = json.loads((SUITE / "train" / name / "config.json").read_text())
@@ -227,6 +213,7 @@ def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int 
     ``previous`` (an earlier evaluation with as many masks)."""
     from vsonnx.accuracy import run_scorers
     from vsonnx.data import open_source
+    from vsonnx.ensemble import ensemble_top1
     from vsonnx.model import load_model
     from vsonnx.sites import find_sites
 
@@ -257,8 +244,8 @@ def evaluate_member(name: str, data: Path, threads: int | None, test_limit: int 
             entry["top1"]["ensemble64"] = kept
         else:
             t0 = time.perf_counter()
-            entry["top1"]["ensemble64"] = round(ensemble_top1(model, test, masks, threads,
-                                                              report.channelwise_dropouts), 2)
+            entry["top1"]["ensemble64"] = round(ensemble_top1(model, test, masks, threads=threads,
+                                                              channelwise=report.channelwise_dropouts), 2)
             seconds["ensemble64"] = round(time.perf_counter() - t0, 1)
     entry.update({"chosen": chosen, "seconds": seconds, "ensemble_masks": masks})
     twin = TWINS.get(name)

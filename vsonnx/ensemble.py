@@ -124,6 +124,19 @@ class DropoutEnsemble:
         return total / masks
 
 
+def ensemble_top1(model: onnx.ModelProto, source: Source, masks: int, *, channelwise: frozenset[str] = frozenset(),
+                  seed: int = 0, device: str = "cpu", threads: int | None = None, batch_size: int = 500) -> float:
+    """Top-1 % of the MC-dropout ensemble of the model's own weights on a labelled ``source``: softmax averaged
+    over ``masks`` dropout masks per batch (what the weights hold, against which BN constants are judged)."""
+    ensemble = DropoutEnsemble(model, scores_tensor(model), channelwise=channelwise, seed=seed, device=device,
+                               threads=threads)
+    hits = seen = 0
+    for batch in source.batches(batch_size):
+        hits += int((ensemble.target(batch.feeds, masks).argmax(1) == batch.labels).sum())
+        seen += len(batch.labels)
+    return 100.0 * hits / seen
+
+
 def ensemble_divergence(model: onnx.ModelProto, models: list[onnx.ModelProto], source: Source, scores: Scores, *,
                         masks: int = 8, seed: int = 0, channelwise: frozenset[str] = frozenset(),
                         batch_size: int = 128, device: str = "auto", threads: int | None = None,
