@@ -297,7 +297,7 @@ def test_suite_resolution_is_the_paired_interval_of_the_stored_models(setup):
     import onnxruntime as ort
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from suite_resolution import measure, needed, resolution_table
+    from suite_resolution import measure, needed, resolution_table, single_hits
 
     from vsonnx.data.sources import open_source
     from vsonnx.model import load_model
@@ -335,6 +335,13 @@ def test_suite_resolution_is_the_paired_interval_of_the_stored_models(setup):
     row = resolution_table([entry])[2]
     assert row.startswith(f"| m | check | label-free | {chosen} | {best} | ")
     assert row.endswith(" | yes |") == (got_interval["label-free"][2] < 0)
+    models["data-free"] = got.original  # single_hits scores every single method: here the original as data-free
+    original = (ort.InferenceSession(got.original.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                .run(None, {"x": x})[0].argmax(1) == y)
+    entry["top1"]["data-free"] = round(100 * original.mean(), 2)
+    np.testing.assert_array_equal(single_hits(entry, models, test, threads=1),
+                                  np.stack([*(hits[m] for m in ("batch", "population", "relative", "distill")),
+                                            original]))
     entry["candidates_top1"] = {**top1, chosen: top1[chosen] + 0.5}  # not what the models score now
     with pytest.raises(SystemExit, match="evaluate the member again"):
         measure(entry, models, test, threads=1)
@@ -354,6 +361,43 @@ def test_validation_bias_is_distills_validation_advantage_minus_its_test_advanta
                             entry("check", (40, 40, 40), (50, 50, 50)), {"half": "check"}])
     assert rows[2] == "| design | 3 | +0.50 | +0.50 | 2 of 3 |"
     assert rows[3] == "| check | 1 | +0.00 | +0.00 | 0 of 1 |"
+
+
+def test_ideal_labelled_chooser_matches_the_exact_trinomial_probability():
+    """Two methods: A right and B wrong on 30 of 1,000 images, B right and A wrong on 20, equal elsewhere, so A is
+    1.0 point better and the only one within 0.1. With n drawn images the chooser takes A when A's hits exceed
+    B's, half the time on a tie: P = sum over the trinomial (x, y) of [x > y] + [x = y] / 2."""
+    from math import comb
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_resolution import ideal_labelled
+
+    a = np.r_[np.ones(30), np.zeros(20), np.ones(600), np.zeros(350)].astype(bool)
+    b = np.r_[np.zeros(30), np.ones(20), np.ones(600), np.zeros(350)].astype(bool)
+    n, pa, pb = 60, 0.03, 0.02
+    exact = sum(comb(n, x) * comb(n - x, y) * pa ** x * pb ** y * (1 - pa - pb) ** (n - x - y)
+                * (1.0 if x > y else 0.5 if x == y else 0.0) for x in range(n + 1) for y in range(n + 1 - x))
+    draws = 40000
+    share = ideal_labelled(np.stack([a, b]), n, draws=draws, seed=1)
+    assert abs(share - exact) < 4 * np.sqrt(exact * (1 - exact) / draws), (share, exact)
+    assert ideal_labelled(np.stack([b, a]), n, draws=draws, seed=1) == pytest.approx(share, abs=0.02)  # order
+    assert ideal_labelled(np.stack([a, a.copy()]), 5) == 1.0  # both are the best
+    assert ideal_labelled(np.stack([a, b]), n, within=1.0) == 1.0  # both within 1.0 point
+
+
+def test_ideal_table_sums_and_multiplies_the_members_shares():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite_resolution import IDEAL_SAMPLES, ideal_table
+
+    def entry(half, labelled, share):
+        top1 = {"batch": 50.0, "population": 49.0, "relative": 49.0, "distill": 48.0, "data-free": 47.0,
+                "labelled": labelled}
+        return {"half": half, "top1": top1, "ideal_labelled": {str(n): share for n in IDEAL_SAMPLES}}
+
+    rows = ideal_table([entry("check", 50.0, 0.5), entry("check", 49.9, 0.8), entry("check", 49.0, 1.0),
+                        entry("design", 50.0, 1.0), {"half": "check", "top1": {}}])
+    assert rows[2] == "| design | 1 | 1 of 1 |" + " 1.0 of 1, 1 |" * len(IDEAL_SAMPLES)
+    assert rows[3] == "| check | 3 | 2 of 3 |" + " 2.3 of 3, 0.4 |" * len(IDEAL_SAMPLES)
 
 
 def test_suite_merge_copies_resolved_members_of_parallel_runs_unchanged(tmp_path):
@@ -378,13 +422,39 @@ def test_suite_merge_copies_resolved_members_of_parallel_runs_unchanged(tmp_path
         merge([part], results)
 
 
+def test_suite_merge_of_a_field_copies_it_into_members_already_there(tmp_path):
+    """``merge --field``: parallel ``ideal`` runs on copies of suite.json each add a field to other members."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from suite import merge
+
+    def entry(name, **more):
+        return {"name": name, "half": "check", "arch": "plain", "placement": "a", "rate": 0.3, "top1": {"batch": 50.0},
+                **more}
+
+    results = tmp_path / "suite.json"
+    results.write_text(json.dumps([entry("m1"), entry("m2"), entry("m3")]))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([entry("m1", ideal_labelled={"2000": 0.5}), entry("m2"), entry("m3")]))
+    b.write_text(json.dumps([entry("m1"), entry("m2", ideal_labelled={"2000": 1.0}), entry("m3")]))
+    assert merge([a, b], results, field="ideal_labelled") == ["m1", "m2"]
+    merged = {e["name"]: e for e in json.loads(results.read_text())}
+    assert merged["m1"]["ideal_labelled"] == {"2000": 0.5} and "ideal_labelled" not in merged["m3"]
+    assert merge([a], results, field="ideal_labelled") == []  # the same value again: nothing to copy
+    a.write_text(json.dumps([entry("m1", ideal_labelled={"2000": 0.7})]))
+    with pytest.raises(SystemExit):  # a different value of a field already there
+        merge([a], results, field="ideal_labelled")
+    b.write_text(json.dumps([entry("m3", ideal_labelled={"2000": 0.7}, top1={"batch": 51.0})]))
+    with pytest.raises(SystemExit):  # another member than the one in results
+        merge([b], results, field="ideal_labelled")
+
+
 def test_the_suite_tools_help_renders_for_every_step(capsys):
     """argparse %-formats help strings: a bare '%' breaks --help (it did for ``resolve``)."""
     sys.path.insert(0, str(ROOT / "tools"))
     from suite import main
 
     for argv in (["--help"], *([step, "--help"] for step in ("assign", "tables", "merge", "train", "evaluate",
-                                                             "choose", "resolve"))):
+                                                             "choose", "resolve", "ideal"))):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 0, argv

@@ -15,13 +15,25 @@ its interval. Members whose choice is the best have no interval (the gap is 0 on
 does that favour distill (fitted to the dropout ensemble, the training-time behaviour) more than the test
 images do? Per member, distill's top-1 advantage over relative (and over population) on those validation images
 minus its advantage on the test images.
+
+``ideal_labelled``: how many labelled images "within 0.1 points of the best single method" needs at all. The
+ideal labelled chooser ranks the single methods by top-1 on ``n`` labelled images drawn from the test images
+themselves (the test distribution, no training-image bias; drawn with replacement, each draw a fresh
+validation set) and takes the top one (ties: at random); its choice is judged as the suite judges a choice, on
+all the test images. Per member, the share of draws within 0.1 of the best; over a half, the expected number
+of members within (the sum of the shares) and the chance that every member is (their product). This chooser
+is favoured (its images are the judged ones, its candidates are only the five methods): what it cannot reach,
+no labelled choice can.
 """
 from __future__ import annotations
 
 import numpy as np
-from suite_signals import SINGLE
+from suite_signals import SINGLE, gap
 
 CHOICES = ("label-free", "labelled")
+WITHIN = 0.1  # points: issue 23's labelled criterion
+IDEAL_SAMPLES = (2000, 5000, 10000)  # labelled images of the ideal chooser (the suite's labelled choice: 2,000)
+IDEAL_DRAWS = 4000
 
 
 def needed(entry: dict) -> dict[str, tuple[str, str]]:
@@ -36,22 +48,70 @@ def needed(entry: dict) -> dict[str, tuple[str, str]]:
             if entry["chosen"][c] != best and every[entry["chosen"][c]] != top[best]}
 
 
-def measure(entry: dict, models: dict, test, threads: int | None) -> dict[str, list[float]]:
-    """Choice column -> [gap, low, high] (points, paired 95% on ``test``) for the choices ``needed`` lists;
-    ``models``: name -> model, holding at least the chosen and the best ones."""
-    from vsonnx.accuracy import paired_interval, run_scorers
+def scored(entry: dict, models: dict, names, test, threads: int | None) -> dict:
+    """Name -> Scorer of ``models[name]`` on ``test`` for each of ``names``; refuses (SystemExit) where a
+    model's top-1 is not the one stored in ``entry`` (the statistics would be of other models)."""
+    from vsonnx.accuracy import run_scorers
 
-    pairs = needed(entry)
-    scored = {n for pair in pairs.values() for n in pair}
-    scorers = run_scorers({n: models[n] for n in scored}, test, device="cpu", threads=threads)
+    scorers = run_scorers({n: models[n] for n in names}, test, device="cpu", threads=threads)
     stored = {**entry["candidates_top1"], **entry["top1"]}
     for n, scorer in scorers.items():
         top1 = round(scorer.report(n).top1, 2)
         if top1 != stored[n]:
             raise SystemExit(f"{entry['name']}: {n} scores {top1:.2f}% now, {stored[n]:.2f}% in models/suite.json; "
                              "evaluate the member again before measuring its resolution")
+    return scorers
+
+
+def measure(entry: dict, models: dict, test, threads: int | None) -> dict[str, list[float]]:
+    """Choice column -> [gap, low, high] (points, paired 95% on ``test``) for the choices ``needed`` lists;
+    ``models``: name -> model, holding at least the chosen and the best ones."""
+    from vsonnx.accuracy import paired_interval
+
+    pairs = needed(entry)
+    scorers = scored(entry, models, sorted({n for pair in pairs.values() for n in pair}), test, threads)
     return {c: [round(float(v), 2) for v in paired_interval(scorers[best], scorers[chosen])]
             for c, (chosen, best) in pairs.items()}
+
+
+def single_hits(entry: dict, models: dict, test, threads: int | None) -> np.ndarray:
+    """Per-image top-1 hits [len(SINGLE), images] (bool) of the single methods on ``test``, each model checked
+    against its stored top-1 (``scored``)."""
+    scorers = scored(entry, models, SINGLE, test, threads)
+    return np.stack([np.concatenate(scorers[m].hits) for m in SINGLE])
+
+
+def ideal_labelled(hits: np.ndarray, samples: int, draws: int = IDEAL_DRAWS, seed: int = 0,
+                   within: float = WITHIN) -> float:
+    """Share of ``draws`` in which the ideal labelled chooser (module docstring) with ``samples`` labelled
+    images comes within ``within`` points of the best method on all images. ``hits``: [methods, images] bool.
+    Exact resampling by the images' hit patterns: a draw is a multinomial count of each distinct pattern."""
+    patterns, counts = np.unique(hits.T.astype(np.int64), axis=0, return_counts=True)
+    top1 = 100.0 * hits.mean(axis=1)
+    good = top1 >= top1.max() - within - 1e-9
+    rng = np.random.default_rng(seed)
+    drawn = rng.multinomial(samples, counts / counts.sum(), size=draws) @ patterns  # [draws, methods] hits
+    chosen = np.argmax(drawn + 0.5 * rng.random(drawn.shape), axis=1)  # ties at random, order kept otherwise
+    return float(good[chosen].mean())
+
+
+def ideal_table(entries: list[dict]) -> list[str]:
+    """SUITE.md's rows: per half, the suite's labelled choice within 0.1 of the best (members), and for each
+    number of labelled images the ideal chooser's expected members within 0.1 and its chance of all."""
+    lines = ["| half | members | labelled choice (2,000 training images): within 0.1 | "
+             + " | ".join(f"ideal, {n:,} test images: expected within 0.1, chance of all" for n in IDEAL_SAMPLES)
+             + " |", "|---|---|---|" + "---|" * len(IDEAL_SAMPLES)]
+    for half in ("design", "check"):
+        group = [e for e in entries if e["half"] == half and "ideal_labelled" in e]
+        if not group:
+            continue
+        within = sum(round(gap(e, "labelled"), 2) >= -WITHIN for e in group)
+        cells = [half, str(len(group)), f"{within} of {len(group)}"]
+        for n in IDEAL_SAMPLES:
+            shares = np.array([e["ideal_labelled"][str(n)] for e in group])
+            cells.append(f"{shares.sum():.1f} of {len(group)}, {np.prod(shares):.2g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def resolved_below(entries: list[dict]) -> str:
