@@ -339,9 +339,15 @@ def test_suite_resolution_is_the_paired_interval_of_the_stored_models(setup):
     original = (ort.InferenceSession(got.original.SerializeToString(), options, providers=["CPUExecutionProvider"])
                 .run(None, {"x": x})[0].argmax(1) == y)
     entry["top1"]["data-free"] = round(100 * original.mean(), 2)
-    np.testing.assert_array_equal(single_hits(entry, models, test, threads=1),
-                                  np.stack([*(hits[m] for m in ("batch", "population", "relative", "distill")),
-                                            original]))
+    got_hits, moved = single_hits(entry, models, test, threads=1)
+    np.testing.assert_array_equal(got_hits, np.stack([*(hits[m] for m in ("batch", "population", "relative",
+                                                                         "distill")), original]))
+    assert moved == {}
+    entry["top1"]["data-free"] -= 0.04  # within REBUILT_TOLERANCE: reported, not refused
+    assert single_hits(entry, models, test, threads=1)[1] == {"data-free": round(100 * original.mean(), 2)}
+    entry["top1"]["data-free"] -= 0.04
+    with pytest.raises(SystemExit, match="evaluate the member again"):
+        single_hits(entry, models, test, threads=1)
     entry["candidates_top1"] = {**top1, chosen: top1[chosen] + 0.5}  # not what the models score now
     with pytest.raises(SystemExit, match="evaluate the member again"):
         measure(entry, models, test, threads=1)

@@ -9,6 +9,7 @@
     python tools/suite.py ideal --data ../shared/data/cifar10      # what labelled images can choose at best
     python tools/suite.py tables                                   # SUITE.md, README's "Which method when"
     python tools/suite.py merge runs/a.json runs/b.json            # members evaluated in parallel (--results)
+    python tools/suite.py merge --field ideal_labelled a.json b.json  # a field that parallel runs added
 
 Members and their training arguments are in ``tools/suite_members.py``. Each trained member lands in
 ``models/suite/NAME.onnx`` with its training card, configuration and log in ``models/suite/train/NAME/``.
@@ -215,8 +216,10 @@ def ideal(data: Path, names: list[str], threads: int | None, results: Path = RES
             shares = dict.fromkeys(suite_resolution.IDEAL_SAMPLES, 1.0)  # any choice is within: nothing to draw
         else:
             models, test = rebuilt_models(entry, data, threads, data_free=True)
-            hits = suite_resolution.single_hits(entry, models, test, threads)
+            hits, moved = suite_resolution.single_hits(entry, models, test, threads)
             shares = {n: round(suite_resolution.ideal_labelled(hits, n), 4) for n in suite_resolution.IDEAL_SAMPLES}
+            if moved:
+                entry["ideal_rebuilt_top1"] = moved  # the shares are of these rebuilt models
         entry["ideal_labelled"] = {str(n): share for n, share in shares.items()}
         write_results(results, done)
         print(f"[suite] {name}: {entry['ideal_labelled']}", flush=True)

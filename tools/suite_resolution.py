@@ -34,6 +34,9 @@ CHOICES = ("label-free", "labelled")
 WITHIN = 0.1  # points: issue 23's labelled criterion
 IDEAL_SAMPLES = (2000, 5000, 10000)  # labelled images of the ideal chooser (the suite's labelled choice: 2,000)
 IDEAL_DRAWS = 4000
+# points a rebuilt model's top-1 may move from the stored one in the ideal study: distill trains with torch, whose
+# float sums differ between machines (pre14-a01's distill scores 65.88% here at the commit that stored 65.90%)
+REBUILT_TOLERANCE = 0.05
 
 
 def needed(entry: dict) -> dict[str, tuple[str, str]]:
@@ -48,19 +51,23 @@ def needed(entry: dict) -> dict[str, tuple[str, str]]:
             if entry["chosen"][c] != best and every[entry["chosen"][c]] != top[best]}
 
 
-def scored(entry: dict, models: dict, names, test, threads: int | None) -> dict:
-    """Name -> Scorer of ``models[name]`` on ``test`` for each of ``names``; refuses (SystemExit) where a
-    model's top-1 is not the one stored in ``entry`` (the statistics would be of other models)."""
+def scored(entry: dict, models: dict, names, test, threads: int | None, tolerance: float = 0.0) -> tuple[dict, dict]:
+    """(name -> Scorer of ``models[name]`` on ``test`` for each of ``names``, name -> top-1 of the models whose
+    top-1 differs from the one stored in ``entry``); refuses (SystemExit) a difference over ``tolerance``
+    points (the statistics would be of other models)."""
     from vsonnx.accuracy import run_scorers
 
     scorers = run_scorers({n: models[n] for n in names}, test, device="cpu", threads=threads)
     stored = {**entry["candidates_top1"], **entry["top1"]}
+    moved = {}
     for n, scorer in scorers.items():
         top1 = round(scorer.report(n).top1, 2)
-        if top1 != stored[n]:
+        if abs(top1 - stored[n]) > tolerance + 1e-9:
             raise SystemExit(f"{entry['name']}: {n} scores {top1:.2f}% now, {stored[n]:.2f}% in models/suite.json; "
                              "evaluate the member again before measuring its resolution")
-    return scorers
+        if top1 != stored[n]:
+            moved[n] = top1
+    return scorers, moved
 
 
 def measure(entry: dict, models: dict, test, threads: int | None) -> dict[str, list[float]]:
@@ -69,16 +76,16 @@ def measure(entry: dict, models: dict, test, threads: int | None) -> dict[str, l
     from vsonnx.accuracy import paired_interval
 
     pairs = needed(entry)
-    scorers = scored(entry, models, sorted({n for pair in pairs.values() for n in pair}), test, threads)
+    scorers, _ = scored(entry, models, sorted({n for pair in pairs.values() for n in pair}), test, threads)
     return {c: [round(float(v), 2) for v in paired_interval(scorers[best], scorers[chosen])]
             for c, (chosen, best) in pairs.items()}
 
 
-def single_hits(entry: dict, models: dict, test, threads: int | None) -> np.ndarray:
-    """Per-image top-1 hits [len(SINGLE), images] (bool) of the single methods on ``test``, each model checked
-    against its stored top-1 (``scored``)."""
-    scorers = scored(entry, models, SINGLE, test, threads)
-    return np.stack([np.concatenate(scorers[m].hits) for m in SINGLE])
+def single_hits(entry: dict, models: dict, test, threads: int | None) -> tuple[np.ndarray, dict]:
+    """Per-image top-1 hits [len(SINGLE), images] (bool) of the single methods on ``test``, and the top-1 of
+    those that moved from the stored one (by at most ``REBUILT_TOLERANCE``: ``scored``)."""
+    scorers, moved = scored(entry, models, SINGLE, test, threads, REBUILT_TOLERANCE)
+    return np.stack([np.concatenate(scorers[m].hits) for m in SINGLE]), moved
 
 
 def ideal_labelled(hits: np.ndarray, samples: int, draws: int = IDEAL_DRAWS, seed: int = 0,
@@ -102,7 +109,7 @@ def ideal_table(entries: list[dict]) -> list[str]:
              + " | ".join(f"ideal, {n:,} test images: expected within 0.1, chance of all" for n in IDEAL_SAMPLES)
              + " |", "|---|---|---|" + "---|" * len(IDEAL_SAMPLES)]
     for half in ("design", "check"):
-        group = [e for e in entries if e["half"] == half and "ideal_labelled" in e]
+        group = [e for e in entries if e["half"] == half and "ideal_labelled" in e and "labelled" in e["top1"]]
         if not group:
             continue
         within = sum(round(gap(e, "labelled"), 2) >= -WITHIN for e in group)
