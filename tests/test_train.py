@@ -398,11 +398,12 @@ def test_ideal_table_sums_and_multiplies_the_members_shares():
     def entry(half, labelled, share, **more):
         top1 = {"batch": 50.0, "population": 49.0, "relative": 49.0, "distill": 48.0, "data-free": 47.0,
                 "label-free": 50.0, "labelled": labelled}
-        return {"half": half, "top1": top1, "candidates_top1": {}, "ideal_labelled": {str(n): share for n in IDEAL_SAMPLES},
-                **more}
+        return {"half": half, "top1": top1, "candidates_top1": {},
+                "ideal_labelled": {str(n): share for n in IDEAL_SAMPLES}, **more}
 
     rows = ideal_table([entry("check", 50.0, 0.5), entry("check", 49.9, 0.8), entry("check", 49.0, 1.0),
-                        entry("design", 50.0, 1.0, ideal_rebuilt_top1={"distill": 48.03}), {"half": "check", "top1": {}}])
+                        entry("design", 50.0, 1.0, ideal_rebuilt_top1={"distill": 48.03}),
+                        {"half": "check", "top1": {}}])
     assert rows[2] == "| design | 1 | 1, 1 of 1 |" + " 1.0 of 1, 1 |" * len(IDEAL_SAMPLES)
     assert rows[3] == "| check | 3 | 3, 2 of 3 |" + " 2.3 of 3, 0.4 |" * len(IDEAL_SAMPLES)
     assert "On 1 members a rebuilt distill or data-free model" in rows[-1] and "up to 0.03 points" in rows[-1]
