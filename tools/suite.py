@@ -212,7 +212,7 @@ def ideal(data: Path, names: list[str], threads: int | None, results: Path = RES
         entry = done.get(name)
         if entry is None or "candidates_top1" not in entry or "ideal_labelled" in entry:
             continue
-        if all(round(gap(entry, m), 2) >= -suite_resolution.WITHIN for m in SINGLE):
+        if all(suite_resolution.within_best(entry, m) for m in SINGLE):
             shares = dict.fromkeys(suite_resolution.IDEAL_SAMPLES, 1.0)  # any choice is within: nothing to draw
         else:
             models, test = rebuilt_models(entry, data, threads, data_free=True)
@@ -312,13 +312,13 @@ def merge(parts: list[Path], results: Path = RESULTS, field: str | None = None) 
     for part in parts:
         for e in json.loads(part.read_text()):
             if field is not None:
-                if field not in e or field in done.get(e["name"], {}) and done[e["name"]][field] == e[field]:
-                    continue
-                if e["name"] not in done or field in done[e["name"]] or e["name"] in added \
-                        or done[e["name"]]["top1"] != e["top1"]:
+                have = done.get(e["name"])
+                if field not in e or have is not None and have.get(field) == e[field]:
+                    continue  # nothing added, or merged already
+                if have is None or field in have or e["name"] in added or have["top1"] != e["top1"]:
                     raise SystemExit(f"{part}: {e['name']}'s {field} is already in {results.name} or another part, "
                                      f"or the member is not the one in {results.name}")
-                added[e["name"]] = {**done[e["name"]], field: e[field]}
+                added[e["name"]] = {**have, field: e[field]}
                 continue
             if e["name"] in done or e["name"] in added or "gap_interval" not in e:
                 raise SystemExit(f"{part}: {e['name']} is already in {results.name} or another part, or not "
@@ -428,7 +428,7 @@ def choices_per_half(entries: list[dict]) -> list[str]:
             continue
         free, labelled = ([gap(e, column) for e in group] for column in ("label-free", "labelled"))
         below = sum(e["top1"]["label-free"] < e["top1"]["original"] for e in group)
-        within = sum(round(g, 2) >= -suite_resolution.WITHIN for g in labelled)
+        within = sum(suite_resolution.within_best(e, "labelled") for e in group)
         cells = [half, str(len(group)), f"{np.median(free):+.2f}, {min(free):+.2f}", f"{below} of {len(group)}",
                  f"{np.median(labelled):+.2f}, {min(labelled):+.2f}", f"{within} of {len(group)}",
                  suite_resolution.resolved_below(group)]

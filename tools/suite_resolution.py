@@ -39,6 +39,12 @@ IDEAL_DRAWS = 4000
 REBUILT_TOLERANCE = 0.05
 
 
+def within_best(entry: dict, column: str) -> bool:
+    """Whether ``column``'s test top-1 is within ``WITHIN`` points of the best single method's (the gap rounded
+    to the 0.01 points top-1 is stored in, so that a float difference of exactly 0.1 counts as within)."""
+    return round(gap(entry, column), 2) >= -WITHIN
+
+
 def needed(entry: dict) -> dict[str, tuple[str, str]]:
     """Choice column -> (model chosen, best single method) for the choices with a non-zero gap (none for a
     member without dropout)."""
@@ -112,7 +118,7 @@ def ideal_table(entries: list[dict]) -> list[str]:
         group = [e for e in entries if e["half"] == half and "ideal_labelled" in e and "labelled" in e["top1"]]
         if not group:
             continue
-        within = [sum(round(gap(e, c), 2) >= -WITHIN for e in group) for c in CHOICES]
+        within = [sum(within_best(e, c) for e in group) for c in CHOICES]
         cells = [half, str(len(group)), f"{within[0]}, {within[1]} of {len(group)}"]
         for n in IDEAL_SAMPLES:
             shares = np.array([e["ideal_labelled"][str(n)] for e in group])
